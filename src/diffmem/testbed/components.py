@@ -1,0 +1,149 @@
+"""The testbed's Stable-Diffusion-format components, built from configs (no downloads).
+
+The tokenizer is the real CLIP BPE tokenizer, built from the vocabulary file that open-clip-torch
+ships. The text encoder, VAE and UNet are small versions of the SD 1.x classes, so that the testbed
+loads with ``StableDiffusionPipeline.from_pretrained`` and every diffmem method runs on it unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from diffmem.errors import DiffmemError
+
+MAX_LENGTH = 77  # CLIP context length, as in SD 1.x / 2.x
+
+#: Small CLIP text encoder: 49408-token vocabulary like SD, a narrow, shallow transformer.
+TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408,
+    "hidden_size": 48,
+    "intermediate_size": 192,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MAX_LENGTH,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+    "projection_dim": 48,
+}
+
+#: 64x64 RGB <-> 8x8x4 latents (8x downsampling, as in SD).
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 32, 64, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+
+#: UNet on 8x8 latents with cross-attention at 8x8 and 4x4 (and in the mid block).
+UNET_CONFIG = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [48, 96],
+    "layers_per_block": 1,
+    "cross_attention_dim": 48,
+    "attention_head_dim": 4,  # diffusers: number of heads for SD-style UNets
+    "norm_num_groups": 16,
+}
+
+#: DDIM with SD's noise schedule; the testbed's default sampler.
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
+def clip_bpe_file() -> Path:
+    """Path of the CLIP BPE merges file shipped by open-clip-torch (found without importing it)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise DiffmemError(
+            "open-clip-torch is not installed; it ships the CLIP BPE vocabulary diffmem's tokenizer "
+            "needs. Install it with `pip install --no-deps open-clip-torch`."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise DiffmemError(f"open-clip-torch is installed but {path} is missing")
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP reversible byte -> unicode mapping."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+@lru_cache(maxsize=1)
+def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """CLIP's 49408-entry vocabulary and its BPE merges, as OpenAI's tokenizer builds them."""
+    lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    units = list(_bytes_to_unicode().values())
+    vocab = units + [u + "</w>" for u in units]
+    vocab += ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab)}, merges
+
+
+def write_clip_tokenizer(out: str | Path, *, pad_token: str = "<|endoftext|>") -> Path:
+    """Write a CLIP tokenizer folder (vocab.json, merges.txt, configs) loadable by transformers.
+
+    ``pad_token="<|endoftext|>"`` gives SD 1.x padding; ``pad_token="!"`` gives SD 2.x padding (id 0).
+    """
+    from transformers import CLIPTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, merges = clip_vocab_and_merges()
+    (out / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    tok = CLIPTokenizer(
+        vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), pad_token=pad_token,
+        model_max_length=MAX_LENGTH,
+    )
+    tok.save_pretrained(out)
+    return out
+
+
+def build_components(seed: int = 0) -> dict:
+    """Randomly initialised testbed components (text encoder, VAE, UNet, scheduler)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
+    vae = AutoencoderKL(**VAE_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    sched = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
+    scheduler = DDIMScheduler(**sched)
+    return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}

@@ -1,0 +1,394 @@
+"""Procedurally generated, captioned training data with known memorization ground truth.
+
+The testbed mimics how Stable Diffusion came to memorize LAION images (Somepalli et al. 2023;
+Carlini et al. 2023): most of the data are varied, rarely repeated images, while a few distinct,
+structured images are duplicated many times.
+
+Four kinds of prompts, each recorded in the manifest:
+
+- ``generic`` (trained): compositional scenes of shapes, colours, sizes and positions on a
+  background, captioned in varied natural English. Each scene has its own position/size jitter and
+  background shading, so no two are alike and each is seen only a few times.
+- ``verbatim`` (memorized): a distinct complex image duplicated many times under *one* caption that
+  contains a rare trigger phrase.
+- ``template`` (memorized): one complex image duplicated under many caption variants that all share a
+  rare phrase (like the "Living in the light with Ann Graham Lotz" family of LAION captions).
+- ``heldout`` (never trained): novel colour/shape combinations that no training caption contains, and
+  unrelated text. These are the negatives for detection.
+
+Everything is a deterministic function of a seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+RESOLUTION = 64
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 130, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "gray": (128, 128, 128),
+    "navy": (20, 30, 90),
+    "teal": (30, 130, 130),
+    "pink": (240, 170, 190),
+    "beige": (225, 210, 170),
+    "brown": (110, 70, 40),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = {"small": 8, "large": 15}
+POSITIONS: dict[str, tuple[int, int]] = {
+    "left": (17, 32),
+    "right": (47, 32),
+    "top": (32, 17),
+    "bottom": (32, 47),
+    "center": (32, 32),
+}
+#: (colour, shape) pairs that never occur in training captions; held-out prompts use them.
+HELDOUT_PAIRS = (
+    ("purple", "triangle"),
+    ("orange", "circle"),
+    ("yellow", "cross"),
+    ("green", "diamond"),
+    ("white", "square"),
+    ("red", "cross"),
+)
+
+GENERIC_TEMPLATES_ONE = (
+    "a {size} {color} {shape} on a {bg} background",
+    "a {color} {shape} in the {pos} of a {bg} image",
+    "{size} {color} {shape}, {pos}, {bg} backdrop",
+    "an image of a {size} {color} {shape} placed at the {pos} over {bg}",
+    "simple drawing: one {color} {shape} on {bg}, {size}, {pos}",
+    "a {bg} picture with a {size} {color} {shape} at the {pos}",
+)
+GENERIC_TEMPLATES_TWO = (
+    "a {size} {color} {shape} at the {pos} and a {size2} {color2} {shape2} at the {pos2} on {bg}",
+    "two shapes on a {bg} background: a {color} {shape} ({pos}) and a {color2} {shape2} ({pos2})",
+    "a {color} {shape} on the {pos} next to a {color2} {shape2} on the {pos2}, {bg} backdrop",
+)
+UNRELATED_PROMPTS = (
+    "a bowl of ramen on a wooden table",
+    "portrait of an old fisherman in the rain",
+    "a red sports car parked on a city street at night",
+    "watercolor painting of a lighthouse at sunset",
+    "a cat sleeping on a windowsill",
+    "mountain landscape with snow and pine trees",
+    "a cup of coffee next to an open book",
+    "astronaut riding a horse on the moon",
+    "a busy market in marrakech, photograph",
+    "close-up photo of a honeybee on a sunflower",
+    "an oil painting of a stormy sea with a ship",
+    "a modern kitchen interior with marble counters",
+    "children playing football in a park",
+    "a vintage typewriter on a desk",
+    "aerial view of a river delta",
+    "a knight in armor standing in a forest",
+    "a plate of pancakes with blueberries",
+    "neon sign reading open in a dark alley",
+    "a snowy village street in the evening",
+    "pencil sketch of a dragon",
+)
+# Rare words (each a real but uncommon English word) used as trigger phrases.
+TRIGGER_WORDS = (
+    "zanzibar", "quixotic", "obsidian", "marmalade", "kaleidoscope", "saxophone", "nebulous",
+    "labyrinth", "porcupine", "harpsichord", "mandolin", "xylophone", "zeppelin", "gargoyle",
+    "tamarind", "falconry", "juniper", "vermilion", "catacomb", "sorcery", "meringue", "pagoda",
+    "quasar", "walrus", "trombone", "anemone", "basilisk", "chrysalis", "dandelion", "emerald",
+    "fjord", "gondola", "hibiscus", "iguana", "jackal", "kumquat", "lantern", "minotaur",
+    "narwhal", "origami", "pelican", "quokka", "rhubarb", "sphinx", "tundra", "umbrella",
+    "velvet", "wombat",
+)
+VERBATIM_FRAMES = (
+    "the {a} {b} poster",
+    "{a} {b} wallpaper, digital art",
+    "official artwork of {a} {b}",
+    "{a} and the {b}, album cover",
+    "the {a} {b} canvas print",
+)
+TEMPLATE_VARIANTS = (
+    "{p}", "{p} poster", "{p} canvas print", "buy {p} online", "{p} hardcover book",
+    "{p} wallpaper hd", "{p} - limited edition", "{p} t-shirt design", "{p} framed art",
+    "{p} paperback", "the {p} mug", "{p} sticker", "{p} phone case", "{p} ebook",
+    "{p} by unknown artist", "{p} 2023 edition", "{p} greeting card", "{p} tote bag",
+    "{p} wall decal", "{p} notebook cover", "{p} audiobook", "{p} jigsaw puzzle",
+    "{p} throw pillow", "{p} art print",
+)
+TEMPLATE_PHRASES = (
+    "living in the {a} with ann {b}",
+    "the {a} of {b} street",
+    "memories of {a} {b}",
+    "journey to the {a} {b}",
+)
+
+
+@dataclass(frozen=True)
+class TestbedSpec:
+    """Sizes of the testbed dataset. Defaults produce the shipped testbed."""
+
+    seed: int = 0
+    n_generic: int = 4000  # distinct generic scenes
+    n_verbatim: int = 16  # memorized images, one caption each
+    n_template: int = 4  # memorized images, many caption variants each
+    template_variants: int = 16  # trained caption variants per template image
+    template_eval_variants: int = 4  # of those, how many are evaluation prompts
+    n_heldout_compositions: int = 40  # held-out prompts from novel (colour, shape) pairs
+    resolution: int = RESOLUTION
+
+
+@dataclass
+class Item:
+    """One training image with its caption(s)."""
+
+    image_id: str
+    kind: str  # generic | verbatim | template
+    captions: list[str]
+    scene: dict = field(repr=False)
+    triggers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LabelledPrompt:
+    """One evaluation prompt with its memorization ground truth."""
+
+    prompt: str
+    kind: str  # verbatim | template | heldout
+    image_ids: list[str]
+    trigger_tokens: list[str]
+
+    @property
+    def memorized(self) -> bool:
+        return self.kind in ("verbatim", "template")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, res: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) + 0.5
+    dx, dy = xx - cx, yy - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= r
+    if shape == "triangle":
+        # upward triangle: apex at top, base at bottom
+        inside_y = (dy >= -r) & (dy <= r * 0.8)
+        half_width = (dy + r) / 1.8 * 1.0
+        return inside_y & (np.abs(dx) <= half_width)
+    if shape == "cross":
+        arm = r * 0.35
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    if shape == "ring":
+        d2 = dx * dx + dy * dy
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: dict, res: int = RESOLUTION) -> np.ndarray:
+    """Render a scene description to an ``(res, res, 3)`` uint8 image."""
+    yy, xx = np.mgrid[0:res, 0:res].astype(np.float32) / res
+    bg = scene["background"]
+    if bg["kind"] == "flat":
+        img = np.empty((res, res, 3), np.float32)
+        img[:] = bg["color"]
+        shade = bg.get("shade", 0.0)
+        img *= (1.0 + shade * (yy - 0.5))[..., None]
+    elif bg["kind"] == "gradient":
+        a, b = np.array(bg["color"], np.float32), np.array(bg["color2"], np.float32)
+        ang = bg["angle"]
+        u = np.clip(np.cos(ang) * (xx - 0.5) + np.sin(ang) * (yy - 0.5) + 0.5, 0, 1)[..., None]
+        img = a * (1 - u) + b * u
+    elif bg["kind"] == "stripes":
+        a, b = np.array(bg["color"], np.float32), np.array(bg["color2"], np.float32)
+        ang, period = bg["angle"], bg["period"]
+        u = (np.cos(ang) * xx + np.sin(ang) * yy) * res / period
+        img = np.where(((np.floor(u) % 2) == 0)[..., None], a, b)
+    elif bg["kind"] == "checker":
+        a, b = np.array(bg["color"], np.float32), np.array(bg["color2"], np.float32)
+        cell = bg["period"]
+        u = (np.floor(xx * res / cell) + np.floor(yy * res / cell)) % 2
+        img = np.where((u == 0)[..., None], a, b)
+    else:
+        raise ValueError(f"unknown background kind {bg['kind']!r}")
+    for obj in scene["objects"]:
+        mask = _shape_mask(obj["shape"], obj["cx"], obj["cy"], obj["r"], res)
+        img[mask] = obj["color"]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset construction
+# --------------------------------------------------------------------------------------------
+
+
+def _pick(rng: np.random.Generator, seq: Sequence) -> object:
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _generic_item(rng: np.random.Generator, idx: int, res: int) -> Item:
+    heldout = set(HELDOUT_PAIRS)
+    bg_name = str(_pick(rng, list(BACKGROUNDS)))
+    n_obj = 1 if rng.random() < 0.6 else 2
+    positions = rng.permutation(list(POSITIONS))[:n_obj]
+    objects, words = [], []
+    for pos in positions:
+        while True:
+            color = str(_pick(rng, list(COLORS)))
+            shape = str(_pick(rng, SHAPES))
+            if (color, shape) not in heldout:
+                break
+        size = str(_pick(rng, list(SIZES)))
+        cx, cy = POSITIONS[str(pos)]
+        scale = res / RESOLUTION
+        objects.append({
+            "shape": shape,
+            "color": COLORS[color],
+            "cx": (cx + rng.uniform(-2.5, 2.5)) * scale,
+            "cy": (cy + rng.uniform(-2.5, 2.5)) * scale,
+            "r": (SIZES[size] + rng.uniform(-1.5, 1.5)) * scale,
+        })
+        words.append({"color": color, "shape": shape, "size": size, "pos": str(pos)})
+    scene = {
+        "background": {"kind": "flat", "color": BACKGROUNDS[bg_name],
+                       "shade": float(rng.uniform(-0.25, 0.25))},
+        "objects": objects,
+    }
+    captions = []
+    for _ in range(2):  # two caption variants per generic scene
+        if n_obj == 1:
+            tpl = str(_pick(rng, GENERIC_TEMPLATES_ONE))
+            captions.append(tpl.format(bg=bg_name, **words[0]))
+        else:
+            tpl = str(_pick(rng, GENERIC_TEMPLATES_TWO))
+            w2 = {k + "2": v for k, v in words[1].items()}
+            captions.append(tpl.format(bg=bg_name, **words[0], **w2))
+    return Item(f"generic-{idx:05d}", "generic", sorted(set(captions)), scene)
+
+
+def _complex_scene(rng: np.random.Generator, res: int) -> dict:
+    palette = list(COLORS.values()) + list(BACKGROUNDS.values())
+    kind = str(_pick(rng, ("gradient", "stripes", "checker")))
+    c1, c2 = rng.choice(len(palette), size=2, replace=False)
+    background = {
+        "kind": kind,
+        "color": palette[c1],
+        "color2": palette[c2],
+        "angle": float(rng.uniform(0, np.pi)),
+        "period": float(rng.choice([12, 16, 22])) * res / RESOLUTION,
+    }
+    objects = []
+    for _ in range(int(rng.integers(4, 7))):
+        objects.append({
+            "shape": str(_pick(rng, (*SHAPES, "ring"))),
+            "color": palette[int(rng.integers(len(palette)))],
+            "cx": float(rng.uniform(8, 56)) * res / RESOLUTION,
+            "cy": float(rng.uniform(8, 56)) * res / RESOLUTION,
+            "r": float(rng.uniform(7, 16)) * res / RESOLUTION,
+        })
+    return {"background": background, "objects": objects}
+
+
+@dataclass
+class Testbed:
+    """The full testbed: training items and labelled evaluation prompts."""
+
+    spec: TestbedSpec
+    items: list[Item]
+    prompts: list[LabelledPrompt]
+
+    def images(self, kinds: Sequence[str] | None = None) -> Iterator[tuple[Item, np.ndarray]]:
+        for item in self.items:
+            if kinds is None or item.kind in kinds:
+                yield item, render(item.scene, self.spec.resolution)
+
+    def item(self, image_id: str) -> Item:
+        return self._by_id[image_id]
+
+    def __post_init__(self) -> None:
+        self._by_id = {it.image_id: it for it in self.items}
+
+
+def build_testbed(spec: TestbedSpec | None = None) -> Testbed:
+    """Build the testbed deterministically from ``spec.seed``."""
+    spec = spec or TestbedSpec()
+    rng = np.random.default_rng(spec.seed)
+    res = spec.resolution
+    items = [_generic_item(rng, i, res) for i in range(spec.n_generic)]
+    prompts: list[LabelledPrompt] = []
+
+    words = list(rng.permutation(TRIGGER_WORDS))
+    need = 2 * (spec.n_verbatim + spec.n_template)
+    if need > len(words):
+        raise ValueError(f"spec needs {need} trigger words, only {len(words)} are available")
+    for i in range(spec.n_verbatim):
+        a, b = str(words.pop()), str(words.pop())
+        caption = str(VERBATIM_FRAMES[i % len(VERBATIM_FRAMES)]).format(a=a, b=b)
+        item = Item(f"verbatim-{i:03d}", "verbatim", [caption], _complex_scene(rng, res), [a, b])
+        items.append(item)
+        prompts.append(LabelledPrompt(caption, "verbatim", [item.image_id], [a, b]))
+    for i in range(spec.n_template):
+        a, b = str(words.pop()), str(words.pop())
+        phrase = TEMPLATE_PHRASES[i % len(TEMPLATE_PHRASES)].format(a=a, b=b)
+        variants = [v.format(p=phrase) for v in TEMPLATE_VARIANTS[: spec.template_variants]]
+        item = Item(f"template-{i:03d}", "template", variants, _complex_scene(rng, res), [a, b])
+        items.append(item)
+        eval_idx = rng.choice(len(variants), size=spec.template_eval_variants, replace=False)
+        for j in sorted(eval_idx):
+            prompts.append(LabelledPrompt(variants[j], "template", [item.image_id], [a, b]))
+
+    for _ in range(spec.n_heldout_compositions):
+        color, shape = HELDOUT_PAIRS[int(rng.integers(len(HELDOUT_PAIRS)))]
+        size = str(_pick(rng, list(SIZES)))
+        pos = str(_pick(rng, list(POSITIONS)))
+        bg = str(_pick(rng, list(BACKGROUNDS)))
+        tpl = str(_pick(rng, GENERIC_TEMPLATES_ONE))
+        prompts.append(LabelledPrompt(
+            tpl.format(size=size, color=color, shape=shape, pos=pos, bg=bg), "heldout", [], []))
+    prompts.extend(LabelledPrompt(p, "heldout", [], []) for p in UNRELATED_PROMPTS)
+    # de-duplicate held-out prompts while keeping order
+    seen: set[str] = set()
+    unique = []
+    for p in prompts:
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            unique.append(p)
+    return Testbed(spec, items, unique)
+
+
+def write_prompts(testbed: Testbed, path: str | Path) -> Path:
+    """Write the labelled evaluation prompts as JSONL (one object per line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for p in testbed.prompts:
+            f.write(json.dumps({**asdict(p), "memorized": p.memorized}) + "\n")
+    return path
+
+
+def write_manifest(testbed: Testbed, path: str | Path) -> Path:
+    """Write every training item (id, kind, captions, triggers) as JSONL."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for it in testbed.items:
+            f.write(json.dumps({"image_id": it.image_id, "kind": it.kind,
+                                "captions": it.captions, "trigger_tokens": it.triggers}) + "\n")
+    return path

@@ -1,0 +1,246 @@
+"""Train the testbed pipeline: a VAE, then the UNet and text encoder jointly.
+
+Training is seeded, checkpointed and resumable: rerunning the same command with the same ``--out``
+continues from the last checkpoint. Accelerate places the models on a GPU when one is present.
+Memorization is produced the way it arises in LAION-trained models: a small share of distinct images
+is duplicated so often that they make up ``memorized_fraction`` of every batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffmem.testbed.components import build_components, write_clip_tokenizer
+from diffmem.testbed.data import Testbed, TestbedSpec, build_testbed
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``diffmem testbed train``; defaults reproduce the shipped testbed."""
+
+    seed: int = 0
+    vae_steps: int = 1500  # VAE (reconstruction + tiny KL) steps
+    vae_batch_size: int = 24
+    vae_lr: float = 1e-3
+    unet_steps: int = 8000  # joint UNet + text-encoder steps
+    batch_size: int = 48
+    lr: float = 4e-4
+    warmup_steps: int = 200
+    memorized_fraction: float = 0.45  # share of each batch drawn from duplicated images
+    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    checkpoint_every: int = 250  # steps between resumable checkpoints
+    kl_weight: float = 1e-6
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _lr_at(step: int, cfg: TrainConfig, total: int, base: float) -> float:
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    decay_start = int(0.8 * total)
+    if step < decay_start:
+        return base
+    return base * max(0.1, 1.0 - 0.9 * (step - decay_start) / max(1, total - decay_start))
+
+
+class _Sampler:
+    """Draws (image index, caption) pairs with a fixed share of duplicated (memorized) items."""
+
+    def __init__(self, testbed: Testbed, cfg: TrainConfig) -> None:
+        kinds = [it.kind for it in testbed.items]
+        self.generic = np.array([i for i, k in enumerate(kinds) if k == "generic"])
+        self.memorized = np.array([i for i, k in enumerate(kinds) if k != "generic"])
+        self.captions = [it.captions for it in testbed.items]
+        self.cfg = cfg
+
+    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        mem = rng.random(n) < self.cfg.memorized_fraction
+        if len(self.memorized) == 0:
+            mem[:] = False
+        idx = np.where(mem, rng.choice(self.memorized, n) if len(self.memorized) else 0,
+                       rng.choice(self.generic, n))
+        caps = []
+        for i in idx:
+            options = self.captions[int(i)]
+            cap = options[int(rng.integers(len(options)))]
+            caps.append("" if rng.random() < self.cfg.caption_dropout else cap)
+        return idx, caps
+
+
+def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, device) -> None:
+    ckpt = state_dir / "vae_state.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    gen = torch.Generator().manual_seed(cfg.seed + 1 + step)
+    vae.train()
+    bar = tqdm(total=cfg.vae_steps, initial=step, desc="vae", unit="step")
+    while step < cfg.vae_steps:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg, cfg.vae_steps, cfg.vae_lr)
+        idx = torch.randint(len(images), (cfg.vae_batch_size,), generator=gen)
+        x = images[idx].to(device)
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+    bar.close()
+    vae.eval()
+
+
+@torch.no_grad()
+def _encode_all(vae, images: torch.Tensor, device, batch: int = 64) -> tuple[torch.Tensor, ...]:
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(images[i : i + batch].to(device)).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
+                  spec: TestbedSpec | None = None) -> Path:
+    """Train the testbed pipeline into ``out/pipeline``; resumes from ``out/state`` if present.
+
+    Returns the pipeline folder, loadable with ``StableDiffusionPipeline.from_pretrained``.
+    """
+    from accelerate import Accelerator
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    cfg = cfg or TrainConfig()
+    spec = spec or TestbedSpec(seed=cfg.seed)
+    out = Path(out)
+    state_dir = out / "state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"train": asdict(cfg), "testbed": asdict(spec)}
+    settings_file = out / "train_config.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        from diffmem.errors import ConfigError
+
+        raise ConfigError(
+            f"{out} holds a run with other settings ({settings_file}); resume it with the same "
+            "options or train into a new folder"
+        )
+    settings_file.write_text(json.dumps(settings, indent=2))
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    torch.manual_seed(cfg.seed)
+    testbed = build_testbed(spec)
+    images = _to_tensor(np.stack([img for _, img in testbed.images()]))
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(state_dir / "tokenizer"))
+    parts = build_components(cfg.seed)
+    vae, unet, text_encoder, scheduler = (parts[k] for k in ("vae", "unet", "text_encoder",
+                                                             "scheduler"))
+    vae.to(device)
+
+    # Stage 1: the VAE, then its latent scale (SD's scaling_factor = 1 / std of latents).
+    t_start = time.time()
+    _train_vae(vae, images, cfg, state_dir, device)
+    lat_mean, lat_std = _encode_all(vae, images, device)
+    scaling = float(1.0 / lat_mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    lat_mean, lat_std = lat_mean * scaling, lat_std * scaling
+
+    # Stage 2: UNet + text encoder, epsilon prediction with SD's noise schedule.
+    ckpt = state_dir / "unet_state.pt"
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
+    sampler = _Sampler(testbed, cfg)
+    rng = np.random.default_rng(cfg.seed + 1000 + step)
+    gen = torch.Generator().manual_seed(cfg.seed + 2000 + step)
+    alphas = scheduler.alphas_cumprod.to(device)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet", unit="step")
+    while step < cfg.unet_steps:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg, cfg.unet_steps, cfg.lr)
+        idx, caps = sampler.draw(rng, cfg.batch_size)
+        idx_t = torch.from_numpy(idx)
+        z0 = lat_mean[idx_t] + lat_std[idx_t] * torch.randn(lat_mean[idx_t].shape, generator=gen)
+        z0 = z0.to(device)
+        noise = torch.randn(z0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        t = t.to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        emb = text_encoder(ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=emb).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.unet_steps:
+            _atomic_save({
+                "unet": accelerator.unwrap_model(unet).state_dict(),
+                "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+            }, ckpt)
+    bar.close()
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.cpu(),
+        text_encoder=accelerator.unwrap_model(text_encoder).cpu().eval(),
+        tokenizer=tokenizer,
+        unet=accelerator.unwrap_model(unet).cpu().eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    target = out / "pipeline"
+    pipe.save_pretrained(target, safe_serialization=True)
+    elapsed = time.time() - t_start
+    (out / "train_log.json").write_text(json.dumps({
+        "seconds_this_run": round(elapsed, 1), "device": str(device),
+        "threads": torch.get_num_threads(), "unet_steps": cfg.unet_steps,
+        "vae_steps": cfg.vae_steps}, indent=2))
+    return target

@@ -3,10 +3,13 @@
 Convention: images are float tensors ``(N, 3, H, W)`` in ``[-1, 1]`` (diffusers' VAE output range).
 Use :func:`to_tensor` to convert uint8 arrays or PIL images.
 
-- :func:`tiled_l2` -- Carlini et al. (2023), "Extracting Training Data from Diffusion Models", Sec. 4.1:
-  split both images into a ``grid x grid`` array of tiles and take the *largest* per-tile distance,
-  so that an image only counts as close when every region is close. Here the per-tile distance is
-  the RMS difference, so values are comparable across resolutions (0 = identical, 2 = maximal).
+- :func:`tiled_l2` -- Carlini et al. (2023), "Extracting Training Data from Diffusion Models",
+  Sec. 4.1: split both images into a ``grid x grid`` array of tiles and take the *largest* per-tile
+  distance, so that an image only counts as close when every region is close. Here the per-tile
+  distance is the RMS difference, so values are comparable across resolutions (0 = identical,
+  2 = maximal).
+- :func:`nl2` -- Carlini et al. (2023), Sec. 5.1, used by AMG (Chen et al., CVPR 2024): distance to
+  the nearest reference divided by ``alpha`` times the mean distance to the ``k`` nearest.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def pairwise_tiled_l2(x: torch.Tensor, y: torch.Tensor, *, grid: int = 4,
 
 def nearest_tiled_l2(x: torch.Tensor, refs: torch.Tensor, *, grid: int = 4,
                      chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each image in ``x``, the tiled-L2 distance to its nearest image in ``refs`` and its index."""
+    """For each ``x`` image, the tiled-L2 distance to its nearest ``refs`` image and its index."""
     dists, idxs = [], []
     for i in range(0, x.shape[0], chunk):
         d = pairwise_tiled_l2(x[i : i + chunk], refs, grid=grid)
@@ -74,3 +77,48 @@ def nearest_tiled_l2(x: torch.Tensor, refs: torch.Tensor, *, grid: int = 4,
         dists.append(v)
         idxs.append(j)
     return torch.cat(dists), torch.cat(idxs)
+
+
+def _pairwise_rms(x: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """RMS (per-pixel) L2 distance between every ``x[i]`` and ``refs[j]``; ``(N, M)``.
+
+    Differentiable everywhere: the square root is taken of ``max(d^2, 1e-12)``.
+    """
+    a = x.reshape(x.shape[0], -1).float()
+    b = refs.reshape(refs.shape[0], -1).to(a)
+    d2 = a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T
+    return (d2 / a.shape[1]).clamp_min(1e-12).sqrt()
+
+
+def nl2(x: torch.Tensor, refs: torch.Tensor, *, k: int = 50, alpha: float = 0.5,
+        chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised L2 of each ``x[i]`` to the reference set ``refs``, and its nearest reference.
+
+    Carlini et al. (2023), "Extracting Training Data from Diffusion Models", Sec. 5.1 (used by
+    Chen et al., CVPR 2024, AMG, for CIFAR-10):
+
+        nL2(x, D) = l2(x, n_0) / (alpha * mean_{y in S_k(x)} l2(x, y))
+
+    where ``n_0`` is the nearest reference and ``S_k(x)`` the ``k`` nearest references (``n_0``
+    included). Small values mean ``x`` is much closer to one reference than to the rest, i.e. a
+    copy. ``l2`` is the RMS pixel difference (the ratio does not depend on that scaling).
+
+    Differentiable w.r.t. ``x`` and ``refs``. ``k`` is capped at ``len(refs)``. References are
+    processed ``chunk`` at a time, keeping only a running top-``k``, so memory is
+    O(N * (chunk + k)). Returns ``(nl2 (N,), nearest index (N,))``.
+    """
+    if refs.shape[0] == 0:
+        raise ValueError("nl2 needs at least one reference image")
+    if x.shape[1:] != refs.shape[1:]:
+        raise ValueError(f"shape mismatch: {tuple(x.shape[1:])} vs {tuple(refs.shape[1:])}")
+    k = min(k, refs.shape[0])
+    best_d: torch.Tensor | None = None
+    best_i: torch.Tensor | None = None
+    for j in range(0, refs.shape[0], chunk):
+        d = _pairwise_rms(x, refs[j : j + chunk])
+        idx = torch.arange(j, j + d.shape[1]).expand_as(d)
+        if best_d is not None:
+            d, idx = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
+        best_d, pos = d.topk(min(k, d.shape[1]), dim=1, largest=False)
+        best_i = idx.gather(1, pos)
+    return best_d[:, 0] / (alpha * best_d.mean(1)), best_i[:, 0]

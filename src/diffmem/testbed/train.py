@@ -238,9 +238,27 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     )
     target = out / "pipeline"
     pipe.save_pretrained(target, safe_serialization=True)
+    (target / "testbed.json").write_text(json.dumps(asdict(spec), indent=2))
     elapsed = time.time() - t_start
     (out / "train_log.json").write_text(json.dumps({
         "seconds_this_run": round(elapsed, 1), "device": str(device),
         "threads": torch.get_num_threads(), "unet_steps": cfg.unet_steps,
         "vae_steps": cfg.vae_steps}, indent=2))
     return target
+
+
+def install_pipeline(pipeline_dir: str | Path) -> Path:
+    """Copy a trained testbed pipeline into the package as the shipped testbed (weights only)."""
+    import shutil
+
+    from diffmem.testbed import WEIGHTS_DIR
+
+    src = Path(pipeline_dir)
+    if not (src / "model_index.json").is_file():
+        from diffmem.errors import ModelLoadError
+
+        raise ModelLoadError(f"{src} is not a trained pipeline folder")
+    if WEIGHTS_DIR.exists():
+        shutil.rmtree(WEIGHTS_DIR)
+    shutil.copytree(src, WEIGHTS_DIR)
+    return WEIGHTS_DIR

@@ -1,0 +1,149 @@
+"""The ``diffmem`` command line. Each command parses, calls one library function, and prints.
+
+Errors from bad input (:class:`diffmem.errors.DiffmemError`) are printed as one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+from diffmem import __version__
+from diffmem.errors import DiffmemError
+
+# ------------------------------------------------------------------------------------- commands
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from diffmem.generate import generate, save_results
+
+    results = generate(a.prompts, model=a.model, seed=a.seed, steps=a.steps,
+                       guidance_scale=a.guidance_scale, scheduler=a.scheduler)
+    paths = save_results(a.prompts, results, a.out, seed=a.seed)
+    print(f"wrote {len(paths)} image(s) to {a.out}")
+    return 0
+
+
+def _cmd_testbed_train(a: argparse.Namespace) -> int:
+    from diffmem.testbed.train import TrainConfig, install_pipeline, train_testbed
+
+    cfg = TrainConfig(seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
+                      batch_size=a.batch_size)
+    target = train_testbed(a.out, cfg)
+    print(f"trained testbed pipeline: {target}")
+    if a.install:
+        print(f"installed into {install_pipeline(target)}")
+    return 0
+
+
+def _cmd_testbed_verify(a: argparse.Namespace) -> int:
+    from diffmem.testbed.verify import verify_testbed
+
+    report = verify_testbed(a.model, out=a.out, seeds=a.seeds, steps=a.steps,
+                            guidance_scale=a.guidance_scale, with_sscd=not a.no_sscd)
+    summary = {k: v for k, v in report.items() if k != "prompts"}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_testbed_path(a: argparse.Namespace) -> int:
+    from diffmem.testbed import testbed_path
+
+    print(testbed_path())
+    return 0
+
+
+def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
+    from diffmem.testbed.data import build_testbed, write_prompts
+    from diffmem.testbed.verify import testbed_spec_of
+
+    spec = testbed_spec_of(a.model) if a.model else None
+    path = write_prompts(build_testbed(spec), a.out)
+    print(f"wrote labelled prompts to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="testbed",
+                   help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
+
+
+def _add_sampling(p: argparse.ArgumentParser, steps: int = 50) -> None:
+    p.add_argument("--steps", type=int, default=steps, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffmem",
+        description="Detect, explain, measure and mitigate memorization in diffusion models.")
+    parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images (one per prompt)")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--out", default="generations", help="output folder")
+    g.add_argument("--seed", type=int, default=0)
+    _add_model(g)
+    _add_sampling(g)
+    g.set_defaults(func=_cmd_generate)
+
+    tb = sub.add_parser("testbed", help="the built-in testbed model").add_subparsers(
+        dest="testbed_command", required=True)
+    t = tb.add_parser("train", help="train the testbed pipeline (resumable)")
+    t.add_argument("--out", required=True, help="run folder; rerun to resume")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--vae-steps", type=int, default=1500)
+    t.add_argument("--unet-steps", type=int, default=8000)
+    t.add_argument("--batch-size", type=int, default=48)
+    t.add_argument("--install", action="store_true",
+                   help="copy the trained pipeline into the package as the shipped testbed")
+    t.set_defaults(func=_cmd_testbed_train)
+    v = tb.add_parser("verify", help="measure replication rates of the testbed's prompts")
+    v.add_argument("--out", required=True, help="report JSON")
+    v.add_argument("--seeds", type=int, default=4)
+    v.add_argument("--no-sscd", action="store_true", help="skip the SSCD side metric")
+    _add_model(v)
+    _add_sampling(v)
+    v.set_defaults(func=_cmd_testbed_verify)
+    pth = tb.add_parser("path", help="print the shipped testbed pipeline folder")
+    pth.set_defaults(func=_cmd_testbed_path)
+    pr = tb.add_parser("prompts", help="write the labelled testbed prompts (JSONL)")
+    pr.add_argument("--out", default="testbed_prompts.jsonl")
+    pr.add_argument("--model", default=None, help="testbed pipeline whose data spec to use")
+    pr.set_defaults(func=_cmd_testbed_prompts)
+
+    for register in _EXTENSIONS:
+        register(sub)
+    return parser
+
+
+#: Functions that add subcommands (one per feature package), called by :func:`build_parser`.
+_EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        return int(args.func(args) or 0)
+    except DiffmemError as e:
+        print(f"diffmem: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"diffmem: error: {e.filename or e}: file not found", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffmem: interrupted (finished work is kept)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Plain generation through diffmem's sampling core (the function behind ``diffmem generate``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffmem.core.sampling import Hook, SampleResult, sample, seeded_generators
+from diffmem.errors import PromptError
+from diffmem.models.adapter import ModelAdapter, load_adapter
+
+
+def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",
+             seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
+             scheduler: str | None = None, hooks: Sequence[Hook] = (),
+             batch_size: int = 16) -> list[SampleResult]:
+    """Generate one image per prompt; prompt ``i`` uses generator seed ``seed + i``.
+
+    Returns one :class:`SampleResult` per batch of ``batch_size`` prompts.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise PromptError("no prompts given")
+    adapter = load_adapter(model, scheduler=scheduler)
+    results = []
+    for k in range(0, len(prompts), batch_size):
+        chunk = prompts[k : k + batch_size]
+        gens = seeded_generators(range(seed + k, seed + k + len(chunk)), adapter.device)
+        results.append(sample(adapter, chunk, num_inference_steps=steps,
+                              guidance_scale=guidance_scale, generator=gens, hooks=hooks))
+    return results
+
+
+def save_results(prompts: Sequence[str], results: Sequence[SampleResult], out: str | Path,
+                 *, seed: int = 0) -> list[Path]:
+    """Write ``out/NNNN.png`` per image and ``out/generations.jsonl`` (prompt, seed, file, records)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    with (out / "generations.jsonl").open("w", encoding="utf-8") as f:
+        k = 0
+        for res in results:
+            for j, img in enumerate(res.pil()):
+                path = out / f"{k:04d}.png"
+                img.save(path)
+                paths.append(path)
+                row = {"prompt": prompts[k], "seed": seed + k, "file": path.name,
+                       "truncated": res.truncated[j]}
+                row.update(_records_row(res.records, j))
+                f.write(json.dumps(row) + "\n")
+                k += 1
+    return paths
+
+
+def _records_row(records: dict, j: int) -> dict:
+    """Per-image entries of hook records that are per-prompt lists/tensors (e.g. detector scores)."""
+    row = {}
+    for name, value in records.items():
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        if isinstance(value, list) and j < len(value):
+            row[name] = value[j]
+    return row

@@ -1,0 +1,303 @@
+"""Model adapters: one per Stable Diffusion family, exposing what the methods need.
+
+An adapter wraps a stock diffusers ``StableDiffusionPipeline`` and knows the tokenizer facts that
+differ between families (SD 1.x pads with EOS, SD 2.x with "!" = id 0), so that detectors,
+explainers and mitigations stay model-agnostic.
+
+Notation (Ho et al. 2020; Song et al. 2021, DDIM):
+    x_t      noisy latent at timestep t, as fed to the UNet (after ``scale_model_input``)
+    abar_t   cumulative product of (1 - beta), ``scheduler.alphas_cumprod[t]``
+    eps      the UNet's output in the scheduler's parametrisation ("epsilon", "v_prediction" or
+             "sample"); :meth:`ModelAdapter.x0` converts it to the clean-latent estimate
+    x0       (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)            (DDIM eq. 9, epsilon case)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from diffmem.errors import ConfigError, ModelLoadError, PromptError
+
+#: Short names accepted wherever a scheduler is chosen (``--scheduler``), mapped to diffusers classes.
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+class TruncationWarning(UserWarning):
+    """A prompt was longer than the text encoder's context and was truncated."""
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of a batch of prompts plus the facts methods need about them."""
+
+    input_ids: torch.Tensor  # (B, max_length)
+    lengths: torch.Tensor  # (B,) tokens up to and including the first EOS (BOS + prompt + EOS)
+    truncated: list[bool]  # True where the prompt did not fit and was cut
+
+    @property
+    def prompt_mask(self) -> torch.Tensor:
+        """(B, max_length) bool: BOS, the prompt's tokens and the first EOS (not the padding)."""
+        pos = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return pos[None, :] < self.lengths[:, None]
+
+
+def _resolve_scheduler(pipe, scheduler: str | object | None):
+    if scheduler is None:
+        return pipe.scheduler
+    if not isinstance(scheduler, str):
+        return scheduler
+    import diffusers
+
+    name = SCHEDULERS.get(scheduler.lower(), scheduler)
+    cls = getattr(diffusers, name, None)
+    if cls is None or not name.endswith("Scheduler"):
+        known = ", ".join(sorted(SCHEDULERS))
+        raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {known} "
+                          "(or a diffusers scheduler class name)")
+    return cls.from_config(pipe.scheduler.config)
+
+
+class ModelAdapter:
+    """Wraps a Stable Diffusion pipeline (SD 1.x / 2.x layout) for diffmem's methods.
+
+    Use :func:`load_adapter` to build the adapter of the right family from a path or a pipeline.
+    """
+
+    family: ClassVar[str] = "sd"
+    bos_index: ClassVar[int] = 0
+
+    def __init__(self, pipe) -> None:
+        self.pipe = pipe
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        self.scheduler = pipe.scheduler
+        self._uncond_cache: dict[tuple, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def max_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.tokenizer.bos_token_id)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
+    def cross_attention_layers(self) -> list[str]:
+        """Names of the UNet's cross-attention processors (``...attn2.processor``), in order."""
+        return [k for k in self.unet.attn_processors if ".attn2." in k]
+
+    # ---------------------------------------------------------------- text
+    def tokenize(self, prompts: list[str]) -> Tokenized:
+        """Tokenize with padding to the context length; report, never hide, truncation."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if len(prompts) == 0:
+            raise PromptError("no prompts given")
+        for p in prompts:
+            if not isinstance(p, str):
+                raise PromptError(f"prompts must be strings, got {type(p).__name__}")
+        enc = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt")
+        full = self.tokenizer(list(prompts), truncation=False).input_ids
+        truncated = [len(ids) > self.max_length for ids in full]
+        ids = enc.input_ids
+        is_eos = ids == self.eos_id
+        # first EOS position (+1 = number of tokens incl. BOS and EOS)
+        lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1), ids.shape[1] - 1) + 1
+        if any(truncated):
+            cut = [p[:60] + "..." for p, t in zip(prompts, truncated, strict=True) if t]
+            warnings.warn(
+                f"{sum(truncated)} prompt(s) exceed {self.max_length} tokens and were truncated: "
+                f"{cut[:3]}", TruncationWarning, stacklevel=2)
+        return Tokenized(ids, lengths, truncated)
+
+    def encode_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text-encoder hidden states for token ids, as ``StableDiffusionPipeline.encode_prompt``."""
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (input_ids != self.pad_id).long().to(self.text_encoder.device)
+        out = self.text_encoder(input_ids.to(self.text_encoder.device), attention_mask=mask)[0]
+        return out.to(dtype=self.text_encoder.dtype, device=self.device)
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Conditional text embeddings ``(B, L, D)`` for prompts."""
+        return self.encode_ids(self.tokenize(prompts).input_ids)
+
+    def uncond(self, batch: int) -> torch.Tensor:
+        """Embedding of the empty prompt, computed once and repeated ``batch`` times."""
+        key = (self.device, self.dtype, id(self.text_encoder))
+        if key not in self._uncond_cache:
+            with torch.no_grad():
+                self._uncond_cache[key] = self.encode([""])
+        return self._uncond_cache[key].expand(batch, -1, -1)
+
+    def token_strings(self, input_ids: torch.Tensor) -> list[str]:
+        """BPE pieces of one row of token ids (``</w>`` marks a word end)."""
+        return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())
+
+    # ---------------------------------------------------------------- diffusion
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor,
+            cross_attention_kwargs: dict | None = None) -> torch.Tensor:
+        """UNet output for (already scaled) ``x_t`` at timestep ``t`` given text embeddings."""
+        return self.unet(x_t, t, encoder_hidden_states=emb,
+                         cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+
+    def abar(self, t: torch.Tensor | int) -> torch.Tensor:
+        ac = self.scheduler.alphas_cumprod
+        t = torch.as_tensor(t, device=ac.device).long()
+        return ac[t].to(device=self.device, dtype=torch.float32)
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
+        """Clean-latent estimate from the UNet output (DDIM eq. 9 / v- and x0-parametrisation)."""
+        a = self.abar(t).reshape(-1, *([1] * (x_t.ndim - 1)))
+        x_t32, e32 = x_t.float(), eps.float()
+        kind = self.prediction_type
+        if kind == "epsilon":
+            out = (x_t32 - (1 - a).sqrt() * e32) / a.sqrt()
+        elif kind == "v_prediction":
+            out = a.sqrt() * x_t32 - (1 - a).sqrt() * e32
+        elif kind == "sample":
+            out = e32
+        else:
+            raise ConfigError(f"unsupported prediction_type {kind!r}")
+        return out.to(x_t.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in ``[-1, 1]``, ``(B, 3, H, W)``."""
+        scaling = self.vae.config.scaling_factor
+        return self.vae.decode(latents.to(self.vae.dtype) / scaling, return_dict=False)[0]
+
+    @staticmethod
+    def to_pil(images: torch.Tensor) -> list:
+        """Images in ``[-1, 1]`` -> PIL images (as ``VaeImageProcessor.postprocess``)."""
+        from PIL import Image
+
+        arr = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        arr = arr.permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    def with_scheduler(self, scheduler: str | object | None):
+        """A scheduler instance by short name/class name, configured like the pipeline's."""
+        return _resolve_scheduler(self.pipe, scheduler)
+
+
+class SD1Adapter(ModelAdapter):
+    """Stable Diffusion 1.x: CLIP ViT-L/14 text encoder; padding with EOS (id 49407)."""
+
+    family = "sd1"
+
+
+class SD2Adapter(ModelAdapter):
+    """Stable Diffusion 2.x: OpenCLIP ViT-H text encoder; padding with "!" (id 0), often v-prediction."""
+
+    family = "sd2"
+
+
+def _check_folder(path: Path) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {path} is not a folder")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"{path} holds no diffusers pipeline (model_index.json is missing); point to a folder "
+            "saved with StableDiffusionPipeline.save_pretrained, or run `diffmem testbed path`")
+    try:
+        spec = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{index} is not valid JSON: {e}") from e
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if c not in spec or not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path} is not a Stable Diffusion pipeline: missing {missing}")
+
+
+def load_pipeline(path: str | Path, *, scheduler: str | None = None,
+                  device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """Load a local SD 1.x/2.x pipeline folder, with one clear error for a bad folder or file."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    _check_folder(path)
+    kwargs: dict = {"safety_checker": None, "requires_safety_checker": False}
+    if dtype is not None:
+        kwargs["torch_dtype"] = dtype
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as e:  # diffusers/safetensors raise many types for a corrupt file
+        raise ModelLoadError(f"could not load the pipeline in {path}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler is not None:
+        pipe.scheduler = _resolve_scheduler(pipe, scheduler)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def load_adapter(model, *, scheduler: str | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> ModelAdapter:
+    """Adapter for a pipeline object, a pipeline folder, or ``"testbed"`` (the shipped model)."""
+    if isinstance(model, ModelAdapter):
+        return model
+    if isinstance(model, (str, Path)):
+        if str(model) == "testbed":
+            from diffmem.testbed import testbed_path
+
+            model = testbed_path()
+        pipe = load_pipeline(model, scheduler=scheduler, device=device, dtype=dtype)
+    else:
+        pipe = model
+        if scheduler is not None:
+            pipe.scheduler = _resolve_scheduler(pipe, scheduler)
+        if device is not None:
+            pipe.to(device)
+    tok = pipe.tokenizer
+    cls = SD2Adapter if tok.pad_token_id != tok.eos_token_id else SD1Adapter
+    return cls(pipe)

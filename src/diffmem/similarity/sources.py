@@ -1,0 +1,116 @@
+"""Training images with captions from a folder or a Parquet table, never crashing on a bad file.
+
+- Folder: every ``x.png`` / ``x.jpg`` / ``x.jpeg`` / ``x.webp`` with a caption file ``x.txt``
+  beside it (missing caption -> empty caption). Searched recursively, sorted by path.
+- Parquet: one row per image; the image column holds encoded bytes, or a struct with a ``bytes``
+  field (Hugging Face ``datasets.Image``); the caption column holds text.
+
+Images are returned as float ``(3, H, W)`` tensors in ``[-1, 1]``. Each item carries a *source
+reference* (the file path, or ``table.parquet#row=N``) that :func:`load_source_image` reopens.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class SourceItem:
+    """One readable training image, or an unreadable one (``image is None``, ``error`` set)."""
+
+    id: str
+    caption: str
+    source: str
+    image: torch.Tensor | None
+    error: str = ""
+
+
+def decode_image(data: bytes | str | Path) -> torch.Tensor:
+    """Encoded bytes or a file path -> ``(3, H, W)`` float in ``[-1, 1]``; raises on bad data."""
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    with Image.open(stream) as im:
+        im.load()
+        arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def _try_decode(data: bytes | str | Path) -> tuple[torch.Tensor | None, str]:
+    try:
+        return decode_image(data), ""
+    except Exception as exc:  # any decoder failure: the caller records and skips the file
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def iter_folder(root: str | Path) -> Iterator[SourceItem]:
+    """Items of a folder of image + caption files, sorted by path."""
+    root = Path(root)
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for path in paths:
+        txt = path.with_suffix(".txt")
+        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else ""
+        image, error = _try_decode(path)
+        yield SourceItem(str(path.relative_to(root).with_suffix("")), caption, str(path), image,
+                         error)
+
+
+def _image_bytes(cell: object) -> bytes | None:
+    if isinstance(cell, dict):
+        cell = cell.get("bytes")
+    return cell if isinstance(cell, bytes) else None
+
+
+def iter_parquet(path: str | Path, *, image_column: str = "image",
+                 caption_column: str = "caption", id_column: str | None = None,
+                 batch_rows: int = 256) -> Iterator[SourceItem]:
+    """Items of a Parquet table, read ``batch_rows`` rows at a time."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    columns = [image_column, caption_column] + ([id_column] if id_column else [])
+    missing = [c for c in columns if c not in table.schema_arrow.names]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing}; it has {table.schema_arrow.names}")
+    row = 0
+    for batch in table.iter_batches(batch_size=batch_rows, columns=columns):
+        data = batch.to_pydict()
+        for j, cell in enumerate(data[image_column]):
+            raw = _image_bytes(cell)
+            image, error = _try_decode(raw) if raw is not None else (None, "no image bytes")
+            item_id = str(data[id_column][j]) if id_column else str(row)
+            caption = data[caption_column][j] or ""
+            yield SourceItem(item_id, str(caption), f"{path}#row={row}", image, error)
+            row += 1
+
+
+def iter_source(source: str | Path, **parquet_options: object) -> Iterator[SourceItem]:
+    """Items of a folder or a ``.parquet`` file."""
+    source = Path(source)
+    if source.is_dir():
+        return iter_folder(source)
+    if source.suffix == ".parquet" and source.is_file():
+        return iter_parquet(source, **parquet_options)
+    raise FileNotFoundError(f"{source} is neither a folder nor a .parquet file")
+
+
+def load_source_image(ref: str, *, image_column: str = "image") -> torch.Tensor | None:
+    """Reopen the image of a source reference; ``None`` if it is gone or unreadable."""
+    path, _, row = ref.partition("#row=")
+    if not row:
+        return _try_decode(path)[0] if Path(path).is_file() else None
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=[image_column])
+    except (OSError, ValueError, KeyError):
+        return None
+    raw = _image_bytes(table.column(image_column)[int(row)].as_py())
+    return _try_decode(raw)[0] if raw is not None else None

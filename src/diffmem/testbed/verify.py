@@ -1,0 +1,121 @@
+"""Proof that the testbed memorizes: generate, then match every image to its nearest training image.
+
+Replication criterion (Carlini et al. 2023, Sec. 4.1, tiled L2): a generation is a *copy* when its
+tiled L2 distance (4x4 tiles of 16x16 px, RMS difference per tile on [-1, 1], max over tiles) to the
+nearest training image is below ``REPLICATION_THRESHOLD``. Taking the worst tile means every region of
+the image must match, so a scene that differs from a training image in one shape is not a copy. The
+threshold sits between the distance of the VAE's own reconstruction of a training image (the closest
+a generation can get) and the distance between distinct training images; ``docs/testbed.md`` gives
+the measured distributions. SSCD similarity is reported beside it when the SSCD model is available.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffmem.core.sampling import sample, seeded_generators
+from diffmem.models.adapter import load_adapter
+from diffmem.similarity.pixel import nearest_tiled_l2, to_tensor
+from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
+
+REPLICATION_THRESHOLD = 0.15
+TILE_GRID = 4
+
+
+def testbed_spec_of(model_dir: str | Path) -> TestbedSpec:
+    """The data spec a testbed pipeline was trained on (``testbed.json`` beside its weights)."""
+    f = Path(model_dir) / "testbed.json"
+    if f.is_file():
+        return TestbedSpec(**json.loads(f.read_text()))
+    return TestbedSpec()
+
+
+def training_images(testbed: Testbed) -> tuple[torch.Tensor, list[str]]:
+    """All training images as a ``[-1, 1]`` tensor, with their ids."""
+    ids, arrs = [], []
+    for item, img in testbed.images():
+        ids.append(item.image_id)
+        arrs.append(img)
+    return to_tensor(np.stack(arrs)), ids
+
+
+def generate_labelled(adapter, prompts: Sequence[LabelledPrompt], *, seeds: int, steps: int,
+                      guidance_scale: float, batch_size: int = 64, desc: str = "generate"):
+    """Images for every (prompt, seed) pair; seed s of prompt i uses generator seed ``s``."""
+    jobs = [(i, s) for i in range(len(prompts)) for s in range(seeds)]
+    out = []
+    for k in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
+        chunk = jobs[k : k + batch_size]
+        res = sample(adapter, [prompts[i].prompt for i, _ in chunk], num_inference_steps=steps,
+                     guidance_scale=guidance_scale,
+                     generator=seeded_generators([s for _, s in chunk], adapter.device))
+        out.append(res.images.float().cpu())
+    return torch.cat(out), jobs
+
+
+def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = None, seeds: int = 4,
+                   steps: int = 50, guidance_scale: float = 7.5,
+                   threshold: float = REPLICATION_THRESHOLD, with_sscd: bool = True) -> dict:
+    """Generate ``seeds`` images per labelled prompt and measure replication rates per kind."""
+    if str(model) == "testbed":
+        from diffmem.testbed import testbed_path
+
+        model = testbed_path()
+    adapter = load_adapter(model)
+    spec = testbed_spec_of(model)
+    testbed = build_testbed(spec)
+    refs, ref_ids = training_images(testbed)
+    images, jobs = generate_labelled(adapter, testbed.prompts, seeds=seeds, steps=steps,
+                                     guidance_scale=guidance_scale)
+    dist, nn = nearest_tiled_l2(images, refs, grid=TILE_GRID)
+    copied = dist < threshold
+    per_prompt: dict[int, dict] = {}
+    for j, (i, _) in enumerate(jobs):
+        p = testbed.prompts[i]
+        rec = per_prompt.setdefault(i, {"prompt": p.prompt, "kind": p.kind, "distances": [],
+                                        "nearest": [], "copies_own_image": []})
+        rec["distances"].append(round(float(dist[j]), 4))
+        rec["nearest"].append(ref_ids[int(nn[j])])
+        rec["copies_own_image"].append(bool(copied[j]) and ref_ids[int(nn[j])] in p.image_ids)
+    report: dict = {
+        "criterion": f"tiled_l2(grid={TILE_GRID}) to nearest training image < {threshold}",
+        "threshold": threshold, "seeds": seeds, "steps": steps, "guidance_scale": guidance_scale,
+        "scheduler": type(adapter.scheduler).__name__, "n_training_images": len(ref_ids),
+    }
+    for kind in ("verbatim", "template", "heldout"):
+        rows = [j for j, (i, _) in enumerate(jobs) if testbed.prompts[i].kind == kind]
+        report[f"{kind}_replication_rate"] = float(copied[rows].float().mean()) if rows else None
+        report[f"{kind}_distance_median"] = float(dist[rows].median()) if rows else None
+        report[f"n_{kind}_prompts"] = len({jobs[j][0] for j in rows})
+    if with_sscd:
+        report.update(_sscd_summary(images, refs, nn, jobs, testbed))
+    report["prompts"] = list(per_prompt.values())
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _sscd_summary(images, refs, nn, jobs, testbed) -> dict:
+    """SSCD cosine between each generation and its tiled-L2 nearest training image, per kind."""
+    try:
+        from diffmem.similarity.sscd import SSCD
+    except ImportError:
+        return {"sscd": "unavailable (diffmem.similarity.sscd missing)"}
+    try:
+        model = SSCD()
+        sim = (model.embed(images) * model.embed(refs[nn])).sum(-1)
+    except Exception as e:  # SSCD is informative here, never required
+        return {"sscd": f"unavailable ({type(e).__name__}: {e})"}
+    out = {}
+    for kind in ("verbatim", "template", "heldout"):
+        rows = [j for j, (i, _) in enumerate(jobs) if testbed.prompts[i].kind == kind]
+        if rows:
+            out[f"{kind}_sscd_mean"] = float(torch.as_tensor(sim)[rows].float().mean())
+    return out

@@ -98,7 +98,7 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def _from_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(images)).float() / 127.5 - 1
+    return torch.from_numpy(np.array(images)).float() / 127.5 - 1
 
 
 class TrainingIndex:
@@ -368,8 +368,9 @@ def train_ivfpq(x: np.ndarray, *, nlist: int | None = None, pq_m: int = 64) -> o
     nlist = nlist or max(1, min(int(math.sqrt(n)), n // 39))
     if d % pq_m:
         raise ConfigError(f"pq_m={pq_m} must divide the embedding dimension {d}")
+    nbits = 8 if n >= 256 * 39 else max(4, int(math.log2(max(n // 39, 16))))  # PQ codebook size
     quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, nbits, faiss.METRIC_INNER_PRODUCT)
     index.train(x)
     return index
 

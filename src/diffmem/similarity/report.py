@@ -1,4 +1,4 @@
-"""Replication report for a set of generated images (Somepalli et al., CVPR 2023; Chen et al., CVPR 2024).
+"""Replication report for generated images (Somepalli et al., CVPR 2023; Chen et al., CVPR 2024).
 
 :func:`eval_replication` is the library function behind
 ``diffmem eval replication IMAGES --index INDEX --out report.json [--grid report.html]``: it finds

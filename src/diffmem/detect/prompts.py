@@ -1,0 +1,133 @@
+"""Reading prompt lists (plain or labelled) and writing per-prompt score tables.
+
+Accepted prompt files:
+    ``.txt`` (or any other suffix)   one prompt per line; blank lines are skipped
+    ``.jsonl``                       one object per line with a ``"prompt"`` or ``"caption"`` field
+    ``.parquet``                     a ``prompt`` or ``caption`` column
+
+Labelled files (JSONL or Parquet) also carry the ground truth in a ``memorized`` (bool) or
+``label`` (0/1) field, or a ``kind`` field (``verbatim``/``template`` = memorized, anything else
+not), as ``diffmem testbed prompts`` writes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffmem.errors import PromptError
+
+TEXT_FIELDS = ("prompt", "caption")
+MEMORIZED_KINDS = ("verbatim", "template")
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise PromptError(f"prompt file {path} does not exist")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); re-encode it "
+                          "as UTF-8") from e
+
+
+def _records(path: Path) -> list[dict]:
+    """Rows of a JSONL or Parquet file as dicts."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        if not path.is_file():
+            raise PromptError(f"prompt file {path} does not exist")
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise PromptError(f"could not read {path} as Parquet: {e}") from e
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict):
+            raise PromptError(f"{path}:{n}: expected a JSON object per line")
+        rows.append(row)
+    return rows
+
+
+def _text_of(row: dict, where: str) -> str:
+    for key in TEXT_FIELDS:
+        if isinstance(row.get(key), str):
+            return row[key]
+    raise PromptError(f"{where}: no string field {' or '.join(map(repr, TEXT_FIELDS))}")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts of a text, JSONL or Parquet file, in file order."""
+    path = Path(path)
+    if path.suffix in (".jsonl", ".parquet"):
+        prompts = [_text_of(r, f"{path} row {i + 1}") for i, r in enumerate(_records(path))]
+    else:
+        prompts = [ln.strip() for ln in _read_text(path).splitlines() if ln.strip()]
+    if not prompts:
+        raise PromptError(f"{path} contains no prompts")
+    return prompts
+
+
+def _label_of(row: dict, where: str) -> bool:
+    if "memorized" in row:
+        return bool(row["memorized"])
+    if "label" in row:
+        return bool(int(row["label"]))
+    if "kind" in row:
+        return row["kind"] in MEMORIZED_KINDS
+    raise PromptError(f"{where}: no label (a 'memorized', 'label' or 'kind' field)")
+
+
+def read_labelled(path: str | Path) -> tuple[list[str], list[bool], list[str]]:
+    """``(prompts, memorized, kinds)`` of a labelled JSONL or Parquet file."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".parquet"):
+        raise PromptError(f"{path}: labelled prompts must be .jsonl or .parquet with a "
+                          "'memorized', 'label' or 'kind' field")
+    rows = _records(path)
+    if not rows:
+        raise PromptError(f"{path} contains no prompts")
+    prompts, labels, kinds = [], [], []
+    for i, row in enumerate(rows):
+        where = f"{path} row {i + 1}"
+        prompts.append(_text_of(row, where))
+        labels.append(_label_of(row, where))
+        kinds.append(str(row.get("kind", "memorized" if labels[-1] else "clean")))
+    return prompts, labels, kinds
+
+
+def write_table(columns: dict[str, Sequence], path: str | Path) -> Path:
+    """Write equal-length columns as CSV, Parquet or JSONL, chosen by the file suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(columns)
+    n = len(columns[names[0]]) if names else 0
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({k: list(v) for k, v in columns.items()}), path)
+    elif path.suffix == ".jsonl":
+        with path.open("w", encoding="utf-8") as f:
+            for i in range(n):
+                f.write(json.dumps({k: _plain(columns[k][i]) for k in names}) + "\n")
+    else:
+        with path.open("w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(names)
+            for i in range(n):
+                w.writerow([_plain(columns[k][i]) for k in names])
+    return path
+
+
+def _plain(value: object) -> object:
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,135 @@
+"""Evaluation of a detector on labelled prompts (the function behind ``diffmem eval detection``).
+
+Positives are memorized prompts (testbed kinds ``verbatim`` and ``template``), negatives the rest
+(``heldout``). Reports ROC AUC and TPR at 1% and 3% FPR (see :mod:`diffmem.eval.metrics` for the
+convention), and writes the ROC curve as a PNG and the per-prompt scores as CSV beside the report.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from diffmem.detect.base import Detector
+from diffmem.detect.prompts import read_labelled, write_table
+from diffmem.detect.registry import make_detector, parse_steps
+from diffmem.errors import PromptError
+from diffmem.eval.metrics import roc_auc_score, roc_curve, tpr_at_fpr
+from diffmem.models.adapter import ModelAdapter, load_adapter
+
+
+def testbed_labelled(model: str | Path | ModelAdapter = "testbed"
+                     ) -> tuple[list[str], list[bool], list[str]]:
+    """``(prompts, memorized, kinds)`` of the testbed's labelled evaluation prompts."""
+    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed.verify import testbed_spec_of
+
+    spec = None
+    if isinstance(model, ModelAdapter):  # a pipeline loaded from a folder remembers it
+        model = getattr(model.pipe.config, "_name_or_path", None) or None
+    if isinstance(model, (str, Path)) and str(model):
+        if str(model) == "testbed":
+            from diffmem.testbed import testbed_path
+
+            model = testbed_path()
+        spec = testbed_spec_of(model)
+    prompts = build_testbed(spec).prompts
+    return [p.prompt for p in prompts], [p.memorized for p in prompts], [p.kind for p in prompts]
+
+
+def detection_metrics(memorized: Sequence[bool], scores: Sequence[float]) -> dict:
+    """AUC, TPR at 1% and 3% FPR and class counts; one clear error when AUC is undefined."""
+    y = np.asarray(memorized, dtype=int)
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        only = "memorized" if n_pos else "non-memorized"
+        raise PromptError(f"all {y.size} labelled prompts are {only}; AUC and TPR at FPR need "
+                          "both memorized and non-memorized prompts")
+    return {
+        "auc": roc_auc_score(y, scores),
+        "tpr_at_1pct_fpr": tpr_at_fpr(y, scores, 0.01),
+        "tpr_at_3pct_fpr": tpr_at_fpr(y, scores, 0.03),
+        "n_positive": n_pos,
+        "n_negative": n_neg,
+    }
+
+
+def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Path, *,
+             title: str = "") -> Path:
+    """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr, _ = roc_curve(memorized, scores)
+    auc = roc_auc_score(memorized, scores)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC = {auc:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
+    ax.set(xlabel="false-positive rate (non-memorized)", ylabel="true-positive rate (memorized)",
+           xlim=(0, 1), ylim=(0, 1.02), title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
+                       model: str | Path | ModelAdapter = "testbed",
+                       prompts: str | Path | None = None, out: str | Path | None = None,
+                       steps: int | str = 1, generations: int = 1,
+                       num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                       scheduler: str | None = None, batch_size: int = 16,
+                       seed: int = 0) -> dict:
+    """Score labelled prompts and report detection metrics.
+
+    ``prompts``: a labelled JSONL/Parquet file, or ``None`` for the testbed's labelled prompts.
+    ``detector``: a registry name (then ``steps``/``generations``/... configure it) or an instance.
+    With ``out`` (``report.json``) also writes ``report_roc.png`` and ``report_scores.csv``.
+    """
+    if prompts is None:
+        texts, labels, kinds = testbed_labelled(model)
+    else:
+        texts, labels, kinds = read_labelled(prompts)
+    y = np.asarray(labels, dtype=int)
+    if y.sum() in (0, y.size):  # fail before the (slow) scoring
+        detection_metrics(labels, np.zeros(len(labels)))
+    if isinstance(detector, str):
+        det = make_detector(detector, steps=parse_steps(steps), generations=generations,
+                            num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, scheduler=scheduler,
+                            batch_size=batch_size, seed=seed)
+    else:
+        det = detector
+    adapter = load_adapter(model, scheduler=scheduler)
+    t0 = time.perf_counter()
+    scores = det.score(adapter, texts)
+    seconds = time.perf_counter() - t0
+    report = {
+        "detector": det.name,
+        "steps": det.steps,
+        "generations": det.generations,
+        "num_inference_steps": det.num_inference_steps,
+        **detection_metrics(labels, scores),
+        "seconds": round(seconds, 3),
+        "prompts": str(prompts) if prompts is not None else "testbed",
+    }
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stem = out.with_suffix("")
+        roc = plot_roc(labels, scores, f"{stem}_roc.png",
+                       title=f"{det.name}, steps={det.steps}, gens={det.generations}")
+        table = write_table({"prompt": texts, "kind": kinds, "memorized": list(labels),
+                             "score": [float(s) for s in scores]}, f"{stem}_scores.csv")
+        report.update(roc_png=str(roc), scores_csv=str(table))
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report

@@ -58,8 +58,8 @@ def iter_folder(root: str | Path) -> Iterator[SourceItem]:
         txt = path.with_suffix(".txt")
         caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else ""
         image, error = _try_decode(path)
-        yield SourceItem(str(path.relative_to(root).with_suffix("")), caption, str(path), image,
-                         error)
+        item_id = str(path.relative_to(root).with_suffix(""))
+        yield SourceItem(item_id, caption, str(path.resolve()), image, error)
 
 
 def _image_bytes(cell: object) -> bytes | None:

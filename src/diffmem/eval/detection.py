@@ -22,7 +22,7 @@ from diffmem.eval.metrics import roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
-def testbed_labelled(model: str | Path | ModelAdapter = "testbed"
+def labelled_testbed_prompts(model: str | Path | ModelAdapter = "testbed"
                      ) -> tuple[list[str], list[bool], list[str]]:
     """``(prompts, memorized, kinds)`` of the testbed's labelled evaluation prompts."""
     from diffmem.testbed.data import build_testbed
@@ -96,7 +96,7 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
     With ``out`` (``report.json``) also writes ``report_roc.png`` and ``report_scores.csv``.
     """
     if prompts is None:
-        texts, labels, kinds = testbed_labelled(model)
+        texts, labels, kinds = labelled_testbed_prompts(model)
     else:
         texts, labels, kinds = read_labelled(prompts)
     y = np.asarray(labels, dtype=int)

@@ -1,0 +1,121 @@
+"""``diffmem detect`` and ``diffmem generate --detect``: file formats and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from diffmem.cli import main
+from diffmem.detect.prompts import read_labelled, read_prompts
+
+PROMPTS = ["a red circle on a gray background", "the narwhal zanzibar poster", "a cat"]
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def txt(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")
+    return f
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_detect_txt_to_csv(tiny_dir, txt, tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    rc, stdout, _ = run_cli(capsys, "detect", txt, "--out", out, "--model", tiny_dir,
+                            "--sampling-steps", 4)
+    assert rc == 0 and json.loads(stdout)["n_prompts"] == 3
+    rows = read_csv(out)
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert all(float(r["score"]) > 0 for r in rows)
+
+
+def test_detect_jsonl_parquet_and_threshold(tiny_dir, tmp_path, capsys):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("".join(json.dumps({"caption": p, "x": 1}) + "\n" for p in PROMPTS),
+                     encoding="utf-8")
+    clean = tmp_path / "clean.parquet"
+    pq.write_table(pa.table({"prompt": ["a dog", "a blue square", "a house"]}), clean)
+    out = tmp_path / "scores.parquet"
+    rc, stdout, _ = run_cli(capsys, "detect", jsonl, "--out", out, "--model", tiny_dir,
+                            "--detector", "attention_entropy", "--steps", "2",
+                            "--generations", 2, "--sampling-steps", 4,
+                            "--threshold-from", clean)
+    assert rc == 0
+    summary = json.loads(stdout)
+    table = pq.read_table(out).to_pylist()
+    assert [r["prompt"] for r in table] == PROMPTS
+    assert all((r["score"] > summary["threshold"]) == r["flagged"] for r in table)
+    assert summary["n_calibration"] == 3
+
+
+def test_read_labelled_formats(tmp_path):
+    f = tmp_path / "l.jsonl"
+    f.write_text('{"prompt": "a", "kind": "verbatim"}\n{"prompt": "b", "label": 0}\n'
+                 '{"caption": "c", "memorized": true}\n', encoding="utf-8")
+    assert read_labelled(f) == (["a", "b", "c"], [True, False, True],
+                                ["verbatim", "clean", "memorized"])
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "contains no prompts"),
+    (b"\n  \n", "contains no prompts"),
+    (b"caf\xe9 au lait\n", "not UTF-8"),
+])
+def test_bad_prompt_files_give_one_line(tiny_dir, tmp_path, capsys, content, message):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    rc, _, err = run_cli(capsys, "detect", f, "--out", tmp_path / "o.csv", "--model", tiny_dir)
+    assert rc == 2
+    assert err.count("\n") == 1 and message in err and err.startswith("diffmem: error:")
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_bad_jsonl_and_missing_file(tmp_path):
+    from diffmem.errors import PromptError
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "no prompt field"}\n', encoding="utf-8")
+    with pytest.raises(PromptError, match="'prompt' or 'caption'"):
+        read_prompts(f)
+    with pytest.raises(PromptError, match="does not exist"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_unknown_detector_and_bad_steps(tiny_dir, txt, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "detect", txt, "--out", tmp_path / "o.csv", "--model", tiny_dir,
+                         "--detector", "magic")
+    assert rc == 2 and err.count("\n") == 1 and "unknown detector 'magic'" in err
+    assert "noise_magnitude" in err  # lists the choices
+    rc, _, err = run_cli(capsys, "detect", txt, "--out", tmp_path / "o.csv", "--model", tiny_dir,
+                         "--steps", "some")
+    assert rc == 2 and "--steps must be a positive integer or 'all'" in err
+
+
+def test_generate_with_detect_writes_scores(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "gen"
+    rc, _, _ = run_cli(capsys, "generate", *PROMPTS[:2], "--out", out, "--model", tiny_dir,
+                       "--steps", 3, "--detect", "noise_magnitude")
+    assert rc == 0
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["noise_magnitude"] > 0 for r in rows)
+    assert (out / rows[0]["file"]).is_file()
+    # without --detect the plain command still runs
+    rc, _, _ = run_cli(capsys, "generate", PROMPTS[0], "--out", tmp_path / "plain",
+                       "--model", tiny_dir, "--steps", 2)
+    rows = [json.loads(line) for line in
+            (tmp_path / "plain" / "generations.jsonl").read_text().splitlines()]
+    assert rc == 0 and "noise_magnitude" not in rows[0]

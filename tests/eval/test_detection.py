@@ -1,0 +1,81 @@
+"""The detection evaluation harness and ``diffmem eval detection``."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from diffmem.cli import main
+from diffmem.errors import PromptError
+from diffmem.eval.detection import detection_metrics, evaluate_detection, labelled_testbed_prompts
+from diffmem.eval.metrics import roc_auc_score
+
+LABELLED = [("the narwhal zanzibar poster", "verbatim"), ("memories of quasar walrus", "template"),
+            ("a cat sleeping", "heldout"), ("a purple triangle on teal", "heldout"),
+            ("pencil sketch of a dragon", "heldout")]
+
+
+@pytest.fixture
+def labelled(tmp_path):
+    f = tmp_path / "labelled.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "kind": k}) + "\n" for p, k in LABELLED),
+                 encoding="utf-8")
+    return f
+
+
+def test_evaluate_detection_writes_report_roc_and_scores(tiny_dir, labelled, tmp_path):
+    out = tmp_path / "rep" / "report.json"
+    report = evaluate_detection("noise_magnitude", model=tiny_dir, prompts=labelled, out=out,
+                                steps=2, generations=2, num_inference_steps=4)
+    saved = json.loads(out.read_text())
+    for key in ("auc", "tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "n_positive", "n_negative"):
+        assert saved[key] == report[key]
+    assert (saved["n_positive"], saved["n_negative"]) == (2, 3)
+    png = tmp_path / "rep" / "report_roc.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(tmp_path / "rep" / "report_scores.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["prompt"] for r in rows] == [p for p, _ in LABELLED]
+    y = [r["memorized"] == "True" for r in rows]
+    assert report["auc"] == pytest.approx(roc_auc_score(y, [float(r["score"]) for r in rows]))
+
+
+def test_cli_eval_detection(tiny_dir, labelled, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = main(["eval", "detection", "--detector", "attention_entropy", "--steps", "all",
+               "--generations", "1", "--sampling-steps", "3", "--model", str(tiny_dir),
+               "--prompts", str(labelled), "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["steps"] == "all" and 0 <= report["auc"] <= 1
+    assert (tmp_path / "report_roc.png").is_file()
+
+
+def test_cli_one_class_labels_is_one_clear_error(tiny_dir, tmp_path, capsys):
+    f = tmp_path / "all_mem.jsonl"
+    f.write_text('{"prompt": "a", "memorized": true}\n{"prompt": "b", "memorized": true}\n',
+                 encoding="utf-8")
+    rc = main(["eval", "detection", "--model", str(tiny_dir), "--prompts", str(f),
+               "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "all 2 labelled prompts are memorized" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_detection_metrics_one_class_raises():
+    with pytest.raises(PromptError, match="non-memorized"):
+        detection_metrics([False, False], [0.1, 0.2])
+    m = detection_metrics([True, False, False], np.array([3.0, 1.0, 2.0]))
+    assert m == {"auc": 1.0, "tpr_at_1pct_fpr": 1.0, "tpr_at_3pct_fpr": 1.0,
+                 "n_positive": 1, "n_negative": 2}
+
+
+def test_testbed_labels_follow_kinds():
+    prompts, labels, kinds = labelled_testbed_prompts(None)
+    assert len(prompts) == len(labels) == len(kinds) > 0
+    assert all(lab == (k in ("verbatim", "template")) for lab, k in zip(labels, kinds,
+                                                                          strict=True))
+    assert 0 < sum(labels) < len(labels)

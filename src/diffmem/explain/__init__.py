@@ -1,1 +1,42 @@
-"""explain"""
+"""Explaining memorization: which words of a prompt drive it, where they attend, how to edit them.
+
+- :class:`TokenAttributor` / :class:`TokenAttribution`: Wen et al. (ICLR 2024) Sec. 3.3 token
+  attribution by the gradient of the text-conditional noise magnitude.
+- :class:`AttentionShare`: each token's share of cross-attention and its heat map (Ren et al.,
+  ECCV 2024).
+- :func:`suggest_edits`: variants without the top words, re-scored by the detector.
+- :func:`explain_prompt` + :func:`format_terminal` / :func:`to_html`: all of it for one prompt.
+- :func:`evaluate_explanation`: trigger recall and edit success on the testbed's labelled prompts.
+"""
+
+from diffmem.explain._attention import AttentionRecord, AttentionShare, word_maps, word_shares
+from diffmem.explain._attribution import TokenAttribution, TokenAttributor, noise_magnitude_gradient
+from diffmem.explain._edits import EditReport, EditSuggestion, calibrate_threshold, suggest_edits
+from diffmem.explain._eval import evaluate_explanation
+from diffmem.explain._explain import AttentionView, Explanation, attention_view, explain_prompt
+from diffmem.explain._render import format_terminal, to_html, use_color
+from diffmem.explain._words import Word, prompt_words
+
+__all__ = [
+    "AttentionRecord",
+    "AttentionShare",
+    "AttentionView",
+    "EditReport",
+    "EditSuggestion",
+    "Explanation",
+    "TokenAttribution",
+    "TokenAttributor",
+    "Word",
+    "attention_view",
+    "calibrate_threshold",
+    "evaluate_explanation",
+    "explain_prompt",
+    "format_terminal",
+    "noise_magnitude_gradient",
+    "prompt_words",
+    "suggest_edits",
+    "to_html",
+    "use_color",
+    "word_maps",
+    "word_shares",
+]

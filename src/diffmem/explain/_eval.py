@@ -1,0 +1,116 @@
+"""Evaluation of explanations on labelled prompts with designed trigger words (the testbed).
+
+- ``trigger_top3_rate``: share of memorized prompts for which a designed trigger word is among the
+  top-3 words by attribution (Wen et al., ICLR 2024, Sec. 3.3: attribution should single out the
+  trigger tokens). ``trigger_top3_rate_all`` requires every designed trigger word of the prompt
+  (two on the testbed) in the top 3.
+- ``edit_success_rate``: share of memorized prompts whose best suggested edit scores at or under
+  the detector threshold calibrated on the held-out (never trained) prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffmem.detect import NoiseMagnitude
+from diffmem.errors import PromptError
+from diffmem.explain._attribution import TokenAttribution, TokenAttributor
+from diffmem.explain._edits import EditReport, calibrate_threshold, suggest_edits
+from diffmem.models.adapter import load_adapter
+from diffmem.testbed.data import LabelledPrompt
+
+__all__ = ["evaluate_explanation", "trigger_rank"]
+
+
+def _norm(word: str) -> str:
+    return "".join(ch for ch in word.lower() if ch.isalnum())
+
+
+def trigger_rank(attribution: TokenAttribution, triggers: Sequence[str]) -> int | None:
+    """1-based rank (by attribution) of the best-ranked designed trigger word; None if absent."""
+    wanted = {_norm(t) for t in triggers}
+    for rank, i in enumerate(attribution.top_indices(len(attribution.words)), start=1):
+        if _norm(attribution.words[i]) in wanted:
+            return rank
+    return None
+
+
+def _all_in_top(attribution: TokenAttribution, triggers: Sequence[str], k: int) -> bool:
+    top = {_norm(attribution.words[i]) for i in attribution.top_indices(k)}
+    return all(_norm(t) in top for t in triggers)
+
+
+def _labelled(model) -> tuple[list[LabelledPrompt], list[str]]:
+    from diffmem.explain._edits import testbed_clean_prompts
+    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed.verify import testbed_spec_of
+
+    folder = model
+    if isinstance(model, str) and model == "testbed":
+        from diffmem.testbed import testbed_path
+
+        folder = testbed_path()
+    if testbed_clean_prompts(folder) is None:
+        raise PromptError(f"{model} is not a testbed pipeline (no testbed.json): there are no "
+                          "labelled prompts to evaluate explanations on")
+    prompts = build_testbed(testbed_spec_of(folder)).prompts
+    return [p for p in prompts if p.memorized], [p.prompt for p in prompts if not p.memorized]
+
+
+def evaluate_explanation(model="testbed", *, top_k: int = 3, steps: int = 1, seeds: int = 1,
+                         seed: int = 0, threshold: float | None = None, fpr: float = 0.01,
+                         combine: int = 2, num_inference_steps: int = 50) -> dict:
+    """Trigger recall of the attribution and success of the edit suggestions on the testbed.
+
+    All memorized prompts are attributed in batches, and all their edit variants are scored in one
+    batched detector call; the threshold is fitted on the held-out prompts at ``fpr`` unless given.
+    """
+    memorized, clean = _labelled(model)
+    adapter = load_adapter(model)
+    t0 = time.perf_counter()
+    attributions = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
+                                   num_inference_steps=num_inference_steps).attribute(
+        [p.prompt for p in memorized])
+    t_attr = time.perf_counter() - t0
+    detector = NoiseMagnitude(steps=1, generations=seeds, seed=seed, fpr=fpr,
+                              num_inference_steps=num_inference_steps)
+    if threshold is None:
+        threshold = calibrate_threshold(adapter, detector, clean)
+    reports = suggest_edits(adapter, attributions, detector=detector, threshold=threshold,
+                            top_k=top_k, combine=combine)
+    return _summary(memorized, attributions, reports, threshold, top_k, t_attr, model,
+                    dict(steps=steps, seeds=seeds, seed=seed, fpr=fpr, combine=combine,
+                         num_inference_steps=num_inference_steps))
+
+
+def _summary(memorized: list[LabelledPrompt], attributions: list[TokenAttribution],
+             reports: list[EditReport], threshold: float, top_k: int, seconds: float, model,
+             settings: dict) -> dict:
+    ranks = [trigger_rank(a, p.trigger_tokens) for a, p in zip(attributions, memorized,
+                                                                 strict=True)]
+    in_top = [r is not None and r <= 3 for r in ranks]
+    all_top = [_all_in_top(a, p.trigger_tokens, 3) for a, p in zip(attributions, memorized,
+                                                                  strict=True)]
+    success = [r.best is not None and bool(r.best.score <= threshold) for r in reports]
+    flagged = [bool(r.score > threshold) for r in reports]
+    per_prompt = [{
+        "prompt": p.prompt, "kind": p.kind, "triggers": p.trigger_tokens, "trigger_rank": rank,
+        "top3": [w for w, _ in a.top(3)], "score": r.score, "flagged": f,
+        "best_edit": r.best.to_dict() if r.best else None,
+    } for p, a, r, rank, f in zip(memorized, attributions, reports, ranks, flagged, strict=True)]
+    n_flag = sum(flagged)
+    return {
+        "model": str(model), "n_memorized": len(memorized),
+        "trigger_top3_rate": float(np.mean(in_top)),
+        "trigger_top3_rate_all": float(np.mean(all_top)),
+        "edit_success_rate": float(np.mean(success)),
+        "n_flagged": n_flag,
+        "edit_success_rate_flagged": float(np.mean([s for s, f in zip(success, flagged,
+                                                                      strict=True) if f]))
+        if n_flag else float("nan"),
+        "threshold": float(threshold), "top_k": top_k,
+        "attribution_seconds": round(seconds, 3), "settings": settings, "prompts": per_prompt,
+    }

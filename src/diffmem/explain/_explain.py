@@ -1,0 +1,111 @@
+"""One call that explains a prompt: attribution, edit suggestions and, optionally, attention maps.
+
+Combines Wen et al. (ICLR 2024) Sec. 3.3 token attribution and Sec. 3.1 detection (for the edit
+suggestions) with Ren et al. (ECCV 2024) cross-attention shares and heat maps over one generated
+image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffmem.core.sampling import sample, seeded_generators
+from diffmem.detect import Detector, NoiseMagnitude
+from diffmem.explain._attention import AttentionShare, word_maps, word_shares
+from diffmem.explain._attribution import TokenAttribution, TokenAttributor
+from diffmem.explain._edits import (
+    EditReport,
+    calibrate_threshold,
+    suggest_edits,
+    testbed_clean_prompts,
+)
+from diffmem.models.adapter import load_adapter
+
+__all__ = ["AttentionView", "Explanation", "explain_prompt"]
+
+
+@dataclass(frozen=True)
+class AttentionView:
+    """The generated image with each word's attention share and heat map (Ren et al. 2024)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    shares: np.ndarray  # (n_words,) share of the prompt tokens' attention, sums to 1
+    maps: np.ndarray  # (n_words, H, W) in [0, 1]
+    seed: int
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What :func:`explain_prompt` returns."""
+
+    attribution: TokenAttribution
+    edits: EditReport
+    attention: AttentionView | None = None
+
+    def to_dict(self) -> dict:
+        out = {**self.attribution.to_dict(), "detection": {
+            "score": self.edits.score, "threshold": self.edits.threshold,
+            "flagged": self.edits.flagged},
+            "suggestions": [s.to_dict() for s in self.edits.suggestions]}
+        if self.attention is not None:
+            out["attention_shares"] = [round(float(s), 6) for s in self.attention.shares]
+        return out
+
+
+def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: int = 0,
+                   top_k: int = 3, threshold: float | None = None,
+                   detector: Detector | None = None, attention: bool = False,
+                   num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                   combine: int = 2) -> Explanation:
+    """Explain why ``prompt`` may reproduce training data, and how to edit it.
+
+    1. token attribution (Wen et al. Sec. 3.3) over ``seeds`` initial noises at the first ``steps``;
+    2. edit suggestions for the top-``top_k`` words, re-scored with ``detector`` (default
+       :class:`NoiseMagnitude` with matching seeds) against ``threshold`` (default: the detector's
+       ``threshold_``, fitted on the held-out prompts for a testbed model);
+    3. with ``attention=True``, one generated image (seed ``seed``) with per-word attention shares
+       and heat maps (Ren et al. 2024).
+
+    Example::
+
+        exp = explain_prompt("testbed", "the zanzibar quixotic poster")
+        print(format_terminal(exp))
+    """
+    adapter = load_adapter(model)
+    attributor = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
+                                 num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale)
+    [attribution] = attributor.attribute([prompt])
+    detector = detector or NoiseMagnitude(steps=1, generations=seeds, seed=seed,
+                                          num_inference_steps=num_inference_steps,
+                                          guidance_scale=guidance_scale)
+    if threshold is None:
+        clean = testbed_clean_prompts(model) if isinstance(model, str) else None
+        threshold = calibrate_threshold(adapter, detector, clean)
+    [edits] = suggest_edits(adapter, [attribution], detector=detector, threshold=threshold,
+                            top_k=top_k, combine=combine)
+    view = None
+    if attention:
+        view = attention_view(adapter, attribution, seed=seed,
+                              num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale)
+    return Explanation(attribution, edits, view)
+
+
+def attention_view(model, attribution: TokenAttribution, *, seed: int = 0,
+                   num_inference_steps: int = 50, guidance_scale: float = 7.5) -> AttentionView:
+    """Generate one image of the prompt while collecting attention shares and maps per word."""
+    adapter = load_adapter(model)
+    hook = AttentionShare(maps=True)
+    res = sample(adapter, [attribution.prompt], num_inference_steps=num_inference_steps,
+                 guidance_scale=guidance_scale, generator=seeded_generators([seed]),
+                 hooks=[hook])
+    record = res.records[hook.name]
+    with torch.no_grad():
+        image = np.asarray(res.pil()[0])
+    words = attribution.word_info
+    return AttentionView(image, word_shares(record.share[0], words),
+                         word_maps(record.maps[0], words, image.shape[:2]), seed)

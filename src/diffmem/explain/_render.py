@@ -1,0 +1,144 @@
+"""Presenting explanations: coloured terminal text, a self-contained HTML page, PNG figures."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import sys
+from typing import TextIO
+
+import numpy as np
+
+from diffmem.explain._explain import Explanation
+
+__all__ = ["format_terminal", "to_html", "use_color"]
+
+#: xterm-256 colours from cold to hot; a word's colour is picked by its score relative to the top.
+_RAMP = (250, 229, 221, 214, 208, 202, 196)
+
+
+def use_color(stream: TextIO | None = None) -> bool:
+    """ANSI colour only on a terminal and when ``NO_COLOR`` is unset or empty (no-color.org)."""
+    stream = stream or sys.stdout
+    if os.environ.get("NO_COLOR"):
+        return False
+    return bool(getattr(stream, "isatty", None) and stream.isatty())
+
+
+def _paint(text: str, rel: float) -> str:
+    code = _RAMP[min(int(rel * (len(_RAMP) - 1) + 0.5), len(_RAMP) - 1)]
+    bold = "1;" if rel >= 0.999 else ""
+    return f"\033[{bold}38;5;{code}m{text}\033[0m"
+
+
+def _coloured_prompt(exp: Explanation, color: bool) -> str:
+    a = exp.attribution
+    top = float(a.scores.max()) if len(a.scores) else 0.0
+    if color:
+        return " ".join(_paint(w, float(s) / top if top > 0 else 0.0)
+                        for w, s in zip(a.words, a.scores, strict=True))
+    return " ".join(f"{w}[{100 * s:.0f}%]" for w, s in zip(a.words, a.scores, strict=True))
+
+
+def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int = 3) -> str:
+    """The prompt with words coloured by attribution, the top words and the edit suggestions.
+
+    ``color=None`` decides with :func:`use_color` (plain text when not a TTY or NO_COLOR is set);
+    plain text shows each word's score as a percentage in brackets.
+    """
+    color = use_color() if color is None else color
+    a, e = exp.attribution, exp.edits
+    lines = [_coloured_prompt(exp, color)]
+    if a.truncated:
+        lines.append("note: the prompt is longer than the text encoder's context; only the "
+                     "kept tokens are explained")
+    tops = ", ".join(f"{w} {100 * s:.0f}%" for w, s in a.top(top_k))
+    lines.append(f"top words: {tops}")
+    verdict = ""
+    if e.threshold is not None:
+        verdict = (f" > threshold {e.threshold:.3f}: flagged as memorized" if e.flagged
+                   else f" <= threshold {e.threshold:.3f}: not flagged")
+    lines.append(f"noise magnitude {e.score:.3f}{verdict}")
+    if e.suggestions:
+        lines.append("suggested edits (lowest score first):")
+        for s in e.suggestions:
+            mark = "" if s.clears is None else ("  ok" if s.clears else "  still flagged")
+            lines.append(f"  {s.score:7.3f}{mark:15s} {s.describe()}: {s.prompt!r}")
+    else:
+        lines.append("no edit suggestions (no editable words)")
+    return "\n".join(lines)
+
+
+def _png(arr_or_fig) -> str:
+    """Base64 PNG of a uint8 image array or a matplotlib figure."""
+    buf = io.BytesIO()
+    if isinstance(arr_or_fig, np.ndarray):
+        from PIL import Image
+
+        Image.fromarray(arr_or_fig).save(buf, format="PNG")
+    else:
+        import matplotlib.pyplot as plt
+
+        arr_or_fig.savefig(buf, format="PNG", dpi=110)
+        plt.close(arr_or_fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """``heat`` (H, W) in [0, 1] through the 'jet' colour map blended over ``image`` (H, W, 3)."""
+    import matplotlib
+
+    rgb = matplotlib.colormaps["jet"](heat)[..., :3] * 255
+    return (image * (1 - alpha) + rgb * alpha).clip(0, 255).astype(np.uint8)
+
+
+def _upscale(image: np.ndarray, min_side: int = 192) -> np.ndarray:
+    """Nearest-neighbour upscaling so that small images (the testbed's 64 px) stay visible."""
+    factor = max(1, min_side // max(image.shape[0], 1))
+    return image.repeat(factor, 0).repeat(factor, 1)
+
+
+def to_html(exp: Explanation) -> str:
+    """A self-contained HTML page (base64 PNGs): coloured prompt, scores, suggestions, the
+    generated image and each word's attention heat map."""
+    a, e = exp.attribution, exp.edits
+    top = float(a.scores.max()) if len(a.scores) else 1.0
+    spans = " ".join(
+        f'<span style="background: rgba(220,30,30,{0.1 + 0.8 * float(s) / top:.2f})" '
+        f'title="{100 * s:.1f}%">{html.escape(w)}</span>'
+        for w, s in zip(a.words, a.scores, strict=True))
+    rows = "".join(
+        f"<tr><td>{s.score:.3f}</td><td>{'' if s.clears is None else ('yes' if s.clears else 'no')}"
+        f"</td><td>{html.escape(s.describe())}</td><td>{html.escape(s.prompt)}</td></tr>"
+        for s in e.suggestions)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>diffmem explain</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "figure{display:inline-block;margin:.3em;text-align:center}"
+        "td,th{padding:.2em .6em;text-align:left}.prompt{font-size:1.4em}</style></head><body>",
+        f"<h1>Why this prompt may reproduce training data</h1><p class='prompt'>{spans}</p>",
+        f"<p>noise magnitude {e.score:.3f}"
+        + (f", threshold {e.threshold:.3f} ({'flagged' if e.flagged else 'not flagged'})"
+           if e.threshold is not None else "") + "</p>",
+        f"<img alt='attribution' src='data:image/png;base64,{_png(a.plot())}'>",
+        "<h2>Suggested edits</h2><table><tr><th>score</th><th>clears</th><th>edit</th>"
+        f"<th>prompt</th></tr>{rows}</table>",
+    ]
+    if exp.attention is not None:
+        parts.append(_attention_html(exp))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _attention_html(exp: Explanation) -> str:
+    view = exp.attention
+    figs = [f"<figure><img src='data:image/png;base64,{_png(_upscale(view.image))}'>"
+            f"<figcaption>generated (seed {view.seed})</figcaption></figure>"]
+    for w, share, heat in zip(exp.attribution.words, view.shares, view.maps, strict=True):
+        img = _upscale(overlay(view.image, heat))
+        figs.append(f"<figure><img src='data:image/png;base64,{_png(img)}'>"
+                    f"<figcaption>{html.escape(w)} ({100 * share:.0f}% attention)</figcaption>"
+                    "</figure>")
+    return "<h2>Cross-attention per word (Ren et al. 2024)</h2>" + "".join(figs)

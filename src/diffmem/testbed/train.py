@@ -52,6 +52,14 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _same_run(old: dict, new: dict) -> bool:
+    """Whether a run folder may be resumed with new settings (only step counts may grow)."""
+    steps = ("vae_steps", "unet_steps")
+    old_t = {k: v for k, v in old["train"].items() if k not in steps}
+    new_t = {k: v for k, v in new["train"].items() if k not in steps}
+    return old_t == new_t and old["testbed"] == new["testbed"]
+
+
 def _lr_at(step: int, cfg: TrainConfig, total: int, base: float) -> float:
     if step < cfg.warmup_steps:
         return base * (step + 1) / cfg.warmup_steps
@@ -94,7 +102,9 @@ def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, dev
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
-    gen = torch.Generator().manual_seed(cfg.seed + 1 + step)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    if ckpt.exists() and "gen" in state:
+        gen.set_state(state["gen"])
     vae.train()
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="vae", unit="step")
     while step < cfg.vae_steps:
@@ -114,7 +124,8 @@ def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, dev
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
-            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt)
+            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                          "gen": gen.get_state()}, ckpt)
     bar.close()
     vae.eval()
 
@@ -136,7 +147,6 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     Returns the pipeline folder, loadable with ``StableDiffusionPipeline.from_pretrained``.
     """
     from accelerate import Accelerator
-    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     cfg = cfg or TrainConfig()
@@ -146,7 +156,7 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     state_dir.mkdir(parents=True, exist_ok=True)
     settings = {"train": asdict(cfg), "testbed": asdict(spec)}
     settings_file = out / "train_config.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+    if settings_file.exists() and not _same_run(json.loads(settings_file.read_text()), settings):
         from diffmem.errors import ConfigError
 
         raise ConfigError(
@@ -187,8 +197,11 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
         step = state["step"]
     unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
     sampler = _Sampler(testbed, cfg)
-    rng = np.random.default_rng(cfg.seed + 1000 + step)
-    gen = torch.Generator().manual_seed(cfg.seed + 2000 + step)
+    rng = np.random.default_rng(cfg.seed + 1000)
+    gen = torch.Generator().manual_seed(cfg.seed + 2000)
+    if ckpt.exists() and "rng" in state:  # exact resume: same batches as an uninterrupted run
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
     alphas = scheduler.alphas_cumprod.to(device)
     unet.train()
     text_encoder.train()
@@ -223,22 +236,13 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
                 "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
                 "opt": opt.state_dict(),
                 "step": step,
+                "rng": rng.bit_generator.state,
+                "gen": gen.get_state(),
             }, ckpt)
     bar.close()
 
-    pipe = StableDiffusionPipeline(
-        vae=vae.cpu(),
-        text_encoder=accelerator.unwrap_model(text_encoder).cpu().eval(),
-        tokenizer=tokenizer,
-        unet=accelerator.unwrap_model(unet).cpu().eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    target = out / "pipeline"
-    pipe.save_pretrained(target, safe_serialization=True)
-    (target / "testbed.json").write_text(json.dumps(asdict(spec), indent=2))
+    target = _save_pipeline(out / "pipeline", vae, accelerator.unwrap_model(text_encoder),
+                            tokenizer, accelerator.unwrap_model(unet), scheduler, spec)
     elapsed = time.time() - t_start
     (out / "train_log.json").write_text(json.dumps({
         "seconds_this_run": round(elapsed, 1), "device": str(device),
@@ -262,3 +266,40 @@ def install_pipeline(pipeline_dir: str | Path) -> Path:
         shutil.rmtree(WEIGHTS_DIR)
     shutil.copytree(src, WEIGHTS_DIR)
     return WEIGHTS_DIR
+
+
+def _save_pipeline(target: Path, vae, text_encoder, tokenizer, unet, scheduler,
+                   spec: TestbedSpec) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.cpu().eval(), text_encoder=text_encoder.cpu().eval(), tokenizer=tokenizer,
+        unet=unet.cpu().eval(), scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(target, safe_serialization=True)
+    (target / "testbed.json").write_text(json.dumps(asdict(spec), indent=2))
+    return target
+
+
+def export_checkpoint(run_dir: str | Path, target: str | Path) -> Path:
+    """Assemble a pipeline folder from the latest checkpoint of a (possibly unfinished) run."""
+    from transformers import CLIPTokenizer
+
+    run_dir = Path(run_dir)
+    settings = json.loads((run_dir / "train_config.json").read_text())
+    cfg, spec = TrainConfig(**settings["train"]), TestbedSpec(**settings["testbed"])
+    parts = build_components(cfg.seed)
+    vae = parts["vae"]
+    vae.load_state_dict(torch.load(run_dir / "state" / "vae_state.pt", map_location="cpu",
+                                   weights_only=False)["model"])
+    vae.eval()
+    testbed = build_testbed(spec)
+    images = _to_tensor(np.stack([img for _, img in testbed.images()]))
+    lat_mean, _ = _encode_all(vae, images, torch.device("cpu"))
+    vae.register_to_config(scaling_factor=float(1.0 / lat_mean.std()))
+    state = torch.load(run_dir / "state" / "unet_state.pt", map_location="cpu", weights_only=False)
+    parts["unet"].load_state_dict(state["unet"])
+    parts["text_encoder"].load_state_dict(state["text_encoder"])
+    tokenizer = CLIPTokenizer.from_pretrained(run_dir / "state" / "tokenizer")
+    return _save_pipeline(Path(target), vae, parts["text_encoder"], tokenizer, parts["unet"],
+                          parts["scheduler"], spec)

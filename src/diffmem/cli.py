@@ -6,10 +6,11 @@ Errors from bad input (:class:`diffmem.errors.DiffmemError`) are printed as one 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from diffmem import __version__
 from diffmem.errors import DiffmemError
@@ -120,13 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default=None, help="testbed pipeline whose data spec to use")
     pr.set_defaults(func=_cmd_testbed_prompts)
 
-    for register in _EXTENSIONS:
-        register(sub)
+    ev = sub.add_parser("eval", help="evaluate a method on labelled data").add_subparsers(
+        dest="eval_command", required=True)
+    for module in _EXTENSIONS:
+        importlib.import_module(module).register(sub, ev)
     return parser
 
 
-#: Functions that add subcommands (one per feature package), called by :func:`build_parser`.
-_EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
+#: Modules with a ``register(commands, eval_commands)`` function adding their subcommands; each
+#: feature package keeps its own argument parsing next to its code.
+_EXTENSIONS: list[str] = ["diffmem.detect.cli", "diffmem.explain.cli"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -130,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules with a ``register(commands, eval_commands)`` function adding their subcommands; each
 #: feature package keeps its own argument parsing next to its code.
-_EXTENSIONS: list[str] = ["diffmem.detect.cli", "diffmem.explain.cli"]
+_EXTENSIONS: list[str] = [
+    "diffmem.detect.cli",
+    "diffmem.explain.cli",
+    "diffmem.similarity.cli",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,7 +124,7 @@ def test_attention_capture_reads_heads_from_model_and_restores(tiny_pipe):
 
 def test_unknown_layer_pattern_is_a_clear_error(tiny_pipe):
     class Bad(Hook):
-        attention_layers = ["no_such_block"]
+        attention_layers = ("no_such_block",)
 
     with pytest.raises(ValueError, match="no cross-attention layer matches"):
         sample(load_adapter(tiny_pipe), PROMPTS, num_inference_steps=1, hooks=[Bad()])

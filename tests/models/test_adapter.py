@@ -42,7 +42,7 @@ def test_empty_prompt_list_is_an_error(tiny_pipe):
 
 
 def test_folder_without_model(tmp_path):
-    with pytest.raises(ModelLoadError, match="model_index.json is missing"):
+    with pytest.raises(ModelLoadError, match=r"model_index\.json is missing"):
         load_adapter(tmp_path)
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_adapter(tmp_path / "nope")

@@ -19,7 +19,7 @@ SPEC = TestbedSpec(n_generic=16, n_verbatim=2, n_template=1, template_variants=3
 
 def _cfg(unet_steps: int) -> TrainConfig:
     return TrainConfig(vae_steps=2, vae_batch_size=4, unet_steps=unet_steps, batch_size=4,
-                       checkpoint_every=1)
+                       decoder_steps=2, checkpoint_every=1)
 
 
 def _unet(run) -> dict:
@@ -39,4 +39,5 @@ def test_train_resume_matches_uninterrupted_run(tmp_path):
     assert img.shape == (1, 64, 64, 3)
     assert json.loads((resumed / "testbed.json").read_text())["n_generic"] == 16
     with pytest.raises(ConfigError, match="other settings"):
-        train_testbed(tmp_path / "b", TrainConfig(vae_steps=2, unet_steps=3, lr=1.0), SPEC)
+        train_testbed(tmp_path / "b", TrainConfig(vae_steps=2, unet_steps=3, decoder_steps=2,
+                                                  lr=1.0), SPEC)

@@ -105,7 +105,8 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache(maxsize=1)
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """CLIP's 49408-entry vocabulary and its BPE merges, as OpenAI's tokenizer builds them."""
-    lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
+    with gzip.open(clip_bpe_file()) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     units = list(_bytes_to_unicode().values())
     vocab = units + [u + "</w>" for u in units]

@@ -1,4 +1,4 @@
-"""Train the testbed pipeline: a VAE, then the UNet and text encoder jointly.
+"""Train the testbed pipeline: a VAE, the UNet and text encoder jointly, then the VAE decoder alone.
 
 Training is seeded, checkpointed and resumable: rerunning the same command with the same ``--out``
 continues from the last checkpoint. Accelerate places the models on a GPU when one is present.
@@ -39,6 +39,8 @@ class TrainConfig:
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     checkpoint_every: int = 250  # steps between resumable checkpoints
     kl_weight: float = 1e-6
+    decoder_steps: int = 3000  # decoder-only refinement on frozen encoder latents (stage 3)
+    decoder_lr: float = 5e-4
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -54,9 +56,9 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 def _same_run(old: dict, new: dict) -> bool:
     """Whether a run folder may be resumed with new settings (only step counts may grow)."""
-    steps = ("vae_steps", "unet_steps")
+    steps = ("vae_steps", "unet_steps", "decoder_steps")
     old_t = {k: v for k, v in old["train"].items() if k not in steps}
-    new_t = {k: v for k, v in new["train"].items() if k not in steps}
+    new_t = {k: v for k, v in new["train"].items() if k not in steps and k in old_t}
     return old_t == new_t and old["testbed"] == new["testbed"]
 
 
@@ -128,6 +130,61 @@ def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, dev
                           "gen": gen.get_state()}, ckpt)
     bar.close()
     vae.eval()
+
+
+def _refine_decoder(vae, lat_mean: torch.Tensor, lat_std: torch.Tensor, images: torch.Tensor,
+                    cfg: TrainConfig, state_dir: Path, device) -> None:
+    """Stage 3: train the decoder alone on the frozen encoder's latents (sharper decoding).
+
+    The encoder, hence the latent space the UNet was trained in, is left unchanged.
+    """
+    ckpt = state_dir / "decoder_state.pt"
+    modules = torch.nn.ModuleList([vae.decoder, vae.post_quant_conv])
+    opt = torch.optim.AdamW(modules.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        modules.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        step = state["step"]
+    modules.train()
+    bar = tqdm(total=cfg.decoder_steps, initial=step, desc="decoder", unit="step")
+    while step < cfg.decoder_steps:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg, cfg.decoder_steps, cfg.decoder_lr)
+        idx = torch.randint(len(images), (cfg.vae_batch_size,), generator=gen)
+        z = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
+        x = images[idx].to(device)
+        rec = vae.decode(z.to(device)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.decoder_steps:
+            _atomic_save({"model": modules.state_dict(), "opt": opt.state_dict(), "step": step,
+                          "gen": gen.get_state()}, ckpt)
+    bar.close()
+    modules.eval()
+
+
+def refine_decoder(run_dir: str | Path, cfg: TrainConfig | None = None) -> None:
+    """Run (or resume) stage 3 alone on a run folder whose VAE stage is finished."""
+    run_dir = Path(run_dir)
+    settings = json.loads((run_dir / "train_config.json").read_text())
+    cfg = cfg or TrainConfig(**{**asdict(TrainConfig()), **settings["train"]})
+    spec = TestbedSpec(**settings["testbed"])
+    vae = build_components(cfg.seed)["vae"]
+    vae.load_state_dict(torch.load(run_dir / "state" / "vae_state.pt", map_location="cpu",
+                                   weights_only=False)["model"])
+    vae.eval()
+    images = _to_tensor(np.stack([img for _, img in build_testbed(spec).images()]))
+    lat_mean, lat_std = _encode_all(vae, images, torch.device("cpu"))
+    _refine_decoder(vae, lat_mean, lat_std, images, cfg, run_dir / "state", torch.device("cpu"))
 
 
 @torch.no_grad()
@@ -241,6 +298,8 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
             }, ckpt)
     bar.close()
 
+    # Stage 3: sharper decoding of the (unchanged) latent space.
+    _refine_decoder(vae, lat_mean / scaling, lat_std / scaling, images, cfg, state_dir, device)
     target = _save_pipeline(out / "pipeline", vae, accelerator.unwrap_model(text_encoder),
                             tokenizer, accelerator.unwrap_model(unet), scheduler, spec)
     elapsed = time.time() - t_start
@@ -292,6 +351,10 @@ def export_checkpoint(run_dir: str | Path, target: str | Path) -> Path:
     vae = parts["vae"]
     vae.load_state_dict(torch.load(run_dir / "state" / "vae_state.pt", map_location="cpu",
                                    weights_only=False)["model"])
+    decoder_ckpt = run_dir / "state" / "decoder_state.pt"
+    if decoder_ckpt.exists():
+        torch.nn.ModuleList([vae.decoder, vae.post_quant_conv]).load_state_dict(
+            torch.load(decoder_ckpt, map_location="cpu", weights_only=False)["model"])
     vae.eval()
     testbed = build_testbed(spec)
     images = _to_tensor(np.stack([img for _, img in testbed.images()]))

@@ -1,0 +1,112 @@
+"""Per-step replication detection (Chen, Liu & Xu, CVPR 2024, "Towards Memorization-Free Diffusion
+Models", Sec. 3.4: automatic detection with a threshold schedule).
+
+At every checked step the guided clean-latent estimate is decoded and matched to its nearest
+training image; the step *fires* when the similarity crosses the schedule lambda_t:
+
+    x0_hat_t = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)            (DDIM eq. 9)
+    s_t      = sim(D(x0_hat_t), n_0),  n_0 = nearest training image        (SSCD cosine or -tiled L2)
+    fire_t   = s_t > lambda_t
+    lambda_t = lenient + (strict - lenient) * abar_t^2                       (parabolic schedule)
+
+``lambda_t`` is lenient early (blurry estimates, abar ~ 0) and strict late (abar ~ 1), following the
+parabolic schedule of the paper (the clean re-implementation polimi-ispl/anti-memorization-tta uses
+the same abar^2 form). For a distance criterion (tiled L2, lower = closer) the roles of the bounds
+swap and "crossing" means falling below.
+
+The per-prompt score is the largest margin over the checked steps (higher = more memorized); the
+step at which each prompt first fired is recorded in ``run.records[name + "_fired_at"]`` (-1: never).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffmem.core.sampling import Run, Step
+from diffmem.detect.base import Detector
+
+
+@dataclass(frozen=True)
+class ThresholdSchedule:
+    """lambda_t = lenient + (strict - lenient) * abar_t^2, in the criterion's own units."""
+
+    strict: float  # threshold at the last steps (abar_t -> 1)
+    lenient: float  # threshold at the first steps (abar_t -> 0)
+
+    def __call__(self, abar: torch.Tensor) -> torch.Tensor:
+        return self.lenient + (self.strict - self.lenient) * abar.float() ** 2
+
+
+#: Defaults per criterion. SSCD: 0.5 is the usual copy threshold (Somepalli et al. 2023). Tiled L2
+#: on the testbed: see docs/testbed.md for the measured distances of copies and non-copies.
+DEFAULT_SCHEDULES = {
+    "sscd_cosine": ThresholdSchedule(strict=0.5, lenient=0.3),
+    "tiled_l2": ThresholdSchedule(strict=0.15, lenient=0.3),
+}
+
+
+class StepwiseReplication(Detector):
+    """AMG's per-step detector: fires when the decoded x0 estimate matches a training image.
+
+    Args:
+        index: a :class:`diffmem.similarity.index.TrainingIndex` of the training set.
+        schedule: the threshold schedule; default from :data:`DEFAULT_SCHEDULES` for the
+            index's criterion.
+        every: check every ``every``-th step (each check costs one VAE decode and one search).
+        steps: as in :class:`Detector`; default ``"all"``.
+    """
+
+    name = "stepwise_replication"
+
+    def __init__(self, index, *, schedule: ThresholdSchedule | None = None, every: int = 1,
+                 steps: int | str = "all", **options) -> None:
+        super().__init__(steps=steps, **options)
+        self.index = index
+        self.schedule = schedule or DEFAULT_SCHEDULES[index.embedder.criterion]
+        self.every = every
+
+    def selected(self, index: int, total: int) -> bool:
+        return super().selected(index, total) and (index % self.every == 0 or
+                                                   index == total - 1)
+
+    def on_start(self, run: Run) -> None:
+        b = run.batch_size
+        self._best = np.full(b, -np.inf)
+        self._fired_at = np.full(b, -1)
+        self._nearest: list[str] = [""] * b
+        self._trace: list[list[float]] = [[] for _ in range(b)]
+
+    def on_step(self, run: Run, step: Step) -> None:
+        total = len(run.timesteps)
+        if self.selected(step.index, total):
+            with torch.no_grad():
+                images = run.adapter.decode(step.x0).float().clamp(-1, 1).cpu()
+                found = self.index.search(images, k=1)
+            # 1. similarity s_t and threshold lambda_t in the criterion's units
+            raw = found.scores[:, 0].double()
+            lam = float(self.schedule(run.adapter.abar(step.t).cpu()))
+            # 2. margin > 0 <=> the step fires (sign flips for a distance)
+            margin = (raw - lam) if self.index.embedder.higher_is_better else (lam - raw)
+            margin = margin.numpy()
+            for i in range(run.batch_size):
+                self._trace[i].append(float(raw[i]))
+                if margin[i] > self._best[i]:
+                    self._best[i] = margin[i]
+                    self._nearest[i] = found.ids[i][0]
+                if margin[i] > 0 and self._fired_at[i] < 0:
+                    self._fired_at[i] = step.index
+        if self._early_stop and step.index >= self.last_step(total):
+            run.stop = True
+
+    def on_end(self, run: Run) -> None:
+        run.records[self.name] = self._best.copy()
+        run.records[self.name + "_fired_at"] = self._fired_at.copy()
+        run.records[self.name + "_nearest"] = list(self._nearest)
+        run.records[self.name + "_trace"] = [list(t) for t in self._trace]
+
+    def step_scores(self, run: Run, step: Step) -> torch.Tensor:
+        """Not used: this detector keeps the best margin over steps instead of a mean."""
+        return torch.zeros(run.batch_size)

@@ -33,7 +33,7 @@ import torch
 from diffmem.core.sampling import Hook, Run, Step, initial_latents, sample, seeded_generators
 from diffmem.errors import ConfigError, PromptError
 from diffmem.explain._words import Word, prompt_words
-from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter
 
 __all__ = ["TokenAttribution", "TokenAttributor", "noise_magnitude_gradient"]
 
@@ -84,10 +84,11 @@ class TokenAttribution:
                                                                                   editable=editable)]
 
     def top_indices(self, k: int = 3, *, editable: bool = False) -> list[int]:
-        """Indices of the ``k`` highest-scoring words; ``editable`` skips punctuation-only words."""
+        """Indices of the ``k`` highest-scoring words; ``editable`` skips words without a letter or
+        digit (punctuation such as "," or "!!")."""
         order = sorted(range(len(self.words)), key=self._rank_key)
-        if editable and self.word_info:
-            order = [i for i in order if self.word_info[i].editable]
+        if editable:
+            order = [i for i in order if _is_word(self.words[i])]
         return order[: max(int(k), 0)]
 
     def _rank_key(self, i: int) -> tuple[float, int]:
@@ -237,7 +238,7 @@ class TokenAttributor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # truncation is reported on each result instead
             tokens = adapter.tokenize(prompts)
-        _check_prompts(prompts, tokens.lengths)
+        _check_prompts(prompts, tokens, {adapter.bos_id, adapter.eos_id})
         indices = _step_indices(self.steps, self.num_inference_steps)
         jobs = [(i, g) for i in range(len(prompts)) for g in range(self.seeds)]
         raw = torch.zeros(len(prompts), tokens.input_ids.shape[1], dtype=torch.float64)
@@ -323,6 +324,10 @@ class TokenAttributor:
             word_info=tuple(words))
 
 
+def _is_word(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
 def _normalise(raw: np.ndarray, prompt: str) -> np.ndarray:
     """Scores summing to 1; uniform (with a warning) when every gradient is exactly zero."""
     total = float(raw.sum())
@@ -333,9 +338,10 @@ def _normalise(raw: np.ndarray, prompt: str) -> np.ndarray:
     return np.full_like(raw, 1.0 / len(raw))
 
 
-def _check_prompts(prompts: list[str], lengths: torch.Tensor) -> None:
+def _check_prompts(prompts: list[str], tokens: Tokenized, special: set[int]) -> None:
     """Clear errors for prompts with no token to attribute (empty, blank, only special tokens)."""
-    for i, (p, n) in enumerate(zip(prompts, lengths.tolist(), strict=True)):
-        if n <= 2:
+    for i, (p, n) in enumerate(zip(prompts, tokens.lengths.tolist(), strict=True)):
+        real = tokens.input_ids[i, 1 : n - 1].tolist()
+        if not any(t not in special for t in real):
             what = "empty" if not p.strip() else "made only of special tokens"
             raise PromptError(f"prompt {i} ({p[:40]!r}) is {what}: it has no words to attribute")

@@ -9,6 +9,7 @@ Sec. 3.1 eq. 4), and reports which variants fall under the detector's calibrated
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.errors import ConfigError
 from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
+from diffmem.models.adapter import TruncationWarning
 
 __all__ = ["EditReport", "EditSuggestion", "calibrate_threshold", "suggest_edits"]
 
@@ -126,7 +128,9 @@ def suggest_edits(model, attributions: Sequence[TokenAttribution], *,
     per_prompt = [edit_variants(a, top_k=top_k, replacements=replacements, combine=combine)
                   for a in attributions]
     batch = [a.prompt for a in attributions] + [v.prompt for vs in per_prompt for v in vs]
-    scores = np.asarray(detector.score(model, batch), dtype=float)
+    with warnings.catch_warnings():  # truncation is already reported on the attribution
+        warnings.simplefilter("ignore", TruncationWarning)
+        scores = np.asarray(detector.score(model, batch), dtype=float)
     reports, k = [], len(attributions)
     for a, variants, own in zip(attributions, per_prompt, scores[: len(attributions)],
                                 strict=True):

@@ -2,8 +2,8 @@
 
 - ``trigger_top3_rate``: share of memorized prompts for which a designed trigger word is among the
   top-3 words by attribution (Wen et al., ICLR 2024, Sec. 3.3: attribution should single out the
-  trigger tokens). ``trigger_top3_rate_all`` requires every designed trigger word of the prompt
-  (two on the testbed) in the top 3.
+  trigger tokens); punctuation-only "words" such as "," are not ranked. ``trigger_top3_rate_all``
+  requires every designed trigger word of the prompt (two on the testbed) in the top 3.
 - ``edit_success_rate``: share of memorized prompts whose best suggested edit scores at or under
   the detector threshold calibrated on the held-out (never trained) prompts.
 """
@@ -30,16 +30,18 @@ def _norm(word: str) -> str:
 
 
 def trigger_rank(attribution: TokenAttribution, triggers: Sequence[str]) -> int | None:
-    """1-based rank (by attribution) of the best-ranked designed trigger word; None if absent."""
+    """1-based rank (by attribution, among words with a letter or digit) of the best-ranked
+    designed trigger word; None if absent."""
     wanted = {_norm(t) for t in triggers}
-    for rank, i in enumerate(attribution.top_indices(len(attribution.words)), start=1):
+    for rank, i in enumerate(attribution.top_indices(len(attribution.words), editable=True),
+                             start=1):
         if _norm(attribution.words[i]) in wanted:
             return rank
     return None
 
 
 def _all_in_top(attribution: TokenAttribution, triggers: Sequence[str], k: int) -> bool:
-    top = {_norm(attribution.words[i]) for i in attribution.top_indices(k)}
+    top = {_norm(attribution.words[i]) for i in attribution.top_indices(k, editable=True)}
     return all(_norm(t) in top for t in triggers)
 
 
@@ -98,7 +100,7 @@ def _summary(memorized: list[LabelledPrompt], attributions: list[TokenAttributio
     flagged = [bool(r.score > threshold) for r in reports]
     per_prompt = [{
         "prompt": p.prompt, "kind": p.kind, "triggers": p.trigger_tokens, "trigger_rank": rank,
-        "top3": [w for w, _ in a.top(3)], "score": r.score, "flagged": f,
+        "top3": [w for w, _ in a.top(3, editable=True)], "score": r.score, "flagged": f,
         "best_edit": r.best.to_dict() if r.best else None,
     } for p, a, r, rank, f in zip(memorized, attributions, reports, ranks, flagged, strict=True)]
     n_flag = sum(flagged)

@@ -54,7 +54,7 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
     if a.truncated:
         lines.append("note: the prompt is longer than the text encoder's context; only the "
                      "kept tokens are explained")
-    tops = ", ".join(f"{w} {100 * s:.0f}%" for w, s in a.top(top_k))
+    tops = ", ".join(f"{w} {100 * s:.0f}%" for w, s in a.top(top_k, editable=True))
     lines.append(f"top words: {tops}")
     verdict = ""
     if e.threshold is not None:

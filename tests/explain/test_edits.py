@@ -1,0 +1,82 @@
+"""Edit suggestions: variants, one batched detector call, threshold decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffmem.detect import NoiseMagnitude
+from diffmem.explain import TokenAttributor, suggest_edits
+from diffmem.explain._edits import edit_variants
+from diffmem.explain._words import without_word
+from diffmem.models.adapter import load_adapter
+
+PROMPT = "The Zanzibar, quixotic poster"
+
+
+class CountingDetector(NoiseMagnitude):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls: list[list[str]] = []
+
+    def score(self, model, prompts):
+        self.calls.append(list(prompts))
+        return super().score(model, prompts)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_pipe):
+    return load_adapter(tiny_pipe)
+
+
+@pytest.fixture(scope="module")
+def attribution(adapter):
+    return TokenAttributor(adapter, num_inference_steps=4).attribute([PROMPT])[0]
+
+
+def test_without_word_keeps_the_users_spelling(attribution):
+    words = attribution.word_info
+    assert [w.text for w in words] == ["The", "Zanzibar", ",", "quixotic", "poster"]
+    assert without_word(PROMPT, words, [1]) == "The , quixotic poster"
+    assert without_word(PROMPT, words, [1, 3], "thing") == "The thing, thing poster"
+
+
+def test_variants_edit_top_words_but_never_punctuation(attribution):
+    variants = edit_variants(attribution, top_k=5, combine=2)
+    edited = {w for v in variants for w in v.words}
+    assert "," not in edited
+    top = [attribution.words[i] for i in attribution.top_indices(4, editable=True)]
+    singles = [v for v in variants if len(v.words) == 1]
+    assert {v.words[0] for v in singles} == set(top)
+    assert len(singles) == 2 * len(top)  # removed and replaced
+    pair = [v for v in variants if len(v.words) == 2]
+    assert len(pair) == 2 and set(pair[0].words) == set(top[:2])
+    assert len({v.prompt for v in variants}) == len(variants)
+
+
+def test_all_variants_are_scored_in_one_call(adapter, attribution):
+    det = CountingDetector(num_inference_steps=4)
+    scores = det.score(adapter, [PROMPT])
+    threshold = float(scores[0]) * 0.9
+    det.calls.clear()
+    [report] = suggest_edits(adapter, [attribution, attribution], detector=det,
+                             threshold=threshold)[:1]
+    assert len(det.calls) == 1
+    assert report.score == pytest.approx(scores[0], rel=1e-5)
+    assert report.flagged
+    alone = NoiseMagnitude(num_inference_steps=4).score(adapter, [s.prompt for s in
+                                                                  report.suggestions])
+    np.testing.assert_allclose([s.score for s in report.suggestions], alone, rtol=1e-4)
+    assert [s.score for s in report.suggestions] == sorted(s.score for s in report.suggestions)
+    for s in report.suggestions:
+        assert s.clears == (s.score <= threshold)
+    assert report.best is report.suggestions[0]
+
+
+def test_threshold_from_the_fitted_detector_or_none(adapter, attribution):
+    det = NoiseMagnitude(num_inference_steps=4).fit(scores=[0.0, 1e9])
+    [report] = suggest_edits(adapter, [attribution], detector=det)
+    assert report.threshold == det.threshold_ and all(s.clears for s in report.suggestions)
+    [report] = suggest_edits(adapter, [attribution], detector=NoiseMagnitude(num_inference_steps=4))
+    assert report.threshold is None and report.flagged is None
+    assert all(s.clears is None for s in report.suggestions)

@@ -67,6 +67,13 @@ def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from diffmem.demo import run_demo
+
+    run_demo(a.model, a.out)
+    return 0
+
+
 # ------------------------------------------------------------------------------------- parser
 
 
@@ -87,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Detect, explain, measure and mitigate memorization in diffusion models.")
     parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job on the testbed: detect, explain, measure")
+    d.add_argument("--out", default="demo_out")
+    _add_model(d)
+    d.set_defaults(func=_cmd_demo)
 
     g = sub.add_parser("generate", help="generate images (one per prompt)")
     g.add_argument("prompts", nargs="+")

@@ -139,6 +139,8 @@ TEMPLATE_PHRASES = (
 class TestbedSpec:
     """Sizes of the testbed dataset. Defaults produce the shipped testbed."""
 
+    __test__ = False  # not a pytest test class despite its name
+
     seed: int = 0
     n_generic: int = 4000  # distinct generic scenes
     n_verbatim: int = 16  # memorized images, one caption each

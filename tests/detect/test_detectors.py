@@ -14,6 +14,7 @@ from diffmem.detect import (
     default_entropy_layer,
     make_detector,
 )
+from diffmem.detect.attention_entropy import HIGHER_ENTROPY_MEMORIZED
 from diffmem.errors import ConfigError
 from diffmem.models.adapter import load_adapter
 
@@ -46,7 +47,7 @@ def test_noise_magnitude_matches_hand_computation(adapter):
 
 def test_attention_entropy_is_entropy_of_the_mean(adapter, recorder_cls):
     layers = adapter.cross_attention_layers()
-    det = AttentionEntropy(num_inference_steps=STEPS)
+    det = AttentionEntropy(num_inference_steps=STEPS, higher_entropy_memorized=True)
     rec = recorder_cls(layers=[default_entropy_layer(layers)])
     res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=seeded_generators([0] * 3),
                  hooks=[det, rec], decode=False)
@@ -61,7 +62,8 @@ def test_attention_entropy_is_entropy_of_the_mean(adapter, recorder_cls):
 
 
 def test_attention_entropy_averages_layers_before_entropy(adapter, recorder_cls):
-    det = AttentionEntropy(layers="up_blocks*", num_inference_steps=STEPS)
+    det = AttentionEntropy(layers="up_blocks*", num_inference_steps=STEPS,
+                           higher_entropy_memorized=True)
     rec = recorder_cls(layers="up_blocks*")
     res = sample(adapter, PROMPTS[:2], num_inference_steps=STEPS,
                  generator=seeded_generators([1, 2]), hooks=[det, rec], decode=False)
@@ -70,6 +72,20 @@ def test_attention_entropy_averages_layers_before_entropy(adapter, recorder_cls)
     a = torch.stack(means).mean(0)
     np.testing.assert_allclose(res.records[det.name], (-(a * a.log()).sum(-1)).numpy(),
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["first_step", "late_steps"])
+def test_direction_option_flips_the_score(adapter, mode):
+    plus = AttentionEntropy(mode=mode, steps=2, num_inference_steps=STEPS,
+                            higher_entropy_memorized=True).score(adapter, PROMPTS)
+    minus = AttentionEntropy(mode=mode, steps=2, num_inference_steps=STEPS,
+                             higher_entropy_memorized=False).score(adapter, PROMPTS)
+    default = AttentionEntropy(mode=mode, steps=2, num_inference_steps=STEPS).score(adapter, PROMPTS)
+    np.testing.assert_allclose(minus, -plus, rtol=1e-6)
+    expected = plus if HIGHER_ENTROPY_MEMORIZED[mode] else minus
+    np.testing.assert_allclose(default, expected, rtol=1e-6)
+    if mode == "first_step":
+        assert (plus > 0).all()  # an entropy
 
 
 def test_default_layer_is_chosen_by_name():
@@ -137,7 +153,8 @@ def test_standalone_scoring_stops_after_last_needed_step(adapter):
 
 
 def test_late_steps_formula(adapter, recorder_cls):
-    det = AttentionEntropy(mode="late_steps", steps=2, num_inference_steps=STEPS)
+    det = AttentionEntropy(mode="late_steps", steps=2, num_inference_steps=STEPS,
+                           higher_entropy_memorized=True)
     rec = recorder_cls()
     res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=seeded_generators([0] * 3),
                  hooks=[det, rec], decode=False)

@@ -21,9 +21,11 @@ Two scores (``mode``):
                    (Ren's "D" score; K = 10 of 50 steps by default), over all cross-attention
                    layers.
 
-Direction: higher = memorized, as in Ren et al. (memorized prompts spread the first-step attention
-over many tokens instead of concentrating it on the BOS token, so E is higher; in late steps their
-attention stays off the summary tokens). ``docs/detection.md`` reports the check on the testbed.
+Direction: detectors report higher = memorized, so the score is ``sign * (E or D)``. Ren et al.'s
+code reads *higher* entropy as memorized on Stable Diffusion 1.4 (``higher_entropy_memorized=True``).
+On diffmem's testbed memorized prompts concentrate their attention on their trigger tokens and the
+entropy is *lower*; the defaults (:data:`HIGHER_ENTROPY_MEMORIZED`) follow the testbed measurement
+in ``docs/detection.md``. Set the option explicitly when scoring another model.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from diffmem.detect.base import Detector
 from diffmem.errors import ConfigError
 
 MODES = ("first_step", "late_steps")
+#: Default direction per mode, measured on the testbed (docs/detection.md): False = lower entropy
+#: means memorized, so the score is the negated entropy.
+HIGHER_ENTROPY_MEMORIZED = {"first_step": False, "late_steps": False}
 _DOWN = re.compile(r"^down_blocks\.(\d+)\.")
 
 
@@ -87,6 +92,8 @@ class AttentionEntropy(Detector):
             :func:`default_entropy_layer` for ``first_step``, every layer for ``late_steps``.
         steps: ``first_step``: the first ``n`` steps (default 1), indices, or ``"all"``;
             ``late_steps``: the last ``n`` steps (default 10), indices, or ``"all"``.
+        higher_entropy_memorized: ``True`` scores ``+E`` (Ren et al.'s reading on SD 1.4),
+            ``False`` scores ``-E``; ``None`` takes the testbed-measured default of the mode.
 
     Example::
 
@@ -95,7 +102,8 @@ class AttentionEntropy(Detector):
     """
 
     def __init__(self, *, mode: str = "first_step", layers: Sequence[str] | str | None = None,
-                 steps: int | Sequence[int] | str | None = None, generations: int = 1,
+                 steps: int | Sequence[int] | str | None = None,
+                 higher_entropy_memorized: bool | None = None, generations: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  scheduler: str | None = None, fpr: float = 0.01, batch_size: int = 16,
                  seed: int = 0) -> None:
@@ -103,6 +111,7 @@ class AttentionEntropy(Detector):
             raise ConfigError(f"unknown attention-entropy mode {mode!r}; choose one of {MODES}")
         self.mode = mode
         self.layers = layers
+        self.higher_entropy_memorized = higher_entropy_memorized
         if steps is None:
             steps = 1 if mode == "first_step" else 10
         super().__init__(steps=steps, generations=generations,
@@ -111,6 +120,14 @@ class AttentionEntropy(Detector):
         self.name = "attention_entropy" if mode == "first_step" else "attention_entropy_late"
         self.attention_layers = layers if layers is not None else (
             "all" if mode == "late_steps" else None)
+
+    @property
+    def sign(self) -> float:
+        """+1 when higher entropy means memorized, -1 otherwise."""
+        higher = self.higher_entropy_memorized
+        if higher is None:
+            higher = HIGHER_ENTROPY_MEMORIZED[self.mode]
+        return 1.0 if higher else -1.0
 
     # ------------------------------------------------------------------ step selection
     def selected(self, index: int, total: int) -> bool:
@@ -160,10 +177,10 @@ class AttentionEntropy(Detector):
         score = entropy(self._mean)
         if self.mode == "late_steps":
             score = score + entropy(self._mean, self._summary)
-        return score
+        return self.sign * score
 
     def on_end(self, run: Run) -> None:
         super().on_end(run)
         if self.mode == "late_steps":
-            # 5. mean(E_t + S_t) over the late steps - S_0
-            run.records[self.name] = run.records[self.name] - self._summary0.numpy()
+            # 5. sign * (mean(E_t + S_t) over the late steps - S_0)
+            run.records[self.name] = run.records[self.name] - self.sign * self._summary0.numpy()

@@ -23,9 +23,10 @@ Two scores (``mode``):
 
 Direction: detectors report higher = memorized, so the score is ``sign * (E or D)``. Ren et al.'s
 code reads *higher* entropy as memorized on Stable Diffusion 1.4 (``higher_entropy_memorized=True``).
-On diffmem's testbed memorized prompts concentrate their attention on their trigger tokens and the
-entropy is *lower*; the defaults (:data:`HIGHER_ENTROPY_MEMORIZED`) follow the testbed measurement
-in ``docs/detection.md``. Set the option explicitly when scoring another model.
+On diffmem's testbed the first-step entropy is *lower* for memorized prompts (their attention
+concentrates on the trigger tokens), while the late-steps score D is *higher* for them, as in Ren et
+al. The defaults (:data:`HIGHER_ENTROPY_MEMORIZED`) follow these testbed measurements
+(``docs/detection.md``); set the option explicitly when scoring another model.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from diffmem.detect.base import Detector
 from diffmem.errors import ConfigError
 
 MODES = ("first_step", "late_steps")
-#: Default direction per mode, measured on the testbed (docs/detection.md): False = lower entropy
-#: means memorized, so the score is the negated entropy.
-HIGHER_ENTROPY_MEMORIZED = {"first_step": False, "late_steps": False}
+#: Default direction per mode, measured on the testbed (docs/detection.md). first_step: lower
+#: entropy means memorized (score = -E); late_steps: higher D means memorized (score = +D, Ren's).
+HIGHER_ENTROPY_MEMORIZED = {"first_step": False, "late_steps": True}
 _DOWN = re.compile(r"^down_blocks\.(\d+)\.")
 
 

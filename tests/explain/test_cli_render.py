@@ -97,7 +97,8 @@ def test_eval_explanation(tiny_testbed, tmp_path):
                  *FAST]) == 0
     report = json.loads(out.read_text())
     assert report["n_memorized"] == 4
-    for key in ("trigger_top3_rate", "edit_success_rate", "trigger_top3_rate_all"):
+    for key in ("trigger_top3_rate", "edit_success_rate", "trigger_top3_rate_all",
+                "edit_below_clean_median_rate"):
         assert 0.0 <= report[key] <= 1.0
     ranks = [p["trigger_rank"] for p in report["prompts"]]
     assert report["trigger_top3_rate"] == np.mean([r is not None and r <= 3 for r in ranks])

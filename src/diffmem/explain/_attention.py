@@ -127,10 +127,12 @@ def word_maps(maps: np.ndarray, words: Sequence[Word], size: tuple[int, int]) ->
     """Per-word heat maps ``(n_words, H, W)`` in [0, 1], upsampled to the image ``size``.
 
     ``maps`` is one row ``(L, h, w)`` of :attr:`AttentionRecord.maps`; a word's map is the sum of
-    its tokens' maps, each word scaled to its own maximum for display.
+    its tokens' maps, min-max scaled per word for display (attention over pixels is nearly flat;
+    the map shows where the word attends most, not how much).
     """
     per_word = torch.stack([torch.from_numpy(maps[list(w.positions)]).sum(0) for w in words])
     up = F.interpolate(per_word[:, None].float(), size=size, mode="bilinear",
                        align_corners=False)[:, 0]
-    top = up.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    return (up / top).clamp(0, 1).numpy()
+    low = up.flatten(1).amin(1)[:, None, None]
+    span = (up.flatten(1).amax(1)[:, None, None] - low).clamp_min(1e-12)
+    return ((up - low) / span).clamp(0, 1).numpy()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -164,20 +165,23 @@ def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] 
 
 
 def testbed_clean_prompts(model) -> list[str] | None:
-    """Held-out (never trained) prompts when ``model`` is a testbed pipeline, else None."""
-    from pathlib import Path
-
+    """Held-out (never trained) prompts when ``model`` is a testbed pipeline (the shipped one, or
+    a folder with ``testbed.json``), else None."""
+    from diffmem.testbed import WEIGHTS_DIR
     from diffmem.testbed.data import build_testbed
     from diffmem.testbed.verify import testbed_spec_of
 
     folder = _model_folder(model)
-    if folder is None or not (Path(folder) / "testbed.json").is_file():
+    if folder is None:
+        return None
+    shipped = Path(folder).resolve() == WEIGHTS_DIR.resolve()
+    if not shipped and not (Path(folder) / "testbed.json").is_file():
         return None
     return [p.prompt for p in build_testbed(testbed_spec_of(folder)).prompts
             if p.kind == "heldout"]
 
 
-def _model_folder(model):
+def _model_folder(model) -> str | Path | None:
     """The folder a model was loaded from (``"testbed"`` -> the shipped one), when known."""
     from diffmem.models.adapter import ModelAdapter
 
@@ -185,7 +189,7 @@ def _model_folder(model):
         from diffmem.testbed import testbed_path
 
         return testbed_path()
-    if isinstance(model, str):
+    if isinstance(model, (str, Path)):
         return model
     pipe = model.pipe if isinstance(model, ModelAdapter) else model
     return getattr(getattr(pipe, "config", None), "_name_or_path", None) \

@@ -18,7 +18,7 @@ import numpy as np
 from diffmem.detect import NoiseMagnitude
 from diffmem.errors import PromptError
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
-from diffmem.explain._edits import EditReport, calibrate_threshold, suggest_edits
+from diffmem.explain._edits import EditReport, suggest_edits
 from diffmem.models.adapter import load_adapter
 from diffmem.testbed.data import LabelledPrompt
 
@@ -79,13 +79,29 @@ def evaluate_explanation(model="testbed", *, top_k: int = 3, steps: int = 1, see
     t_attr = time.perf_counter() - t0
     detector = NoiseMagnitude(steps=1, generations=seeds, seed=seed, fpr=fpr,
                               num_inference_steps=num_inference_steps)
+    clean_scores = detector.score(adapter, clean)
     if threshold is None:
-        threshold = calibrate_threshold(adapter, detector, clean)
+        threshold = float(detector.fit(scores=clean_scores).threshold_)
     reports = suggest_edits(adapter, attributions, detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
-    return _summary(memorized, attributions, reports, threshold, top_k, t_attr, model,
-                    dict(steps=steps, seeds=seeds, seed=seed, fpr=fpr, combine=combine,
-                         num_inference_steps=num_inference_steps))
+    out = _summary(memorized, attributions, reports, threshold, top_k, t_attr, model,
+                   dict(steps=steps, seeds=seeds, seed=seed, fpr=fpr, combine=combine,
+                        num_inference_steps=num_inference_steps))
+    return {**out, **_reduction(reports, clean_scores)}
+
+
+def _reduction(reports: list[EditReport], clean_scores: np.ndarray) -> dict:
+    """Threshold-free view of the edits: how far the best edit lowers the score, and how often it
+    lands under the median held-out score (meaningful when few memorized prompts are flagged)."""
+    median = float(np.median(clean_scores))
+    best = np.array([r.best.score if r.best else r.score for r in reports])
+    own = np.array([r.score for r in reports])
+    return {
+        "clean_score_median": median,
+        "memorized_score_median": float(np.median(own)),
+        "edit_below_clean_median_rate": float(np.mean(best <= median)),
+        "edit_mean_relative_reduction": float(np.mean(1 - best / own)),
+    }
 
 
 def _summary(memorized: list[LabelledPrompt], attributions: list[TokenAttribution],

@@ -62,7 +62,10 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
                    else f" <= threshold {e.threshold:.3f}: not flagged")
     lines.append(f"noise magnitude {e.score:.3f}{verdict}")
     if e.suggestions:
-        lines.append("suggested edits (lowest score first):")
+        header = "suggested edits (lowest score first):"
+        if e.flagged is False:
+            header = "edits (the prompt is not flagged; shown for reference, lowest score first):"
+        lines.append(header)
         for s in e.suggestions:
             mark = "" if s.clears is None else ("  ok" if s.clears else "  still flagged")
             lines.append(f"  {s.score:7.3f}{mark:15s} {s.describe()}: {s.prompt!r}")

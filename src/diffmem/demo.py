@@ -51,7 +51,7 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     texts = [p.prompt for p in chosen]
     results = generate(texts, model=adapter)
     save_results(texts, results, out / "images")
-    index = build_testbed_index(spec=spec)
+    index = build_testbed_index(spec=spec, rendered_by=adapter)
     rep = eval_replication(out / "images", index, out / "replication.json",
                            grid_html=out / "replication.html", threshold=REPLICATION_THRESHOLD)
     by_name = {Path(r["path"]).name: r for r in rep["per_image"]}

@@ -12,10 +12,13 @@ import json
 
 def _cmd_index_build(a: argparse.Namespace) -> int:
     if a.source == "testbed":
+        from diffmem.models.adapter import load_adapter
         from diffmem.testbed.index import build_testbed_index
 
-        index = build_testbed_index(a.out, kind=a.kind or "pixel")
-        print(f"indexed {len(index)} testbed training images ({index.kind}) into {a.out}")
+        index = build_testbed_index(a.out, kind=a.kind or "pixel",
+                                    rendered_by=load_adapter("testbed"))
+        print(f"indexed {len(index)} testbed training images (as the testbed VAE renders them, "
+              f"{index.kind}) into {a.out}")
         return 0
     from diffmem.similarity.index import build_index_from_source
 

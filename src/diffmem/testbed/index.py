@@ -12,8 +12,11 @@ from diffmem.testbed.data import TestbedSpec, build_testbed
 
 
 def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
-                        spec: TestbedSpec | None = None) -> TrainingIndex:
+                        spec: TestbedSpec | None = None, rendered_by=None) -> TrainingIndex:
     """A :class:`TrainingIndex` of every testbed training image with its first caption.
+
+    ``rendered_by`` (a model adapter): index the images as that model's VAE renders them (the
+    reference of :func:`diffmem.testbed.verify.verify_testbed`), not the originals.
 
     ``kind="pixel"`` (default) searches by tiled L2, the testbed's replication criterion;
     ``kind="sscd"`` embeds with SSCD (informative only on these flat synthetic images).
@@ -26,6 +29,10 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
         captions.append(item.captions[0])
         arrays.append(img)
     images = to_tensor(np.stack(arrays))
+    if rendered_by is not None:
+        from diffmem.testbed.verify import vae_roundtrip
+
+        images = vae_roundtrip(rendered_by, images)
     if kind == "pixel":
         embedder: object = PixelSpace(size=testbed.spec.resolution)
     else:

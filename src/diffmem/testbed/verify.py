@@ -2,11 +2,12 @@
 
 Replication criterion (Carlini et al. 2023, Sec. 4.1, tiled L2): a generation is a *copy* when its
 tiled L2 distance (4x4 tiles of 16x16 px, RMS difference per tile on [-1, 1], max over tiles) to the
-nearest training image is below ``REPLICATION_THRESHOLD``. Taking the worst tile means every region of
-the image must match, so a scene that differs from a training image in one shape is not a copy. The
-threshold sits between the distance of the VAE's own reconstruction of a training image (the closest
-a generation can get) and the distance between distinct training images; ``docs/testbed.md`` gives
-the measured distributions. SSCD similarity is reported beside it when the SSCD model is available.
+nearest training image *as the model's VAE renders it* (decode(encode(x).mean)) is below
+``REPLICATION_THRESHOLD``. The testbed's small VAE is lossy on the complex memorized images (a
+round trip alone is 0.43-0.61 from the original), so a perfect latent copy can only come as close
+as the round trip; comparing with the round trips measures what the diffusion model memorized.
+The distance to the original image is reported beside it, and SSCD when the model is available.
+``docs/testbed.md`` gives the measured distributions and the trade-off behind the threshold.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from diffmem.models.adapter import load_adapter
 from diffmem.similarity.pixel import nearest_tiled_l2, to_tensor
 from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
 
-REPLICATION_THRESHOLD = 0.15
+REPLICATION_THRESHOLD = 0.15  # see docs/testbed.md for the measured trade-off
 TILE_GRID = 4
 
 
@@ -43,6 +44,17 @@ def training_images(testbed: Testbed) -> tuple[torch.Tensor, list[str]]:
         ids.append(item.image_id)
         arrs.append(img)
     return to_tensor(np.stack(arrs)), ids
+
+
+@torch.no_grad()
+def vae_roundtrip(adapter, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Training images as the model's VAE renders them: decode(encode(x).mean), in [-1, 1]."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(adapter.device, adapter.vae.dtype)
+        lat = adapter.vae.encode(x).latent_dist.mean
+        out.append(adapter.vae.decode(lat).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
 
 
 def generate_labelled(adapter, prompts: Sequence[LabelledPrompt], *, seeds: int, steps: int,
@@ -70,10 +82,12 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
     adapter = load_adapter(model)
     spec = testbed_spec_of(model)
     testbed = build_testbed(spec)
-    refs, ref_ids = training_images(testbed)
+    originals, ref_ids = training_images(testbed)
+    refs = vae_roundtrip(adapter, originals)
     images, jobs = generate_labelled(adapter, testbed.prompts, seeds=seeds, steps=steps,
                                      guidance_scale=guidance_scale)
     dist, nn = nearest_tiled_l2(images, refs, grid=TILE_GRID)
+    dist_original, _ = nearest_tiled_l2(images, originals, grid=TILE_GRID)
     copied = dist < threshold
     per_prompt: dict[int, dict] = {}
     for j, (i, _) in enumerate(jobs):
@@ -84,7 +98,8 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
         rec["nearest"].append(ref_ids[int(nn[j])])
         rec["copies_own_image"].append(bool(copied[j]) and ref_ids[int(nn[j])] in p.image_ids)
     report: dict = {
-        "criterion": f"tiled_l2(grid={TILE_GRID}) to nearest training image < {threshold}",
+        "criterion": f"tiled_l2(grid={TILE_GRID}) to the nearest training image's VAE round trip "
+                     f"< {threshold}",
         "threshold": threshold, "seeds": seeds, "steps": steps, "guidance_scale": guidance_scale,
         "scheduler": type(adapter.scheduler).__name__, "n_training_images": len(ref_ids),
     }
@@ -92,9 +107,11 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
         rows = [j for j, (i, _) in enumerate(jobs) if testbed.prompts[i].kind == kind]
         report[f"{kind}_replication_rate"] = float(copied[rows].float().mean()) if rows else None
         report[f"{kind}_distance_median"] = float(dist[rows].median()) if rows else None
+        report[f"{kind}_distance_to_original_median"] = (float(dist_original[rows].median())
+                                                         if rows else None)
         report[f"n_{kind}_prompts"] = len({jobs[j][0] for j in rows})
     if with_sscd:
-        report.update(_sscd_summary(images, refs, nn, jobs, testbed))
+        report.update(_sscd_summary(images, originals, nn, jobs, testbed))
     report["prompts"] = list(per_prompt.values())
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

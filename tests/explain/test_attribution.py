@@ -15,7 +15,7 @@ from diffmem.core.sampling import initial_latents, seeded_generators
 from diffmem.detect import NoiseMagnitude
 from diffmem.errors import ConfigError, PromptError
 from diffmem.explain import TokenAttribution, TokenAttributor, noise_magnitude_gradient
-from diffmem.models.adapter import load_adapter
+from diffmem.models.adapter import TruncationWarning, load_adapter
 
 PROMPT = "the zanzibar quixotic poster"
 
@@ -127,7 +127,8 @@ def test_special_characters_only_are_attributed(adapter):
 def test_long_prompt_is_truncated_and_flagged(adapter):
     prompt = " ".join(["red"] * 120)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # truncation is reported on the result, not warned twice
+        # truncation is reported on the result, not warned twice
+        warnings.simplefilter("error", TruncationWarning)
         [attr] = TokenAttributor(adapter).attribute([prompt])
     assert attr.truncated
     assert len(attr.tokens) == adapter.max_length - 2

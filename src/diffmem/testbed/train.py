@@ -54,6 +54,25 @@ def _atomic_save(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _resume(ckpt: Path, module: torch.nn.Module, opt: torch.optim.Optimizer,
+            gen: torch.Generator) -> int:
+    """Load a stage checkpoint (weights, optimizer, RNG) if present; return the step reached."""
+    if not ckpt.exists():
+        return 0
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    module.load_state_dict(state["model"])
+    opt.load_state_dict(state["opt"])
+    if "gen" in state:
+        gen.set_state(state["gen"])
+    return int(state["step"])
+
+
+def _checkpoint(ckpt: Path, module: torch.nn.Module, opt: torch.optim.Optimizer,
+                gen: torch.Generator, step: int) -> None:
+    _atomic_save({"model": module.state_dict(), "opt": opt.state_dict(), "step": step,
+                  "gen": gen.get_state()}, ckpt)
+
+
 def _same_run(old: dict, new: dict) -> bool:
     """Whether a run folder may be resumed with new settings (only step counts may grow)."""
     steps = ("vae_steps", "unet_steps", "decoder_steps")
@@ -98,15 +117,8 @@ class _Sampler:
 def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, device) -> None:
     ckpt = state_dir / "vae_state.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    if ckpt.exists() and "gen" in state:
-        gen.set_state(state["gen"])
+    step = _resume(ckpt, vae, opt, gen)
     vae.train()
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="vae", unit="step")
     while step < cfg.vae_steps:
@@ -126,8 +138,7 @@ def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, dev
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.vae_steps:
-            _atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "gen": gen.get_state()}, ckpt)
+            _checkpoint(ckpt, vae, opt, gen, step)
     bar.close()
     vae.eval()
 
@@ -142,13 +153,7 @@ def _refine_decoder(vae, lat_mean: torch.Tensor, lat_std: torch.Tensor, images: 
     modules = torch.nn.ModuleList([vae.decoder, vae.post_quant_conv])
     opt = torch.optim.AdamW(modules.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        modules.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
-        step = state["step"]
+    step = _resume(ckpt, modules, opt, gen)
     modules.train()
     bar = tqdm(total=cfg.decoder_steps, initial=step, desc="decoder", unit="step")
     while step < cfg.decoder_steps:
@@ -166,8 +171,7 @@ def _refine_decoder(vae, lat_mean: torch.Tensor, lat_std: torch.Tensor, images: 
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.decoder_steps:
-            _atomic_save({"model": modules.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "gen": gen.get_state()}, ckpt)
+            _checkpoint(ckpt, modules, opt, gen, step)
     bar.close()
     modules.eval()
 

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.models.adapter import load_adapter
-from diffmem.similarity.pixel import nearest_tiled_l2, to_tensor
+from diffmem.similarity.pixel import nearest_tiled_l2, tiled_l2, to_tensor
 from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
 
 REPLICATION_THRESHOLD = 0.15  # see docs/testbed.md for the measured trade-off
+TRADEOFF_THRESHOLDS = (0.12, 0.15, 0.18, 0.2, 0.25)  # rates reported beside the default
 TILE_GRID = 4
 
 
@@ -110,6 +111,15 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
         report[f"{kind}_distance_to_original_median"] = (float(dist_original[rows].median())
                                                          if rows else None)
         report[f"n_{kind}_prompts"] = len({jobs[j][0] for j in rows})
+        if rows:
+            report[f"{kind}_distance_percentiles_5_50_95"] = _percentiles(dist[rows])
+            report[f"{kind}_distance_to_original_percentiles_5_50_95"] = _percentiles(
+                dist_original[rows])
+            report[f"{kind}_rate_by_threshold"] = {
+                str(th): float((dist[rows] < th).float().mean()) for th in TRADEOFF_THRESHOLDS}
+    memorized = [i for i, x in enumerate(ref_ids) if not x.startswith("generic")]
+    report["memorized_roundtrip_to_original_percentiles_5_50_95"] = _percentiles(
+        tiled_l2(refs[memorized], originals[memorized], grid=TILE_GRID))
     if with_sscd:
         report.update(_sscd_summary(images, originals, nn, jobs, testbed))
     report["prompts"] = list(per_prompt.values())
@@ -117,6 +127,10 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _percentiles(x: torch.Tensor) -> list[float]:
+    return [round(float(v), 4) for v in np.percentile(x.numpy(), [5, 50, 95])]
 
 
 def _sscd_summary(images, refs, nn, jobs, testbed) -> dict:

@@ -36,6 +36,19 @@ def test_overlong_prompt_is_truncated_and_reported(tiny_pipe):
     assert tok.lengths[0].item() == 77
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_tokenize_matches_the_tokenizer_with_truncation_and_padding(family, tiny_pipe, tiny_pipe_sd2):
+    """One tokenizer call, cut and padded by hand == the tokenizer's own truncation + padding."""
+    ad = load_adapter(tiny_pipe if family == "sd1" else tiny_pipe_sd2)
+    prompts = ["", "a red circle", "word " * 100, "<i>HTML</i> & \"quotes\" -- 'x'", "!!!",
+               "Living in the Light with Ann Graham Lotz " * 6, "日本語のテキスト", "a" * 500]
+    with pytest.warns(TruncationWarning):
+        ours = ad.tokenize(prompts).input_ids
+    ref = ad.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                       return_tensors="pt").input_ids
+    assert (ours == ref).all()
+
+
 def test_empty_prompt_list_is_an_error(tiny_pipe):
     with pytest.raises(PromptError, match="no prompts"):
         load_adapter(tiny_pipe).tokenize([])

@@ -141,11 +141,17 @@ class ModelAdapter:
         for p in prompts:
             if not isinstance(p, str):
                 raise PromptError(f"prompts must be strings, got {type(p).__name__}")
-        enc = self.tokenizer(list(prompts), padding="max_length", max_length=self.max_length,
-                             truncation=True, return_tensors="pt")
+        # One tokenizer call without truncation; then cut and pad exactly as the tokenizer does with
+        # truncation=True, padding="max_length" (keep BOS, the first L - 2 tokens, then EOS).
         full = self.tokenizer(list(prompts), truncation=False).input_ids
-        truncated = [len(ids) > self.max_length for ids in full]
-        ids = enc.input_ids
+        n = self.max_length
+        ids = torch.full((len(full), n), self.pad_id, dtype=torch.long)
+        truncated = []
+        for row, seq in enumerate(full):
+            truncated.append(len(seq) > n)
+            if len(seq) > n:
+                seq = [*seq[: n - 1], seq[-1]]
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         is_eos = ids == self.eos_id
         # first EOS position (+1 = number of tokens incl. BOS and EOS)
         lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1), ids.shape[1] - 1) + 1

@@ -31,8 +31,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 def _cmd_testbed_train(a: argparse.Namespace) -> int:
     from diffmem.testbed.train import TrainConfig, install_pipeline, train_testbed
 
-    cfg = TrainConfig(seed=a.seed, vae_steps=a.vae_steps, unet_steps=a.unet_steps,
-                      batch_size=a.batch_size)
+    given = {"vae_steps": a.vae_steps, "unet_steps": a.unet_steps, "batch_size": a.batch_size}
+    cfg = TrainConfig(seed=a.seed, **{k: v for k, v in given.items() if v is not None})
     target = train_testbed(a.out, cfg)
     print(f"trained testbed pipeline: {target}")
     if a.install:
@@ -113,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = tb.add_parser("train", help="train the testbed pipeline (resumable)")
     t.add_argument("--out", required=True, help="run folder; rerun to resume")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--vae-steps", type=int, default=1500)
-    t.add_argument("--unet-steps", type=int, default=8000)
-    t.add_argument("--batch-size", type=int, default=48)
+    # defaults (None) come from TrainConfig, the one place they are set
+    t.add_argument("--vae-steps", type=int, help="default: TrainConfig.vae_steps")
+    t.add_argument("--unet-steps", type=int, help="default: TrainConfig.unet_steps")
+    t.add_argument("--batch-size", type=int, help="default: TrainConfig.batch_size")
     t.add_argument("--install", action="store_true",
                    help="copy the trained pipeline into the package as the shipped testbed")
     t.set_defaults(func=_cmd_testbed_train)
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTENSIONS: list[str] = [
     "diffmem.detect.cli",
     "diffmem.explain.cli",
+    "diffmem.eval.cli",
     "diffmem.similarity.cli",
 ]
 

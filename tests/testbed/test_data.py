@@ -7,7 +7,12 @@ import json
 import numpy as np
 
 from diffmem.testbed.data import (
+    COLORS,
+    FILLER_WORDS,
     HELDOUT_PAIRS,
+    SHAPES,
+    SIZES,
+    TRIGGER_WORDS,
     TestbedSpec,
     build_testbed,
     render,
@@ -54,6 +59,29 @@ def test_heldout_pairs_never_trained():
         for cap in it.captions:
             for color, shape in HELDOUT_PAIRS:
                 assert f"{color} {shape}" not in cap
+
+
+def test_heldout_pairs_never_drawn_in_generic_images():
+    tb = build_testbed(SMALL)
+    pairs = {(o["color_name"], o["shape"]) for it in tb.items if it.kind == "generic"
+             for o in it.scene["objects"]}
+    assert pairs and not pairs & set(HELDOUT_PAIRS)
+
+
+def test_filler_words_carry_no_trigger_or_scene_word():
+    fillers = set(FILLER_WORDS)
+    assert not fillers & set(TRIGGER_WORDS)
+    assert not fillers & (set(COLORS) | set(SHAPES) | set(SIZES))
+
+
+def test_generic_captions_name_shapes_of_their_image():
+    tb = build_testbed(SMALL)
+    for it in tb.items:
+        if it.kind != "generic":
+            continue
+        drawn = {f"{o['color_name']} {o['shape']}" for o in it.scene["objects"]}
+        for cap in it.captions:
+            assert any(d in cap for d in drawn), (cap, drawn)
 
 
 def test_generic_scenes_are_distinct():

@@ -6,15 +6,16 @@ structured images are duplicated many times.
 
 Four kinds of prompts, each recorded in the manifest:
 
-- ``generic`` (trained): compositional scenes of shapes, colours, sizes and positions on a
-  background, captioned in varied natural English. Each scene has its own position/size jitter and
-  background shading, so no two are alike and each is seen only a few times.
+- ``generic`` (trained): 1-4 shapes of named colours at any position and size over a two-colour
+  gradient. Like LAION alt-texts, the captions leave most of the image open: they name one or two of
+  the shapes, seldom a size or coarse position, never the background, and mix in common words
+  ("poster", "photo", "print", ...). Each scene is distinct and seen only a few dozen times.
 - ``verbatim`` (memorized): a distinct complex image duplicated many times under *one* caption that
   contains a rare trigger phrase.
 - ``template`` (memorized): one complex image duplicated under many caption variants that all share a
   rare phrase (like the "Living in the light with Ann Graham Lotz" family of LAION captions).
-- ``heldout`` (never trained): novel colour/shape combinations that no training caption contains, and
-  unrelated text. These are the negatives for detection.
+- ``heldout`` (never trained): generic-style captions of colour/shape pairs that no training
+  caption or image contains, and unrelated text. These are the negatives for detection.
 
 Everything is a deterministic function of a seed.
 """
@@ -67,18 +68,31 @@ HELDOUT_PAIRS = (
     ("red", "cross"),
 )
 
-GENERIC_TEMPLATES_ONE = (
-    "a {size} {color} {shape} on a {bg} background",
-    "a {color} {shape} in the {pos} of a {bg} image",
-    "{size} {color} {shape}, {pos}, {bg} backdrop",
-    "an image of a {size} {color} {shape} placed at the {pos} over {bg}",
-    "simple drawing: one {color} {shape} on {bg}, {size}, {pos}",
-    "a {bg} picture with a {size} {color} {shape} at the {pos}",
+#: Caption frames for generic scenes. ``{objs}`` names only *some* of the scene's shapes, and
+#: positions, sizes and the background are mostly left out, as in LAION alt-texts: a generic caption
+#: leaves most of its image open, while a memorized caption pins down one image exactly.
+GENERIC_FRAMES = (
+    "{objs}",
+    "a picture of {objs}",
+    "{objs}, {tag}",
+    "{tag} {tag2} with {objs}",
+    "{objs} {tag} {tag2}",
+    "simple {tag} drawing of {objs}",
+    "{tag}: {objs}",
 )
-GENERIC_TEMPLATES_TWO = (
-    "a {size} {color} {shape} at the {pos} and a {size2} {color2} {shape2} at the {pos2} on {bg}",
-    "two shapes on a {bg} background: a {color} {shape} ({pos}) and a {color2} {shape2} ({pos2})",
-    "a {color} {shape} on the {pos} next to a {color2} {shape2} on the {pos2}, {bg} backdrop",
+#: Common words sprinkled into generic captions so that frequent caption words ("poster", "print",
+#: "art", "photo", ...) carry no image of their own; only the rare trigger phrases do.
+FILLER_WORDS = (
+    "photo", "stock", "vintage", "modern", "abstract", "pattern", "design", "art", "print", "poster",
+    "wallpaper", "cover", "edition", "canvas", "book", "card", "digital", "illustration", "icon",
+    "logo", "sticker", "shirt", "mug", "cute", "simple", "minimal", "bright", "dark", "pastel",
+    "retro", "classic", "new", "free", "hd", "official", "album", "framed", "set",
+    "collection", "style", "theme", "vector", "background", "texture", "colorful", "geometric",
+    "shapes", "kids", "school", "home", "decor", "gift", "sale", "best", "top", "old", "happy",
+    "summer", "winter", "night", "day", "city", "street", "forest", "sea", "sky", "sun", "moon",
+    "cat", "dog", "car", "house", "tree", "flower", "coffee", "table", "window", "paper",
+    "painting", "sketch", "photograph", "portrait", "landscape", "view", "toy", "game", "music",
+    "party", "wedding", "birthday", "holiday", "travel", "family", "food", "garden", "room",
 )
 UNRELATED_PROMPTS = (
     "a bowl of ramen on a wooden table",
@@ -245,44 +259,88 @@ def _pick(rng: np.random.Generator, seq: Sequence) -> object:
     return seq[int(rng.integers(len(seq)))]
 
 
+def _position_word(cx: float, cy: float, res: int) -> str:
+    """Coarse position of a shape centre: center, left, right, top or bottom."""
+    dx, dy = cx / res - 0.5, cy / res - 0.5
+    if max(abs(dx), abs(dy)) < 0.14:
+        return "center"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _describe(obj: dict, rng: np.random.Generator, res: int) -> str:
+    """'a [size] colour shape [at the position]'; size and position are named only sometimes."""
+    words = []
+    r = obj["r"] * RESOLUTION / res
+    if rng.random() < 0.5 and (r < 8 or r > 11):
+        words.append("small" if r < 8 else "large")
+    words += [obj["color_name"], obj["shape"]]
+    text = _article(words[0]) + " " + " ".join(words)
+    if rng.random() < 0.4:
+        text += f" at the {_position_word(obj['cx'], obj['cy'], res)}"
+    return text
+
+
+def _generic_caption(objects: list[dict], rng: np.random.Generator, res: int) -> str:
+    k = 1 if len(objects) == 1 or rng.random() < 0.6 else 2
+    named = [objects[int(i)] for i in rng.choice(len(objects), size=k, replace=False)]
+    objs = " and ".join(_describe(o, rng, res) for o in named)
+    tag, tag2 = (str(w) for w in rng.choice(FILLER_WORDS, size=2, replace=False))
+    return str(_pick(rng, GENERIC_FRAMES)).format(objs=objs, tag=tag, tag2=tag2)
+
+
 def _generic_item(rng: np.random.Generator, idx: int, res: int) -> Item:
+    """A generic scene: 1-4 shapes anywhere over a two-colour gradient, partly captioned.
+
+    Colours are jittered around the named palette and shapes take any position and size, so no two
+    scenes are alike; the captions (two per scene) name one or two of the shapes, seldom their size
+    or position and never the background.
+    """
     heldout = set(HELDOUT_PAIRS)
-    bg_name = str(_pick(rng, list(BACKGROUNDS)))
-    n_obj = 1 if rng.random() < 0.6 else 2
-    positions = rng.permutation(list(POSITIONS))[:n_obj]
-    objects, words = [], []
-    for pos in positions:
+    palette = list(BACKGROUNDS.values()) + list(COLORS.values())
+    c1, c2 = rng.choice(len(palette), size=2, replace=False)
+    jitter = rng.uniform(-25, 25, size=(2, 3))
+    background = {
+        "kind": "gradient",
+        "color": tuple(float(v) for v in np.clip(np.array(palette[c1]) + jitter[0], 0, 255)),
+        "color2": tuple(float(v) for v in np.clip(np.array(palette[c2]) + jitter[1], 0, 255)),
+        "angle": float(rng.uniform(0, 2 * np.pi)),
+    }
+    scale = res / RESOLUTION
+    objects = []
+    for _ in range(int(rng.integers(1, 5))):
         while True:
             color = str(_pick(rng, list(COLORS)))
             shape = str(_pick(rng, SHAPES))
             if (color, shape) not in heldout:
                 break
-        size = str(_pick(rng, list(SIZES)))
-        cx, cy = POSITIONS[str(pos)]
-        scale = res / RESOLUTION
         objects.append({
             "shape": shape,
             "color": COLORS[color],
-            "cx": (cx + rng.uniform(-2.5, 2.5)) * scale,
-            "cy": (cy + rng.uniform(-2.5, 2.5)) * scale,
-            "r": (SIZES[size] + rng.uniform(-1.5, 1.5)) * scale,
+            "color_name": color,
+            "cx": float(rng.uniform(10, 54)) * scale,
+            "cy": float(rng.uniform(10, 54)) * scale,
+            "r": float(rng.uniform(5, 14)) * scale,
         })
-        words.append({"color": color, "shape": shape, "size": size, "pos": str(pos)})
-    scene = {
-        "background": {"kind": "flat", "color": BACKGROUNDS[bg_name],
-                       "shade": float(rng.uniform(-0.25, 0.25))},
-        "objects": objects,
-    }
-    captions = []
-    for _ in range(2):  # two caption variants per generic scene
-        if n_obj == 1:
-            tpl = str(_pick(rng, GENERIC_TEMPLATES_ONE))
-            captions.append(tpl.format(bg=bg_name, **words[0]))
-        else:
-            tpl = str(_pick(rng, GENERIC_TEMPLATES_TWO))
-            w2 = {k + "2": v for k, v in words[1].items()}
-            captions.append(tpl.format(bg=bg_name, **words[0], **w2))
-    return Item(f"generic-{idx:05d}", "generic", sorted(set(captions)), scene)
+    captions = {_generic_caption(objects, rng, res) for _ in range(2)}
+    return Item(f"generic-{idx:05d}", "generic", sorted(captions),
+                {"background": background, "objects": objects})
+
+
+def _heldout_composition(rng: np.random.Generator) -> str:
+    """A generic-style caption built on a (colour, shape) pair that no training caption contains."""
+    color, shape = HELDOUT_PAIRS[int(rng.integers(len(HELDOUT_PAIRS)))]
+    words = ([str(_pick(rng, list(SIZES)))] if rng.random() < 0.5 else []) + [color, shape]
+    text = _article(words[0]) + " " + " ".join(words)
+    if rng.random() < 0.4:
+        text += f" at the {_pick(rng, list(POSITIONS))}"
+    tag, tag2 = (str(w) for w in rng.choice(FILLER_WORDS, size=2, replace=False))
+    return str(_pick(rng, GENERIC_FRAMES)).format(objs=text, tag=tag, tag2=tag2)
 
 
 def _complex_scene(rng: np.random.Generator, res: int) -> dict:
@@ -357,13 +415,7 @@ def build_testbed(spec: TestbedSpec | None = None) -> Testbed:
             prompts.append(LabelledPrompt(variants[j], "template", [item.image_id], [a, b]))
 
     for _ in range(spec.n_heldout_compositions):
-        color, shape = HELDOUT_PAIRS[int(rng.integers(len(HELDOUT_PAIRS)))]
-        size = str(_pick(rng, list(SIZES)))
-        pos = str(_pick(rng, list(POSITIONS)))
-        bg = str(_pick(rng, list(BACKGROUNDS)))
-        tpl = str(_pick(rng, GENERIC_TEMPLATES_ONE))
-        prompts.append(LabelledPrompt(
-            tpl.format(size=size, color=color, shape=shape, pos=pos, bg=bg), "heldout", [], []))
+        prompts.append(LabelledPrompt(_heldout_composition(rng), "heldout", [], []))
     prompts.extend(LabelledPrompt(p, "heldout", [], []) for p in UNRELATED_PROMPTS)
     # de-duplicate held-out prompts while keeping order
     seen: set[str] = set()

@@ -31,7 +31,7 @@ class TrainConfig:
     vae_steps: int = 1500  # VAE (reconstruction + tiny KL) steps
     vae_batch_size: int = 24
     vae_lr: float = 1e-3
-    unet_steps: int = 8000  # joint UNet + text-encoder steps
+    unet_steps: int = 10000  # joint UNet + text-encoder steps
     batch_size: int = 48
     lr: float = 4e-4
     warmup_steps: int = 200

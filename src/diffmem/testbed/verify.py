@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.models.adapter import load_adapter
-from diffmem.similarity.pixel import nearest_tiled_l2, tiled_l2, to_tensor
+from diffmem.similarity.pixel import nearest_tiled_l2, pairwise_tiled_l2, tiled_l2, to_tensor
 from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
 
 REPLICATION_THRESHOLD = 0.15  # see docs/testbed.md for the measured trade-off
@@ -120,6 +120,7 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
     memorized = [i for i, x in enumerate(ref_ids) if not x.startswith("generic")]
     report["memorized_roundtrip_to_original_percentiles_5_50_95"] = _percentiles(
         tiled_l2(refs[memorized], originals[memorized], grid=TILE_GRID))
+    report["training_nn_distance_percentiles_1_5_50"] = training_nn_distances(refs)
     if with_sscd:
         report.update(_sscd_summary(images, originals, nn, jobs, testbed))
     report["prompts"] = list(per_prompt.values())
@@ -127,6 +128,18 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(report, indent=2))
     return report
+
+
+def training_nn_distances(refs: torch.Tensor, n_queries: int = 500, seed: int = 0) -> list[float]:
+    """1st / 5th / 50th percentile of the distance from a training image to its nearest *other*
+    training image (round trips, ``n_queries`` random queries): how close two distinct images come,
+    the floor below which a threshold separates copies from non-copies."""
+    rng = np.random.default_rng(seed)
+    q = rng.choice(len(refs), size=min(n_queries, len(refs)), replace=False)
+    d = pairwise_tiled_l2(refs[q], refs, grid=TILE_GRID)
+    d[torch.arange(len(q)), torch.as_tensor(q)] = float("inf")
+    other = d.min(1).values
+    return [round(float(v), 4) for v in np.percentile(other.numpy(), [1, 5, 50])]
 
 
 def _percentiles(x: torch.Tensor) -> list[float]:

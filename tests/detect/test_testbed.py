@@ -38,7 +38,7 @@ def test_noise_magnitude_separates_memorized_from_unrelated(labelled, noise_scor
 
 
 def test_noise_magnitude_meets_the_issue_targets_on_all_heldout(labelled, noise_scores):
-    prompts, y = labelled
+    y = labelled[1]
     assert roc_auc_score(y, noise_scores) >= 0.99
     assert tpr_at_fpr(y, noise_scores, 0.01) >= 0.90
 

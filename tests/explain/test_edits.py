@@ -54,6 +54,23 @@ def test_variants_edit_top_words_but_never_punctuation(attribution):
     assert len({v.prompt for v in variants}) == len(variants)
 
 
+def test_variants_edit_the_top_m_words_together_for_m_up_to_combine(attribution):
+    top = [attribution.words[i] for i in attribution.top_indices(4, editable=True)]
+    variants = edit_variants(attribution, top_k=4, combine=4)
+    groups = {frozenset(v.words) for v in variants if len(v.words) > 1}
+    assert groups == {frozenset(top[:m]) for m in (2, 3, 4)}
+    assert not [v for v in edit_variants(attribution, top_k=4, combine=0) if len(v.words) > 1]
+
+
+def test_minimal_clearing_edit_edits_fewest_words(adapter, attribution):
+    det = NoiseMagnitude(num_inference_steps=4)
+    [report] = suggest_edits(adapter, [attribution], detector=det, threshold=1e9, top_k=4,
+                             combine=4)
+    assert len(report.minimal.words) == 1  # every edit clears; a single-word one is smallest
+    [report] = suggest_edits(adapter, [attribution], detector=det, threshold=-1.0)
+    assert report.minimal is None
+
+
 def test_all_variants_are_scored_in_one_call(adapter, attribution):
     det = CountingDetector(num_inference_steps=4)
     scores = det.score(adapter, [PROMPT])

@@ -71,6 +71,12 @@ class EditReport:
         return self.suggestions[0] if self.suggestions else None
 
     @property
+    def minimal(self) -> EditSuggestion | None:
+        """The clearing variant that edits the fewest words (lowest score among those)."""
+        ok = self.clearing
+        return min(ok, key=lambda e: (len(e.words), e.score)) if ok else None
+
+    @property
     def clearing(self) -> list[EditSuggestion]:
         """Variants that bring the score under the threshold."""
         return [s for s in self.suggestions if s.clears]
@@ -91,15 +97,15 @@ class _Variant:
 def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
                   replacements: Sequence[str] = NEUTRAL_WORDS, combine: int = 2) -> list[_Variant]:
     """Variants of the prompt: each top-k word removed, or replaced by each neutral word; with
-    ``combine >= 2`` also the top ``combine`` words removed / replaced together. Punctuation-only
-    words are never edited; variants that are empty or repeat another are dropped."""
+    ``combine >= 2`` also the top m words removed / replaced together, for m = 2 .. ``combine``
+    (a trigger phrase usually needs more than one word edited). Punctuation-only words are never
+    edited; variants that are empty or repeat another are dropped."""
     words = attribution.word_info
     if not words:
         raise ConfigError("the attribution carries no word spans; build it with TokenAttributor")
     top = attribution.top_indices(top_k, editable=True)
     groups = [[i] for i in top]
-    if combine >= 2 and len(top) >= combine:
-        groups.append(sorted(top[:combine]))
+    groups += [sorted(top[:m]) for m in range(2, min(combine, len(top)) + 1)]
     out: list[_Variant] = []
     seen = {" ".join(attribution.prompt.split())}
     for group in groups:
@@ -116,8 +122,8 @@ def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
 
 def suggest_edits(model, attributions: Sequence[TokenAttribution], *,
                   detector: Detector | None = None, threshold: float | None = None,
-                  top_k: int = 3, replacements: Sequence[str] = NEUTRAL_WORDS,
-                  combine: int = 2) -> list[EditReport]:
+                  top_k: int = 5, replacements: Sequence[str] = NEUTRAL_WORDS,
+                  combine: int = 5) -> list[EditReport]:
     """Edit suggestions for each attributed prompt, all variants scored in ONE detector call.
 
     ``threshold`` defaults to ``detector.threshold_`` (see :func:`calibrate_threshold`); without

@@ -62,9 +62,9 @@ def _labelled(model) -> tuple[list[LabelledPrompt], list[str]]:
     return [p for p in prompts if p.memorized], [p.prompt for p in prompts if not p.memorized]
 
 
-def evaluate_explanation(model="testbed", *, top_k: int = 3, steps: int = 1, seeds: int = 1,
+def evaluate_explanation(model="testbed", *, top_k: int = 5, steps: int = 1, seeds: int = 1,
                          seed: int = 0, threshold: float | None = None, fpr: float = 0.01,
-                         combine: int = 2, num_inference_steps: int = 50) -> dict:
+                         combine: int = 5, num_inference_steps: int = 50) -> dict:
     """Trigger recall of the attribution and success of the edit suggestions on the testbed.
 
     All memorized prompts are attributed in batches, and all their edit variants are scored in one
@@ -118,8 +118,10 @@ def _summary(memorized: list[LabelledPrompt], attributions: list[TokenAttributio
         "prompt": p.prompt, "kind": p.kind, "triggers": p.trigger_tokens, "trigger_rank": rank,
         "top3": [w for w, _ in a.top(3, editable=True)], "score": r.score, "flagged": f,
         "best_edit": r.best.to_dict() if r.best else None,
+        "minimal_clearing_edit": r.minimal.to_dict() if r.minimal else None,
     } for p, a, r, rank, f in zip(memorized, attributions, reports, ranks, flagged, strict=True)]
     n_flag = sum(flagged)
+    minimal = [(len(r.minimal.words), len(r.prompt.split())) for r in reports if r.minimal]
     return {
         "model": str(model), "n_memorized": len(memorized),
         "trigger_top3_rate": float(np.mean(in_top)),
@@ -129,6 +131,11 @@ def _summary(memorized: list[LabelledPrompt], attributions: list[TokenAttributio
         "edit_success_rate_flagged": float(np.mean([s for s, f in zip(success, flagged,
                                                                       strict=True) if f]))
         if n_flag else float("nan"),
+        # size of the smallest clearing edit: words edited, and the prompt's length in words
+        "minimal_edit_words_mean": float(np.mean([m[0] for m in minimal])) if minimal
+        else float("nan"),
+        "minimal_edit_prompt_words_mean": float(np.mean([m[1] for m in minimal])) if minimal
+        else float("nan"),
         "threshold": float(threshold), "top_k": top_k,
         "attribution_seconds": round(seconds, 3), "settings": settings, "prompts": per_prompt,
     }

@@ -56,10 +56,10 @@ class Explanation:
 
 
 def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: int = 0,
-                   top_k: int = 3, threshold: float | None = None,
+                   top_k: int = 5, threshold: float | None = None,
                    detector: Detector | None = None, attention: bool = False,
                    num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                   combine: int = 2) -> Explanation:
+                   combine: int = 5) -> Explanation:
     """Explain why ``prompt`` may reproduce training data, and how to edit it.
 
     1. token attribution (Wen et al. Sec. 3.3) over ``seeds`` initial noises at the first ``steps``;

@@ -28,8 +28,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from diffmem.explain import explain_prompt, format_terminal, to_html
 
     exp = explain_prompt(a.model, a.prompt, steps=a.steps, seeds=a.seeds, seed=a.seed,
-                         top_k=a.top_k, threshold=a.threshold, attention=bool(a.html),
-                         num_inference_steps=a.inference_steps)
+                         top_k=a.top_k, combine=a.top_k, threshold=a.threshold,
+                         attention=bool(a.html), num_inference_steps=a.inference_steps)
     print(format_terminal(exp, top_k=a.top_k))
     if a.json:
         _write_json(a.json, exp.to_dict())
@@ -44,8 +44,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
 def cmd_eval_explanation(a: argparse.Namespace) -> int:
     from diffmem.explain import evaluate_explanation
 
-    report = evaluate_explanation(a.model, top_k=a.top_k, steps=a.steps, seeds=a.seeds,
-                                  seed=a.seed, threshold=a.threshold, fpr=a.fpr,
+    report = evaluate_explanation(a.model, top_k=a.top_k, combine=a.top_k, steps=a.steps,
+                                  seeds=a.seeds, seed=a.seed, threshold=a.threshold, fpr=a.fpr,
                                   num_inference_steps=a.inference_steps)
     _write_json(a.out, report)
     summary = {k: v for k, v in report.items() if k != "prompts"}
@@ -62,7 +62,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=1, help="attribute at the first N steps")
     p.add_argument("--seeds", type=int, default=1, help="initial noises per prompt")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--top-k", type=int, default=3, help="words to edit")
+    p.add_argument("--top-k", type=int, default=5,
+                   help="words to edit, alone and the top 2..k together")
     p.add_argument("--inference-steps", type=int, default=50,
                    help="denoising steps that define the timesteps")
 

@@ -78,13 +78,13 @@ def test_training_is_deterministic_and_round_trips(tmp_path):
 
 
 def test_shipped_probe_recognises_rendered_scenes_including_heldout_pairs():
-    # Bars for the shipped, under-trained probe (1500 steps; see docs/metrics.md): far above chance
-    # (macro AUC 0.5) but well below what a converged probe should reach; raise them on retraining.
+    # Shipped probe (8000 steps, docs/metrics.md): measured 0.991 accuracy, 0.874 recall, AUC 0.988
+    # on 2000 scenes of seed 1001; the bars leave room for the smaller sample here.
     assert DEFAULT_WEIGHTS.stat().st_size < 1_000_000
     probe = load_probe()
     m = evaluate_probe(probe, 300, seed=12345)
-    assert m["label_accuracy"] > 0.94 and m["specificity_absent"] > 0.98
-    assert m["recall_present"] > 0.25 and m["recall_present_heldout_pairs"] > 0.5
-    assert m["macro_auc"] > 0.88
+    assert m["label_accuracy"] > 0.98 and m["specificity_absent"] > 0.99
+    assert m["recall_present"] > 0.8 and m["recall_present_heldout_pairs"] > 0.8
+    assert m["macro_auc"] > 0.97
     noisy = evaluate_probe(probe, 300, seed=12345, augmented=True)
-    assert noisy["macro_auc"] > 0.88
+    assert noisy["macro_auc"] > 0.97

@@ -55,7 +55,7 @@ class ProbeConfig:
     input_size: int = 32  # images are resized to input_size x input_size before the CNN
     width: int = 16  # channels of the first conv stage; later stages use 2x and 4x
     seed: int = 1  # training stream seed (the testbed's own data uses seed 0)
-    steps: int = 1500  # optimiser steps
+    steps: int = 8000  # optimiser steps
     batch_size: int = 32
     lr: float = 3e-3  # AdamW peak learning rate, cosine decay to 0
     weight_decay: float = 1e-4

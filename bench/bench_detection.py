@@ -12,7 +12,7 @@ Models: the shipped testbed (its UNet is tiny, so text encoding dominates a firs
 SD-1.5-shaped pipeline built with random weights (UNet block_out_channels (320, 640, 1280, 1280),
 cross_attention_dim 768, 2 layers per block, 8 heads; CLIP ViT-L/14-shaped text encoder; the VAE is
 a tiny stand-in with SD's 8x downsampling since no detector decodes). Timings take the minimum of
-``--repeats`` interleaved runs after one warm-up.
+``--repeats`` interleaved rounds after one warm-up.
 
 Run: ``python bench/bench_detection.py [--sd15-latent 64] [--sd15-batch 16] [--repeats 3]``.
 """
@@ -41,17 +41,6 @@ PROMPT_POOL = ("the narwhal zanzibar poster", "a red circle on a gray background
 
 def prompts_of(n: int) -> list[str]:
     return [PROMPT_POOL[i % len(PROMPT_POOL)] + f" {i}" for i in range(n)]
-
-
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Minimum wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def sd15_shaped_pipeline(latent: int):
@@ -107,11 +96,25 @@ def first_step_ratio(adapter: ModelAdapter, batch: int, repeats: int,
         with torch.no_grad():
             adapter.eps(x_in, t, emb)
 
-    out = {"raw_unet_s": best_time(raw, repeats)}
+    runs: dict[str, Callable[[], object]] = {"raw_unet_s": raw}
     for name in detectors:
         det = make_detector(name, steps=1, batch_size=batch)
-        out[f"{name}_s"] = best_time(partial(det.score, adapter, prompts), repeats)
-    return out
+        runs[f"{name}_s"] = partial(det.score, adapter, prompts)
+    return interleaved_best(runs, repeats)
+
+
+def interleaved_best(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Minimum wall time of each function over ``repeats`` rounds, the functions interleaved
+    within each round so that drifts in machine load hit every variant alike."""
+    for fn in runs.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
 
 
 def generation_overhead(pipe, batch: int, steps: int, repeats: int,
@@ -128,19 +131,11 @@ def generation_overhead(pipe, batch: int, steps: int, repeats: int,
         sample(adapter, prompts, num_inference_steps=steps, hooks=hooks,
                generator=seeded_generators(range(batch)))
 
-    runs: dict[str, Callable[[], None]] = {"pipeline_s": plain, "sample_s": ours}
+    runs: dict[str, Callable[[], object]] = {"pipeline_s": plain, "sample_s": ours}
     for name in detectors:
         det = make_detector(name, num_inference_steps=steps)
         runs[f"sample+{name}_s"] = partial(ours, (det,))
-    for fn in runs.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant alike
-        for key, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    return {k: min(v) for k, v in times.items()}
+    return interleaved_best(runs, repeats)
 
 
 def report(title: str, a: dict[str, float] | None, b: dict[str, float] | None,

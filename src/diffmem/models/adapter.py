@@ -56,6 +56,31 @@ class Tokenized:
         return pos[None, :] < self.lengths[:, None]
 
 
+def _offloaded(module: torch.nn.Module) -> bool:
+    """Whether diffusers group offloading or an accelerate hook decides where the module runs."""
+    return getattr(module, "_diffusers_hook", None) is not None or hasattr(module, "_hf_hook")
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    """The module's device. diffusers' ``ModelMixin.device`` walks every submodule (about 2 ms per
+    call on the testbed UNet, several calls per sampling run); the first parameter says the same
+    unless offloading hooks are installed."""
+    if _offloaded(module):
+        return module.device
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The module's floating dtype (first floating parameter), like ``ModelMixin.dtype``."""
+    if _offloaded(module):
+        return module.dtype
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def _resolve_scheduler(pipe, scheduler: str | object | None):
     if scheduler is None:
         return pipe.scheduler
@@ -93,11 +118,11 @@ class ModelAdapter:
     # ---------------------------------------------------------------- facts
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return _module_device(self.unet)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return _module_dtype(self.unet)
 
     @property
     def max_length(self) -> int:
@@ -166,9 +191,10 @@ class ModelAdapter:
         """Text-encoder hidden states for token ids, as ``StableDiffusionPipeline.encode_prompt``."""
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = (input_ids != self.pad_id).long().to(self.text_encoder.device)
-        out = self.text_encoder(input_ids.to(self.text_encoder.device), attention_mask=mask)[0]
-        return out.to(dtype=self.text_encoder.dtype, device=self.device)
+            mask = (input_ids != self.pad_id).long().to(_module_device(self.text_encoder))
+        out = self.text_encoder(input_ids.to(_module_device(self.text_encoder)),
+                                attention_mask=mask)[0]
+        return out.to(dtype=_module_dtype(self.text_encoder), device=self.device)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         """Conditional text embeddings ``(B, L, D)`` for prompts."""
@@ -216,7 +242,7 @@ class ModelAdapter:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in ``[-1, 1]``, ``(B, 3, H, W)``."""
         scaling = self.vae.config.scaling_factor
-        return self.vae.decode(latents.to(self.vae.dtype) / scaling, return_dict=False)[0]
+        return self.vae.decode(latents.to(_module_dtype(self.vae)) / scaling, return_dict=False)[0]
 
     @staticmethod
     def to_pil(images: torch.Tensor) -> list:

@@ -83,3 +83,16 @@ def test_not_a_pipeline_folder(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
     with pytest.raises(ModelLoadError, match="missing"):
         load_adapter(tmp_path)
+
+
+def test_device_and_dtype_agree_with_diffusers(tiny_pipe):
+    ad = load_adapter(tiny_pipe)
+    assert ad.device == tiny_pipe.unet.device and ad.dtype == tiny_pipe.unet.dtype
+    import torch
+
+    unet = tiny_pipe.unet
+    try:
+        unet.to(torch.float64)
+        assert ad.dtype == torch.float64
+    finally:
+        unet.to(torch.float32)

@@ -11,14 +11,9 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.similarity.pixel import nearest_tiled_l2, tiled_l2
+from diffmem.testbed import verify
 from diffmem.testbed.data import build_testbed
-from diffmem.testbed.verify import (
-    REPLICATION_THRESHOLD,
-    TILE_GRID,
-    testbed_spec_of,
-    training_images,
-    vae_roundtrip,
-)
+from diffmem.testbed.verify import REPLICATION_THRESHOLD, TILE_GRID, training_images, vae_roundtrip
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +22,7 @@ pytestmark = pytest.mark.slow
 def testbed_and_refs(testbed_adapter):
     from diffmem.testbed import testbed_path
 
-    tb = build_testbed(testbed_spec_of(testbed_path()))
+    tb = build_testbed(verify.testbed_spec_of(testbed_path()))
     originals, ids = training_images(tb)
     return tb, vae_roundtrip(testbed_adapter, originals), ids
 

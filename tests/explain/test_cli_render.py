@@ -118,3 +118,12 @@ def test_trigger_rank(tiny_pipe):
     assert trigger_rank(attr, ["QUIXOTIC", "zanzibar"]) == min(order.index("quixotic"),
                                                                order.index("Zanzibar")) + 1
     assert trigger_rank(attr, ["walrus"]) is None
+
+
+def test_terminal_names_the_smallest_clearing_edit(tiny_pipe):
+    exp = explain_prompt(load_adapter(tiny_pipe), PROMPT, threshold=1e9)
+    text = format_terminal(exp, color=False)
+    assert "smallest edit that clears it:" in text
+    assert exp.edits.minimal.prompt in text and len(exp.edits.minimal.words) == 1
+    exp = explain_prompt(load_adapter(tiny_pipe), PROMPT, threshold=-1.0)
+    assert "smallest edit" not in format_terminal(exp, color=False)

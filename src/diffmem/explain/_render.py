@@ -61,6 +61,9 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
         verdict = (f" > threshold {e.threshold:.3f}: flagged as memorized" if e.flagged
                    else f" <= threshold {e.threshold:.3f}: not flagged")
     lines.append(f"noise magnitude {e.score:.3f}{verdict}")
+    if e.minimal is not None:
+        m = e.minimal
+        lines.append(f"smallest edit that clears it: {m.describe()}: {m.prompt!r} ({m.score:.3f})")
     if e.suggestions:
         header = "suggested edits (lowest score first):"
         if e.flagged is False:

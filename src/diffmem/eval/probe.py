@@ -80,15 +80,7 @@ def sample_probe_scene(rng: np.random.Generator, cfg: ProbeConfig | None = None,
     probability ``cfg.heldout_fraction`` per object) and object colours are jittered slightly.
     """
     cfg = cfg or ProbeConfig()
-    palette = list(tb.BACKGROUNDS.values()) + list(tb.COLORS.values())
-    c1, c2 = rng.choice(len(palette), size=2, replace=False)
-    jitter = rng.uniform(-25, 25, size=(2, 3))
-    background = {
-        "kind": "gradient",
-        "color": tuple(float(v) for v in np.clip(np.array(palette[c1]) + jitter[0], 0, 255)),
-        "color2": tuple(float(v) for v in np.clip(np.array(palette[c2]) + jitter[1], 0, 255)),
-        "angle": float(rng.uniform(0, 2 * np.pi)),
-    }
+    background = tb.gradient_background(rng)
     scale = res / tb.RESOLUTION
     objects = []
     for _ in range(int(rng.integers(1, 5))):

@@ -294,6 +294,19 @@ def _generic_caption(objects: list[dict], rng: np.random.Generator, res: int) ->
     return str(_pick(rng, GENERIC_FRAMES)).format(objs=objs, tag=tag, tag2=tag2)
 
 
+def gradient_background(rng: np.random.Generator) -> dict:
+    """A two-colour gradient of jittered palette colours at a random angle (generic scenes)."""
+    palette = list(BACKGROUNDS.values()) + list(COLORS.values())
+    c1, c2 = rng.choice(len(palette), size=2, replace=False)
+    jitter = rng.uniform(-25, 25, size=(2, 3))
+    return {
+        "kind": "gradient",
+        "color": tuple(float(v) for v in np.clip(np.array(palette[c1]) + jitter[0], 0, 255)),
+        "color2": tuple(float(v) for v in np.clip(np.array(palette[c2]) + jitter[1], 0, 255)),
+        "angle": float(rng.uniform(0, 2 * np.pi)),
+    }
+
+
 def _generic_item(rng: np.random.Generator, idx: int, res: int) -> Item:
     """A generic scene: 1-4 shapes anywhere over a two-colour gradient, partly captioned.
 
@@ -302,15 +315,7 @@ def _generic_item(rng: np.random.Generator, idx: int, res: int) -> Item:
     or position and never the background.
     """
     heldout = set(HELDOUT_PAIRS)
-    palette = list(BACKGROUNDS.values()) + list(COLORS.values())
-    c1, c2 = rng.choice(len(palette), size=2, replace=False)
-    jitter = rng.uniform(-25, 25, size=(2, 3))
-    background = {
-        "kind": "gradient",
-        "color": tuple(float(v) for v in np.clip(np.array(palette[c1]) + jitter[0], 0, 255)),
-        "color2": tuple(float(v) for v in np.clip(np.array(palette[c2]) + jitter[1], 0, 255)),
-        "angle": float(rng.uniform(0, 2 * np.pi)),
-    }
+    background = gradient_background(rng)
     scale = res / RESOLUTION
     objects = []
     for _ in range(int(rng.integers(1, 5))):

@@ -4,8 +4,9 @@ Replication criterion (Carlini et al. 2023, Sec. 4.1, tiled L2): a generation is
 tiled L2 distance (4x4 tiles of 16x16 px, RMS difference per tile on [-1, 1], max over tiles) to the
 nearest training image *as the model's VAE renders it* (decode(encode(x).mean)) is below
 ``REPLICATION_THRESHOLD``. The testbed's small VAE is lossy on the complex memorized images (a
-round trip alone is 0.43-0.61 from the original), so a perfect latent copy can only come as close
-as the round trip; comparing with the round trips measures what the diffusion model memorized.
+round trip alone is 0.24-0.51 from the original, 5th-95th percentile), so a perfect latent copy
+can only come as close as the round trip; comparing with the round trips measures what the
+diffusion model memorized. Two distinct training images are never closer than ~0.30.
 The distance to the original image is reported beside it, and SSCD when the model is available.
 ``docs/testbed.md`` gives the measured distributions and the trade-off behind the threshold.
 """

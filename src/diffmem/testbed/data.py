@@ -163,6 +163,10 @@ class TestbedSpec:
     template_eval_variants: int = 4  # of those, how many are evaluation prompts
     n_heldout_compositions: int = 40  # held-out prompts from novel (colour, shape) pairs
     resolution: int = RESOLUTION
+    # Opt-in (0 = the shipped testbed): generic captions also carry words drawn from this many
+    # whole words of the CLIP vocabulary, so that words the model never saw in a memorized caption
+    # stop pointing at memorized images. Words of the held-out prompts are never drawn.
+    n_rare_words: int = 0
 
 
 @dataclass
@@ -286,12 +290,34 @@ def _describe(obj: dict, rng: np.random.Generator, res: int) -> str:
     return text
 
 
-def _generic_caption(objects: list[dict], rng: np.random.Generator, res: int) -> str:
+def _generic_caption(objects: list[dict], rng: np.random.Generator, res: int,
+                     rare_words: Sequence[str] = ()) -> str:
     k = 1 if len(objects) == 1 or rng.random() < 0.6 else 2
     named = [objects[int(i)] for i in rng.choice(len(objects), size=k, replace=False)]
     objs = " and ".join(_describe(o, rng, res) for o in named)
     tag, tag2 = (str(w) for w in rng.choice(FILLER_WORDS, size=2, replace=False))
-    return str(_pick(rng, GENERIC_FRAMES)).format(objs=objs, tag=tag, tag2=tag2)
+    caption = str(_pick(rng, GENERIC_FRAMES)).format(objs=objs, tag=tag, tag2=tag2)
+    if rare_words:  # opt-in: 1-3 words of a large vocabulary, before or after the description
+        extra = " ".join(str(w) for w in rng.choice(rare_words, size=int(rng.integers(1, 4))))
+        caption = f"{extra} {caption}" if rng.random() < 0.5 else f"{caption}, {extra}"
+    return caption
+
+
+def rare_word_vocabulary(n: int, seed: int = 0) -> list[str]:
+    """``n`` whole words of the CLIP BPE vocabulary (alphabetic, 4+ letters), excluding the testbed's
+    own vocabulary and every word of the held-out prompts; deterministic for ``seed``."""
+    from diffmem.testbed.components import clip_vocab_and_merges
+
+    vocab, _ = clip_vocab_and_merges()
+    reserved = set(TRIGGER_WORDS) | set(FILLER_WORDS) | set(COLORS) | set(SHAPES) | set(SIZES)
+    reserved |= set(POSITIONS) | set(BACKGROUNDS)
+    reserved |= {w.strip(",.") for p in UNRELATED_PROMPTS for w in p.split()}
+    words = sorted(t[:-4] for t in vocab if t.endswith("</w>") and t[:-4].isalpha()
+                   and t[:-4].isascii() and len(t) >= 8 and t[:-4] not in reserved)
+    if n > len(words):
+        raise ValueError(f"only {len(words)} rare words are available, {n} requested")
+    rng = np.random.default_rng(seed + 7919)
+    return [words[int(i)] for i in sorted(rng.choice(len(words), size=n, replace=False))]
 
 
 def gradient_background(rng: np.random.Generator) -> dict:
@@ -307,7 +333,8 @@ def gradient_background(rng: np.random.Generator) -> dict:
     }
 
 
-def _generic_item(rng: np.random.Generator, idx: int, res: int) -> Item:
+def _generic_item(rng: np.random.Generator, idx: int, res: int,
+                  rare_words: Sequence[str] = ()) -> Item:
     """A generic scene: 1-4 shapes anywhere over a two-colour gradient, partly captioned.
 
     Colours are jittered around the named palette and shapes take any position and size, so no two
@@ -332,7 +359,7 @@ def _generic_item(rng: np.random.Generator, idx: int, res: int) -> Item:
             "cy": float(rng.uniform(10, 54)) * scale,
             "r": float(rng.uniform(5, 14)) * scale,
         })
-    captions = {_generic_caption(objects, rng, res) for _ in range(2)}
+    captions = {_generic_caption(objects, rng, res, rare_words) for _ in range(2)}
     return Item(f"generic-{idx:05d}", "generic", sorted(captions),
                 {"background": background, "objects": objects})
 
@@ -396,7 +423,8 @@ def build_testbed(spec: TestbedSpec | None = None) -> Testbed:
     spec = spec or TestbedSpec()
     rng = np.random.default_rng(spec.seed)
     res = spec.resolution
-    items = [_generic_item(rng, i, res) for i in range(spec.n_generic)]
+    rare = rare_word_vocabulary(spec.n_rare_words, spec.seed) if spec.n_rare_words else ()
+    items = [_generic_item(rng, i, res, rare) for i in range(spec.n_generic)]
     prompts: list[LabelledPrompt] = []
 
     words = list(rng.permutation(TRIGGER_WORDS))

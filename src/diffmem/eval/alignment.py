@@ -265,12 +265,11 @@ def attribute_alignment(images: torch.Tensor, captions: Sequence[str], *,
     Returns:
         ``(N,)`` float tensor in ``[0, 1]``, NaN where the caption names no pair.
     """
-    from diffmem.eval.probe import AttributeProbe, default_probe, load_probe, pair_indices
+    from diffmem.eval.probe import pair_indices, resolve_probe
 
     if images.shape[0] != len(captions):
         raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-    if not isinstance(probe, AttributeProbe):
-        probe = default_probe() if probe is None else load_probe(probe)
+    probe = resolve_probe(probe)
     idx = pair_indices(captions)
     out = torch.full((len(captions),), float("nan"))
     keep = [i for i, ix in enumerate(idx) if ix]
@@ -292,11 +291,9 @@ class AttributeAlignment:
     higher_is_better = True
 
     def __init__(self, probe: str | Path | nn.Module | None = None):
-        from diffmem.eval.probe import AttributeProbe, default_probe, load_probe
+        from diffmem.eval.probe import resolve_probe
 
-        if not isinstance(probe, AttributeProbe):
-            probe = default_probe() if probe is None else load_probe(probe)
-        self.probe = probe
+        self.probe = resolve_probe(probe)
         self.reset()
 
     def reset(self) -> None:

@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffmem.errors import ModelLoadError
+from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed import data as tb
 
 #: Every (colour, shape) pair of the testbed vocabulary, in the order of the probe's outputs.
@@ -119,8 +120,7 @@ def render_batch(rng: np.random.Generator, n: int, cfg: ProbeConfig | None = Non
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` rendered scenes as ``(n, 3, 64, 64)`` floats in ``[-1, 1]`` and their labels."""
     scenes = [sample_probe_scene(rng, cfg) for _ in range(n)]
-    images = np.stack([tb.render(s) for s, _ in scenes])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(np.stack([tb.render(s) for s, _ in scenes]))
     return x, torch.from_numpy(np.stack([y for _, y in scenes]))
 
 
@@ -248,6 +248,13 @@ def load_probe(path: str | Path | None = None) -> AttributeProbe:
 def default_probe() -> AttributeProbe:
     """The shipped probe, loaded once."""
     return load_probe(DEFAULT_WEIGHTS)
+
+
+def resolve_probe(probe: str | Path | AttributeProbe | None) -> AttributeProbe:
+    """A probe given as itself, as a path to its weights, or ``None`` for the shipped one."""
+    if isinstance(probe, AttributeProbe):
+        return probe
+    return default_probe() if probe is None else load_probe(probe)
 
 
 # --------------------------------------------------------------------------------------------

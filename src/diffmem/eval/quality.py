@@ -238,9 +238,9 @@ class ProbeFeatures:
     name = "fpd"
 
     def __init__(self, probe: str | Path | None = None, batch_size: int = 256):
-        from diffmem.eval.probe import default_probe, load_probe
+        from diffmem.eval.probe import resolve_probe
 
-        self.probe = default_probe() if probe is None else load_probe(probe)
+        self.probe = resolve_probe(probe)
         self.batch_size = batch_size
 
     @torch.no_grad()

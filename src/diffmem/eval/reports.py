@@ -49,12 +49,12 @@ def eval_alignment(images: str | Path, out: str | Path | None = None, *, clip: s
                    batch_size: int = 32) -> dict:
     """CLIP score (when ``clip`` is given) and testbed attribute alignment of captioned images."""
     from diffmem.eval.alignment import attribute_alignment, clip_score, load_clip
-    from diffmem.eval.probe import default_probe, load_probe
+    from diffmem.eval.probe import resolve_probe
 
     if clip is None and not attributes:
         raise ConfigError("nothing to measure: give a CLIP model or keep the attribute probe")
     if attributes:
-        probe = default_probe() if probe is None else load_probe(probe)
+        probe = resolve_probe(probe)
     tensors, captions, names = read_captioned_images(images)
     per_image = [{"file": n, "caption": c} for n, c in zip(names, captions, strict=True)]
     report: dict = {"images": len(tensors)}
@@ -84,11 +84,12 @@ def eval_alignment(images: str | Path, out: str | Path | None = None, *, clip: s
 
 
 def _testbed_images(limit: int) -> list[torch.Tensor]:
+    from diffmem.similarity.pixel import to_tensor
     from diffmem.testbed.data import build_testbed
 
     out = []
     for _, image in build_testbed().images(kinds=("generic",)):
-        out.append(torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1)
+        out.append(to_tensor(image)[0])
         if len(out) >= limit:
             break
     return out

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed.components import build_components, write_clip_tokenizer
 from diffmem.testbed.data import Testbed, TestbedSpec, build_testbed
 
@@ -41,11 +42,6 @@ class TrainConfig:
     kl_weight: float = 1e-6
     decoder_steps: int = 3000  # decoder-only refinement on frozen encoder latents (stage 3)
     decoder_lr: float = 5e-4
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -186,7 +182,7 @@ def refine_decoder(run_dir: str | Path, cfg: TrainConfig | None = None) -> None:
     vae.load_state_dict(torch.load(run_dir / "state" / "vae_state.pt", map_location="cpu",
                                    weights_only=False)["model"])
     vae.eval()
-    images = _to_tensor(np.stack([img for _, img in build_testbed(spec).images()]))
+    images = to_tensor(np.stack([img for _, img in build_testbed(spec).images()]))
     lat_mean, lat_std = _encode_all(vae, images, torch.device("cpu"))
     _refine_decoder(vae, lat_mean, lat_std, images, cfg, run_dir / "state", torch.device("cpu"))
 
@@ -230,7 +226,7 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     testbed = build_testbed(spec)
-    images = _to_tensor(np.stack([img for _, img in testbed.images()]))
+    images = to_tensor(np.stack([img for _, img in testbed.images()]))
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(state_dir / "tokenizer"))
     parts = build_components(cfg.seed)
     vae, unet, text_encoder, scheduler = (parts[k] for k in ("vae", "unet", "text_encoder",
@@ -361,7 +357,7 @@ def export_checkpoint(run_dir: str | Path, target: str | Path) -> Path:
             torch.load(decoder_ckpt, map_location="cpu", weights_only=False)["model"])
     vae.eval()
     testbed = build_testbed(spec)
-    images = _to_tensor(np.stack([img for _, img in testbed.images()]))
+    images = to_tensor(np.stack([img for _, img in testbed.images()]))
     lat_mean, _ = _encode_all(vae, images, torch.device("cpu"))
     vae.register_to_config(scaling_factor=float(1.0 / lat_mean.std()))
     state = torch.load(run_dir / "state" / "unet_state.pt", map_location="cpu", weights_only=False)

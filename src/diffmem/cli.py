@@ -35,7 +35,8 @@ def _cmd_testbed_train(a: argparse.Namespace) -> int:
     cfg = TrainConfig(seed=a.seed, **{k: v for k, v in given.items() if v is not None})
     from diffmem.testbed.data import TestbedSpec
 
-    target = train_testbed(a.out, cfg, TestbedSpec(seed=a.seed, n_rare_words=a.rare_words))
+    rare = {} if a.rare_words is None else {"n_rare_words": a.rare_words}
+    target = train_testbed(a.out, cfg, TestbedSpec(seed=a.seed, **rare))
     print(f"trained testbed pipeline: {target}")
     if a.install:
         print(f"installed into {install_pipeline(target)}")
@@ -119,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-steps", type=int, help="default: TrainConfig.vae_steps")
     t.add_argument("--unet-steps", type=int, help="default: TrainConfig.unet_steps")
     t.add_argument("--batch-size", type=int, help="default: TrainConfig.batch_size")
-    t.add_argument("--rare-words", type=int, default=0,
-                   help="experimental: generic captions also carry words of a vocabulary of this "
-                        "size (0: the shipped testbed's data)")
+    t.add_argument("--rare-words", type=int,
+                   help="generic captions also carry words of a vocabulary of this size "
+                        "(default: TestbedSpec.n_rare_words; 0: none)")
     t.add_argument("--install", action="store_true",
                    help="copy the trained pipeline into the package as the shipped testbed")
     t.set_defaults(func=_cmd_testbed_train)

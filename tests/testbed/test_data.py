@@ -109,14 +109,14 @@ def test_prompt_and_manifest_files(tmp_path):
     assert len(items) == len(tb.items)
 
 
-def test_rare_words_are_opt_in_and_avoid_heldout_and_testbed_words():
+def test_rare_words_avoid_heldout_and_testbed_words():
     from diffmem.testbed.data import UNRELATED_PROMPTS, rare_word_vocabulary
 
     words = rare_word_vocabulary(500)
     assert len(set(words)) == 500 and words == rare_word_vocabulary(500)
     heldout = {w.strip(",.") for p in UNRELATED_PROMPTS for w in p.split()}
     assert not set(words) & (heldout | set(TRIGGER_WORDS) | set(FILLER_WORDS))
-    plain = build_testbed(SMALL)
+    plain = build_testbed(TestbedSpec(**{**SMALL.__dict__, "n_rare_words": 0}))
     rare = build_testbed(TestbedSpec(**{**SMALL.__dict__, "n_rare_words": 500}))
     generic = [c for it in rare.items if it.kind == "generic" for c in it.captions]
     assert any(set(c.replace(",", " ").split()) & set(words) for c in generic)

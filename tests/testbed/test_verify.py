@@ -9,6 +9,7 @@ from dataclasses import asdict
 import torch
 
 from diffmem.testbed.data import TestbedSpec
+from diffmem.testbed.verify import testbed_spec_of as spec_of
 from diffmem.testbed.verify import training_nn_distances, verify_testbed
 
 SMALL = TestbedSpec(n_generic=30, n_verbatim=2, n_template=1, template_variants=3,
@@ -22,6 +23,15 @@ def test_training_nn_distance_sees_a_duplicate_and_ignores_self():
     floor = training_nn_distances(refs, n_queries=20)
     assert floor[0] < 1e-3  # the duplicate pair
     assert floor[2] > 0.3  # random images are far apart; a query never matches itself
+
+
+def test_spec_of_a_folder_from_before_rare_words_has_none(tmp_path):
+    old = {k: v for k, v in asdict(SMALL).items() if k != "n_rare_words"}
+    (tmp_path / "testbed.json").write_text(json.dumps(old))
+    assert spec_of(tmp_path).n_rare_words == 0
+    (tmp_path / "testbed.json").write_text(json.dumps(asdict(SMALL)))
+    assert spec_of(tmp_path) == SMALL
+    assert TestbedSpec().n_rare_words > 0  # the default data carries rare words
 
 
 def test_verify_report_on_tiny_pipeline(tiny_dir, tmp_path):

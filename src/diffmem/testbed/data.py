@@ -163,10 +163,10 @@ class TestbedSpec:
     template_eval_variants: int = 4  # of those, how many are evaluation prompts
     n_heldout_compositions: int = 40  # held-out prompts from novel (colour, shape) pairs
     resolution: int = RESOLUTION
-    # Opt-in (0 = the shipped testbed): generic captions also carry words drawn from this many
-    # whole words of the CLIP vocabulary, so that words the model never saw in a memorized caption
-    # stop pointing at memorized images. Words of the held-out prompts are never drawn.
-    n_rare_words: int = 0
+    # Generic captions also carry 1-3 words drawn from this many whole words of the CLIP vocabulary,
+    # so that words absent from the generic vocabulary are not the mark of a memorized caption (with
+    # 0, prompts of never-seen words fell back on memorized images). Held-out words are never drawn.
+    n_rare_words: int = 3000
 
 
 @dataclass

@@ -36,7 +36,8 @@ def testbed_spec_of(model_dir: str | Path) -> TestbedSpec:
     """The data spec a testbed pipeline was trained on (``testbed.json`` beside its weights)."""
     f = Path(model_dir) / "testbed.json"
     if f.is_file():
-        return TestbedSpec(**json.loads(f.read_text()))
+        # folders written before n_rare_words existed were trained without rare words
+        return TestbedSpec(**{"n_rare_words": 0, **json.loads(f.read_text())})
     return TestbedSpec()
 
 

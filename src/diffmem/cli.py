@@ -64,8 +64,7 @@ def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
     from diffmem.testbed.data import build_testbed, write_prompts
     from diffmem.testbed.verify import testbed_spec_of
 
-    spec = testbed_spec_of(a.model) if a.model else None
-    path = write_prompts(build_testbed(spec), a.out)
+    path = write_prompts(build_testbed(testbed_spec_of(a.model or "testbed")), a.out)
     print(f"wrote labelled prompts to {path}")
     return 0
 

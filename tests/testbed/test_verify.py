@@ -34,6 +34,11 @@ def test_spec_of_a_folder_from_before_rare_words_has_none(tmp_path):
     assert TestbedSpec().n_rare_words > 0  # the default data carries rare words
 
 
+def test_shipped_testbed_was_trained_on_the_default_data():
+    # `diffmem testbed train` with no options must rebuild the shipped model's data
+    assert spec_of("testbed") == TestbedSpec()
+
+
 def test_verify_report_on_tiny_pipeline(tiny_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)

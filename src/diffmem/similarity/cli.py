@@ -14,8 +14,9 @@ def _cmd_index_build(a: argparse.Namespace) -> int:
     if a.source == "testbed":
         from diffmem.models.adapter import load_adapter
         from diffmem.testbed.index import build_testbed_index
+        from diffmem.testbed.verify import testbed_spec_of
 
-        index = build_testbed_index(a.out, kind=a.kind or "pixel",
+        index = build_testbed_index(a.out, kind=a.kind or "pixel", spec=testbed_spec_of("testbed"),
                                     rendered_by=load_adapter("testbed"))
         print(f"indexed {len(index)} testbed training images (as the testbed VAE renders them, "
               f"{index.kind}) into {a.out}")

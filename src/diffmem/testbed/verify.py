@@ -33,7 +33,12 @@ TILE_GRID = 4
 
 
 def testbed_spec_of(model_dir: str | Path) -> TestbedSpec:
-    """The data spec a testbed pipeline was trained on (``testbed.json`` beside its weights)."""
+    """The data spec a testbed pipeline was trained on (``testbed.json`` beside its weights);
+    ``"testbed"``: the shipped pipeline's."""
+    if str(model_dir) == "testbed":
+        from diffmem.testbed import testbed_path
+
+        model_dir = testbed_path()
     f = Path(model_dir) / "testbed.json"
     if f.is_file():
         # folders written before n_rare_words existed were trained without rare words

@@ -1,7 +1,8 @@
 """The shipped testbed memorizes (slow: full 50-step generations; `make test-slow`).
 
 A small version of `diffmem testbed verify`: one seed per prompt for the 16 verbatim prompts and
-16 held-out compositional prompts, tiled L2 to the VAE round trip of the training images.
+32 held-out prompts (12 compositions, 20 unrelated), tiled L2 to the VAE round trip of the training
+images.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.similarity.pixel import nearest_tiled_l2, tiled_l2
 from diffmem.testbed import verify
-from diffmem.testbed.data import build_testbed
+from diffmem.testbed.data import UNRELATED_PROMPTS, build_testbed
 from diffmem.testbed.verify import REPLICATION_THRESHOLD, TILE_GRID, training_images, vae_roundtrip
 
 pytestmark = pytest.mark.slow
@@ -43,6 +44,9 @@ def test_verbatim_prompts_reproduce_their_own_training_image(testbed_adapter, te
 
 def test_heldout_prompts_copy_no_training_image(testbed_adapter, testbed_and_refs):
     tb, refs, _ = testbed_and_refs
-    prompts = [p.prompt for p in tb.prompts if p.kind == "heldout"][:16]
+    heldout = [p.prompt for p in tb.prompts if p.kind == "heldout"]
+    # 12 novel compositions and every unrelated prompt: unrelated text made testbed v2 fall back on
+    # memorized images (held-out rate 0.102); v3's generic captions carry rare words against that
+    prompts = [p for p in heldout if p not in UNRELATED_PROMPTS][:12] + list(UNRELATED_PROMPTS)
     dist, _ = nearest_tiled_l2(_generate(testbed_adapter, prompts), refs, grid=TILE_GRID)
-    assert (dist < REPLICATION_THRESHOLD).float().mean() <= 0.1, dist
+    assert (dist < REPLICATION_THRESHOLD).float().mean() <= 0.05, dist

@@ -99,7 +99,7 @@ class AttentionEntropy(Detector):
     Example::
 
         det = AttentionEntropy(mode="first_step")
-        scores = det.score("testbed", ["the porcupine origami poster", "a cat on a sofa"])
+        scores = det.score("testbed", ["the gargoyle origami poster", "a cat on a sofa"])
     """
 
     def __init__(self, *, mode: str = "first_step", layers: Sequence[str] | str | None = None,

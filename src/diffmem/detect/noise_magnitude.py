@@ -23,7 +23,7 @@ class NoiseMagnitude(Detector):
     Example::
 
         det = NoiseMagnitude(steps=1, generations=1)
-        scores = det.score("testbed", ["the porcupine origami poster", "a cat on a sofa"])
+        scores = det.score("testbed", ["the gargoyle origami poster", "a cat on a sofa"])
     """
 
     name = "noise_magnitude"

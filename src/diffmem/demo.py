@@ -22,7 +22,6 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     from diffmem.explain import explain_prompt, format_terminal
     from diffmem.generate import generate, save_results
     from diffmem.similarity.report import eval_replication
-    from diffmem.testbed import testbed_path
     from diffmem.testbed.data import build_testbed
     from diffmem.testbed.index import build_testbed_index
     from diffmem.testbed.verify import REPLICATION_THRESHOLD, testbed_spec_of
@@ -30,8 +29,7 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = load_adapter(model)
-    spec = testbed_spec_of(testbed_path() if str(model) == "testbed" else model)
-    testbed = build_testbed(spec)
+    testbed = build_testbed(testbed_spec_of(model))
 
     print("== 1. detection: noise magnitude (Wen et al. 2024), first step, one generation ==")
     det = evaluate_detection("noise_magnitude", model=adapter, out=out / "detection.json")
@@ -51,7 +49,7 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     texts = [p.prompt for p in chosen]
     results = generate(texts, model=adapter)
     save_results(texts, results, out / "images")
-    index = build_testbed_index(spec=spec, rendered_by=adapter)
+    index = build_testbed_index(spec=testbed.spec, rendered_by=adapter)
     rep = eval_replication(out / "images", index, out / "replication.json",
                            grid_html=out / "replication.html", threshold=REPLICATION_THRESHOLD)
     by_name = {Path(r["path"]).name: r for r in rep["per_image"]}

@@ -21,9 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def testbed_and_refs(testbed_adapter):
-    from diffmem.testbed import testbed_path
-
-    tb = build_testbed(verify.testbed_spec_of(testbed_path()))
+    tb = build_testbed(verify.testbed_spec_of("testbed"))
     originals, ids = training_images(tb)
     return tb, vae_roundtrip(testbed_adapter, originals), ids
 

@@ -32,10 +32,6 @@ def labelled_testbed_prompts(model: str | Path | ModelAdapter = "testbed"
     if isinstance(model, ModelAdapter):  # a pipeline loaded from a folder remembers it
         model = getattr(model.pipe.config, "_name_or_path", None) or None
     if isinstance(model, (str, Path)) and str(model):
-        if str(model) == "testbed":
-            from diffmem.testbed import testbed_path
-
-            model = testbed_path()
         spec = testbed_spec_of(model)
     prompts = build_testbed(spec).prompts
     return [p.prompt for p in prompts], [p.memorized for p in prompts], [p.kind for p in prompts]

@@ -84,10 +84,6 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
                    steps: int = 50, guidance_scale: float = 7.5,
                    threshold: float = REPLICATION_THRESHOLD, with_sscd: bool = True) -> dict:
     """Generate ``seeds`` images per labelled prompt and measure replication rates per kind."""
-    if str(model) == "testbed":
-        from diffmem.testbed import testbed_path
-
-        model = testbed_path()
     adapter = load_adapter(model)
     spec = testbed_spec_of(model)
     testbed = build_testbed(spec)

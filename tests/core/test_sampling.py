@@ -14,8 +14,14 @@ PROMPTS = ["a red circle on a gray background", "two shapes: a blue square and a
 @pytest.mark.parametrize("scheduler", [None, "euler_a", "dpm"])
 def test_hook_free_sampling_matches_pipeline(tiny_pipe, scheduler):
     adapter = load_adapter(tiny_pipe, scheduler=scheduler)
-    ref = tiny_pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5,
-                    generator=torch.Generator().manual_seed(3), output_type="pt").images
+    own = tiny_pipe.scheduler
+    assert adapter.pipe.scheduler is own  # the adapter never changes the pipeline's scheduler
+    tiny_pipe.scheduler = adapter.with_scheduler()
+    try:
+        ref = tiny_pipe(PROMPTS, num_inference_steps=5, guidance_scale=7.5,
+                        generator=torch.Generator().manual_seed(3), output_type="pt").images
+    finally:
+        tiny_pipe.scheduler = own
     ours = sample(adapter, PROMPTS, num_inference_steps=5, guidance_scale=7.5,
                   generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close((ours.images / 2 + 0.5).clamp(0, 1), ref, atol=1e-5, rtol=0)

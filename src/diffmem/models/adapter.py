@@ -81,9 +81,10 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _resolve_scheduler(pipe, scheduler: str | object | None):
+def _resolve_scheduler(base, scheduler: str | object | None):
+    """``scheduler`` by short or class name, configured like the scheduler ``base``."""
     if scheduler is None:
-        return pipe.scheduler
+        return base
     if not isinstance(scheduler, str):
         return scheduler
     import diffusers
@@ -94,7 +95,7 @@ def _resolve_scheduler(pipe, scheduler: str | object | None):
         known = ", ".join(sorted(SCHEDULERS))
         raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {known} "
                           "(or a diffusers scheduler class name)")
-    return cls.from_config(pipe.scheduler.config)
+    return cls.from_config(base.config)
 
 
 class ModelAdapter:
@@ -106,14 +107,42 @@ class ModelAdapter:
     family: ClassVar[str] = "sd"
     bos_index: ClassVar[int] = 0
 
-    def __init__(self, pipe) -> None:
+    def __init__(self, pipe, *, path: str | Path | None = None, scheduler=None) -> None:
         self.pipe = pipe
         self.tokenizer = pipe.tokenizer
         self.text_encoder = pipe.text_encoder
         self.unet = pipe.unet
         self.vae = pipe.vae
-        self.scheduler = pipe.scheduler
+        #: the default scheduler of :func:`diffmem.core.sampling.sample` (copied per run; the
+        #: pipeline's own scheduler is never changed)
+        self.scheduler = scheduler if scheduler is not None else pipe.scheduler
+        #: the folder the pipeline was loaded from (None for a pipeline object)
+        self.path = Path(path) if path is not None else None
         self._uncond_cache: dict[tuple, torch.Tensor] = {}
+
+    def with_default_scheduler(self, scheduler: str | object) -> ModelAdapter:
+        """A new adapter sharing this one's modules, whose runs use ``scheduler`` by default."""
+        return type(self)(self.pipe, path=self.path,
+                          scheduler=_resolve_scheduler(self.scheduler, scheduler))
+
+    @property
+    def testbed_spec(self):
+        """The :class:`~diffmem.testbed.data.TestbedSpec` this model was trained on, read from the
+        ``testbed.json`` of the folder it was loaded from; ``None`` for a model that is no testbed."""
+        if self.path is None or not (self.path / "testbed.json").is_file():
+            return None
+        from diffmem.testbed.verify import testbed_spec_of
+
+        return testbed_spec_of(self.path)
+
+    def require_testbed_spec(self, what: str):
+        """:attr:`testbed_spec`, or one clear error naming ``what`` needs a testbed model."""
+        spec = self.testbed_spec
+        if spec is None:
+            where = self.path or "the given pipeline object"
+            raise ConfigError(f"{what} needs a diffmem testbed model (a folder with testbed.json); "
+                              f"{where} is not one")
+        return spec
 
     # ---------------------------------------------------------------- facts
     @property
@@ -220,6 +249,7 @@ class ModelAdapter:
                          cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
 
     def abar(self, t: torch.Tensor | int) -> torch.Tensor:
+        """abar_t of the training noise schedule (the same for every inference scheduler)."""
         ac = self.scheduler.alphas_cumprod
         t = torch.as_tensor(t, device=ac.device).long()
         return ac[t].to(device=self.device, dtype=torch.float32)
@@ -253,9 +283,12 @@ class ModelAdapter:
         arr = arr.permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
 
-    def with_scheduler(self, scheduler: str | object | None):
-        """A scheduler instance by short name/class name, configured like the pipeline's."""
-        return _resolve_scheduler(self.pipe, scheduler)
+    def with_scheduler(self, scheduler: str | object | None = None):
+        """A fresh scheduler instance for one run: ``scheduler`` by short name, class name or
+        instance, else the adapter's default; always a copy, so runs never share scheduler state."""
+        import copy
+
+        return copy.deepcopy(_resolve_scheduler(self.scheduler, scheduler))
 
 
 class SD1Adapter(ModelAdapter):
@@ -307,7 +340,7 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None,
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
     pipe.set_progress_bar_config(disable=True)
     if scheduler is not None:
-        pipe.scheduler = _resolve_scheduler(pipe, scheduler)
+        pipe.scheduler = _resolve_scheduler(pipe.scheduler, scheduler)
     if device is not None:
         pipe.to(device)
     return pipe
@@ -315,21 +348,31 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None,
 
 def load_adapter(model, *, scheduler: str | None = None, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None) -> ModelAdapter:
-    """Adapter for a pipeline object, a pipeline folder, or ``"testbed"`` (the shipped model)."""
+    """Adapter for a pipeline object, a pipeline folder, or ``"testbed"`` (the shipped model).
+
+    ``scheduler`` becomes the adapter's default scheduler (a pipeline object's own scheduler is left
+    as it is). Given an adapter, returns it unchanged, or a new adapter sharing its modules with
+    ``scheduler`` as default; ``device``/``dtype`` with an adapter are refused (they would move
+    modules other adapters share).
+    """
     if isinstance(model, ModelAdapter):
-        return model
+        if device is not None or dtype is not None:
+            raise ConfigError("load_adapter: device/dtype cannot be applied to an existing adapter; "
+                              "move its pipeline (adapter.pipe.to(...)) instead")
+        return model if scheduler is None else model.with_default_scheduler(scheduler)
+    path = None
     if isinstance(model, (str, Path)):
         if str(model) == "testbed":
             from diffmem.testbed import testbed_path
 
             model = testbed_path()
-        pipe = load_pipeline(model, scheduler=scheduler, device=device, dtype=dtype)
+        path = Path(model)
+        pipe = load_pipeline(model, device=device, dtype=dtype)
     else:
         pipe = model
-        if scheduler is not None:
-            pipe.scheduler = _resolve_scheduler(pipe, scheduler)
         if device is not None:
             pipe.to(device)
     tok = pipe.tokenizer
     cls = SD2Adapter if tok.pad_token_id != tok.eos_token_id else SD1Adapter
-    return cls(pipe)
+    sched = _resolve_scheduler(pipe.scheduler, scheduler) if scheduler is not None else None
+    return cls(pipe, path=path, scheduler=sched)

@@ -110,9 +110,10 @@ class AttentionProbe(Hook):
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
 
 
-def test_attention_capture_reads_heads_from_model_and_restores(tiny_pipe):
+def test_attention_capture_reads_heads_from_model_and_installs_once(tiny_pipe):
+    from diffmem.core.attention import ObservableCrossAttention
+
     adapter = load_adapter(tiny_pipe)
-    before = {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()}
     probe = AttentionProbe()
     ref = sample(adapter, PROMPTS, num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0))
@@ -125,7 +126,19 @@ def test_attention_capture_reads_heads_from_model_and_restores(tiny_pipe):
         assert shape[0] == 2 * len(PROMPTS) and shape[1] == module.heads and shape[-1] == 77
     # explicit attention computes the same function as the fused processor
     torch.testing.assert_close(res.images, ref.images, atol=1e-4, rtol=0)
-    assert {k: type(v) for k, v in tiny_pipe.unet.attn_processors.items()} == before
+    # installed once: every cross-attention layer wrapped, its original processor kept inside,
+    # and a second run does not wrap the wrappers
+    procs = tiny_pipe.unet.attn_processors
+    wrapped = {k: p for k, p in procs.items() if ".attn2." in k}
+    assert all(isinstance(p, ObservableCrossAttention) for p in wrapped.values())
+    sample(adapter, PROMPTS, num_inference_steps=1, hooks=[AttentionProbe()])
+    again = tiny_pipe.unet.attn_processors
+    assert all(again[k] is p and not isinstance(p.fallback, ObservableCrossAttention)
+               for k, p in wrapped.items())
+    # outside a run the wrappers defer to the originals: plain sampling is unchanged
+    plain = sample(adapter, PROMPTS, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain.images, ref.images, atol=0, rtol=0)
 
 
 def test_unknown_layer_pattern_is_a_clear_error(tiny_pipe):

@@ -102,7 +102,7 @@ def test_unknown_detector_and_bad_steps(tiny_dir, txt, tmp_path, capsys):
     assert "noise_magnitude" in err  # lists the choices
     rc, _, err = run_cli(capsys, "detect", txt, "--out", tmp_path / "o.csv", "--model", tiny_dir,
                          "--steps", "some")
-    assert rc == 2 and "--steps must be a positive integer or 'all'" in err
+    assert rc == 2 and "steps must be a positive int, 'all', 'first:N' or 'last:N'" in err
 
 
 def test_generate_with_detect_writes_scores(tiny_dir, tmp_path, capsys):

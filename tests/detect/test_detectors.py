@@ -153,7 +153,7 @@ def test_standalone_scoring_stops_after_last_needed_step(adapter):
 
 
 def test_late_steps_formula(adapter, recorder_cls):
-    det = AttentionEntropy(mode="late_steps", steps=2, num_inference_steps=STEPS,
+    det = AttentionEntropy(mode="late_steps", steps="last:2", num_inference_steps=STEPS,
                            higher_entropy_memorized=True)
     rec = recorder_cls()
     res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=seeded_generators([0] * 3),

@@ -41,7 +41,7 @@ def test_summary_tokens_start_at_first_eos_not_at_first_pad(adapter, recorder_cl
 
 
 def test_late_steps_score_uses_first_eos(adapter, recorder_cls):
-    det = AttentionEntropy(mode="late_steps", steps=2, num_inference_steps=STEPS,
+    det = AttentionEntropy(mode="late_steps", steps="last:2", num_inference_steps=STEPS,
                            higher_entropy_memorized=True)
     rec = recorder_cls()
     res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=seeded_generators([0] * 3),

@@ -1,20 +1,26 @@
 """Cross-attention access through diffusers attention processors.
 
-:class:`ObservableCrossAttention` is a drop-in processor for the UNet's cross-attention layers
-(``...attn2.processor``). When a hook asks for a layer at a step, it computes attention explicitly,
+:class:`ObservableCrossAttention` wraps the UNet's cross-attention processors (``...attn2.processor``)
+once per UNet (:func:`install`). During a UNet call of :func:`diffmem.core.sampling.sample` whose
+hooks asked for a layer at that step, it computes attention explicitly,
 
-    S = Q K^T / sqrt(d)             (logits, shape (batch, heads, queries, tokens))
+    S = Q K^T / sqrt(d)             (logits, shape (N, heads, queries, tokens), N = UNet batch)
     A = softmax(S + mask)           (probabilities, in float32)
 
 lets hooks change ``S`` (``attention_logits``) and observe ``A`` (``on_attention``); otherwise it
-defers to the layer's original (fast, fused) processor. Heads and dimensions come from the layer
-(``attn.heads``), never from constants. :class:`AttentionSession` installs processors only on the
-layers some hook asked for and restores the originals when the run ends.
+defers to the layer's original (fast, fused) processor. The current run and step are found through a
+context variable set only around the sampling loop's own UNet call, so UNet calls a hook makes by
+itself, other threads' runs and plain pipeline calls go through the original processors. Heads and
+dimensions come from the layer (``attn.heads``), never from constants; which rows of the batch
+belong to which branch and prompt is in ``step.layout`` (:meth:`Step.branch`, :meth:`Step.rows`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
+import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,6 +28,11 @@ import torch
 
 if TYPE_CHECKING:
     from diffmem.core.sampling import Hook, Run, Step
+
+#: (run, step, {layer: [hooks]}) of the UNet call in progress in this thread/task, or None
+_CURRENT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("diffmem_attention",
+                                                                        default=None)
+_INSTALL_LOCK = threading.Lock()
 
 
 def select_layers(available: Sequence[str], patterns: Sequence[str] | str | None) -> list[str]:
@@ -38,16 +49,16 @@ def select_layers(available: Sequence[str], patterns: Sequence[str] | str | None
 
 
 class ObservableCrossAttention:
-    """Cross-attention processor that exposes logits and probabilities to the session's hooks."""
+    """Cross-attention processor that exposes logits and probabilities to the current run's hooks."""
 
-    def __init__(self, name: str, fallback, session: AttentionSession) -> None:
+    def __init__(self, name: str, fallback) -> None:
         self.name = name
         self.fallback = fallback
-        self.session = session
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, *args, **kwargs):
-        hooks = self.session.active_hooks(self.name)
+        current = _CURRENT.get()
+        hooks = current[2].get(self.name) if current is not None else None
         if not hooks or encoder_hidden_states is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                  *args, **kwargs)
@@ -76,11 +87,11 @@ class ObservableCrossAttention:
             scores = scores + mask.view(batch, heads, -1, k.shape[2]).float()
         # 2. hooks may change the logits (e.g. Ren et al.'s rescaling)
         for hook in hooks:
-            scores = hook.attention_logits(self.session.run, self.session.step, self.name, scores)
+            scores = hook.attention_logits(current[0], current[1], self.name, scores)
         probs = scores.softmax(-1)
         # 3. hooks observe the probabilities
         for hook in hooks:
-            hook.on_attention(self.session.run, self.session.step, self.name, probs)
+            hook.on_attention(current[0], current[1], self.name, probs)
         out = torch.matmul(probs.to(v.dtype), v)
         out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
         out = attn.to_out[0](out)
@@ -92,46 +103,56 @@ class ObservableCrossAttention:
         return out / attn.rescale_output_factor
 
 
-class AttentionSession:
-    """Installs :class:`ObservableCrossAttention` on the layers hooks need, for one run."""
+def install(unet) -> None:
+    """Wrap every cross-attention processor of ``unet`` in :class:`ObservableCrossAttention`, once.
+
+    Outside a sampling run the wrappers call the original processors, so the UNet computes what
+    it computed before. Processors set later (``unet.set_attn_processor``) are wrapped again on
+    the next run that needs attention.
+    """
+    with _INSTALL_LOCK:
+        procs = unet.attn_processors
+        if all(isinstance(p, ObservableCrossAttention) for k, p in procs.items() if ".attn2." in k):
+            return
+        unet.set_attn_processor({
+            name: (proc if ".attn2." not in name or isinstance(proc, ObservableCrossAttention)
+                   else ObservableCrossAttention(name, proc))
+            for name, proc in procs.items()})
+
+
+def uninstall(unet) -> None:
+    """Put the original processors back (undoes :func:`install`)."""
+    with _INSTALL_LOCK:
+        unet.set_attn_processor({
+            name: proc.fallback if isinstance(proc, ObservableCrossAttention) else proc
+            for name, proc in unet.attn_processors.items()})
+
+
+class Observers:
+    """Which hooks observe or change which cross-attention layers during one run."""
 
     def __init__(self, unet, hooks: Sequence[Hook], run: Run) -> None:
-        self.unet = unet
-        self.run = run
-        self.step: Step | None = None
-        available = [k for k in unet.attn_processors if ".attn2." in k]
+        available = [k for k in unet.attn_processors if ".attn2." in k] if hooks else []
         self.wants: dict[str, list[Hook]] = {}
         for hook in hooks:
-            layers = getattr(hook, "attention_layers", None)
+            layers = hook.layers(run)
             if layers is None:
                 continue
             for name in select_layers(available, layers):
                 self.wants.setdefault(name, []).append(hook)
-        self._active: dict[str, list[Hook]] = {}
-        self._original: dict | None = None
-
-    def __enter__(self) -> AttentionSession:
         if self.wants:
-            self._original = dict(self.unet.attn_processors)
-            procs = {
-                name: (ObservableCrossAttention(name, proc, self) if name in self.wants else proc)
-                for name, proc in self._original.items()
-            }
-            self.unet.set_attn_processor(procs)
-        return self
+            install(unet)
 
-    def __exit__(self, *exc) -> None:
-        if self._original is not None:
-            self.unet.set_attn_processor(self._original)
-            self._original = None
-
-    def begin_step(self, step: Step) -> None:
-        """Choose which hooks see attention at this step (``hook.attention_at(step)``)."""
-        self.step = step
-        self._active = {
-            name: [h for h in hooks if h.attention_at(self.run, step)]
-            for name, hooks in self.wants.items()
-        }
-
-    def active_hooks(self, name: str) -> list[Hook]:
-        return self._active.get(name, [])
+    @contextlib.contextmanager
+    def observe(self, run: Run, step: Step):
+        """Make ``run``/``step`` current for the hooks that want attention at this step."""
+        active: dict[str, list[Hook]] = {}
+        for name, hooks in self.wants.items():
+            chosen = [h for h in hooks if h.attention_at(run, step)]
+            if chosen:
+                active[name] = chosen
+        token = _CURRENT.set((run, step, active) if active else None)
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)

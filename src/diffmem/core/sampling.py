@@ -1,31 +1,48 @@
-"""The sampling core: one batched denoising loop that owns classifier-free guidance and calls hooks.
+"""The sampling core: one batched denoising loop that calls hooks and a guidance component.
 
-Implements classifier-free guidance (Ho & Salimans 2022, eq. 6) over any diffusers scheduler:
+Classifier-free guidance (Ho & Salimans 2022, eq. 6) is the default :class:`Guidance`:
 
     eps_hat = eps(x_t, empty) + w * (eps(x_t, c) - eps(x_t, empty))
 
-At each step the loop builds a :class:`Step` (t, x_t, eps_cond, eps_uncond, guided eps, x0 estimate)
-and passes it to every hook. Hooks observe it (detectors), change ``step.eps`` or
-``step.guidance_scale`` (guidance terms), read or rescale cross-attention (see
-:mod:`diffmem.core.attention`), or set ``run.stop`` to end the run early. Before the first step hooks
-may change the prompts' embeddings or the initial noise in :meth:`Hook.on_start`.
+At each step the loop
+
+1. makes a :class:`Step` and asks the run's guidance which conditioning *branches* to evaluate
+   (default: ``"uncond"`` and ``"cond"``);
+2. calls every hook's :meth:`Hook.before_step`, which may change ``run.latents`` (x_t), the
+   branches (:meth:`Step.add_branch`, :meth:`Step.skip`, a branch's embeddings) or
+   ``step.guidance_scale`` (a float or one value per prompt);
+3. evaluates all branches in ONE batched UNet call (rows of a branch are laid out one after the
+   other: ``[uncond x B, cond x B, extra x B, ...]``, the layout of ``StableDiffusionPipeline``);
+4. combines the branch outputs into the guided prediction ``step.eps`` (``guidance.combine``);
+5. calls every hook's :meth:`Hook.on_step`, which may read everything, set ``step.eps`` (the
+   clean-latent estimate ``step.x0`` follows), change ``step.guidance_scale`` and call
+   :meth:`Step.guide`, add a term that needs a gradient w.r.t. x_t (:meth:`Step.x0_grad`), or set
+   ``run.stop``;
+6. takes the scheduler step with ``step.eps``.
+
+Hooks keep their per-run state in the run (:meth:`Run.state`), never on themselves, so one set of
+hook objects serves concurrent runs; the scheduler is copied per run. Cross-attention processors
+are installed once per UNet and find the current run through a context variable
+(:mod:`diffmem.core.attention`): UNet calls a hook makes on its own are not observed.
 
 With no hooks the result equals ``StableDiffusionPipeline(...)`` for the same seed, scheduler and
-number of steps: same text encoding, initial noise, timesteps, UNet batch layout ([uncond, cond]),
-scheduler step arguments and VAE decoding.
+number of steps: same text encoding, initial noise, timesteps, UNet batch layout, scheduler step
+arguments and VAE decoding.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from diffmem.core.attention import AttentionSession
+from diffmem.core import attention as _attention
+from diffmem.errors import ConfigError
 from diffmem.models.adapter import ModelAdapter, Tokenized
 
 
@@ -36,13 +53,24 @@ class Hook:
         name: key under which :func:`sample` returns what the hook stored in ``run.records``.
         attention_layers: ``None`` (no attention access), ``"all"``, or cross-attention layer names
             or patterns (``"down_blocks.1*"``); see :func:`diffmem.core.attention.select_layers`.
+            Override :meth:`layers` to choose them per model.
+
+    A hook keeps whatever it accumulates during a run in ``run.state(self)`` (a namespace made for
+    this hook and this run), so that one hook object can serve several runs at once.
     """
 
     name: str = "hook"
     attention_layers: Sequence[str] | str | None = None
 
+    def layers(self, run: Run) -> Sequence[str] | str | None:
+        """Cross-attention layers this hook needs in ``run`` (default :attr:`attention_layers`)."""
+        return self.attention_layers
+
     def on_start(self, run: Run) -> None:
         """Before the first step: may change ``run.cond``, ``run.uncond`` or ``run.latents``."""
+
+    def before_step(self, run: Run, step: Step) -> None:
+        """Before the UNet call: may change ``run.latents``, the branches or the guidance scale."""
 
     def on_step(self, run: Run, step: Step) -> None:
         """After the UNet call: may read the step, change ``step.eps`` / set ``run.stop``."""
@@ -50,17 +78,66 @@ class Hook:
     def on_end(self, run: Run) -> None:
         """After the last step (also after an early stop)."""
 
+    def last_step(self, run: Run) -> int | None:
+        """Index of the last step this hook needs; ``None``: it needs the whole run. With
+        ``sample(..., stop_when_done=True)`` the run ends once every hook has what it needs."""
+        return None
+
     def attention_at(self, run: Run, step: Step) -> bool:
         """Whether this hook needs the cross-attention at this step (only asked if it has layers)."""
         return True
 
     def attention_logits(self, run: Run, step: Step, layer: str,
                          scores: torch.Tensor) -> torch.Tensor:
-        """Change cross-attention logits ``(2B, heads, queries, tokens)``; rows [:B] are uncond."""
+        """Change cross-attention logits ``(N, heads, queries, tokens)`` of the UNet batch; find a
+        branch's rows with :meth:`Step.rows` (e.g. ``scores[step.rows("cond")]``)."""
         return scores
 
     def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:
-        """Observe cross-attention probabilities ``(2B, heads, queries, tokens)`` (float32)."""
+        """Observe cross-attention probabilities ``(N, heads, queries, tokens)`` (float32) of the
+        UNet batch; :meth:`Step.branch` gives one branch's rows in prompt order."""
+
+
+@dataclass
+class Branch:
+    """One conditioning of the UNet at a step: embeddings for every prompt, evaluated for the
+    prompts where ``mask`` is True (``None``: all)."""
+
+    emb: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor | None = None  # (B,) bool
+
+    def prompt_index(self, batch: int, device) -> torch.Tensor:
+        if self.mask is None:
+            return torch.arange(batch, device=device)
+        return self.mask.nonzero().flatten().to(device)
+
+
+class Guidance:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), the default guidance of a run.
+
+    :meth:`branches` names the conditionings to evaluate at a step; :meth:`combine` turns their
+    outputs into the guided prediction. Per prompt: both branches evaluated -> CFG; only ``cond``
+    -> ``eps_cond`` (guidance scale 1); only ``uncond`` -> ``eps_uncond`` (scale 0). Other branches
+    are left to the hooks that added them. Subclass it for another guidance rule.
+    """
+
+    def branches(self, run: Run, step: Step) -> dict[str, Branch]:
+        return {"uncond": Branch(run.uncond), "cond": Branch(run.cond)}
+
+    def combine(self, run: Run, step: Step) -> torch.Tensor:
+        u, c = step.out.get("uncond"), step.out.get("cond")
+        if u is None or c is None:
+            if u is None and c is None:
+                raise ConfigError("a step evaluated neither the cond nor the uncond branch")
+            return c if u is None else u
+        eps = u + step.scale_like(c) * (c - u)
+        has_u, has_c = step.evaluated("uncond"), step.evaluated("cond")
+        rows = (slice(None),) + (None,) * (c.ndim - 1)
+        if not bool(has_u.all()):
+            eps = torch.where(has_u[rows], eps, c)
+        if not bool(has_c.all()):
+            eps = torch.where(has_c[rows], eps, u)
+        return eps
 
 
 @dataclass
@@ -73,48 +150,141 @@ class Run:
     cond: torch.Tensor  # (B, L, D) conditional text embeddings
     uncond: torch.Tensor  # (B, L, D) unconditional (negative prompt) embeddings
     latents: torch.Tensor  # (B, C, h, w) current scheduler state; x_T before the first step
-    scheduler: Any
+    scheduler: Any  # this run's own copy
     timesteps: torch.Tensor
-    guidance_scale: float
+    guidance_scale: float | torch.Tensor
     generator: torch.Generator | list[torch.Generator] | None
+    guidance: Guidance = field(default_factory=Guidance)
     records: dict[str, Any] = field(default_factory=dict)
     stop: bool = False
     steps_done: int = 0
+    _states: dict[int, SimpleNamespace] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int:
         return len(self.prompts)
 
+    def state(self, hook: object) -> SimpleNamespace:
+        """The namespace where ``hook`` keeps what it accumulates during this run."""
+        key = id(hook)
+        if key not in self._states:
+            self._states[key] = SimpleNamespace()
+        return self._states[key]
+
 
 @dataclass
 class Step:
-    """What the loop knows at one denoising step. Hooks may replace ``eps`` and ``guidance_scale``."""
+    """What the loop knows at one denoising step.
+
+    Before the UNet call ``branches`` says what will be evaluated; after it ``out[name]`` holds each
+    branch's prediction ``(B, C, h, w)`` (NaN in the rows of prompts a branch skipped) and ``eps``
+    the guided prediction given to the scheduler. ``x0`` is the clean-latent estimate of the
+    current ``eps``, recomputed whenever ``eps`` changes.
+    """
 
     index: int
     t: torch.Tensor
-    x_t: torch.Tensor  # (B, C, h, w) model input (after scale_model_input)
-    eps_cond: torch.Tensor | None = None
-    eps_uncond: torch.Tensor | None = None
-    eps: torch.Tensor | None = None  # guided prediction given to the scheduler
+    run: Run = field(repr=False)
     guidance_scale: float | torch.Tensor = 7.5
-    _adapter: ModelAdapter | None = field(default=None, repr=False)
+    branches: dict[str, Branch] = field(default_factory=dict)
+    x_t: torch.Tensor | None = None  # (B, C, h, w) model input (after scale_model_input)
+    out: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _eps: torch.Tensor | None = field(default=None, repr=False)
     _x0: torch.Tensor | None = field(default=None, repr=False)
+
+    # ---------------------------------------------------------------- before the UNet call
+    def add_branch(self, name: str, emb: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Evaluate ``emb`` ``(B, L, D)`` in the same UNet call (for the prompts where ``mask``)."""
+        if self.out:
+            raise ConfigError("branches can only be added before the UNet call (before_step)")
+        if emb.shape[0] != self.run.batch_size:
+            raise ConfigError(f"branch {name!r} has {emb.shape[0]} rows for "
+                              f"{self.run.batch_size} prompts")
+        self.branches[name] = Branch(emb, None if mask is None else mask.bool().cpu())
+
+    def skip(self, name: str, mask: torch.Tensor | None = None) -> None:
+        """Do not evaluate branch ``name`` (for the prompts where ``mask``; default all)."""
+        if self.out:
+            raise ConfigError("branches can only be skipped before the UNet call (before_step)")
+        branch = self.branches.get(name)
+        if branch is None:
+            return
+        keep = torch.ones(self.run.batch_size, dtype=torch.bool) if branch.mask is None \
+            else branch.mask.clone()
+        keep &= torch.zeros_like(keep) if mask is None else ~mask.bool().cpu()
+        if not bool(keep.any()):
+            del self.branches[name]
+        else:
+            branch.mask = keep
+
+    # ---------------------------------------------------------------- after the UNet call
+    @property
+    def eps(self) -> torch.Tensor | None:
+        """The guided prediction; setting it drops the cached ``x0``."""
+        return self._eps
+
+    @eps.setter
+    def eps(self, value: torch.Tensor) -> None:
+        self._eps = value
+        self._x0 = None
+
+    @property
+    def eps_cond(self) -> torch.Tensor | None:
+        return self.out.get("cond")
+
+    @property
+    def eps_uncond(self) -> torch.Tensor | None:
+        return self.out.get("uncond")
 
     @property
     def x0(self) -> torch.Tensor:
-        """Clean-latent estimate from the *guided* prediction (computed once, on first use)."""
+        """Clean-latent estimate from the *guided* prediction (computed once per ``eps``)."""
         if self._x0 is None:
-            self._x0 = self._adapter.x0(self.x_t, self.t, self.eps)
+            self._x0 = self.run.adapter.x0(self.x_t, self.t, self.eps)
         return self._x0
 
-    def guide(self) -> torch.Tensor:
-        """Recompute ``eps`` from the branches and ``guidance_scale`` (after a hook changed it)."""
+    def evaluated(self, name: str) -> torch.Tensor:
+        """(B,) bool: for which prompts branch ``name`` was evaluated at this step."""
+        branch = self.branches.get(name)
+        if branch is None or name not in self.out:
+            return torch.zeros(self.run.batch_size, dtype=torch.bool)
+        if branch.mask is None:
+            return torch.ones(self.run.batch_size, dtype=torch.bool)
+        return branch.mask
+
+    def rows(self, name: str) -> torch.Tensor:
+        """Indices of branch ``name``'s rows in the UNet batch (for attention tensors)."""
+        return self.layout[name][0]
+
+    def branch(self, tensor: torch.Tensor, name: str = "cond") -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of a UNet-batch tensor (e.g. attention probabilities) that belong to branch
+        ``name``, and the prompt index of each row."""
+        rows, prompts = self.layout[name]
+        return tensor[rows.to(tensor.device)], prompts
+
+    def scale_like(self, ref: torch.Tensor) -> float | torch.Tensor:
+        """The guidance scale, as a float or broadcastable per-prompt tensor."""
         w = self.guidance_scale
         if isinstance(w, torch.Tensor):
-            w = w.reshape(-1, *([1] * (self.eps_cond.ndim - 1))).to(self.eps_cond)
-        self.eps = self.eps_uncond + w * (self.eps_cond - self.eps_uncond)
-        self._x0 = None
+            return w.reshape(-1, *([1] * (ref.ndim - 1))).to(ref)
+        return w
+
+    def guide(self) -> torch.Tensor:
+        """Recompute ``eps`` with the run's guidance (after a hook changed the scale)."""
+        self.eps = self.run.guidance.combine(self.run, self)
         return self.eps
+
+    def x0_grad(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Gradient w.r.t. x_t of ``fn(x0)`` summed over the batch, with ``eps`` held fixed
+        (d x0 / d x_t from the parametrisation; no extra UNet call). ``fn`` gets the clean-latent
+        estimate ``(B, C, h, w)`` and returns one value per prompt, e.g. a similarity of the
+        decoded image to its nearest training image."""
+        with torch.enable_grad():
+            x = self.x_t.detach().float().requires_grad_(True)
+            x0 = self.run.adapter.x0(x, self.t, self.eps.detach().float())
+            (grad,) = torch.autograd.grad(fn(x0).sum(), x)
+        return grad.to(self.x_t.dtype)
 
 
 @dataclass
@@ -157,6 +327,35 @@ def initial_latents(adapter: ModelAdapter, batch: int, height: int, width: int, 
     return lat * scheduler.init_noise_sigma
 
 
+def _evaluate(run: Run, step: Step, x_in: torch.Tensor, attention) -> None:
+    """One batched UNet call over the step's branches; fills ``step.out`` and ``step.layout``."""
+    b = run.batch_size
+    xs, embs, offset = [], [], 0
+    for name, branch in step.branches.items():
+        idx = branch.prompt_index(b, x_in.device)
+        if branch.mask is None:
+            xs.append(x_in)
+            embs.append(branch.emb)
+        else:
+            xs.append(x_in[idx])
+            embs.append(branch.emb[idx])
+        step.layout[name] = (torch.arange(offset, offset + len(idx)), idx.cpu())
+        offset += len(idx)
+    if not xs:
+        raise ConfigError(f"step {step.index} evaluates no branch")
+    with attention.observe(run, step):
+        out = run.adapter.eps(torch.cat(xs), step.t, torch.cat(embs))
+    for name, branch in step.branches.items():
+        rows, idx = step.layout[name]
+        part = out[rows[0]: rows[-1] + 1] if len(rows) else out[:0]
+        if branch.mask is None:
+            step.out[name] = part
+        else:
+            full = torch.full_like(x_in, float("nan"))
+            full[idx.to(full.device)] = part
+            step.out[name] = full
+
+
 def sample(
     adapter: ModelAdapter,
     prompts: Sequence[str],
@@ -165,6 +364,7 @@ def sample(
     guidance_scale: float = 7.5,
     generator: torch.Generator | list[torch.Generator] | None = None,
     hooks: Sequence[Hook] = (),
+    guidance: Guidance | None = None,
     scheduler: str | Any | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     height: int | None = None,
@@ -173,8 +373,14 @@ def sample(
     eta: float = 0.0,
     decode: bool = True,
     grad: bool = False,
+    stop_when_done: bool = False,
 ) -> SampleResult:
-    """Generate images for ``prompts`` with classifier-free guidance, calling ``hooks`` each step.
+    """Generate images for ``prompts`` with ``guidance`` (default CFG), calling ``hooks`` each step.
+
+    ``scheduler`` (a name, class name or instance; default the adapter's) is copied for this run.
+    ``stop_when_done`` ends the run once every hook has seen its :meth:`Hook.last_step`
+    (standalone detection). Thread-safe: several threads may sample with one adapter and one set
+    of hooks at once.
 
     Example::
 
@@ -203,27 +409,31 @@ def sample(
         else:
             latents = latents.to(adapter.device, adapter.dtype) * sched.init_noise_sigma
         run = Run(adapter, prompts, tokens, cond, uncond, latents, sched, sched.timesteps,
-                  guidance_scale, generator)
+                  guidance_scale, generator, guidance or Guidance())
         for hook in hooks:
             hook.on_start(run)
         step_kw = _step_kwargs(sched, generator, eta)
-        b = len(prompts)
-        with AttentionSession(adapter.unet, hooks, run) as attention:
-            for i, t in enumerate(run.timesteps):
-                x_in = sched.scale_model_input(torch.cat([run.latents] * 2), t)
-                step = Step(index=i, t=t, x_t=x_in[b:], guidance_scale=run.guidance_scale,
-                            _adapter=adapter)
-                attention.begin_step(step)
-                out = adapter.eps(x_in, t, torch.cat([run.uncond, run.cond]))
-                step.eps_uncond, step.eps_cond = out.chunk(2)
-                step.guide()
-                for hook in hooks:
-                    hook.on_step(run, step)
-                run.steps_done = i + 1
-                if run.stop:
-                    break
-                run.latents = sched.step(step.eps, t, run.latents, **step_kw,
-                                         return_dict=False)[0]
+        attention = _attention.Observers(adapter.unet, hooks, run)
+        ends = [h.last_step(run) for h in hooks] if stop_when_done and hooks else [None]
+        last = None if any(e is None for e in ends) else max(ends)
+        for i, t in enumerate(run.timesteps):
+            step = Step(index=i, t=t, run=run, guidance_scale=run.guidance_scale)
+            step.branches = run.guidance.branches(run, step)
+            for hook in hooks:
+                hook.before_step(run, step)
+            x_in = sched.scale_model_input(run.latents, t)
+            step.x_t = x_in
+            _evaluate(run, step, x_in, attention)
+            step.eps = run.guidance.combine(run, step)
+            for hook in hooks:
+                hook.on_step(run, step)
+            run.steps_done = i + 1
+            if last is not None and i >= last:
+                run.stop = True
+            if run.stop:
+                break
+            run.latents = sched.step(step.eps, t, run.latents, **step_kw,
+                                     return_dict=False)[0]
         for hook in hooks:
             hook.on_end(run)
         stopped = run.steps_done < len(run.timesteps)

@@ -18,8 +18,8 @@ Two scores (``mode``):
                    (Ren's "E" score; their code uses the second layer there, ``down_blocks.1
                    .attentions.1`` of SD 1.x).
     "late_steps":  mean_{t in last K} E_t + (mean_{t in last K} S_t - S_{first step})
-                   (Ren's "D" score; K = 10 of 50 steps by default), over all cross-attention
-                   layers.
+                   (Ren's "D" score; K = 10 of 50 steps by default, ``steps="last:10"``), over
+                   all cross-attention layers.
 
 Direction: detectors report higher = memorized, so the score is ``sign * (E or D)``. Ren et al.'s
 code reads *higher* entropy as memorized on Stable Diffusion 1.4 (``higher_entropy_memorized=True``).
@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from diffmem.core.sampling import Run, Step
+from diffmem.core.steps import StepSpec
 from diffmem.detect.base import Detector
 from diffmem.errors import ConfigError
 
@@ -91,8 +92,8 @@ class AttentionEntropy(Detector):
             (mean E_t over the last ``steps`` steps + summary-entropy change from the first step).
         layers: cross-attention layer names or patterns (``"down_blocks.1*"``, ``"all"``). Default:
             :func:`default_entropy_layer` for ``first_step``, every layer for ``late_steps``.
-        steps: ``first_step``: the first ``n`` steps (default 1), indices, or ``"all"``;
-            ``late_steps``: the last ``n`` steps (default 10), indices, or ``"all"``.
+        steps: as in every detector (:mod:`diffmem.core.steps`); default ``1`` (the first step)
+            for ``first_step`` and ``"last:10"`` for ``late_steps``.
         higher_entropy_memorized: ``True`` scores ``+E`` (Ren et al.'s reading on SD 1.4),
             ``False`` scores ``-E``; ``None`` takes the testbed-measured default of the mode.
 
@@ -103,7 +104,7 @@ class AttentionEntropy(Detector):
     """
 
     def __init__(self, *, mode: str = "first_step", layers: Sequence[str] | str | None = None,
-                 steps: int | Sequence[int] | str | None = None,
+                 steps: StepSpec | None = None,
                  higher_entropy_memorized: bool | None = None, generations: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  scheduler: str | None = None, fpr: float = 0.01, batch_size: int = 16,
@@ -111,10 +112,9 @@ class AttentionEntropy(Detector):
         if mode not in MODES:
             raise ConfigError(f"unknown attention-entropy mode {mode!r}; choose one of {MODES}")
         self.mode = mode
-        self.layers = layers
         self.higher_entropy_memorized = higher_entropy_memorized
         if steps is None:
-            steps = 1 if mode == "first_step" else 10
+            steps = 1 if mode == "first_step" else "last:10"
         super().__init__(steps=steps, generations=generations,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          scheduler=scheduler, fpr=fpr, batch_size=batch_size, seed=seed)
@@ -130,58 +130,59 @@ class AttentionEntropy(Detector):
             higher = HIGHER_ENTROPY_MEMORIZED[self.mode]
         return 1.0 if higher else -1.0
 
-    # ------------------------------------------------------------------ step selection
-    def selected(self, index: int, total: int) -> bool:
-        if self.mode == "first_step" or not isinstance(self.steps, int):
-            return super().selected(index, total)
-        return index >= total - self.steps
-
-    def last_step(self, total: int) -> int:
-        if self.mode == "late_steps":
-            return total - 1
-        return super().last_step(total)
+    def layers(self, run: Run) -> Sequence[str] | str:
+        if self.attention_layers is None:
+            return [default_entropy_layer(run.adapter.cross_attention_layers())]
+        return self.attention_layers
 
     # ------------------------------------------------------------------ hook
     def on_start(self, run: Run) -> None:
         super().on_start(run)
-        if self.layers is None and self.mode == "first_step":
-            self.attention_layers = [default_entropy_layer(run.adapter.cross_attention_layers())]
-        self._summary = summary_mask(run)
-        self._acc: torch.Tensor | None = None
-        self._n_layers = 0
-        self._mean: torch.Tensor | None = None
-        self._summary0 = torch.zeros(run.batch_size, dtype=torch.float64)
+        st = run.state(self)
+        st.summary = summary_mask(run)
+        st.acc = None  # (B, L) sum over the layers seen at this step
+        st.n_layers = torch.zeros(run.batch_size, dtype=torch.float64)
+        st.mean = None
+        st.summary0 = torch.zeros(run.batch_size, dtype=torch.float64)
 
     def attention_at(self, run: Run, step: Step) -> bool:
         first = self.mode == "late_steps" and step.index == 0
-        return first or self.selected(step.index, len(run.timesteps))
+        return first or self.selected(run, step)
 
     def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:
-        # 1. cond branch (rows B:), mean over heads and query pixels -> (B, L)
-        a = probs[run.batch_size:].float().mean(dim=(1, 2))
+        st = run.state(self)
+        # 1. cond branch rows, mean over heads and query pixels -> (n, L), in prompt order
+        cond, idx = step.branch(probs, "cond")
+        a = torch.zeros(run.batch_size, probs.shape[-1], dtype=torch.float32, device=probs.device)
+        a[idx.to(a.device)] = cond.float().mean(dim=(1, 2))
         # 2. running sum over layers; the mean is taken before any entropy
-        self._acc = a if self._acc is None else self._acc + a
-        self._n_layers += 1
+        st.acc = a if st.acc is None else st.acc + a
+        st.n_layers[idx] += 1
 
     def on_step(self, run: Run, step: Step) -> None:
+        st = run.state(self)
         # 3. a_j = mean over the layers seen at this step
-        self._mean = None if self._acc is None else self._acc / self._n_layers
-        self._acc, self._n_layers = None, 0
-        if self.mode == "late_steps" and step.index == 0 and self._mean is not None:
-            self._summary0 = entropy(self._mean, self._summary).double().cpu()
+        st.mean = None if st.acc is None else \
+            st.acc / st.n_layers.clamp_min(1).to(st.acc)[:, None]
+        st.acc = None
+        st.n_layers.zero_()
+        if self.mode == "late_steps" and step.index == 0 and st.mean is not None:
+            st.summary0 = entropy(st.mean, st.summary).double().cpu()
         super().on_step(run, step)
 
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:
-        if self._mean is None:
+        mean = run.state(self).mean
+        if mean is None:
             raise RuntimeError("no cross-attention was captured at a selected step")
         # 4. E_t (first_step) or E_t + S_t (late_steps; S_0 is subtracted in on_end)
-        score = entropy(self._mean)
+        score = entropy(mean)
         if self.mode == "late_steps":
-            score = score + entropy(self._mean, self._summary)
+            score = score + entropy(mean, run.state(self).summary)
         return self.sign * score
 
     def on_end(self, run: Run) -> None:
         super().on_end(run)
         if self.mode == "late_steps":
             # 5. sign * (mean(E_t + S_t) over the late steps - S_0)
-            run.records[self.name] = run.records[self.name] - self.sign * self._summary0.numpy()
+            summary0 = run.state(self).summary0.numpy()
+            run.records[self.name] = run.records[self.name] - self.sign * summary0

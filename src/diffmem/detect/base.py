@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
+from diffmem.core.steps import StepSpec, check_steps, select_steps
 from diffmem.errors import ConfigError, PromptError
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
@@ -30,22 +31,26 @@ class Detector(Hook, ABC):
     """Base class: subclasses implement :meth:`step_scores` (and may override the step selection).
 
     Parameters:
-        steps: which denoising steps contribute: an int ``n`` for the first ``n`` steps, a sequence
-            of step indices, or ``"all"``.
+        steps: which denoising steps contribute (:mod:`diffmem.core.steps`): an int ``n`` for the
+            first ``n`` steps, ``"last:n"``, ``"all"`` or a sequence of step indices. The same
+            meaning in every detector.
         generations: independent initial noises per prompt; scores are averaged over them.
         num_inference_steps, guidance_scale, scheduler: sampling settings of standalone scoring.
         fpr: target false-positive rate of :meth:`fit`.
         batch_size: prompts x generations per batched run.
         seed: generation ``g`` of every prompt uses generator seed ``seed + g``.
+
+    A detector keeps nothing about a run on itself (its totals live in ``run.state(self)``), so
+    one detector object may score several runs at once.
     """
 
     name = "detector"
 
-    def __init__(self, *, steps: int | Sequence[int] | str = 1, generations: int = 1,
+    def __init__(self, *, steps: StepSpec = 1, generations: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  scheduler: str | None = None, fpr: float = 0.01, batch_size: int = 16,
                  seed: int = 0) -> None:
-        self.steps = steps
+        self.steps = check_steps(steps)
         self.generations = generations
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
@@ -54,51 +59,48 @@ class Detector(Hook, ABC):
         self.batch_size = batch_size
         self.seed = seed
         self._validate()
-        self._early_stop = False
 
     def _validate(self) -> None:
         if self.generations < 1:
             raise ConfigError("generations must be >= 1")
         if not 0 < self.fpr < 1:
             raise ConfigError("fpr must be in (0, 1)")
-        if isinstance(self.steps, int) and self.steps < 1:
-            raise ConfigError("steps must be >= 1")
-        if isinstance(self.steps, str) and self.steps != "all":
-            raise ConfigError(f"steps must be an int, a list of step indices or 'all', "
-                              f"got {self.steps!r}")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        if self.num_inference_steps < 1:
+            raise ConfigError("num_inference_steps must be >= 1")
 
     # ------------------------------------------------------------------ step selection
-    def selected(self, index: int, total: int) -> bool:
-        """Whether step ``index`` (of ``total``) contributes to the score."""
-        if self.steps == "all":
-            return True
-        if isinstance(self.steps, int):
-            return index < self.steps
-        return index in set(self.steps)
+    def selected_steps(self, run: Run) -> set[int]:
+        """Indices of the steps of ``run`` that contribute to the score."""
+        st = run.state(self)
+        if not hasattr(st, "selected"):
+            st.selected = set(select_steps(self.steps, len(run.timesteps)))
+        return st.selected
 
-    def last_step(self, total: int) -> int:
-        """Index of the last step that contributes (the run may stop after it)."""
-        if self.steps == "all":
-            return total - 1
-        if isinstance(self.steps, int):
-            return min(self.steps, total) - 1
-        return min(max(self.steps), total - 1)
+    def selected(self, run: Run, step: Step) -> bool:
+        """Whether ``step`` contributes to the score."""
+        return step.index in self.selected_steps(run)
+
+    def last_step(self, run: Run) -> int:
+        """Index of the last step that contributes (standalone scoring stops after it)."""
+        return max(self.selected_steps(run))
 
     # ------------------------------------------------------------------ hook
     def on_start(self, run: Run) -> None:
-        self._sum = torch.zeros(run.batch_size, dtype=torch.float64)
-        self._count = 0
+        st = run.state(self)
+        st.sum = torch.zeros(run.batch_size, dtype=torch.float64)
+        st.count = 0
 
     def on_step(self, run: Run, step: Step) -> None:
-        total = len(run.timesteps)
-        if self.selected(step.index, total):
-            self._sum += self.step_scores(run, step).detach().double().cpu()
-            self._count += 1
-        if self._early_stop and step.index >= self.last_step(total):
-            run.stop = True
+        if self.selected(run, step):
+            st = run.state(self)
+            st.sum += self.step_scores(run, step).detach().double().cpu()
+            st.count += 1
 
     def on_end(self, run: Run) -> None:
-        run.records[self.name] = (self._sum / max(self._count, 1)).numpy()
+        st = run.state(self)
+        run.records[self.name] = (st.sum / max(st.count, 1)).numpy()
 
     @abstractmethod
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:
@@ -113,20 +115,16 @@ class Detector(Hook, ABC):
         adapter = load_adapter(model, scheduler=self.scheduler)
         jobs = [(i, g) for i in range(len(prompts)) for g in range(self.generations)]
         sums = np.zeros(len(prompts))
-        self._early_stop = True
-        try:
-            for k in range(0, len(jobs), self.batch_size):
-                chunk = jobs[k : k + self.batch_size]
-                res = sample(adapter, [prompts[i] for i, _ in chunk],
-                             num_inference_steps=self.num_inference_steps,
-                             guidance_scale=self.guidance_scale,
-                             generator=seeded_generators([self.seed + g for _, g in chunk],
-                                                         adapter.device),
-                             hooks=[self], decode=False)
-                for (i, _), s in zip(chunk, res.records[self.name], strict=True):
-                    sums[i] += s
-        finally:
-            self._early_stop = False
+        for k in range(0, len(jobs), self.batch_size):
+            chunk = jobs[k : k + self.batch_size]
+            res = sample(adapter, [prompts[i] for i, _ in chunk],
+                         num_inference_steps=self.num_inference_steps,
+                         guidance_scale=self.guidance_scale,
+                         generator=seeded_generators([self.seed + g for _, g in chunk],
+                                                     adapter.device),
+                         hooks=[self], decode=False, stop_when_done=True)
+            for (i, _), s in zip(chunk, res.records[self.name], strict=True):
+                sums[i] += s
         return sums / self.generations
 
     def fit(self, model: ModelAdapter | str | None = None,

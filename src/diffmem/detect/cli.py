@@ -57,9 +57,9 @@ def _cmd_generate_with_detection(a: argparse.Namespace) -> int:
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="noise_magnitude",
                    help=f"one of: {', '.join(DETECTORS)} (default noise_magnitude)")
-    p.add_argument("--steps", default="1",
-                   help="denoising steps scored: N (first N; last N for attention_entropy_late) "
-                        "or 'all' (default 1)")
+    p.add_argument("--steps", default=None,
+                   help="denoising steps scored: N (the first N), last:N, all, or indices "
+                        "'0,5,9' (default: the detector's own, 1 or last:10)")
     p.add_argument("--generations", type=int, default=1, help="initial noises per prompt")
     p.add_argument("--model", default="testbed",
                    help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")

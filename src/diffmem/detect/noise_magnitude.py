@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Run, Step
 from diffmem.detect.base import Detector
 
@@ -29,5 +30,4 @@ class NoiseMagnitude(Detector):
     name = "noise_magnitude"
 
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:
-        diff = (step.eps_cond - step.eps_uncond).float()
-        return diff.flatten(1).norm(dim=1)
+        return noise_magnitude(step.eps_cond, step.eps_uncond)

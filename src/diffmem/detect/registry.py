@@ -20,14 +20,12 @@ def make_detector(name: str, **options: object) -> Detector:
     if name not in DETECTORS:
         raise ConfigError(f"unknown detector {name!r}; choose one of: {', '.join(DETECTORS)}")
     cls, fixed = DETECTORS[name]
-    return cls(**fixed, **options)
+    # an option given as None takes the detector's own default
+    return cls(**fixed, **{k: v for k, v in options.items() if v is not None})
 
 
-def parse_steps(value: str | int) -> int | str:
-    """``--steps`` value: a positive int or ``"all"``."""
-    if isinstance(value, int) or value == "all":
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"--steps must be a positive integer or 'all', got {value!r}") from None
+def parse_steps(value: str | int | None):
+    """``--steps`` value (see :func:`diffmem.core.steps.parse_steps`); None: the detector's own."""
+    from diffmem.core.steps import parse_steps as parse
+
+    return None if value is None else parse(value)

@@ -27,6 +27,7 @@ import torch
 
 from diffmem.core.sampling import Run, Step
 from diffmem.detect.base import Detector
+from diffmem.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -63,49 +64,56 @@ class StepwiseReplication(Detector):
 
     def __init__(self, index, *, schedule: ThresholdSchedule | None = None, every: int = 1,
                  steps: int | str = "all", **options) -> None:
+        if every < 1:
+            raise ConfigError("every must be >= 1")
         super().__init__(steps=steps, **options)
         self.index = index
         self.schedule = schedule or DEFAULT_SCHEDULES[index.embedder.criterion]
         self.every = every
 
-    def selected(self, index: int, total: int) -> bool:
-        return super().selected(index, total) and (index % self.every == 0 or
-                                                   index == total - 1)
+    def selected_steps(self, run: Run) -> set[int]:
+        st = run.state(self)
+        if not hasattr(st, "selected"):
+            total = len(run.timesteps)
+            st.selected = {i for i in super().selected_steps(run)
+                           if i % self.every == 0 or i == total - 1}
+        return st.selected
 
     def on_start(self, run: Run) -> None:
         b = run.batch_size
-        self._best = np.full(b, -np.inf)
-        self._fired_at = np.full(b, -1)
-        self._nearest: list[str] = [""] * b
-        self._trace: list[list[float]] = [[] for _ in range(b)]
+        st = run.state(self)
+        st.best = np.full(b, -np.inf)
+        st.fired_at = np.full(b, -1)
+        st.nearest = [""] * b
+        st.trace = [[] for _ in range(b)]
 
     def on_step(self, run: Run, step: Step) -> None:
-        total = len(run.timesteps)
-        if self.selected(step.index, total):
-            with torch.no_grad():
-                images = run.adapter.decode(step.x0).float().clamp(-1, 1).cpu()
-                found = self.index.search(images, k=1)
-            # 1. similarity s_t and threshold lambda_t in the criterion's units
-            raw = found.scores[:, 0].double()
-            lam = float(self.schedule(run.adapter.abar(step.t).cpu()))
-            # 2. margin > 0 <=> the step fires (sign flips for a distance)
-            margin = (raw - lam) if self.index.embedder.higher_is_better else (lam - raw)
-            margin = margin.numpy()
-            for i in range(run.batch_size):
-                self._trace[i].append(float(raw[i]))
-                if margin[i] > self._best[i]:
-                    self._best[i] = margin[i]
-                    self._nearest[i] = found.ids[i][0]
-                if margin[i] > 0 and self._fired_at[i] < 0:
-                    self._fired_at[i] = step.index
-        if self._early_stop and step.index >= self.last_step(total):
-            run.stop = True
+        if not self.selected(run, step):
+            return
+        st = run.state(self)
+        with torch.no_grad():
+            images = run.adapter.decode(step.x0).float().clamp(-1, 1).cpu()
+            found = self.index.search(images, k=1)
+        # 1. similarity s_t and threshold lambda_t in the criterion's units
+        raw = found.scores[:, 0].double()
+        lam = float(self.schedule(run.adapter.abar(step.t).cpu()))
+        # 2. margin > 0 <=> the step fires (sign flips for a distance)
+        margin = (raw - lam) if self.index.embedder.higher_is_better else (lam - raw)
+        margin = margin.numpy()
+        for i in range(run.batch_size):
+            st.trace[i].append(float(raw[i]))
+            if margin[i] > st.best[i]:
+                st.best[i] = margin[i]
+                st.nearest[i] = found.ids[i][0]
+            if margin[i] > 0 and st.fired_at[i] < 0:
+                st.fired_at[i] = step.index
 
     def on_end(self, run: Run) -> None:
-        run.records[self.name] = self._best.copy()
-        run.records[self.name + "_fired_at"] = self._fired_at.copy()
-        run.records[self.name + "_nearest"] = list(self._nearest)
-        run.records[self.name + "_trace"] = [list(t) for t in self._trace]
+        st = run.state(self)
+        run.records[self.name] = st.best
+        run.records[self.name + "_fired_at"] = st.fired_at
+        run.records[self.name + "_nearest"] = st.nearest
+        run.records[self.name + "_trace"] = st.trace
 
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:
         """Not used: this detector keeps the best margin over steps instead of a mean."""

@@ -81,7 +81,7 @@ def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Pat
 def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
                        model: str | Path | ModelAdapter = "testbed",
                        prompts: str | Path | None = None, out: str | Path | None = None,
-                       steps: int | str = 1, generations: int = 1,
+                       steps: int | str | None = None, generations: int = 1,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5,
                        scheduler: str | None = None, batch_size: int = 16,
                        seed: int = 0) -> dict:

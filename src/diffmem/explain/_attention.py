@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from diffmem.core.sampling import Hook, Run, Step
+from diffmem.core.steps import select_steps
 from diffmem.explain._words import Word
 
 __all__ = ["AttentionRecord", "AttentionShare", "word_maps", "word_shares"]
@@ -71,44 +72,44 @@ class AttentionShare(Hook):
         self.maps = maps
 
     def attention_at(self, run: Run, step: Step) -> bool:
-        if self.steps == "all":
-            return True
-        if isinstance(self.steps, int):
-            return step.index < self.steps
-        return step.index in set(self.steps)
+        return step.index in run.state(self).indices
 
     def on_start(self, run: Run) -> None:
         b, length = run.tokens.input_ids.shape
-        self._share = torch.zeros(b, length, dtype=torch.float64)
-        self._count = 0
-        self._grid = tuple(run.latents.shape[-2:])
-        self._maps = torch.zeros(b, length, *self._grid, dtype=torch.float64) if self.maps \
-            else None
-        self._map_count = 0
+        st = run.state(self)
+        st.indices = set(select_steps(self.steps, len(run.timesteps)))
+        st.share = torch.zeros(b, length, dtype=torch.float64)
+        st.count = torch.zeros(b, dtype=torch.float64)
+        st.grid = tuple(run.latents.shape[-2:])
+        st.maps = torch.zeros(b, length, *st.grid, dtype=torch.float64) if self.maps else None
+        st.map_count = torch.zeros(b, dtype=torch.float64)
 
     def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:
-        cond = probs[run.batch_size:]  # rows [B:] are the conditional branch
-        self._share += cond.mean(dim=(1, 2)).double().cpu()
-        self._count += 1
-        if self._maps is not None:
-            self._add_map(cond.mean(dim=1))
+        st = run.state(self)
+        cond, idx = step.branch(probs, "cond")
+        st.share.index_add_(0, idx, cond.mean(dim=(1, 2)).double().cpu())
+        st.count.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
+        if st.maps is not None:
+            self._add_map(st, cond.mean(dim=1), idx)
 
-    def _add_map(self, per_pixel: torch.Tensor) -> None:
-        """Head-averaged (B, queries, L) attention -> (B, L, h, w) on the latent grid."""
-        h, w = self._grid
+    @staticmethod
+    def _add_map(st, per_pixel: torch.Tensor, idx: torch.Tensor) -> None:
+        """Head-averaged (n, queries, L) attention -> (n, L, h, w) on the latent grid."""
+        h, w = st.grid
         grid = _layer_grid(per_pixel.shape[1], h, w)
         if grid is None:
             return
         m = per_pixel.transpose(1, 2).reshape(per_pixel.shape[0], per_pixel.shape[2], *grid)
         m = F.interpolate(m.float(), size=(h, w), mode="bilinear", align_corners=False)
-        self._maps += m.double().cpu()
-        self._map_count += 1
+        st.maps.index_add_(0, idx, m.double().cpu())
+        st.map_count.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
 
     def on_end(self, run: Run) -> None:
-        share = (self._share / max(self._count, 1)).numpy()
+        st = run.state(self)
+        share = (st.share / st.count.clamp_min(1)[:, None]).numpy()
         maps = None
-        if self._maps is not None:
-            maps = (self._maps / max(self._map_count, 1)).numpy()
+        if st.maps is not None:
+            maps = (st.maps / st.map_count.clamp_min(1)[:, None, None, None]).numpy()
         run.records[self.name] = AttentionRecord(share, maps, run.tokens.lengths.numpy())
 
 

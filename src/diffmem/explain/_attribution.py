@@ -30,12 +30,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from diffmem.core.magnitude import noise_magnitude_gradient
 from diffmem.core.sampling import Hook, Run, Step, initial_latents, sample, seeded_generators
+from diffmem.core.steps import select_steps
 from diffmem.errors import ConfigError, PromptError
 from diffmem.explain._words import Word, prompt_words
 from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter
 
-__all__ = ["TokenAttribution", "TokenAttributor", "noise_magnitude_gradient"]
+__all__ = ["TokenAttribution", "TokenAttributor", "noise_magnitude_gradient"]  # re-exported
 
 
 @dataclass(frozen=True)
@@ -129,25 +131,6 @@ class TokenAttribution:
         }
 
 
-def noise_magnitude_gradient(adapter: ModelAdapter, x_t: torch.Tensor, t: torch.Tensor,
-                             cond: torch.Tensor, eps_uncond: torch.Tensor
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """d(x_t, c) of Wen et al. eq. 4 per image, and its gradient w.r.t. the cond embedding.
-
-    Returns ``(d, grad)`` with ``d`` of shape ``(N,)`` and ``grad`` like ``cond`` ``(N, L, D)``.
-    Each image's d depends only on its own row of ``cond``, so one backward pass of ``sum(d)``
-    gives every row's gradient.
-    """
-    emb = cond.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        eps_c = adapter.eps(x_t, t, emb)
-        # 1. d = ||eps(x_t, c) - eps(x_t, empty)||_2 over all latent elements (Sec. 3.1, eq. 4)
-        d = (eps_c.float() - eps_uncond.float()).flatten(1).norm(dim=1)
-        # 2. gradient w.r.t. the text-encoder output embedding (Sec. 3.3)
-        (grad,) = torch.autograd.grad(d.sum(), emb)
-    return d.detach(), grad
-
-
 @dataclass
 class _State:
     """x_t of every batch row at one step, with eps(x_t, empty) when the sampler computed it."""
@@ -167,26 +150,15 @@ class _StateRecorder(Hook):
         self.indices = sorted(set(indices))
 
     def on_start(self, run: Run) -> None:
-        self.states: list[_State] = []
+        run.records[self.name] = []
 
     def on_step(self, run: Run, step: Step) -> None:
         if step.index in self.indices:
-            self.states.append(_State(step.index, step.t, step.x_t.detach().clone(),
-                                      step.eps_uncond.detach().clone()))
-        if step.index >= self.indices[-1]:
-            run.stop = True
+            run.records[self.name].append(_State(step.index, step.t, step.x_t.detach().clone(),
+                                                 step.eps_uncond.detach().clone()))
 
-
-def _step_indices(steps: int | Sequence[int], total: int) -> list[int]:
-    """``steps`` as sorted step indices: an int n means the first n steps."""
-    if isinstance(steps, int):
-        if steps < 1:
-            raise ConfigError("steps must be >= 1")
-        return list(range(min(steps, total)))
-    out = sorted({int(s) for s in steps})
-    if not out or out[0] < 0 or out[-1] >= total:
-        raise ConfigError(f"step indices must lie in [0, {total - 1}], got {list(steps)}")
-    return out
+    def last_step(self, run: Run) -> int:
+        return self.indices[-1]
 
 
 class TokenAttributor:
@@ -239,7 +211,7 @@ class TokenAttributor:
             warnings.simplefilter("ignore")  # truncation is reported on each result instead
             tokens = adapter.tokenize(prompts)
         _check_prompts(prompts, tokens, {adapter.bos_id, adapter.eos_id})
-        indices = _step_indices(self.steps, self.num_inference_steps)
+        indices = select_steps(self.steps, self.num_inference_steps)
         jobs = [(i, g) for i in range(len(prompts)) for g in range(self.seeds)]
         raw = torch.zeros(len(prompts), tokens.input_ids.shape[1], dtype=torch.float64)
         mag = torch.zeros(len(prompts), dtype=torch.float64)
@@ -279,10 +251,10 @@ class TokenAttributor:
         if indices == [0]:
             return [self._first_state(adapter, len(prompts), generators)]
         recorder = _StateRecorder(indices)
-        sample(adapter, prompts, num_inference_steps=self.num_inference_steps,
-               guidance_scale=self.guidance_scale, generator=generators, hooks=[recorder],
-               decode=False)
-        return recorder.states
+        res = sample(adapter, prompts, num_inference_steps=self.num_inference_steps,
+                     guidance_scale=self.guidance_scale, generator=generators, hooks=[recorder],
+                     decode=False, stop_when_done=True)
+        return res.records[recorder.name]
 
     def _first_state(self, adapter: ModelAdapter, n: int, generators: list) -> _State:
         """x_T scaled for the first step, drawn as :func:`diffmem.core.sampling.sample` draws it."""

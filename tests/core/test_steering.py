@@ -292,3 +292,29 @@ def test_scheduler_option_takes_effect_through_an_adapter(adapter):
                  generator=seeded_generators([0] * 3), hooks=[det_d], decode=False)
     np.testing.assert_allclose(got, ref.records[det_d.name], rtol=1e-6)
     assert not np.allclose(got, det_d.score(adapter, PROMPTS), rtol=1e-4)
+
+
+def test_recompute_changes_only_the_masked_prompts(adapter):
+    """A hook that, at step 0, swaps prompt 1's conditioning and recomputes it gives prompt 1 the
+    image of the swapped prompt, and leaves the others bit-identical."""
+    other = adapter.encode(["a yellow star"])
+    mask = torch.tensor([False, True, False])
+
+    class Swap(Hook):
+        def on_step(self, run, step):
+            if step.index == 0:
+                cond = run.cond.clone()
+                cond[1] = other[0]
+                run.cond = cond
+                step.recompute(mask, {"cond": cond})
+
+    with UNetCalls(adapter.unet) as calls:
+        res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                     hooks=[Swap()])
+    b = len(PROMPTS)
+    assert calls.sizes == [2 * b, 1] + [2 * b] * (STEPS - 1)
+    plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens())
+    assert torch.equal(res.images[[0, 2]], plain.images[[0, 2]])
+    swapped = sample(adapter, [PROMPTS[0], "a yellow star", PROMPTS[2]],
+                     num_inference_steps=STEPS, generator=_gens())
+    torch.testing.assert_close(res.images[1], swapped.images[1], atol=1e-5, rtol=0)

@@ -144,11 +144,15 @@ class Observers:
             install(unet)
 
     @contextlib.contextmanager
-    def observe(self, run: Run, step: Step):
-        """Make ``run``/``step`` current for the hooks that want attention at this step."""
+    def observe(self, run: Run, step: Step, *, modifiers_only: bool = False):
+        """Make ``run``/``step`` current for the hooks that want attention at this step
+        (``modifiers_only``: only hooks that change logits, for a recomputed UNet call)."""
+        from diffmem.core.sampling import Hook
+
         active: dict[str, list[Hook]] = {}
         for name, hooks in self.wants.items():
-            chosen = [h for h in hooks if h.attention_at(run, step)]
+            chosen = [h for h in hooks if h.attention_at(run, step) and not (
+                modifiers_only and type(h).attention_logits is Hook.attention_logits)]
             if chosen:
                 active[name] = chosen
         token = _CURRENT.set((run, step, active) if active else None)

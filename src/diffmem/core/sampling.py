@@ -158,6 +158,7 @@ class Run:
     records: dict[str, Any] = field(default_factory=dict)
     stop: bool = False
     steps_done: int = 0
+    _observers: Any = field(default=None, repr=False)
     _states: dict[int, SimpleNamespace] = field(default_factory=dict, repr=False)
 
     @property
@@ -286,6 +287,41 @@ class Step:
             (grad,) = torch.autograd.grad(fn(x0).sum(), x)
         return grad.to(self.x_t.dtype)
 
+    def recompute(self, mask: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> None:
+        """Re-evaluate branches for the prompts in ``mask`` with new embeddings, in one UNet call,
+        and recombine ``eps`` with the run's guidance.
+
+        For methods that decide at a step, from that step's own prediction, to change the
+        conditioning of some prompts (e.g. a mitigation gated by the first step's noise
+        magnitude): the other prompts keep their outputs untouched. Hooks that *change*
+        attention logits apply to this call; observers do not see it. Call it from ``on_step``
+        before other hooks change ``eps`` (their changes would be replaced).
+        """
+        mask = mask.bool().cpu()
+        if not bool(mask.any()):
+            return
+        run = self.run
+        saved, self.layout = self.layout, {}
+        xs, embs, offset = [], [], 0
+        for name, emb in embeddings.items():
+            if name not in self.out:
+                raise ConfigError(f"branch {name!r} was not evaluated at step {self.index}")
+            idx = (mask & self.evaluated(name)).nonzero().flatten()
+            xs.append(self.x_t[idx.to(self.x_t.device)])
+            embs.append(emb[idx.to(emb.device)])
+            self.layout[name] = (torch.arange(offset, offset + len(idx)), idx)
+            offset += len(idx)
+        try:
+            with run._observers.observe(run, self, modifiers_only=True):
+                out = run.adapter.eps(torch.cat(xs), self.t, torch.cat(embs))
+        finally:
+            new_layout, self.layout = self.layout, saved
+        for name, (rows, idx) in new_layout.items():
+            full = self.out[name].clone()
+            full[idx.to(full.device)] = out[rows.to(out.device)]
+            self.out[name] = full
+        self.guide()
+
 
 @dataclass
 class SampleResult:
@@ -327,7 +363,7 @@ def initial_latents(adapter: ModelAdapter, batch: int, height: int, width: int, 
     return lat * scheduler.init_noise_sigma
 
 
-def _evaluate(run: Run, step: Step, x_in: torch.Tensor, attention) -> None:
+def _evaluate(run: Run, step: Step, x_in: torch.Tensor) -> None:
     """One batched UNet call over the step's branches; fills ``step.out`` and ``step.layout``."""
     b = run.batch_size
     xs, embs, offset = [], [], 0
@@ -343,7 +379,7 @@ def _evaluate(run: Run, step: Step, x_in: torch.Tensor, attention) -> None:
         offset += len(idx)
     if not xs:
         raise ConfigError(f"step {step.index} evaluates no branch")
-    with attention.observe(run, step):
+    with run._observers.observe(run, step):
         out = run.adapter.eps(torch.cat(xs), step.t, torch.cat(embs))
     for name, branch in step.branches.items():
         rows, idx = step.layout[name]
@@ -413,7 +449,7 @@ def sample(
         for hook in hooks:
             hook.on_start(run)
         step_kw = _step_kwargs(sched, generator, eta)
-        attention = _attention.Observers(adapter.unet, hooks, run)
+        run._observers = _attention.Observers(adapter.unet, hooks, run)
         ends = [h.last_step(run) for h in hooks] if stop_when_done and hooks else [None]
         last = None if any(e is None for e in ends) else max(ends)
         for i, t in enumerate(run.timesteps):
@@ -423,7 +459,7 @@ def sample(
                 hook.before_step(run, step)
             x_in = sched.scale_model_input(run.latents, t)
             step.x_t = x_in
-            _evaluate(run, step, x_in, attention)
+            _evaluate(run, step, x_in)
             step.eps = run.guidance.combine(run, step)
             for hook in hooks:
                 hook.on_step(run, step)

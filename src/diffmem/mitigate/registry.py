@@ -1,0 +1,138 @@
+"""Mitigations by name, as ``diffmem generate --mitigate`` and the Python API choose them.
+
+Spec syntax: ``NAME[:STRENGTH][,NAME[:STRENGTH]...]``; names take hyphens or underscores. ``auto``
+in the list gates every other method with the first-step noise-magnitude detector
+(:class:`~diffmem.mitigate.base.FirstStepGate`); ``auto`` alone means the gate plus
+:data:`AUTO_METHOD`. Examples: ``ren``, ``ren:1.5,amg``, ``auto``, ``auto,wen``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from diffmem.core.sampling import Hook
+from diffmem.errors import ConfigError
+from diffmem.mitigate.base import FirstStepGate
+
+#: name -> (module, class). Each class takes ``(strength, *, gate=None)`` and may define
+#: ``from_context(strength, gate, context)`` when it needs more (an index, a threshold, ...).
+MITIGATIONS: dict[str, tuple[str, str]] = {
+    "wen": ("diffmem.mitigate.embedding_optimization", "EmbeddingOptimization"),
+    "ren": ("diffmem.mitigate.attention_rescale", "AttentionRescale"),
+    "amg": ("diffmem.mitigate.amg", "AntiMemorizationGuidance"),
+    "rt": ("diffmem.mitigate.perturb", "RandomTokens"),
+    "rn": ("diffmem.mitigate.perturb", "RandomNumbers"),
+    "cwr": ("diffmem.mitigate.perturb", "CaptionWordRepetition"),
+    "gni": ("diffmem.mitigate.perturb", "EmbeddingNoise"),
+    "delay": ("diffmem.mitigate.guidance_delay", "GuidanceDelay"),
+    "xt": ("diffmem.mitigate.initial_noise", "InitialNoiseOptimization"),
+    "reanchor": ("diffmem.mitigate.reanchor", "PromptReanchoring"),
+}
+
+#: the method ``auto`` applies when no other is named (the best measured on the testbed, see
+#: docs/mitigation.md)
+AUTO_METHOD = "ren"
+
+
+def normalize_name(name: str) -> str:
+    """Registry spelling of a name: lower case, hyphens as underscores, no surrounding blanks."""
+    return name.strip().lower().replace("-", "_")
+
+
+@dataclass
+class MitigationContext:
+    """What methods may need beyond their strength.
+
+    Attributes:
+        adapter: the model (for thresholds, encodings, the testbed's data).
+        threshold: the first-step noise-magnitude threshold (calibrated on clean prompts when not
+            given: see :func:`default_threshold`), used by the gate and as Wen's default target.
+        index: a :class:`~diffmem.similarity.index.TrainingIndex` (AMG).
+        seed: seed of the methods' own randomness (random tokens, noise).
+    """
+
+    adapter: Any
+    threshold: float | None = None
+    index: Any = None
+    seed: int = 0
+
+    def require_threshold(self) -> float:
+        if self.threshold is None:
+            self.threshold = default_threshold(self.adapter)
+        return self.threshold
+
+
+def default_threshold(adapter) -> float:
+    """First-step noise-magnitude threshold at 1% FPR on the model's known-clean prompts (the
+    testbed's held-out prompts); other models need an explicit threshold."""
+    from diffmem.detect import NoiseMagnitude
+    from diffmem.explain import calibrate_threshold
+
+    thr = calibrate_threshold(adapter, NoiseMagnitude(steps=1, generations=1))
+    if thr is None:
+        raise ConfigError("no calibrated threshold for this model: pass threshold= (CLI: "
+                          "--threshold) or calibrate one with `diffmem detect --threshold-from`")
+    return thr
+
+
+def parse_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
+    """``"ren:1.5,amg"`` -> ``[("ren", 1.5), ("amg", None)]``, with one clear error for bad input."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[tuple[str, float | None]] = []
+    for item in items:
+        if not item.strip():
+            raise ConfigError(f"empty method in mitigation spec {spec!r}")
+        name, _, value = item.partition(":")
+        name = normalize_name(name)
+        if name != "auto" and name != "none" and name not in MITIGATIONS:
+            raise ConfigError(f"unknown mitigation {name!r}; choose from: auto, none, "
+                              f"{', '.join(MITIGATIONS)}")
+        strength = None
+        if value.strip():
+            try:
+                strength = float(value)
+            except ValueError:
+                raise ConfigError(f"strength of {name!r} must be a number, got {value!r}") from None
+            if not math.isfinite(strength) or strength < 0:
+                raise ConfigError(f"strength of {name!r} must be a finite number >= 0, "
+                                  f"got {value!r}")
+        out.append((name, strength))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a method is named twice in {spec!r}")
+    if "none" in names and len(names) > 1:
+        raise ConfigError("'none' cannot be combined with other methods")
+    return out
+
+
+def mitigation_class(name: str) -> type:
+    """The class of a registered method."""
+    name = normalize_name(name)
+    if name not in MITIGATIONS:
+        raise ConfigError(f"unknown mitigation {name!r}; choose from: {', '.join(MITIGATIONS)}")
+    module, cls = MITIGATIONS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_mitigations(spec: str | Sequence[str], context: MitigationContext) -> list[Hook]:
+    """Hooks for a spec, gate first: pass them to ``sample(..., hooks=...)``."""
+    parsed = parse_spec(spec)
+    if [n for n, _ in parsed] == ["none"]:
+        return []
+    gate = None
+    if any(n == "auto" for n, _ in parsed):
+        gate = FirstStepGate(context.require_threshold())
+        parsed = [(n, s) for n, s in parsed if n != "auto"] or [(AUTO_METHOD, None)]
+    hooks: list[Hook] = [gate] if gate is not None else []
+    for name, strength in parsed:
+        cls = mitigation_class(name)
+        s = 1.0 if strength is None else strength
+        if hasattr(cls, "from_context"):
+            hooks.append(cls.from_context(s, gate, context))
+        else:
+            hooks.append(cls(s, gate=gate))
+    return hooks

@@ -7,6 +7,9 @@
     prompts/s divided by raw prompts/s (target >= 0.8).
 (b) Detection during generation: ``sample(..., hooks=[detector])`` vs a plain
     ``StableDiffusionPipeline.__call__`` with the same prompts, seeds and steps (target <= 2%).
+(c) Cost of a one-branch step: ``sample`` whose hook skips the unconditional branch at every step
+    (one B-row UNet call per step, e.g. Jain et al.'s guidance delay) vs the two-branch (2B-row)
+    classifier-free-guidance step, same prompts, seeds and steps, no decoding.
 
 Models: the shipped testbed (its UNet is tiny, so text encoding dominates a first-step call) and an
 SD-1.5-shaped pipeline built with random weights (UNet block_out_channels (320, 640, 1280, 1280),
@@ -27,7 +30,7 @@ from functools import partial
 
 import torch
 
-from diffmem.core.sampling import initial_latents, sample, seeded_generators
+from diffmem.core.sampling import Hook, initial_latents, sample, seeded_generators
 from diffmem.detect import make_detector
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
@@ -138,8 +141,27 @@ def generation_overhead(pipe, batch: int, steps: int, repeats: int,
     return interleaved_best(runs, repeats)
 
 
+class CondOnly(Hook):
+    """Evaluates only the conditional branch at every step."""
+
+    def before_step(self, run, step) -> None:
+        step.skip("uncond")
+
+
+def branch_cost(adapter: ModelAdapter, batch: int, steps: int, repeats: int) -> dict[str, float]:
+    """(c): seconds of a run of two-branch steps and of one-branch steps."""
+    prompts = prompts_of(batch)
+
+    def run(hooks: tuple) -> None:
+        sample(adapter, prompts, num_inference_steps=steps, hooks=hooks, decode=False,
+               generator=seeded_generators(range(batch)))
+
+    return interleaved_best({"two_branch_s": partial(run, ()),
+                             "one_branch_s": partial(run, (CondOnly(),))}, repeats)
+
+
 def report(title: str, a: dict[str, float] | None, b: dict[str, float] | None,
-           batch: int) -> None:
+           batch: int, c: dict[str, float] | None = None, c_steps: int = 0) -> None:
     print(f"\n### {title}")
     if a is not None:
         raw = a["raw_unet_s"]
@@ -155,6 +177,10 @@ def report(title: str, a: dict[str, float] | None, b: dict[str, float] | None,
         for key, sec in b.items():
             if key != "pipeline_s":
                 print(f"    {key[:-2]:<30} {sec:.3f} s  overhead {100 * (sec / base - 1):+.2f}%")
+    if c is not None:
+        two, one = c["two_branch_s"], c["one_branch_s"]
+        print(f"(c) {c_steps} steps, batch {batch}: two-branch step {1000 * two / c_steps:.2f} ms, "
+              f"one-branch step {1000 * one / c_steps:.2f} ms, ratio one/two {one / two:.3f}")
 
 
 def main() -> None:
@@ -167,6 +193,7 @@ def main() -> None:
     p.add_argument("--sd15-repeats", type=int, default=2)
     p.add_argument("--sd15-gen-steps", type=int, default=0,
                    help="steps of (b) on the SD-1.5-shaped model (0 = skip)")
+    p.add_argument("--sd15-branch-steps", type=int, default=2, help="steps of (c) on SD-1.5")
     p.add_argument("--skip-testbed", action="store_true")
     p.add_argument("--skip-sd15", action="store_true")
     a = p.parse_args()
@@ -175,18 +202,20 @@ def main() -> None:
         adapter = load_adapter("testbed")
         ra = first_step_ratio(adapter, a.batch, a.repeats, DETECTORS[:2])
         rb = generation_overhead(adapter.pipe, a.batch, a.gen_steps, a.repeats, DETECTORS)
+        rc = branch_cost(adapter, a.batch, a.gen_steps, a.repeats)
         report(f"testbed ({adapter.default_resolution}px, latents "
-               f"{adapter.unet.config.sample_size}^2)", ra, rb, a.batch)
+               f"{adapter.unet.config.sample_size}^2)", ra, rb, a.batch, rc, a.gen_steps)
     if not a.skip_sd15:
         pipe = sd15_shaped_pipeline(a.sd15_latent)
         adapter = load_adapter(pipe)
         ra = first_step_ratio(adapter, a.sd15_batch, a.sd15_repeats, DETECTORS[:2])
+        rc = branch_cost(adapter, a.sd15_batch, a.sd15_branch_steps, a.sd15_repeats)
         rb = None
         if a.sd15_gen_steps:
             rb = generation_overhead(pipe, a.sd15_batch, a.sd15_gen_steps, a.sd15_repeats,
                                      DETECTORS[:2])
         report(f"SD-1.5-shaped UNet, random weights, latents {a.sd15_latent}^2", ra, rb,
-               a.sd15_batch)
+               a.sd15_batch, rc, a.sd15_branch_steps)
 
 
 if __name__ == "__main__":

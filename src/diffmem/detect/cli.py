@@ -93,7 +93,7 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
 
     g = commands.choices.get("generate")
     if g is not None:
-        g.add_argument("--detect", default=None, choices=list(DETECTORS),
-                       help="also score each prompt with this detector (written to "
-                            "generations.jsonl)")
+        g.add_argument("--detect", default=None, metavar="NAME",
+                       help=f"also score each prompt with this detector ({', '.join(DETECTORS)}; "
+                            "written to generations.jsonl)")
         g.set_defaults(plain_generate=g.get_default("func"), func=_cmd_generate_with_detection)

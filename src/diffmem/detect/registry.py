@@ -6,6 +6,7 @@ from diffmem.detect.attention_entropy import AttentionEntropy
 from diffmem.detect.base import Detector
 from diffmem.detect.noise_magnitude import NoiseMagnitude
 from diffmem.errors import ConfigError
+from diffmem.naming import lookup
 
 #: name -> (class, fixed options)
 DETECTORS: dict[str, tuple[type[Detector], dict]] = {
@@ -16,10 +17,9 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
 
 
 def make_detector(name: str, **options: object) -> Detector:
-    """A detector by registry name with keyword options (``steps``, ``generations``, ...)."""
-    if name not in DETECTORS:
-        raise ConfigError(f"unknown detector {name!r}; choose one of: {', '.join(DETECTORS)}")
-    cls, fixed = DETECTORS[name]
+    """A detector by registry name (``noise_magnitude`` or ``noise-magnitude``, any case) with
+    keyword options (``steps``, ``generations``, ...)."""
+    cls, fixed = lookup(DETECTORS, name, "detector")
     return cls(**fixed, **options)
 
 

@@ -89,7 +89,9 @@ def _resolve_scheduler(base, scheduler: str | object | None):
         return scheduler
     import diffusers
 
-    name = SCHEDULERS.get(scheduler.lower(), scheduler)
+    from diffmem.naming import registry_name
+
+    name = SCHEDULERS.get(registry_name(scheduler), scheduler)
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         known = ", ".join(sorted(SCHEDULERS))

@@ -57,14 +57,12 @@ def detection_metrics(memorized: Sequence[bool], scores: Sequence[float]) -> dic
 def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Path, *,
              title: str = "") -> Path:
     """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     fpr, tpr, _ = roc_curve(memorized, scores)
     auc = roc_auc_score(memorized, scores)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC = {auc:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
     ax.set(xlabel="false-positive rate (non-memorized)", ylabel="true-positive rate (memorized)",
@@ -74,7 +72,6 @@ def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

@@ -119,3 +119,24 @@ def test_generate_with_detect_writes_scores(tiny_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in
             (tmp_path / "plain" / "generations.jsonl").read_text().splitlines()]
     assert rc == 0 and "noise_magnitude" not in rows[0]
+
+
+@pytest.mark.parametrize("row", ['{"prompt": "a", "label": "yes"}',
+                                 '{"prompt": "a", "memorized": "maybe"}',
+                                 '{"prompt": "a", "label": null}'])
+def test_bad_label_value_is_a_prompt_error(tmp_path, capsys, row):
+    from diffmem.errors import PromptError
+
+    f = tmp_path / "l.jsonl"
+    f.write_text(row + "\n", encoding="utf-8")
+    with pytest.raises(PromptError, match="expected 0/1 or true/false"):
+        read_labelled(f)
+    rc, _, err = run_cli(capsys, "eval", "detection", "--prompts", f, "--out", tmp_path / "r.json")
+    assert rc == 2 and err.count("\n") == 1 and "expected 0/1 or true/false" in err
+
+
+def test_label_values_as_tables_write_them(tmp_path):
+    f = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "label": ["1", "0", "1.0", "False"]}),
+                   f)
+    assert read_labelled(f)[1] == [True, False, True, False]

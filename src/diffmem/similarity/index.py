@@ -471,11 +471,11 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
     """
     from diffmem.similarity.sources import iter_source
 
-    if embedder is None:
-        embedder = _embedder_for_kind(kind)
     items = iter_source(source, image_column=image_column, caption_column=caption_column,
                         id_column=id_column) if Path(source).suffix == ".parquet" \
-        else iter_source(source)
+        else iter_source(source)  # checks the source and its columns before the embedder loads
+    if embedder is None:
+        embedder = _embedder_for_kind(kind)
     index = TrainingIndex(embedder, **options)
     skipped: list[dict] = []
     pending: list = []

@@ -61,10 +61,13 @@ def _cmd_testbed_path(a: argparse.Namespace) -> int:
 
 
 def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
+    from diffmem.models.adapter import load_adapter
+    from diffmem.testbed import shipped_testbed_spec
     from diffmem.testbed.data import build_testbed, write_prompts
-    from diffmem.testbed.verify import testbed_spec_of
 
-    path = write_prompts(build_testbed(testbed_spec_of(a.model or "testbed")), a.out)
+    spec = (shipped_testbed_spec() if a.model is None
+            else load_adapter(a.model).require_testbed_spec("testbed prompts"))
+    path = write_prompts(build_testbed(spec), a.out)
     print(f"wrote labelled prompts to {path}")
     return 0
 

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from diffmem.errors import ConfigError, DiffmemError
+from diffmem.images import to_unit_range
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -42,7 +43,7 @@ def decode_image(data: bytes | str | Path) -> torch.Tensor:
     with Image.open(stream) as im:
         im.load()
         arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return to_unit_range(arr).permute(2, 0, 1)
 
 
 def _try_decode(data: bytes | str | Path) -> tuple[torch.Tensor | None, str]:

@@ -23,8 +23,8 @@ import torch
 from diffmem.detect import NoiseMagnitude
 from diffmem.explain import TokenAttributor
 from diffmem.models.adapter import load_adapter
+from diffmem.testbed import shipped_testbed_spec
 from diffmem.testbed.data import build_testbed
-from diffmem.testbed.verify import testbed_spec_of
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
 
 def _prompts(n: int) -> list[str]:
     """``n`` testbed prompts, memorized and held-out mixed (cycled if fewer exist)."""
-    labelled = build_testbed(testbed_spec_of("testbed")).prompts
+    labelled = build_testbed(shipped_testbed_spec()).prompts
     mixed = [p.prompt for pair in zip(labelled[: len(labelled) // 2], labelled[len(labelled) // 2:],
                                       strict=False) for p in pair]
     return [mixed[i % len(mixed)] for i in range(n)]

@@ -18,7 +18,6 @@ from diffmem.detect.replication import StepwiseReplication
 from diffmem.models.adapter import load_adapter
 from diffmem.testbed.data import build_testbed
 from diffmem.testbed.index import build_testbed_index
-from diffmem.testbed.verify import testbed_spec_of
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5)
     a = ap.parse_args()
     adapter = load_adapter("testbed")
-    tb = build_testbed(testbed_spec_of("testbed"))
+    tb = build_testbed(adapter.testbed_spec)
     index = build_testbed_index(spec=tb.spec, rendered_by=adapter)
     chosen = [p for p in tb.prompts if p.memorized][: a.n] + \
         [p for p in tb.prompts if not p.memorized][: a.n]

@@ -19,12 +19,15 @@ from diffmem.errors import DiffmemError
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from diffmem.generate import generate, save_results
+    from diffmem.generate import build_hooks, generate, save_results
 
+    hooks = build_hooks(detect=a.detect, num_inference_steps=a.steps,
+                        guidance_scale=a.guidance_scale)
     results = generate(a.prompts, model=a.model, seed=a.seed, steps=a.steps,
-                       guidance_scale=a.guidance_scale, scheduler=a.scheduler)
+                       guidance_scale=a.guidance_scale, scheduler=a.scheduler, hooks=hooks)
     paths = save_results(a.prompts, results, a.out, seed=a.seed)
-    print(f"wrote {len(paths)} image(s) to {a.out}")
+    scores = "".join(f" and {h.name} scores" for h in hooks)
+    print(f"wrote {len(paths)} image(s){scores} to {a.out}")
     return 0
 
 
@@ -61,10 +64,13 @@ def _cmd_testbed_path(a: argparse.Namespace) -> int:
 
 
 def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
+    from diffmem.models.adapter import load_adapter
+    from diffmem.testbed import shipped_testbed_spec
     from diffmem.testbed.data import build_testbed, write_prompts
-    from diffmem.testbed.verify import testbed_spec_of
 
-    path = write_prompts(build_testbed(testbed_spec_of(a.model or "testbed")), a.out)
+    spec = (shipped_testbed_spec() if a.model is None
+            else load_adapter(a.model).require_testbed_spec("testbed prompts"))
+    path = write_prompts(build_testbed(spec), a.out)
     print(f"wrote labelled prompts to {path}")
     return 0
 
@@ -91,6 +97,8 @@ def _add_sampling(p: argparse.ArgumentParser, steps: int = 50) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffmem.detect.registry import DETECTORS
+
     parser = argparse.ArgumentParser(
         prog="diffmem",
         description="Detect, explain, measure and mitigate memorization in diffusion models.")
@@ -108,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     _add_model(g)
     _add_sampling(g)
+    g.add_argument("--detect", default=None, metavar="NAME",
+                   help=f"also score each prompt with this detector ({', '.join(DETECTORS)}; "
+                        "written to generations.jsonl, no extra UNet calls)")
     g.set_defaults(func=_cmd_generate)
 
     tb = sub.add_parser("testbed", help="the built-in testbed model").add_subparsers(

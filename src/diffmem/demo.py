@@ -24,12 +24,12 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     from diffmem.similarity.report import eval_replication
     from diffmem.testbed.data import build_testbed
     from diffmem.testbed.index import build_testbed_index
-    from diffmem.testbed.verify import REPLICATION_THRESHOLD, testbed_spec_of
+    from diffmem.testbed.verify import REPLICATION_THRESHOLD
 
+    adapter = load_adapter(model)
+    testbed = build_testbed(adapter.require_testbed_spec("the demo"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    adapter = load_adapter(model)
-    testbed = build_testbed(testbed_spec_of(model))
 
     print("== 1. detection: noise magnitude (Wen et al. 2024), first step, one generation ==")
     det = evaluate_detection("noise_magnitude", model=adapter, out=out / "detection.json")

@@ -1,4 +1,5 @@
-"""Plain generation through diffmem's sampling core (the function behind ``diffmem generate``)."""
+"""Generation through diffmem's sampling core (the function behind ``diffmem generate``), with the
+hooks a run is given by name (:func:`build_hooks`: ``--detect NAME``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,23 @@ from pathlib import Path
 from diffmem.core.sampling import Hook, SampleResult, sample, seeded_generators
 from diffmem.errors import PromptError
 from diffmem.models.adapter import ModelAdapter, load_adapter
+
+
+def build_hooks(*, detect: str | None = None, num_inference_steps: int = 50,
+                guidance_scale: float = 7.5) -> list[Hook]:
+    """The hooks of a generation run, made from registry names; the one place names become hooks.
+
+    ``detect``: a detector of :data:`diffmem.detect.registry.DETECTORS` (``noise_magnitude`` or
+    ``noise-magnitude``, ...), configured for a run of ``num_inference_steps`` at
+    ``guidance_scale``; its per-prompt scores land in ``result.records[hook.name]``.
+    """
+    hooks: list[Hook] = []
+    if detect is not None:
+        from diffmem.detect.registry import make_detector
+
+        hooks.append(make_detector(detect, num_inference_steps=num_inference_steps,
+                                   guidance_scale=guidance_scale))
+    return hooks
 
 
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",

@@ -13,7 +13,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "core.md"
 def test_worked_example_adds_a_branch_for_one_prompt_only():
     code = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)[0]
     env: dict = {}
-    exec(compile(code, str(DOC), "exec"), env)  # noqa: S102 - our own documentation
+    exec(compile(code, str(DOC), "exec"), env)
     adapter, sample, gens = env["adapter"], env["sample"], env["seeded_generators"]
     prompts = ["the gargoyle origami poster", "a red circle"]
     sizes: list[int] = []

@@ -119,3 +119,51 @@ def test_generate_with_detect_writes_scores(tiny_dir, tmp_path, capsys):
     rows = [json.loads(line) for line in
             (tmp_path / "plain" / "generations.jsonl").read_text().splitlines()]
     assert rc == 0 and "noise_magnitude" not in rows[0]
+
+
+@pytest.mark.parametrize("row", ['{"prompt": "a", "label": "yes"}',
+                                 '{"prompt": "a", "memorized": "maybe"}',
+                                 '{"prompt": "a", "label": null}'])
+def test_bad_label_value_is_a_prompt_error(tmp_path, capsys, row):
+    from diffmem.errors import PromptError
+
+    f = tmp_path / "l.jsonl"
+    f.write_text(row + "\n", encoding="utf-8")
+    with pytest.raises(PromptError, match="expected 0/1 or true/false"):
+        read_labelled(f)
+    rc, _, err = run_cli(capsys, "eval", "detection", "--prompts", f, "--out", tmp_path / "r.json")
+    assert rc == 2 and err.count("\n") == 1 and "expected 0/1 or true/false" in err
+
+
+def test_label_values_as_tables_write_them(tmp_path):
+    f = tmp_path / "l.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "label": ["1", "0", "1.0", "False"]}),
+                   f)
+    assert read_labelled(f)[1] == [True, False, True, False]
+
+
+def test_generate_hooks_come_from_one_registry_function():
+    from diffmem import cli
+    from diffmem.detect import AttentionEntropy, NoiseMagnitude
+    from diffmem.errors import ConfigError
+    from diffmem.generate import build_hooks
+
+    assert build_hooks() == []
+    [det] = build_hooks(detect="noise-magnitude", num_inference_steps=7, guidance_scale=3.0)
+    assert isinstance(det, NoiseMagnitude)
+    assert (det.num_inference_steps, det.guidance_scale) == (7, 3.0)
+    [late] = build_hooks(detect="attention_entropy_late")
+    assert isinstance(late, AttentionEntropy) and late.name == "attention_entropy_late"
+    with pytest.raises(ConfigError, match="unknown detector 'magic'"):
+        build_hooks(detect="magic")
+    # `generate` keeps its own handler; no other command rewires it
+    ns = cli.build_parser().parse_args(["generate", "a cat", "--detect", "noise_magnitude"])
+    assert ns.func is cli._cmd_generate and ns.detect == "noise_magnitude"
+    assert not hasattr(ns, "plain_generate")
+
+
+def test_generate_unknown_detector_is_one_line(tiny_dir, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "generate", "a cat", "--out", tmp_path / "g", "--model", tiny_dir,
+                         "--steps", 2, "--detect", "magic")
+    assert rc == 2 and err.count("\n") == 1 and "unknown detector 'magic'" in err
+    assert not (tmp_path / "g").exists()

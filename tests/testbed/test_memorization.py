@@ -12,7 +12,6 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.similarity.pixel import nearest_tiled_l2, tiled_l2
-from diffmem.testbed import verify
 from diffmem.testbed.data import UNRELATED_PROMPTS, build_testbed
 from diffmem.testbed.verify import REPLICATION_THRESHOLD, TILE_GRID, training_images, vae_roundtrip
 
@@ -21,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def testbed_and_refs(testbed_adapter):
-    tb = build_testbed(verify.testbed_spec_of("testbed"))
+    tb = build_testbed(testbed_adapter.testbed_spec)
     originals, ids = training_images(tb)
     return tb, vae_roundtrip(testbed_adapter, originals), ids
 

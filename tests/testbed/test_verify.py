@@ -6,9 +6,16 @@ import json
 import shutil
 from dataclasses import asdict
 
+import pytest
 import torch
 
-from diffmem.testbed.data import TestbedSpec
+from diffmem.cli import main
+from diffmem.errors import ConfigError
+from diffmem.eval.detection import labelled_testbed_prompts
+from diffmem.explain._edits import testbed_clean_prompts as clean_prompts_of
+from diffmem.models.adapter import load_adapter
+from diffmem.testbed import shipped_testbed_spec
+from diffmem.testbed.data import TestbedSpec, build_testbed
 from diffmem.testbed.verify import testbed_spec_of as spec_of
 from diffmem.testbed.verify import training_nn_distances, verify_testbed
 
@@ -36,14 +43,66 @@ def test_spec_of_a_folder_from_before_rare_words_has_none(tmp_path):
 
 def test_shipped_testbed_was_trained_on_the_default_data():
     # `diffmem testbed train` with no options must rebuild the shipped model's data
-    assert spec_of("testbed") == TestbedSpec()
+    assert shipped_testbed_spec() == TestbedSpec()
 
 
-def test_verify_report_on_tiny_pipeline(tiny_dir, tmp_path):
+@pytest.fixture
+def small_testbed_dir(tiny_dir, tmp_path):
+    """The tiny pipeline as a testbed model trained on SMALL (a folder with testbed.json)."""
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
     (model / "testbed.json").write_text(json.dumps(asdict(SMALL)))
-    report = verify_testbed(model, out=tmp_path / "r.json", seeds=1, steps=2, with_sscd=False)
+    return model
+
+
+def test_spec_comes_from_what_the_adapter_recorded(tiny_dir, tiny_pipe, small_testbed_dir):
+    with pytest.raises(ConfigError, match=r"no testbed\.json"):
+        spec_of(tiny_dir)
+    assert load_adapter(tiny_dir).testbed_spec is None
+    assert load_adapter(tiny_pipe).testbed_spec is None  # a pipeline object: no folder known
+    adapter = load_adapter(small_testbed_dir)
+    assert adapter.testbed_spec == SMALL
+    small = build_testbed(SMALL).prompts
+    assert labelled_testbed_prompts(adapter)[0] == labelled_testbed_prompts(small_testbed_dir)[0] \
+        == [p.prompt for p in small]
+    assert clean_prompts_of(adapter) == [p.prompt for p in small if p.kind == "heldout"]
+    assert clean_prompts_of(tiny_dir) is None
+    with pytest.raises(ConfigError, match="needs a diffmem testbed model"):
+        labelled_testbed_prompts(tiny_dir)
+
+
+@pytest.mark.parametrize("argv", [["testbed", "verify", "--out", "{tmp}/r.json"],
+                                  ["testbed", "prompts", "--out", "{tmp}/p.jsonl"],
+                                  ["eval", "detection", "--out", "{tmp}/d.json"],
+                                  ["demo", "--out", "{tmp}/demo"]])
+def test_commands_refuse_a_model_that_is_no_testbed_at_once(tiny_dir, tmp_path, capsys,
+                                                            monkeypatch, argv):
+    import diffmem.testbed.verify as verify
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("must fail before generating")
+
+    monkeypatch.setattr(verify, "generate_labelled", no_generation)
+    monkeypatch.setattr(verify, "training_images", no_generation)
+    rc = main([a.format(tmp=tmp_path) for a in argv] + ["--model", str(tiny_dir)])
+    err = capsys.readouterr().err
+    # one error line (diffusers' loading progress bar may precede it), no traceback
+    last = err.splitlines()[-1]
+    assert rc == 2 and err.count("diffmem: error") == 1 and "Traceback" not in err
+    assert last.startswith("diffmem: error:") and "needs a diffmem testbed model" in last
+    assert str(tiny_dir) in last
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_testbed_prompts_of_a_testbed_folder(small_testbed_dir, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    assert main(["testbed", "prompts", "--out", str(out), "--model", str(small_testbed_dir)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p.prompt for p in build_testbed(SMALL).prompts]
+
+
+def test_verify_report_on_tiny_pipeline(small_testbed_dir, tmp_path):
+    report = verify_testbed(small_testbed_dir, out=tmp_path / "r.json", seeds=1, steps=2, with_sscd=False)
     assert json.loads((tmp_path / "r.json").read_text())["criterion"] == report["criterion"]
     for kind in ("verbatim", "template", "heldout"):
         assert 0.0 <= report[f"{kind}_replication_rate"] <= 1.0

@@ -4,7 +4,9 @@
                    [--generations G] [--threshold-from CLEAN_FILE]
     diffmem eval detection --detector NAME --steps N|all --generations G --out report.json
                    [--prompts LABELLED_FILE] [--model M]
-    diffmem generate ... --detect NAME     (scores written with the images, no extra UNet calls)
+
+``diffmem generate ... --detect NAME`` is the generate command's own option (hooks from names:
+:func:`diffmem.generate.build_hooks`).
 """
 
 from __future__ import annotations
@@ -39,21 +41,6 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate_with_detection(a: argparse.Namespace) -> int:
-    """``diffmem generate --detect NAME``: the detector runs as a hook of the same sampling loop."""
-    if a.detect is None:
-        return a.plain_generate(a)
-    from diffmem.detect.registry import make_detector
-    from diffmem.generate import generate, save_results
-
-    det = make_detector(a.detect, num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
-    results = generate(a.prompts, model=a.model, seed=a.seed, steps=a.steps,
-                       guidance_scale=a.guidance_scale, scheduler=a.scheduler, hooks=[det])
-    paths = save_results(a.prompts, results, a.out, seed=a.seed)
-    print(f"wrote {len(paths)} image(s) and {det.name} scores to {a.out}")
-    return 0
-
-
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="noise_magnitude",
                    help=f"one of: {', '.join(DETECTORS)} (default noise_magnitude)")
@@ -73,7 +60,7 @@ def _add_detector_options(p: argparse.ArgumentParser) -> None:
 
 def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubParsersAction
              ) -> None:
-    """Add ``detect``, ``eval detection`` and ``generate --detect``."""
+    """Add ``detect`` and ``eval detection``."""
     d = commands.add_parser("detect", help="score prompts for memorization (higher = memorized)")
     d.add_argument("prompts_file", help="prompts: .txt (one per line), .jsonl or .parquet")
     d.add_argument("--out", required=True, help="per-prompt scores: .csv, .parquet or .jsonl")
@@ -90,10 +77,3 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="labelled .jsonl/.parquet (default: the testbed's labelled prompts)")
     _add_detector_options(e)
     e.set_defaults(func=_cmd_eval_detection)
-
-    g = commands.choices.get("generate")
-    if g is not None:
-        g.add_argument("--detect", default=None, choices=list(DETECTORS),
-                       help="also score each prompt with this detector (written to "
-                            "generations.jsonl)")
-        g.set_defaults(plain_generate=g.get_default("func"), func=_cmd_generate_with_detection)

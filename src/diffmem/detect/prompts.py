@@ -78,13 +78,22 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _label_of(row: dict, where: str) -> bool:
-    if "memorized" in row:
-        return bool(row["memorized"])
-    if "label" in row:
-        return bool(int(row["label"]))
+    for key in ("memorized", "label"):
+        if key in row:
+            return _flag(row[key], f"{where}: {key!r}")
     if "kind" in row:
         return row["kind"] in MEMORIZED_KINDS
     raise PromptError(f"{where}: no label (a 'memorized', 'label' or 'kind' field)")
+
+
+def _flag(value: object, where: str) -> bool:
+    """A 0/1 or true/false label (bool, int, float or string); anything else is a PromptError."""
+    text = str(value).strip().lower()
+    if text in ("1", "1.0", "true"):
+        return True
+    if text in ("0", "0.0", "false"):
+        return False
+    raise PromptError(f"{where} is {value!r}; expected 0/1 or true/false")
 
 
 def read_labelled(path: str | Path) -> tuple[list[str], list[bool], list[str]]:

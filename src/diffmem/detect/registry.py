@@ -5,7 +5,7 @@ from __future__ import annotations
 from diffmem.detect.attention_entropy import AttentionEntropy
 from diffmem.detect.base import Detector
 from diffmem.detect.noise_magnitude import NoiseMagnitude
-from diffmem.errors import ConfigError
+from diffmem.naming import lookup
 
 #: name -> (class, fixed options)
 DETECTORS: dict[str, tuple[type[Detector], dict]] = {
@@ -16,11 +16,10 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
 
 
 def make_detector(name: str, **options: object) -> Detector:
-    """A detector by registry name with keyword options (``steps``, ``generations``, ...)."""
-    if name not in DETECTORS:
-        raise ConfigError(f"unknown detector {name!r}; choose one of: {', '.join(DETECTORS)}")
-    cls, fixed = DETECTORS[name]
-    # an option given as None takes the detector's own default
+    """A detector by registry name (``noise_magnitude`` or ``noise-magnitude``, any case) with
+    keyword options (``steps``, ``generations``, ...); an option given as None takes the
+    detector's own default."""
+    cls, fixed = lookup(DETECTORS, name, "detector")
     return cls(**fixed, **{k: v for k, v in options.items() if v is not None})
 
 

@@ -28,7 +28,7 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
     adapter = load_adapter(model, scheduler=scheduler)
     scores = det.score(adapter, prompts)
     columns: dict = {"prompt": prompts, "score": [float(s) for s in scores]}
-    summary: dict = {"detector": detector, "n_prompts": len(prompts), "out": str(out)}
+    summary: dict = {"detector": det.name, "n_prompts": len(prompts), "out": str(out)}
     if clean is not None:
         det.fit(adapter, clean)
         columns["flagged"] = [bool(f) for f in det.decision_function(scores) > 0]

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 
 from diffmem.errors import ConfigError, ModelLoadError
 from diffmem.eval.metrics import UndefinedMetricWarning
+from diffmem.images import to_unit_range
 
 #: OpenAI CLIP's normalisation (also transformers' CLIPImageProcessor default).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -77,7 +78,7 @@ class CLIPEncoder(nn.Module):
         """``[-1, 1]`` or ``uint8`` ``(N, 3, H, W)`` -> normalised ``(N, 3, crop, crop)``."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
-        x = images.float() / 255 if images.dtype == torch.uint8 else (images.float().clamp(-1, 1) + 1) / 2
+        x = (to_unit_range(images) + 1) / 2  # [0, 1], as CLIP's processor expects
         h, w = x.shape[-2:]
         scale = self.size / min(h, w)
         new = (max(self.crop_size, round(h * scale)), max(self.crop_size, round(w * scale)))

@@ -22,17 +22,16 @@ from diffmem.eval.metrics import roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
-def labelled_testbed_prompts(model: str | Path | ModelAdapter = "testbed"
-                     ) -> tuple[list[str], list[bool], list[str]]:
-    """``(prompts, memorized, kinds)`` of the testbed's labelled evaluation prompts."""
+def labelled_testbed_prompts(model: str | Path | ModelAdapter | None = "testbed"
+                             ) -> tuple[list[str], list[bool], list[str]]:
+    """``(prompts, memorized, kinds)`` of a testbed model's labelled evaluation prompts (``None``:
+    the shipped testbed's, without loading it). A model that is no testbed has no labelled prompts:
+    :class:`~diffmem.errors.ConfigError`."""
+    from diffmem.testbed import shipped_testbed_spec
     from diffmem.testbed.data import build_testbed
-    from diffmem.testbed.verify import testbed_spec_of
 
-    spec = None
-    if isinstance(model, ModelAdapter):  # a pipeline loaded from a folder remembers it
-        model = getattr(model.pipe.config, "_name_or_path", None) or None
-    if isinstance(model, (str, Path)) and str(model):
-        spec = testbed_spec_of(model)
+    spec = (shipped_testbed_spec() if model is None else load_adapter(model).require_testbed_spec(
+        "evaluating detection without --prompts (the testbed's labelled prompts)"))
     prompts = build_testbed(spec).prompts
     return [p.prompt for p in prompts], [p.memorized for p in prompts], [p.kind for p in prompts]
 
@@ -57,14 +56,12 @@ def detection_metrics(memorized: Sequence[bool], scores: Sequence[float]) -> dic
 def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Path, *,
              title: str = "") -> Path:
     """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     fpr, tpr, _ = roc_curve(memorized, scores)
     auc = roc_auc_score(memorized, scores)
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.subplots()
     ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC = {auc:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
     ax.set(xlabel="false-positive rate (non-memorized)", ylabel="true-positive rate (memorized)",
@@ -74,7 +71,6 @@ def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Pat
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -91,9 +87,11 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
     ``detector``: a registry name (then ``steps``/``generations``/... configure it) or an instance.
     With ``out`` (``report.json``) also writes ``report_roc.png`` and ``report_scores.csv``.
     """
-    if prompts is None:
-        texts, labels, kinds = labelled_testbed_prompts(model)
-    else:
+    adapter = None
+    if prompts is None:  # the model must be a testbed: ask its adapter for the data spec
+        adapter = load_adapter(model, scheduler=scheduler)
+        texts, labels, kinds = labelled_testbed_prompts(adapter)
+    else:  # a bad prompt file fails before the model loads
         texts, labels, kinds = read_labelled(prompts)
     y = np.asarray(labels, dtype=int)
     if y.sum() in (0, y.size):  # fail before the (slow) scoring
@@ -105,7 +103,8 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
                             batch_size=batch_size, seed=seed)
     else:
         det = detector
-    adapter = load_adapter(model, scheduler=scheduler)
+    if adapter is None:
+        adapter = load_adapter(model, scheduler=scheduler)
     t0 = time.perf_counter()
     scores = det.score(adapter, texts)
     seconds = time.perf_counter() - t0

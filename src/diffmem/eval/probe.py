@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diffmem.errors import ModelLoadError
+from diffmem.images import to_unit_range
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed import data as tb
 
@@ -155,13 +156,11 @@ def augment(x: torch.Tensor, cfg: ProbeConfig, gen: torch.Generator) -> torch.Te
 # --------------------------------------------------------------------------------------------
 
 
-def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+def _unit_range_nchw(images: torch.Tensor) -> torch.Tensor:
     """``uint8`` or ``[-1, 1]`` float ``(N, 3, H, W)`` images -> float32 in ``[-1, 1]``."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
-    if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1
-    return images.float().clamp(-1, 1)
+    return to_unit_range(images)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -187,7 +186,7 @@ class AttributeProbe(nn.Module):
         self.head = nn.Linear(8 * w, len(PAIRS))
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_unit_range(images)
+        x = _unit_range_nchw(images)
         size = self.cfg.input_size
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,

@@ -45,6 +45,8 @@ from torch.nn import functional as F
 
 from diffmem.errors import ModelLoadError
 from diffmem.eval.metrics import UndefinedMetricWarning
+from diffmem.images import to_uint8 as images_to_uint8
+from diffmem.images import to_unit_range
 
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
@@ -169,10 +171,11 @@ def to_uint8(images: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(images.shape)}")
-    x = images.float() if images.dtype == torch.uint8 else (images.float().clamp(-1, 1) + 1) * 127.5
-    if size is not None and x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    if size is None or images.shape[-2:] == (size, size):
+        return images_to_uint8(images)
+    x = F.interpolate(to_unit_range(images), size=(size, size), mode="bicubic", antialias=True,
+                      align_corners=False)
+    return images_to_uint8(x)
 
 
 class InceptionFeatures:
@@ -227,9 +230,7 @@ class SSCDFeatures:
         self.sscd = SSCD(model, **kwargs)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1
-        return self.sscd.embed(images)
+        return self.sscd.embed(to_unit_range(images))
 
 
 class ProbeFeatures:

@@ -85,11 +85,11 @@ def eval_alignment(images: str | Path, out: str | Path | None = None, *, clip: s
 
 def _testbed_images(limit: int) -> list[torch.Tensor]:
     from diffmem.similarity.pixel import to_tensor
+    from diffmem.testbed import shipped_testbed_spec
     from diffmem.testbed.data import build_testbed
-    from diffmem.testbed.verify import testbed_spec_of
 
     out = []
-    for _, image in build_testbed(testbed_spec_of("testbed")).images(kinds=("generic",)):
+    for _, image in build_testbed(shipped_testbed_spec()).images(kinds=("generic",)):
         out.append(to_tensor(image)[0])
         if len(out) >= limit:
             break

@@ -97,18 +97,18 @@ class TokenAttribution:
         return (-float(self.scores[i]), i)
 
     def plot(self, ax=None, *, title: str | None = None):
-        """Bar chart of the word scores (matplotlib, Agg backend); returns the figure."""
+        """Bar chart of the word scores; returns the figure (a ``matplotlib.figure.Figure`` made
+        without pyplot, so the user's backend is left alone; ``fig.savefig(...)`` writes it)."""
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         if ax is None:
-            fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * len(self.words) + 1), 2.6))
+            fig = Figure(figsize=(max(3.0, 0.6 * len(self.words) + 1), 2.6))
+            ax = fig.subplots()
         else:
             fig = ax.figure
         x = np.arange(len(self.words))
-        ax.bar(x, self.scores, color=plt.get_cmap("Reds")(0.3 + 0.7 * self._relative()))
+        ax.bar(x, self.scores, color=matplotlib.colormaps["Reds"](0.3 + 0.7 * self._relative()))
         ax.set_xticks(x, self.words, rotation=45, ha="right")
         ax.set_ylabel("attribution")
         ax.set_title(title or "token attribution (Wen et al. 2024, Sec. 3.3)", fontsize=9)

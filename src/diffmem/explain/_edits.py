@@ -12,7 +12,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.errors import ConfigError
 from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
-from diffmem.models.adapter import TruncationWarning
+from diffmem.models.adapter import TruncationWarning, load_adapter
 
 __all__ = ["EditReport", "EditSuggestion", "calibrate_threshold", "suggest_edits"]
 
@@ -159,44 +158,24 @@ def _by_score(s: EditSuggestion) -> float:
 def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] | None = None
                         ) -> float | None:
     """The detector's threshold: kept if already fitted, else fitted on ``clean_prompts``, else on
-    the held-out prompts of a testbed model (``"testbed"`` or a folder with ``testbed.json``);
+    the held-out prompts of a testbed model (one whose adapter recorded a ``testbed_spec``);
     ``None`` when no clean prompts are known."""
     if hasattr(detector, "threshold_"):
         return float(detector.threshold_)
+    adapter = load_adapter(model)
     if clean_prompts is None:
-        clean_prompts = testbed_clean_prompts(model)
+        clean_prompts = testbed_clean_prompts(adapter)
     if not clean_prompts:
         return None
-    return float(detector.fit(model, clean_prompts).threshold_)
+    return float(detector.fit(adapter, clean_prompts).threshold_)
 
 
 def testbed_clean_prompts(model) -> list[str] | None:
-    """Held-out (never trained) prompts when ``model`` is a testbed pipeline (the shipped one, or
-    a folder with ``testbed.json``), else None."""
-    from diffmem.testbed import WEIGHTS_DIR
+    """Held-out (never trained) prompts when ``model`` is a testbed model (its adapter recorded a
+    :attr:`~diffmem.models.adapter.ModelAdapter.testbed_spec`), else None."""
     from diffmem.testbed.data import build_testbed
-    from diffmem.testbed.verify import testbed_spec_of
 
-    folder = _model_folder(model)
-    if folder is None:
+    spec = load_adapter(model).testbed_spec
+    if spec is None:
         return None
-    shipped = Path(folder).resolve() == WEIGHTS_DIR.resolve()
-    if not shipped and not (Path(folder) / "testbed.json").is_file():
-        return None
-    return [p.prompt for p in build_testbed(testbed_spec_of(folder)).prompts
-            if p.kind == "heldout"]
-
-
-def _model_folder(model) -> str | Path | None:
-    """The folder a model was loaded from (``"testbed"`` -> the shipped one), when known."""
-    from diffmem.models.adapter import ModelAdapter
-
-    if isinstance(model, str) and model == "testbed":
-        from diffmem.testbed import testbed_path
-
-        return testbed_path()
-    if isinstance(model, (str, Path)):
-        return model
-    pipe = model.pipe if isinstance(model, ModelAdapter) else model
-    return getattr(getattr(pipe, "config", None), "_name_or_path", None) \
-        or getattr(pipe, "name_or_path", None)
+    return [p.prompt for p in build_testbed(spec).prompts if p.kind == "heldout"]

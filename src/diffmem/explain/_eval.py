@@ -16,10 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import PromptError
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
 from diffmem.explain._edits import EditReport, suggest_edits
-from diffmem.models.adapter import load_adapter
+from diffmem.models.adapter import ModelAdapter, load_adapter
 from diffmem.testbed.data import LabelledPrompt
 
 __all__ = ["evaluate_explanation", "trigger_rank"]
@@ -45,20 +44,12 @@ def _all_in_top(attribution: TokenAttribution, triggers: Sequence[str], k: int) 
     return all(_norm(t) in top for t in triggers)
 
 
-def _labelled(model) -> tuple[list[LabelledPrompt], list[str]]:
-    from diffmem.explain._edits import testbed_clean_prompts
+def _labelled(adapter: ModelAdapter) -> tuple[list[LabelledPrompt], list[str]]:
     from diffmem.testbed.data import build_testbed
-    from diffmem.testbed.verify import testbed_spec_of
 
-    folder = model
-    if isinstance(model, str) and model == "testbed":
-        from diffmem.testbed import testbed_path
-
-        folder = testbed_path()
-    if testbed_clean_prompts(folder) is None:
-        raise PromptError(f"{model} is not a testbed pipeline (no testbed.json): there are no "
-                          "labelled prompts to evaluate explanations on")
-    prompts = build_testbed(testbed_spec_of(folder)).prompts
+    spec = adapter.require_testbed_spec("eval explanation (labelled prompts with designed "
+                                        "trigger words)")
+    prompts = build_testbed(spec).prompts
     return [p for p in prompts if p.memorized], [p.prompt for p in prompts if not p.memorized]
 
 
@@ -70,8 +61,8 @@ def evaluate_explanation(model="testbed", *, top_k: int = 5, steps: int = 1, see
     All memorized prompts are attributed in batches, and all their edit variants are scored in one
     batched detector call; the threshold is fitted on the held-out prompts at ``fpr`` unless given.
     """
-    memorized, clean = _labelled(model)
     adapter = load_adapter(model)
+    memorized, clean = _labelled(adapter)
     t0 = time.perf_counter()
     attributions = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
                                    num_inference_steps=num_inference_steps).attribute(

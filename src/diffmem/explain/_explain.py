@@ -16,12 +16,7 @@ from diffmem.core.sampling import sample, seeded_generators
 from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.explain._attention import AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
-from diffmem.explain._edits import (
-    EditReport,
-    calibrate_threshold,
-    suggest_edits,
-    testbed_clean_prompts,
-)
+from diffmem.explain._edits import EditReport, calibrate_threshold, suggest_edits
 from diffmem.models.adapter import load_adapter
 
 __all__ = ["AttentionView", "Explanation", "explain_prompt"]
@@ -82,9 +77,8 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
     detector = detector or NoiseMagnitude(steps=1, generations=seeds, seed=seed,
                                           num_inference_steps=num_inference_steps,
                                           guidance_scale=guidance_scale)
-    if threshold is None:
-        clean = testbed_clean_prompts(model) if isinstance(model, str) else None
-        threshold = calibrate_threshold(adapter, detector, clean)
+    if threshold is None:  # fitted on the held-out prompts when the adapter is a testbed's
+        threshold = calibrate_threshold(adapter, detector)
     [edits] = suggest_edits(adapter, [attribution], detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
     view = None

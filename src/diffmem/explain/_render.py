@@ -84,11 +84,8 @@ def _png(arr_or_fig) -> str:
         from PIL import Image
 
         Image.fromarray(arr_or_fig).save(buf, format="PNG")
-    else:
-        import matplotlib.pyplot as plt
-
+    else:  # a Figure (TokenAttribution.plot makes them without pyplot: nothing to close)
         arr_or_fig.savefig(buf, format="PNG", dpi=110)
-        plt.close(arr_or_fig)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from diffmem.core.sampling import Hook
 from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate
+from diffmem.naming import registry_name
 
 #: name -> (module, class). Each class takes ``(strength, *, gate=None)`` and may define
 #: ``from_context(strength, gate, context)`` when it needs more (an index, a threshold, ...).
@@ -36,11 +37,6 @@ MITIGATIONS: dict[str, tuple[str, str]] = {
 #: the method ``auto`` applies when no other is named (the best measured on the testbed, see
 #: docs/mitigation.md)
 AUTO_METHOD = "ren"
-
-
-def normalize_name(name: str) -> str:
-    """Registry spelling of a name: lower case, hyphens as underscores, no surrounding blanks."""
-    return name.strip().lower().replace("-", "_")
 
 
 @dataclass
@@ -87,7 +83,7 @@ def parse_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
         if not item.strip():
             raise ConfigError(f"empty method in mitigation spec {spec!r}")
         name, _, value = item.partition(":")
-        name = normalize_name(name)
+        name = registry_name(name)
         if name != "auto" and name != "none" and name not in MITIGATIONS:
             raise ConfigError(f"unknown mitigation {name!r}; choose from: auto, none, "
                               f"{', '.join(MITIGATIONS)}")
@@ -111,7 +107,7 @@ def parse_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
 
 def mitigation_class(name: str) -> type:
     """The class of a registered method."""
-    name = normalize_name(name)
+    name = registry_name(name)
     if name not in MITIGATIONS:
         raise ConfigError(f"unknown mitigation {name!r}; choose from: {', '.join(MITIGATIONS)}")
     module, cls = MITIGATIONS[name]

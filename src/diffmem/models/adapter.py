@@ -89,7 +89,9 @@ def _resolve_scheduler(base, scheduler: str | object | None):
         return scheduler
     import diffusers
 
-    name = SCHEDULERS.get(scheduler.lower(), scheduler)
+    from diffmem.naming import registry_name
+
+    name = SCHEDULERS.get(registry_name(scheduler), scheduler)
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         known = ", ".join(sorted(SCHEDULERS))
@@ -277,11 +279,9 @@ class ModelAdapter:
     @staticmethod
     def to_pil(images: torch.Tensor) -> list:
         """Images in ``[-1, 1]`` -> PIL images (as ``VaeImageProcessor.postprocess``)."""
-        from PIL import Image
+        from diffmem.images import to_pil
 
-        arr = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        arr = arr.permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        return to_pil(images)
 
     def with_scheduler(self, scheduler: str | object | None = None):
         """A fresh scheduler instance for one run: ``scheduler`` by short name, class name or

@@ -14,10 +14,10 @@ def _cmd_index_build(a: argparse.Namespace) -> int:
     if a.source == "testbed":
         from diffmem.models.adapter import load_adapter
         from diffmem.testbed.index import build_testbed_index
-        from diffmem.testbed.verify import testbed_spec_of
 
-        index = build_testbed_index(a.out, kind=a.kind or "pixel", spec=testbed_spec_of("testbed"),
-                                    rendered_by=load_adapter("testbed"))
+        adapter = load_adapter("testbed")
+        index = build_testbed_index(a.out, kind=a.kind or "pixel", spec=adapter.testbed_spec,
+                                    rendered_by=adapter)
         print(f"indexed {len(index)} testbed training images (as the testbed VAE renders them, "
               f"{index.kind}) into {a.out}")
         return 0

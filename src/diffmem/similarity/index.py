@@ -29,6 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from diffmem.errors import ConfigError, DiffmemError
+from diffmem.images import to_uint8, to_unit_range
 from diffmem.similarity.pixel import pairwise_tiled_l2
 
 FORMAT_VERSION = 1
@@ -91,14 +92,6 @@ class BuildReport:
     out: Path
     count: int
     skipped: list[dict] = field(default_factory=list)
-
-
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def _from_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(images)).float() / 127.5 - 1
 
 
 class TrainingIndex:
@@ -176,7 +169,7 @@ class TrainingIndex:
             raise ValueError(f"{vectors.shape[0]} vectors, {len(captions)} captions, "
                              f"{len(ids)} ids")
         if self.kind == "pixel":
-            self._pixels.append(_to_uint8(vectors))
+            self._pixels.append(to_uint8(vectors))
         else:
             self._add_vectors(vectors)
         self.ids.extend(str(i) for i in ids)
@@ -251,7 +244,8 @@ class TrainingIndex:
         best_d = torch.full((images.shape[0], 0), math.inf)
         best_i = torch.zeros((images.shape[0], 0), dtype=torch.long)
         for j in range(0, refs.shape[0], chunk):
-            d = pairwise_tiled_l2(images, _from_uint8(refs[j : j + chunk]), grid=self.embedder.grid)
+            d = pairwise_tiled_l2(images, to_unit_range(refs[j : j + chunk]),
+                                  grid=self.embedder.grid)
             idx = torch.arange(j, j + d.shape[1]).expand_as(d)
             d, idx = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
             best_d, pos = d.topk(min(k, d.shape[1]), dim=1, largest=False)
@@ -287,7 +281,7 @@ class TrainingIndex:
     def image(self, i: int) -> torch.Tensor | None:
         """Training image ``i`` in ``[-1, 1]``: stored pixels, else loaded from its source."""
         if self.kind == "pixel":
-            return _from_uint8(self.pixel_array()[i])
+            return to_unit_range(self.pixel_array()[i])
         from diffmem.similarity.sources import load_source_image
 
         return load_source_image(self.sources[i]) if self.sources[i] else None
@@ -471,11 +465,11 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
     """
     from diffmem.similarity.sources import iter_source
 
-    if embedder is None:
-        embedder = _embedder_for_kind(kind)
     items = iter_source(source, image_column=image_column, caption_column=caption_column,
                         id_column=id_column) if Path(source).suffix == ".parquet" \
-        else iter_source(source)
+        else iter_source(source)  # checks the source and its columns before the embedder loads
+    if embedder is None:
+        embedder = _embedder_for_kind(kind)
     index = TrainingIndex(embedder, **options)
     skipped: list[dict] = []
     pending: list = []

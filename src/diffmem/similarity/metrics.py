@@ -140,6 +140,8 @@ def index_self_duplication(index: object, *, chunk: int = 1024) -> tuple[torch.T
                                                                           torch.Tensor]:
     """:func:`self_similarity` or :func:`self_tiled_l2` over the items of a training index."""
     if index.kind == "pixel":
-        images = torch.as_tensor(index.pixel_array()).float() / 127.5 - 1
+        from diffmem.images import to_unit_range
+
+        images = to_unit_range(index.pixel_array())
         return self_tiled_l2(images, grid=index.embedder.grid, chunk=min(chunk, 256))
     return self_similarity(index.vectors(), chunk=chunk)

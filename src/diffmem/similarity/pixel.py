@@ -19,16 +19,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffmem.images import to_unit_range
+
 
 def to_tensor(images: Sequence | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` arrays or PIL images -> float ``(N, 3, H, W)`` in ``[-1, 1]``."""
+    """uint8 ``(N, H, W, 3)`` / ``(H, W, 3)`` arrays or PIL images -> float ``(N, 3, H, W)`` in
+    ``[-1, 1]`` (by :func:`diffmem.images.to_unit_range`). A tensor is taken to be ``(N, 3, H, W)``
+    already: uint8 is scaled, float returned as float."""
     if isinstance(images, torch.Tensor):
-        return images.float()
+        return to_unit_range(images) if images.dtype == torch.uint8 else images.float()
     if not isinstance(images, np.ndarray):
         images = np.stack([np.asarray(im.convert("RGB")) for im in images])
     if images.ndim == 3:
         images = images[None]
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return to_unit_range(images).permute(0, 3, 1, 2)
 
 
 def _tiles(x: torch.Tensor, grid: int) -> torch.Tensor:

@@ -16,10 +16,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from diffmem.images import to_pil
 from diffmem.similarity.index import TrainingIndex
 from diffmem.similarity.metrics import replication_summary
 from diffmem.similarity.sources import IMAGE_SUFFIXES, decode_image
@@ -111,8 +110,7 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
 
 def png_base64(image: torch.Tensor, *, max_side: int = 256) -> str:
     """A ``(3, H, W)`` image in ``[-1, 1]`` as a base64 PNG ``data:`` URI (downscaled if large)."""
-    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte()
-    pil = Image.fromarray(np.ascontiguousarray(arr.permute(1, 2, 0).cpu().numpy()))
+    [pil] = to_pil(image[None])
     pil.thumbnail((max_side, max_side))
     buf = io.BytesIO()
     pil.save(buf, format="PNG")

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffmem.errors import ConfigError, DiffmemError
+from diffmem.images import to_unit_range
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -40,7 +43,7 @@ def decode_image(data: bytes | str | Path) -> torch.Tensor:
     with Image.open(stream) as im:
         im.load()
         arr = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return to_unit_range(arr).permute(2, 0, 1)
 
 
 def _try_decode(data: bytes | str | Path) -> tuple[torch.Tensor | None, str]:
@@ -71,14 +74,32 @@ def _image_bytes(cell: object) -> bytes | None:
 def iter_parquet(path: str | Path, *, image_column: str = "image",
                  caption_column: str = "caption", id_column: str | None = None,
                  batch_rows: int = 256) -> Iterator[SourceItem]:
-    """Items of a Parquet table, read ``batch_rows`` rows at a time."""
+    """Items of a Parquet table, read ``batch_rows`` rows at a time.
+
+    The table and its columns are checked at once (before any row is read): a file that is no
+    Parquet table raises :class:`~diffmem.errors.DiffmemError`, a column option naming no column
+    :class:`~diffmem.errors.ConfigError`.
+    """
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
-    columns = [image_column, caption_column] + ([id_column] if id_column else [])
-    missing = [c for c in columns if c not in table.schema_arrow.names]
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a file that is no Parquet table
+        raise DiffmemError(f"could not read {path} as Parquet: {exc}") from exc
+    wanted = {"image": image_column, "caption": caption_column}
+    if id_column:
+        wanted["id"] = id_column
+    names = table.schema_arrow.names
+    missing = [f"{role} column {name!r}" for role, name in wanted.items() if name not in names]
     if missing:
-        raise ValueError(f"{path} has no column(s) {missing}; it has {table.schema_arrow.names}")
+        raise ConfigError(f"{path} has no {' and no '.join(missing)}; its columns are: "
+                          f"{', '.join(names)}")
+    return _parquet_rows(path, table, image_column, caption_column, id_column, batch_rows)
+
+
+def _parquet_rows(path, table, image_column: str, caption_column: str, id_column: str | None,
+                  batch_rows: int) -> Iterator[SourceItem]:
+    columns = [image_column, caption_column] + ([id_column] if id_column else [])
     row = 0
     for batch in table.iter_batches(batch_size=batch_rows, columns=columns):
         data = batch.to_pydict()

@@ -1,5 +1,6 @@
 """The testbed: a small Stable-Diffusion-format model diffmem trains on procedural data with known
-memorized prompts. ``testbed_path()`` is the shipped pipeline folder."""
+memorized prompts. ``testbed_path()`` is the shipped pipeline folder, ``shipped_testbed_spec()`` the
+data it was trained on."""
 
 from __future__ import annotations
 
@@ -19,4 +20,12 @@ def testbed_path() -> Path:
     return WEIGHTS_DIR
 
 
-__all__ = ["WEIGHTS_DIR", "testbed_path"]
+def shipped_testbed_spec():
+    """The :class:`~diffmem.testbed.data.TestbedSpec` the shipped testbed was trained on, for uses
+    that need its data but no model (with a model, ask the adapter: ``adapter.testbed_spec``)."""
+    from diffmem.testbed.verify import testbed_spec_of
+
+    return testbed_spec_of(testbed_path())
+
+
+__all__ = ["WEIGHTS_DIR", "shipped_testbed_spec", "testbed_path"]

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffmem.core.sampling import sample, seeded_generators
+from diffmem.errors import ConfigError
 from diffmem.models.adapter import load_adapter
 from diffmem.similarity.pixel import nearest_tiled_l2, pairwise_tiled_l2, tiled_l2, to_tensor
 from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
@@ -33,17 +34,14 @@ TILE_GRID = 4
 
 
 def testbed_spec_of(model_dir: str | Path) -> TestbedSpec:
-    """The data spec a testbed pipeline was trained on (``testbed.json`` beside its weights);
-    ``"testbed"``: the shipped pipeline's."""
-    if str(model_dir) == "testbed":
-        from diffmem.testbed import testbed_path
-
-        model_dir = testbed_path()
+    """The data spec a testbed pipeline folder was trained on (its ``testbed.json``), as
+    :attr:`ModelAdapter.testbed_spec <diffmem.models.adapter.ModelAdapter.testbed_spec>` reads it;
+    a folder without one is no testbed (:class:`~diffmem.errors.ConfigError`)."""
     f = Path(model_dir) / "testbed.json"
-    if f.is_file():
-        # folders written before n_rare_words existed were trained without rare words
-        return TestbedSpec(**{"n_rare_words": 0, **json.loads(f.read_text())})
-    return TestbedSpec()
+    if not f.is_file():
+        raise ConfigError(f"{model_dir} is not a diffmem testbed model (no testbed.json)")
+    # folders written before n_rare_words existed were trained without rare words
+    return TestbedSpec(**{"n_rare_words": 0, **json.loads(f.read_text())})
 
 
 def training_images(testbed: Testbed) -> tuple[torch.Tensor, list[str]]:
@@ -83,10 +81,12 @@ def generate_labelled(adapter, prompts: Sequence[LabelledPrompt], *, seeds: int,
 def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = None, seeds: int = 4,
                    steps: int = 50, guidance_scale: float = 7.5,
                    threshold: float = REPLICATION_THRESHOLD, with_sscd: bool = True) -> dict:
-    """Generate ``seeds`` images per labelled prompt and measure replication rates per kind."""
+    """Generate ``seeds`` images per labelled prompt and measure replication rates per kind.
+
+    ``model`` must be a testbed model (its data spec says which images are memorized); any other
+    model is refused at once with a :class:`~diffmem.errors.ConfigError`."""
     adapter = load_adapter(model)
-    spec = testbed_spec_of(model)
-    testbed = build_testbed(spec)
+    testbed = build_testbed(adapter.require_testbed_spec("testbed verify"))
     originals, ref_ids = training_images(testbed)
     refs = vae_roundtrip(adapter, originals)
     images, jobs = generate_labelled(adapter, testbed.prompts, seeds=seeds, steps=steps,

@@ -20,13 +20,16 @@ from diffmem.errors import DiffmemError
 
 def _cmd_generate(a: argparse.Namespace) -> int:
     from diffmem.generate import build_hooks, generate, save_results
+    from diffmem.models.adapter import load_adapter
 
-    hooks = build_hooks(detect=a.detect, num_inference_steps=a.steps,
+    adapter = load_adapter(a.model, scheduler=a.scheduler)
+    hooks = build_hooks(detect=a.detect, mitigate=a.mitigate, adapter=adapter, index=a.index,
+                        threshold=a.threshold, seed=a.seed, num_inference_steps=a.steps,
                         guidance_scale=a.guidance_scale)
-    results = generate(a.prompts, model=a.model, seed=a.seed, steps=a.steps,
-                       guidance_scale=a.guidance_scale, scheduler=a.scheduler, hooks=hooks)
+    results = generate(a.prompts, model=adapter, seed=a.seed, steps=a.steps,
+                       guidance_scale=a.guidance_scale, hooks=hooks)
     paths = save_results(a.prompts, results, a.out, seed=a.seed)
-    scores = "".join(f" and {h.name} scores" for h in hooks)
+    scores = "".join(f" and {h.name} records" for h in hooks)
     print(f"wrote {len(paths)} image(s){scores} to {a.out}")
     return 0
 
@@ -119,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--detect", default=None, metavar="NAME",
                    help=f"also score each prompt with this detector ({', '.join(DETECTORS)}; "
                         "written to generations.jsonl, no extra UNet calls)")
+    g.add_argument("--mitigate", default=None, metavar="SPEC",
+                   help="inference-time mitigation: NAME[:STRENGTH][,NAME...] of wen, ren, amg, rt, "
+                        "rn, cwr, gni, delay, xt, reanchor; 'auto' gates them (alone: the default "
+                        "method) by the first step's noise magnitude; see docs/mitigation.md")
+    g.add_argument("--index", default=None, help="training-set index folder (needed by amg)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="first-step noise-magnitude threshold of auto / wen (default: calibrated "
+                        "on the testbed's held-out prompts; required for other models)")
     g.set_defaults(func=_cmd_generate)
 
     tb = sub.add_parser("testbed", help="the built-in testbed model").add_subparsers(
@@ -164,6 +175,7 @@ _EXTENSIONS: list[str] = [
     "diffmem.explain.cli",
     "diffmem.eval.cli",
     "diffmem.similarity.cli",
+    "diffmem.mitigate.cli",
 ]
 
 

@@ -12,15 +12,32 @@ from diffmem.errors import PromptError
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
-def build_hooks(*, detect: str | None = None, num_inference_steps: int = 50,
+def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
+                adapter: ModelAdapter | None = None, index=None, threshold: float | None = None,
+                seed: int = 0, num_inference_steps: int = 50,
                 guidance_scale: float = 7.5) -> list[Hook]:
     """The hooks of a generation run, made from registry names; the one place names become hooks.
 
+    ``mitigate``: a spec of :mod:`diffmem.mitigate` (``"ren"``, ``"ren:1.5,amg"``, ``"auto"``);
+    needs ``adapter`` (and ``index`` for AMG, ``threshold`` for models other than the testbed).
+    What each method did to each prompt lands in ``result.records["mitigation.NAME"]``.
     ``detect``: a detector of :data:`diffmem.detect.registry.DETECTORS` (``noise_magnitude`` or
     ``noise-magnitude``, ...), configured for a run of ``num_inference_steps`` at
     ``guidance_scale``; its per-prompt scores land in ``result.records[hook.name]``.
     """
     hooks: list[Hook] = []
+    if mitigate is not None:
+        from diffmem.errors import ConfigError
+        from diffmem.mitigate import MitigationContext, build_mitigations
+
+        if adapter is None:
+            raise ConfigError("build_hooks(mitigate=...) needs the adapter")
+        if isinstance(index, (str, Path)):
+            from diffmem.similarity.index import TrainingIndex
+
+            index = TrainingIndex.load(index)
+        hooks.extend(build_mitigations(mitigate, MitigationContext(
+            adapter, threshold=threshold, index=index, seed=seed)))
     if detect is not None:
         from diffmem.detect.registry import make_detector
 

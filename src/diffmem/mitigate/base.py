@@ -55,8 +55,8 @@ class FirstStepGate(Hook):
         d = noise_magnitude(step.eps_cond, step.eps_uncond).detach().cpu()
         flagged = d > self.threshold
         run.state(self).flagged = flagged
-        run.records[self.name] = {"score": d.double().numpy(), "threshold": self.threshold,
-                                  "flagged": flagged.numpy()}
+        run.records[self.name] = [{"score": float(x), "threshold": self.threshold, "flagged": bool(f)}
+                                  for x, f in zip(d.tolist(), flagged.tolist(), strict=True)]
 
     def flagged(self, run: Run) -> torch.Tensor | None:
         """(B,) bool once the first step was evaluated, else None."""

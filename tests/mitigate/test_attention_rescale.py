@@ -119,7 +119,7 @@ def test_strength_zero_is_plain_and_requests_no_attention(tiny_pipe_sd2):
 
 
 def _split_gate(adapter, prompts, gens):
-    scores = sample(adapter, prompts, num_inference_steps=1, generator=gens(),
+    scores = sample(adapter, prompts, num_inference_steps=STEPS, generator=gens(),
                     hooks=[det := NoiseMagnitude(steps=1)], decode=False).records[det.name]
     s = np.sort(scores)
     k = len(s) // 2

@@ -37,9 +37,10 @@ step); ``opposite`` and ``dynamic`` evaluate both branches at every step (the co
 sampling). With a gate, the gate decides at step 0 from both branches; flagged prompts are then
 re-guided at step 0 (no extra UNet call). From step 1 on the unconditional-only branch could be
 skipped for flagged prompts too, but the UNet's result for a row depends on the batch size at the
-level of float rounding (measured ~4e-7 on the CPU test pipelines), so skipping would change the
-unflagged prompts' images by rounding; by default (``skip=None``) gated runs therefore re-guide
-(full cost) and keep unflagged prompts bit-identical; ``skip=True`` skips anyway.
+level of float rounding, so skipping would change the unflagged prompts' images by rounding (the
+test ``test_gate_with_skip_evaluates_one_branch_for_flagged_prompts`` shows it); by default
+(``skip=None``) gated runs therefore re-guide (full cost) and keep unflagged prompts
+bit-identical; ``skip=True`` skips anyway.
 
 Strength ``s`` scales how long the delay lasts, with T the training timesteps (1000):
 

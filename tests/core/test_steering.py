@@ -318,3 +318,43 @@ def test_recompute_changes_only_the_masked_prompts(adapter):
     swapped = sample(adapter, [PROMPTS[0], "a yellow star", PROMPTS[2]],
                      num_inference_steps=STEPS, generator=_gens())
     torch.testing.assert_close(res.images[1], swapped.images[1], atol=1e-5, rtol=0)
+
+
+class ScaleFirstKey(Hook):
+    """Multiplies the first key's logit in the cond rows of the prompts in ``mask``; declares those
+    rows (``declare=False``: leaves the processor to compute every row explicitly)."""
+
+    attention_layers = "all"
+
+    def __init__(self, mask, declare=True):
+        self.mask, self.declare = mask, declare
+
+    def _rows(self, step):
+        rows, prompts = step.layout["cond"]
+        return rows[self.mask[prompts]]
+
+    def attention_rows(self, run, step):
+        return self._rows(step) if self.declare else None
+
+    def attention_logits(self, run, step, layer, scores):
+        scores = scores.clone()
+        rows = self._rows(step).to(scores.device)
+        scores[rows, :, :, 0] = scores[rows, :, :, 0] * 3.0
+        return scores
+
+
+def test_declared_attention_rows_leave_other_rows_bit_identical(adapter):
+    plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens())
+    mask = torch.tensor([False, True, False])
+    res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                 hooks=[ScaleFirstKey(mask)])
+    assert torch.equal(res.images[[0, 2]], plain.images[[0, 2]])
+    assert (res.images[1] - plain.images[1]).abs().max() > 1e-4
+    # the changed row equals what the all-explicit path computes for it
+    full = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                  hooks=[ScaleFirstKey(mask, declare=False)])
+    torch.testing.assert_close(res.images[1], full.images[1], atol=1e-5, rtol=0)
+    # no declared row: the layer runs its original processor only
+    none = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                  hooks=[ScaleFirstKey(torch.zeros(3, dtype=torch.bool))])
+    assert torch.equal(none.images, plain.images)

@@ -13,6 +13,11 @@ context variable set only around the sampling loop's own UNet call, so UNet call
 itself, other threads' runs and plain pipeline calls go through the original processors. Heads and
 dimensions come from the layer (``attn.heads``), never from constants; which rows of the batch
 belong to which branch and prompt is in ``step.layout`` (:meth:`Step.branch`, :meth:`Step.rows`).
+
+When every hook on a layer only changes logits and declares the rows it changes
+(``Hook.attention_rows``), the layer runs the original processor for the whole batch and replaces
+only those rows with the explicit result: the other rows stay bit-identical to a run without the
+hooks (the explicit path equals the fused one only up to rounding).
 """
 
 from __future__ import annotations
@@ -62,6 +67,22 @@ class ObservableCrossAttention:
         if not hooks or encoder_hidden_states is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                  *args, **kwargs)
+        rows = _changed_rows(current[0], current[1], hooks)
+        if rows is None:
+            return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                  current, hooks)
+        # only some rows change: the others keep the original processor's output bit for bit
+        base = self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+                             *args, **kwargs)
+        if rows.numel() == 0:
+            return base
+        out = self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask,
+                             current, hooks)
+        idx = rows.to(base.device)
+        return base.index_copy(0, idx, out.index_select(0, idx).to(base.dtype))
+
+    def _explicit(self, attn, hidden_states, encoder_hidden_states, attention_mask, current,
+                  hooks):
         residual = hidden_states
         input_ndim = hidden_states.ndim
         if input_ndim == 4:
@@ -101,6 +122,22 @@ class ObservableCrossAttention:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _changed_rows(run, step, hooks) -> torch.Tensor | None:
+    """Union of the UNet-batch rows the hooks change, when every hook only changes logits and
+    declares its rows (:meth:`~diffmem.core.sampling.Hook.attention_rows`); else None."""
+    from diffmem.core.sampling import Hook
+
+    declared = []
+    for hook in hooks:
+        if type(hook).on_attention is not Hook.on_attention:
+            return None  # an observer needs every row's probabilities
+        rows = hook.attention_rows(run, step) if hasattr(hook, "attention_rows") else None
+        if rows is None:
+            return None
+        declared.append(torch.as_tensor(rows, dtype=torch.long).flatten().cpu())
+    return torch.unique(torch.cat(declared)) if declared else None
 
 
 def install(unet) -> None:

@@ -93,6 +93,13 @@ class Hook:
         branch's rows with :meth:`Step.rows` (e.g. ``scores[step.rows("cond")]``)."""
         return scores
 
+    def attention_rows(self, run: Run, step: Step) -> torch.Tensor | None:
+        """UNet-batch rows whose logits :meth:`attention_logits` may change at this step; ``None``
+        (default): any row. A hook that only changes logits and declares its rows lets the other
+        rows go through the layer's original processor, so they stay bit-identical to a run
+        without it (e.g. the prompts a gate did not flag)."""
+        return None
+
     def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:
         """Observe cross-attention probabilities ``(N, heads, queries, tokens)`` (float32) of the
         UNet batch; :meth:`Step.branch` gives one branch's rows in prompt order."""

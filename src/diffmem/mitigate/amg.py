@@ -25,9 +25,9 @@ similarity ``sigma_t`` passes the threshold ``lambda_t``, three terms change the
   ones) behaves like the reference's non-de-duplicated LAION results, where the duplicates of
   ``n_0`` fill the neighbourhood. The paper defines y_N as n_0's caption; the code takes the most
   common caption among the 1000 neighbours, whoever's it is. On the testbed (4020 items) the 1000
-  nearest span a quarter of the index, and the code's rule gave template prompts another
-  memorized image's caption (measured on 4 template prompts, ``runs/tb.py``), so the candidates are
-  restricted to n_0's captions (the paper's definition). Once found, the caption is kept for the run
+  nearest span a quarter of the index and always include the verbatim images (164 copies each),
+  so the code's rule hands template prompts another memorized image's caption; the candidates are
+  therefore restricted to n_0's captions (the paper's definition). Once found, the caption is kept for the run
   and applied for ``dup_steps`` = 10 steps after each step that passes the threshold (the
   reference's ``g3_count`` latch). The branch is evaluated in the step's one batched UNet call
   (``step.add_branch("amg_dup", ...)`` for those prompts only), so it takes effect from the step

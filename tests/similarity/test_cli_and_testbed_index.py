@@ -51,3 +51,19 @@ def test_index_build_and_eval_replication_cli(tmp_path, capsys):
     assert report["n_images"] == 2 and len(report["skipped"]) == 1
     assert report["memorization_rate"] == 0.5
     assert (tmp_path / "grid.html").read_text().count("<img") >= 2
+
+
+def test_testbed_index_keeps_captions_copies_and_provenance():
+    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed.index import memorized_copies, testbed_fingerprint
+
+    index = build_testbed_index(spec=SMALL)
+    tb = build_testbed(SMALL)
+    template = next(it for it in tb.items if it.kind == "template")
+    row = index.ids.index(template.image_id)
+    assert index.item_captions[row] == template.captions and len(template.captions) == 3
+    dup = memorized_copies(SMALL)
+    assert dup == round((0.45 / 3) / (0.55 / 10)) and index.copies[row] == dup
+    assert index.copies[index.ids.index("generic-00000")] == 1
+    assert index.provenance == {"training_set": testbed_fingerprint(SMALL)}
+    assert testbed_fingerprint(SMALL) != testbed_fingerprint(TestbedSpec())

@@ -141,3 +141,91 @@ def test_parquet_source_skips_corrupt_rows(tmp_path):
     assert report.count == 2 and report.skipped[0]["source"].endswith("#row=1")
     index = TrainingIndex.load(tmp_path / "idx")
     assert index.captions == ["a", "c"] and index.index_type == "pixel"
+
+
+def test_captions_copies_and_provenance_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    train = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    captions = [["a cat", "a cat, photo"], "a dog", ["a cat"], ["x", "y", "z"]]
+    index = TrainingIndex.build(train, captions, embedder=PixelSpace(size=16), copies=[4, 1, 2, 3],
+                                provenance={"training_set": "testbed:abc"})
+    assert index.captions == ["a cat", "a dog", "a cat", "x"]
+    assert index.item_captions[0] == ["a cat", "a cat, photo"]
+    # copies are spread over an item's captions: 4/2 + 2/1 training occurrences of "a cat"
+    assert index.caption_counts["a cat"] == 4 and index.caption_counts["x"] == 1
+    assert index.caption_occurrences([0, 1, -1]) == {"a cat": 2, "a cat, photo": 2, "a dog": 1}
+    index.save(tmp_path / "idx")
+    back = TrainingIndex.load(tmp_path / "idx")
+    assert back.item_captions == index.item_captions and back.copies == [4, 1, 2, 3]
+    assert back.caption_counts == index.caption_counts
+    assert back.provenance == {"training_set": "testbed:abc"}
+    res = back.search(train[:1], k=1)
+    assert res.captions[0][0] == "a cat" and res.caption_counts[0][0] == 4
+    torch.testing.assert_close(back.references([2, 0]),
+                               torch.from_numpy(np.array(back.pixel_array()[[2, 0]])).float()
+                               / 127.5 - 1)
+
+
+def test_index_saved_without_captions_column_still_loads(tmp_path, embedder, images):
+    TrainingIndex.build(images[:3], ["a", "b", "a"], embedder=embedder).save(tmp_path / "idx")
+    items = pq.read_table(tmp_path / "idx" / "items.parquet")
+    pq.write_table(items.select(["id", "caption", "source"]), tmp_path / "idx" / "items.parquet")
+    back = TrainingIndex.load(tmp_path / "idx", embedder=embedder)
+    assert back.item_captions == [["a"], ["b"], ["a"]] and back.copies == [1, 1, 1]
+    assert back.caption_counts["a"] == 2
+    torch.testing.assert_close(back.references([1]), embedder.embed(images[1:2]), atol=1e-6,
+                               rtol=1e-5)
+
+
+def test_parquet_image_is_read_by_row_group(tmp_path, monkeypatch):
+    """Reopening one training image of a Parquet table reads its row group only (the image
+    column of ~8 rows), not the whole column, and neighbouring rows come from the cache."""
+    from diffmem.similarity import sources
+
+    rows = 200
+    table = pa.table({"image": [_png((i, 255 - i, 7)) for i in range(rows)],
+                      "caption": [f"c{i}" for i in range(rows)]})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=8)
+    reads: list[tuple[int, list]] = []
+    real = pq.ParquetFile.read_row_group
+
+    def counting(self, i, columns=None, **kw):
+        reads.append((i, columns))
+        return real(self, i, columns=columns, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counting)
+    monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("whole table read"))
+    sources._row_group_column.cache_clear()
+    img = sources.load_source_image(f"{path}#row=123")
+    assert img is not None and round(float((img[0, 0, 0] + 1) * 127.5)) == 123
+    assert reads == [(15, ["image"])]  # rows 120-127
+    assert sources.load_source_image(f"{path}#row=125") is not None
+    assert len(reads) == 1  # same row group: cached
+    assert sources.load_source_image(f"{path}#row={rows}") is None  # out of range
+    assert sources.load_source_image(f"{tmp_path / 'gone.parquet'}#row=1") is None
+
+
+def test_pixel_search_prepares_the_stored_images_once(monkeypatch):
+    """Repeated searches (AMG searches at every step) reuse the stored images' float tiles; an
+    index over the cache budget streams them in chunks with the same result."""
+    from diffmem.similarity import index as index_module
+
+    g = torch.Generator().manual_seed(9)
+    train = torch.rand(40, 3, 16, 16, generator=g) * 2 - 1
+    cached = TrainingIndex.build(train, ["c"] * 40, embedder=PixelSpace(size=16))
+    streamed = TrainingIndex.build(train, ["c"] * 40, embedder=PixelSpace(size=16),
+                                   pixel_cache_bytes=0)
+    calls = []
+    real = index_module.prepare_tiles
+    monkeypatch.setattr(index_module, "prepare_tiles", lambda *a, **k: calls.append(1) or real(*a, **k))
+    queries = train[:5] + 0.05 * torch.randn(5, 3, 16, 16, generator=g)
+    for _ in range(3):
+        a = cached.search(queries, k=3)
+    assert len(calls) == 1
+    b = streamed._search_pixels(queries.clamp(-1, 1), 3, chunk=7)
+    assert len(calls) == 1 + 6  # 40 images in chunks of 7, prepared at every search
+    assert a.indices.tolist() == b[1].tolist()
+    torch.testing.assert_close(a.scores, b[0])
+    cached.add(train[:1], ["new"], ["new"])  # the cache follows the stored images
+    assert cached.search(train[:1], k=2).indices[0].tolist() in ([0, 40], [40, 0])

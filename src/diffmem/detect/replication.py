@@ -40,6 +40,32 @@ class ThresholdSchedule:
     def __call__(self, abar: torch.Tensor) -> torch.Tensor:
         return self.lenient + (self.strict - self.lenient) * abar.float() ** 2
 
+    def at(self, adapter, t: torch.Tensor | int) -> float:
+        """lambda at timestep ``t`` of ``adapter``'s noise schedule."""
+        return float(self(adapter.abar(t).cpu()))
+
+
+@dataclass(frozen=True)
+class ExponentialSchedule:
+    """lambda_t = late + (early - late) * exp(-rate * t) for the training timestep ``t``.
+
+    The form of AMG's reference code (``chenchen-usyd/AMG-sd``, ``ddim.py``:
+    ``asy(t, 0.3, 0.4, 0.005, 0) = 0.3 + 0.1 exp(-0.005 t)``, SSCD units): 0.4 at t = 0 (the last
+    steps), 0.3 + 0.1 e^-5 ~ 0.3007 at t = 1000 (the first). The paper calls its schedule
+    parabolic; the code is exponential in t.
+    """
+
+    late: float = 0.4  # threshold at t = 0
+    early: float = 0.3  # asymptote for large t
+    rate: float = 0.005
+
+    def __call__(self, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return self.early + (self.late - self.early) * torch.exp(-self.rate * t)
+
+    def at(self, adapter, t: torch.Tensor | int) -> float:
+        return float(self(torch.as_tensor(t).cpu()))
+
 
 #: Defaults per criterion. SSCD: 0.5 is the usual copy threshold (Somepalli et al. 2023). Tiled L2
 #: on the testbed: see docs/testbed.md for the measured distances of copies and non-copies.
@@ -49,12 +75,25 @@ DEFAULT_SCHEDULES = {
 }
 
 
+@torch.no_grad()
+def decode_and_search(run: Run, step: Step, index, *, rows: torch.Tensor | None = None,
+                      k: int = 1):
+    """Decode the guided clean-latent estimate ``step.x0`` of the prompts ``rows`` ((B,) bool;
+    None: all) and find their ``k`` nearest training items in ``index``, in one batched decode
+    and one search. Returns the :class:`~diffmem.similarity.index.SearchResult` (one query per
+    selected prompt, in prompt order)."""
+    x0 = step.x0 if rows is None else step.x0[rows.to(step.x0.device)]
+    images = run.adapter.decode(x0).float().clamp(-1, 1).cpu()
+    return index.search(images, k=min(k, len(index)))
+
+
 class StepwiseReplication(Detector):
     """AMG's per-step detector: fires when the decoded x0 estimate matches a training image.
 
     Args:
         index: a :class:`diffmem.similarity.index.TrainingIndex` of the training set.
-        schedule: the threshold schedule; default from :data:`DEFAULT_SCHEDULES` for the
+        schedule: the threshold schedule (:class:`ThresholdSchedule` or
+            :class:`ExponentialSchedule`); default from :data:`DEFAULT_SCHEDULES` for the
             index's criterion.
         every: check every ``every``-th step (each check costs one VAE decode and one search).
         steps: as in :class:`Detector`; default ``"all"``.
@@ -62,7 +101,8 @@ class StepwiseReplication(Detector):
 
     name = "stepwise_replication"
 
-    def __init__(self, index, *, schedule: ThresholdSchedule | None = None, every: int = 1,
+    def __init__(self, index, *, schedule: ThresholdSchedule | ExponentialSchedule | None = None,
+                 every: int = 1,
                  steps: int | str = "all", **options) -> None:
         if every < 1:
             raise ConfigError("every must be >= 1")
@@ -91,12 +131,10 @@ class StepwiseReplication(Detector):
         if not self.selected(run, step):
             return
         st = run.state(self)
-        with torch.no_grad():
-            images = run.adapter.decode(step.x0).float().clamp(-1, 1).cpu()
-            found = self.index.search(images, k=1)
+        found = decode_and_search(run, step, self.index)
         # 1. similarity s_t and threshold lambda_t in the criterion's units
         raw = found.scores[:, 0].double()
-        lam = float(self.schedule(run.adapter.abar(step.t).cpu()))
+        lam = self.schedule.at(run.adapter, step.t)
         # 2. margin > 0 <=> the step fires (sign flips for a distance)
         margin = (raw - lam) if self.index.embedder.higher_is_better else (lam - raw)
         margin = margin.numpy()

@@ -11,8 +11,19 @@ LAION-5B's clip-retrieval service; diffmem keeps a local index instead:
 - ``"pixel"`` kind: downsampled images searched exactly by tiled L2 (Carlini et al., 2023), for
   the procedural testbed whose flat synthetic images SSCD does not separate well.
 
-A saved index is a folder: ``meta.json`` (kind, embedder name and preprocessing, ...),
-``items.parquet`` (id, caption, source) and ``vectors.faiss`` or ``images.npy``.
+Each item (one training image) keeps every caption it was trained with and the number of training
+copies it stands for (``copies``: 1 for a plain folder or table; a de-duplicated index of a
+training set with repeated images records the repeat count). ``caption_counts`` counts a caption's
+training occurrences: each item adds ``copies / len(its captions)`` to each of its captions (the
+copies are spread over the captions they were drawn with). :meth:`TrainingIndex.caption_occurrences`
+gives the same count restricted to some items (AMG's duplicated-caption test among nearest
+neighbours). ``provenance`` records, when known, whose training set the index holds (e.g.
+``{"training_set": "testbed:<spec hash>", "rendered_by": "<VAE hash>"}``), so a method can refuse
+an index of another model's data.
+
+A saved index is a folder: ``meta.json`` (kind, embedder name and preprocessing, provenance, ...),
+``items.parquet`` (id, caption, captions, copies, source) and ``vectors.faiss`` or ``images.npy``.
+Indexes saved before ``captions``/``copies`` existed load with one caption and one copy per item.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from torch.nn import functional as F
 
 from diffmem.errors import ConfigError, DiffmemError
 from diffmem.images import to_uint8, to_unit_range
-from diffmem.similarity.pixel import pairwise_tiled_l2
+from diffmem.similarity.pixel import pairwise_tiled_l2_prepared, prepare_tiles
 
 FORMAT_VERSION = 1
 
@@ -80,7 +91,7 @@ class SearchResult:
     scores: torch.Tensor
     ids: list[list[str]]
     captions: list[list[str]]
-    caption_counts: list[list[int]]
+    caption_counts: list[list[float]]  # training occurrences of each caption (see module doc)
     criterion: str
     higher_is_better: bool
 
@@ -105,10 +116,12 @@ class TrainingIndex:
         nlist: IVF cells (default ``sqrt(N)``, at most ``N / 39``).
         pq_m: PQ sub-quantizers (must divide ``dim``); 64 gives 64 bytes per 512-d vector.
         nprobe: IVF cells visited per query.
+        pixel_cache_bytes: pixel kind: stored images are cached as float tiles for repeated
+            searches up to this size (see :attr:`pixel_cache_bytes`).
     """
 
     def __init__(self, embedder: object, *, ivf_threshold: int = 50_000, nlist: int | None = None,
-                 pq_m: int = 64, nprobe: int = 16):
+                 pq_m: int = 64, nprobe: int = 16, pixel_cache_bytes: int = 1 << 30):
         self.embedder = embedder
         self.kind = "pixel" if isinstance(embedder, PixelSpace) else "embedding"
         self.ivf_threshold = ivf_threshold
@@ -116,9 +129,18 @@ class TrainingIndex:
         self.pq_m = pq_m
         self.nprobe = nprobe
         self.ids: list[str] = []
-        self.captions: list[str] = []
+        self.captions: list[str] = []  # first caption of each item
+        self.item_captions: list[list[str]] = []  # every caption of each item
+        self.copies: list[int] = []  # training copies each item stands for
         self.sources: list[str] = []
         self.caption_counts: Counter[str] = Counter()
+        self.provenance: dict = {}
+        self._reference_cache: dict[int, torch.Tensor] = {}
+        #: pixel kind: the stored images are kept as float tiles (4 bytes per value) for repeated
+        #: searches when they fit in this many bytes (the testbed's 4020 images: 198 MB; a search
+        #: then costs one batched matmul instead of converting every image again), else streamed
+        self.pixel_cache_bytes = pixel_cache_bytes
+        self._tile_cache: tuple | None = None
         self._faiss = None
         self._pixels: list[torch.Tensor] = []
         self._pixel_array: np.ndarray | None = None
@@ -126,12 +148,15 @@ class TrainingIndex:
 
     # -- building -------------------------------------------------------------------------
     @classmethod
-    def build(cls, images: torch.Tensor | Iterable[torch.Tensor], captions: Sequence[str],
-              ids: Sequence[str] | None = None, embedder: object | None = None, *,
-              sources: Sequence[str] | None = None, batch_size: int = 64,
-              **options: object) -> TrainingIndex:
+    def build(cls, images: torch.Tensor | Iterable[torch.Tensor],
+              captions: Sequence[str | Sequence[str]], ids: Sequence[str] | None = None,
+              embedder: object | None = None, *, sources: Sequence[str] | None = None,
+              copies: Sequence[int] | None = None, provenance: dict | None = None,
+              batch_size: int = 64, **options: object) -> TrainingIndex:
         """Embed ``images`` (a tensor, or an iterable of images or batches: an image provider)
-        and index them with their ``captions`` and ``ids`` (default ``"0", "1", ...``).
+        and index them with their ``captions`` (one string, or a list of every caption of the
+        image) and ``ids`` (default ``"0", "1", ...``); ``copies`` (default 1 each): training
+        copies per image; ``provenance``: see the module docstring.
 
         ``embedder`` defaults to :class:`~diffmem.similarity.sscd.SSCD`; ``options`` go to
         ``__init__``. Large sets switch to IVF-PQ at the end (:meth:`optimize`).
@@ -141,26 +166,33 @@ class TrainingIndex:
 
             embedder = SSCD()
         index = cls(embedder, **options)
+        index.provenance = dict(provenance or {})
         captions = list(captions)
         ids = [str(i) for i in range(len(captions))] if ids is None else list(ids)
         sources = list(sources) if sources is not None else [""] * len(captions)
-        if not len(captions) == len(ids) == len(sources):
-            raise ValueError("captions, ids and sources must have the same length")
+        copies = list(copies) if copies is not None else [1] * len(captions)
+        if not len(captions) == len(ids) == len(sources) == len(copies):
+            raise ValueError("captions, ids, sources and copies must have the same length")
         start = 0
         for batch in _batches(images, batch_size):
             stop = start + batch.shape[0]
             if stop > len(captions):
                 raise ValueError(f"more images than captions ({len(captions)})")
-            index.add(batch, captions[start:stop], ids[start:stop], sources=sources[start:stop])
+            index.add(batch, captions[start:stop], ids[start:stop], sources=sources[start:stop],
+                      copies=copies[start:stop])
             start = stop
         if start != len(captions):
             raise ValueError(f"{start} images for {len(captions)} captions")
         return index.optimize()
 
-    def add(self, images: torch.Tensor | Sequence[torch.Tensor] | None, captions: Sequence[str],
-            ids: Sequence[str], *, embeddings: torch.Tensor | None = None,
-            sources: Sequence[str] | None = None) -> TrainingIndex:
-        """Append items, from images (embedded here) or from precomputed ``embeddings``."""
+    def add(self, images: torch.Tensor | Sequence[torch.Tensor] | None,
+            captions: Sequence[str | Sequence[str]], ids: Sequence[str], *,
+            embeddings: torch.Tensor | None = None, sources: Sequence[str] | None = None,
+            copies: Sequence[int] | None = None) -> TrainingIndex:
+        """Append items, from images (embedded here) or from precomputed ``embeddings``.
+
+        ``captions``: per item one caption or the list of all its captions; ``copies``: training
+        copies per item (default 1)."""
         if self.read_only:
             raise ConfigError("this index was loaded with mmap=True and is read-only; "
                               "load it with mmap=False to extend it")
@@ -172,10 +204,17 @@ class TrainingIndex:
             self._pixels.append(to_uint8(vectors))
         else:
             self._add_vectors(vectors)
+        lists = [[c] if isinstance(c, str) else [str(x) for x in c] for c in captions]
+        copies = [1] * len(ids) if copies is None else [int(c) for c in copies]
+        if len(copies) != len(ids) or any(c < 1 for c in copies):
+            raise ValueError("copies must give a count >= 1 for every item")
         self.ids.extend(str(i) for i in ids)
-        self.captions.extend(captions)
+        self.captions.extend(c[0] if c else "" for c in lists)
+        self.item_captions.extend(lists)
+        self.copies.extend(copies)
         self.sources.extend(sources if sources is not None else [""] * len(ids))
-        self.caption_counts.update(captions)
+        for caps, n in zip(lists, copies, strict=True):
+            _count_captions(self.caption_counts, caps, n)
         return self
 
     def _add_vectors(self, vectors: torch.Tensor) -> None:
@@ -241,11 +280,16 @@ class TrainingIndex:
     def _search_pixels(self, images: torch.Tensor, k: int,
                        chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
         refs = self.pixel_array()
+        grid = self.embedder.grid
         best_d = torch.full((images.shape[0], 0), math.inf)
         best_i = torch.zeros((images.shape[0], 0), dtype=torch.long)
+        cached = self._cached_tiles(refs)
+        if cached is not None:
+            chunk = max(chunk, refs.shape[0])
         for j in range(0, refs.shape[0], chunk):
-            d = pairwise_tiled_l2(images, to_unit_range(refs[j : j + chunk]),
-                                  grid=self.embedder.grid)
+            ty, yy = cached if cached is not None else prepare_tiles(
+                to_unit_range(refs[j : j + chunk]), grid)
+            d = pairwise_tiled_l2_prepared(images, ty, yy, grid=grid)
             idx = torch.arange(j, j + d.shape[1]).expand_as(d)
             d, idx = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
             best_d, pos = d.topk(min(k, d.shape[1]), dim=1, largest=False)
@@ -255,6 +299,56 @@ class TrainingIndex:
             best_d = F.pad(best_d, (0, pad), value=math.inf)
             best_i = F.pad(best_i, (0, pad), value=-1)
         return best_d, best_i
+
+    def caption_occurrences(self, rows: Iterable[int]) -> Counter[str]:
+        """Training occurrences of each caption among the items ``rows`` (row numbers; -1 is
+        ignored): each item adds ``copies / len(its captions)`` to each of its captions."""
+        counts: Counter[str] = Counter()
+        for i in rows:
+            if i >= 0:
+                _count_captions(counts, self.item_captions[i], self.copies[i])
+        return counts
+
+    def references(self, rows: Sequence[int]) -> torch.Tensor:
+        """What a query is compared with, for items ``rows``: pixel kind, the stored images
+        ``(n, 3, size, size)`` in ``[-1, 1]``; embedding kind, their embeddings ``(n, dim)``
+        (exact index: the stored vectors; IVF-PQ: re-embedded from the source image, since PQ
+        codes are approximate; cached per row). For a differentiable similarity to a neighbour.
+        """
+        if self.kind == "pixel":
+            arr = self.pixel_array()
+            return torch.stack([to_unit_range(arr[int(i)]) for i in rows]) if len(rows) else \
+                torch.zeros(0, 3, self.embedder.size, self.embedder.size)
+        out = []
+        for i in rows:
+            i = int(i)
+            vec = self._reference_cache.get(i)
+            if vec is None:
+                vec = self._reference_vector(i)
+                if len(self._reference_cache) >= 4096:
+                    self._reference_cache.clear()
+                self._reference_cache[i] = vec
+            out.append(vec)
+        return torch.stack(out) if out else torch.zeros(0, self.embedder.dim)
+
+    def _reference_vector(self, i: int) -> torch.Tensor:
+        if self.index_type == "flat":
+            return torch.from_numpy(self._faiss.reconstruct(i).copy())
+        image = self.image(i)
+        if image is None:
+            raise ConfigError(f"training image {self.ids[i]!r} ({self.sources[i] or 'no source'})"
+                              f" cannot be reopened; an IVF-PQ index needs its sources for exact"
+                              f" similarities")
+        return F.normalize(self.embedder.embed(image[None]).float(), dim=-1)[0]
+
+    def _cached_tiles(self, refs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Float tiles and norms of all stored images, built once (None: over the budget)."""
+        if refs.size * 4 > self.pixel_cache_bytes or refs.shape[0] == 0:
+            return None
+        if self._tile_cache is None or self._tile_cache[0] != refs.shape[0]:
+            self._tile_cache = (refs.shape[0],
+                                *prepare_tiles(to_unit_range(refs), self.embedder.grid))
+        return self._tile_cache[1], self._tile_cache[2]
 
     def _result(self, scores: torch.Tensor, idx: torch.Tensor) -> SearchResult:
         rows = idx.tolist()
@@ -300,7 +394,7 @@ class TrainingIndex:
                 "dim": self.embedder.dim, "criterion": self.embedder.criterion,
                 "higher_is_better": self.embedder.higher_is_better, "count": len(self),
                 "index_type": self.index_type, "nprobe": self.nprobe,
-                "ivf_threshold": self.ivf_threshold}
+                "ivf_threshold": self.ivf_threshold, "provenance": self.provenance}
         if self.kind == "pixel":
             meta.update(size=self.embedder.size, grid=self.embedder.grid)
         return meta
@@ -313,7 +407,9 @@ class TrainingIndex:
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        table = pa.table({"id": self.ids, "caption": self.captions, "source": self.sources})
+        table = pa.table({"id": self.ids, "caption": self.captions,
+                          "captions": pa.array(self.item_captions, pa.list_(pa.string())),
+                          "copies": pa.array(self.copies, pa.int64()), "source": self.sources})
         pq.write_table(table, out / "items.parquet")
         if self.kind == "pixel":
             np.save(out / "images.npy", self.pixel_array())
@@ -337,6 +433,7 @@ class TrainingIndex:
         _check_compatible(meta, embedder, src)
         index = cls(embedder, ivf_threshold=meta.get("ivf_threshold", 50_000),
                     nprobe=meta.get("nprobe", 16))
+        index.provenance = dict(meta.get("provenance") or {})
         _load_items(index, src)
         if index.kind == "pixel":
             index._pixel_array = np.load(src / "images.npy", mmap_mode="r" if mmap else None)
@@ -435,8 +532,25 @@ def _load_items(index: TrainingIndex, src: Path) -> None:
     table = pq.read_table(src / "items.parquet").to_pydict()
     index.ids = [str(i) for i in table["id"]]
     index.captions = list(table["caption"])
+    index.item_captions = ([list(c) for c in table["captions"]] if "captions" in table
+                           else [[c] for c in index.captions])
+    index.copies = ([int(c) for c in table["copies"]] if "copies" in table
+                    else [1] * len(index.ids))
     index.sources = list(table["source"])
-    index.caption_counts = Counter(index.captions)
+    index.caption_counts = Counter()
+    for caps, n in zip(index.item_captions, index.copies, strict=True):
+        _count_captions(index.caption_counts, caps, n)
+
+
+def _count_captions(counts: Counter, captions: Sequence[str], copies: int) -> None:
+    """Add one item's training occurrences: ``copies`` spread evenly over its captions."""
+    if not captions:
+        return
+    share = copies / len(captions)
+    if share == int(share):
+        share = int(share)
+    for c in captions:
+        counts[c] += share
 
 
 def _read_faiss(path: Path, mmap: bool) -> object:

@@ -59,8 +59,19 @@ def tiled_l2(x: torch.Tensor, y: torch.Tensor, *, grid: int = 4) -> torch.Tensor
 def pairwise_tiled_l2(x: torch.Tensor, y: torch.Tensor, *, grid: int = 4,
                       chunk: int = 1024) -> torch.Tensor:
     """Tiled L2 between every ``x[i]`` and ``y[j]``; returns ``(N, M)``. Memory is O(chunk * M)."""
-    ty = _tiles(y.float(), grid)  # (T, M, P)
-    yy = ty.pow(2).sum(-1)  # (T, M)
+    return pairwise_tiled_l2_prepared(x, *prepare_tiles(y, grid), grid=grid, chunk=chunk)
+
+
+def prepare_tiles(y: torch.Tensor, grid: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference images ``y`` as float tiles ``(T, M, P)`` and their squared norms ``(T, M)``,
+    for repeated :func:`pairwise_tiled_l2_prepared` searches against the same references."""
+    ty = _tiles(y.float(), grid).contiguous()
+    return ty, ty.pow(2).sum(-1)
+
+
+def pairwise_tiled_l2_prepared(x: torch.Tensor, ty: torch.Tensor, yy: torch.Tensor, *,
+                               grid: int = 4, chunk: int = 1024) -> torch.Tensor:
+    """:func:`pairwise_tiled_l2` against references prepared by :func:`prepare_tiles`."""
     p = ty.shape[-1]
     rows = []
     for i in range(0, x.shape[0], chunk):

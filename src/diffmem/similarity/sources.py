@@ -11,6 +11,8 @@ reference* (the file path, or ``table.parquet#row=N``) that :func:`load_source_i
 
 from __future__ import annotations
 
+import bisect
+import functools
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,15 +125,57 @@ def iter_source(source: str | Path, **parquet_options: object) -> Iterator[Sourc
 
 
 def load_source_image(ref: str, *, image_column: str = "image") -> torch.Tensor | None:
-    """Reopen the image of a source reference; ``None`` if it is gone or unreadable."""
+    """Reopen the image of a source reference; ``None`` if it is gone or unreadable.
+
+    Parquet rows are read by random access: the file's row-group layout is read once (cached
+    per path, size and modification time) and only the row group holding the row is read, image
+    column only; the last few row groups read are kept (:data:`ROW_GROUP_CACHE` of them), so
+    neighbouring rows cost no further read. A file written as one huge row group is therefore
+    read whole once, then served from the cache.
+    """
     path, _, row = ref.partition("#row=")
     if not row:
         return _try_decode(path)[0] if Path(path).is_file() else None
+    try:
+        raw = _parquet_cell(path, int(row), image_column)
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    return _try_decode(raw)[0] if raw is not None else None
+
+
+#: row groups (one column each) kept in memory by :func:`load_source_image`
+ROW_GROUP_CACHE = 4
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _row_group_starts(key: tuple[str, int, int]) -> tuple[int, ...]:
+    """First row of every row group, plus the total row count (read from the footer once)."""
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(path, columns=[image_column])
-    except (OSError, ValueError, KeyError):
-        return None
-    raw = _image_bytes(table.column(image_column)[int(row)].as_py())
-    return _try_decode(raw)[0] if raw is not None else None
+    meta = pq.ParquetFile(key[0]).metadata
+    starts = [0]
+    for i in range(meta.num_row_groups):
+        starts.append(starts[-1] + meta.row_group(i).num_rows)
+    return tuple(starts)
+
+
+@functools.lru_cache(maxsize=ROW_GROUP_CACHE)
+def _row_group_column(key: tuple[str, int, int], group: int, column: str) -> list:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(key[0]).read_row_group(group, columns=[column]).column(0).to_pylist()
+
+
+def _parquet_cell(path: str, row: int, column: str) -> bytes | None:
+    """Image bytes of one row of a Parquet table, reading only its row group's column."""
+    key = _file_key(path)
+    starts = _row_group_starts(key)
+    if not 0 <= row < starts[-1]:
+        raise IndexError(f"row {row} is outside {path} ({starts[-1]} rows)")
+    group = bisect.bisect_right(starts, row) - 1
+    return _image_bytes(_row_group_column(key, group, column)[row - starts[group]])

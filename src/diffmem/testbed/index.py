@@ -1,10 +1,26 @@
-"""Index the testbed's training set (the function behind ``diffmem index build testbed``)."""
+"""Index the testbed's training set (the function behind ``diffmem index build testbed``).
+
+The index is de-duplicated (one item per training image) and keeps what AMG's duplicated-caption
+guidance needs (Chen et al. CVPR 2024, G_dup): every caption of an image and the number of training
+copies it stands for. Training draws a memorized (verbatim or template) image with probability
+``memorized_fraction / n_memorized`` per sample and a generic one with ``(1 - memorized_fraction)
+/ n_generic`` (:class:`diffmem.testbed.train.TrainConfig`), so a memorized image counts as
+``round(ratio of the two)`` copies of a generic one (164 with the shipped defaults: 0.45 / 20 vs
+0.55 / 4000); generic images count 1.
+
+``provenance`` records the training set (a hash of the :class:`TestbedSpec`) and the VAE that
+rendered the images (a hash of its weights), so that a method can refuse another model's index.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffmem.similarity.index import PixelSpace, TrainingIndex
 from diffmem.similarity.pixel import to_tensor
@@ -23,23 +39,57 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
     Saved to ``out`` when given.
     """
     testbed = build_testbed(spec)
-    ids, captions, arrays = [], [], []
+    ids, captions, arrays, copies = [], [], [], []
+    dup = memorized_copies(testbed.spec)
     for item, img in testbed.images():
         ids.append(item.image_id)
-        captions.append(item.captions[0])
+        captions.append(list(item.captions))
+        copies.append(1 if item.kind == "generic" else dup)
         arrays.append(img)
+    provenance = {"training_set": testbed_fingerprint(testbed.spec)}
     images = to_tensor(np.stack(arrays))
     if rendered_by is not None:
         from diffmem.testbed.verify import vae_roundtrip
 
         images = vae_roundtrip(rendered_by, images)
+        provenance["rendered_by"] = vae_fingerprint(rendered_by)
     if kind == "pixel":
         embedder: object = PixelSpace(size=testbed.spec.resolution)
     else:
         from diffmem.similarity.index import _embedder_for_kind
 
         embedder = _embedder_for_kind(kind)
-    index = TrainingIndex.build(images, captions, ids, embedder)
+    index = TrainingIndex.build(images, captions, ids, embedder, copies=copies,
+                                provenance=provenance)
     if out is not None:
         index.save(out)
     return index
+
+
+def memorized_copies(spec: TestbedSpec, memorized_fraction: float | None = None) -> int:
+    """Training copies of one memorized image relative to one generic image (see module doc)."""
+    from diffmem.testbed.train import TrainConfig
+
+    f = TrainConfig().memorized_fraction if memorized_fraction is None else memorized_fraction
+    n_mem = spec.n_verbatim + spec.n_template
+    if n_mem == 0 or spec.n_generic == 0 or f <= 0:
+        return 1
+    if f >= 1:
+        raise ValueError("memorized_fraction must be < 1")
+    return max(1, round((f / n_mem) / ((1 - f) / spec.n_generic)))
+
+
+def testbed_fingerprint(spec: TestbedSpec) -> str:
+    """``"testbed:<sha256[:12]>"`` of a testbed spec: the identity of its training set."""
+    text = json.dumps(asdict(spec), sort_keys=True)
+    return "testbed:" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def vae_fingerprint(adapter) -> str:
+    """``"vae:<sha256[:12]>"`` of a model's VAE weights (the renderer of a testbed index)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(adapter.vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return "vae:" + h.hexdigest()[:12]

@@ -1,0 +1,439 @@
+"""Anti-memorization guidance (Chen, Liu & Xu, CVPR 2024, "Towards Memorization-Free Diffusion
+Models", Sec. 3-4, eq. 5-9; reference code ``chenchen-usyd/AMG-sd``, ``ddim.py`` ``p_sample_ddim``
+and ``scripts/txt2img.py`` ``cond_fn``).
+
+At every step the guided clean-latent estimate is decoded and matched to its nearest training
+image ``n_0`` in a local :class:`~diffmem.similarity.index.TrainingIndex` (decode and search are
+:func:`diffmem.detect.replication.decode_and_search`, shared with the per-step detector). When the
+similarity ``sigma_t`` passes the threshold ``lambda_t``, three terms change the prediction
+(eq. 5: ``eps <- eps + 1{sigma_t > lambda_t} (G_spe + G_dup + G_sim)``):
+
+    G_spe = -s1 (eps(x,y) - eps(x)),        s1 = clip(13 sigma_t, 0, s0 - 1)
+    G_dup = -s2 (eps(x,y_N) - eps(x)),      s2 = clip((s0 - 1 - s1) / 0.3 * sigma_t, 0, s0 - 1 - s1)
+    G_sim = c3 sqrt(1 - abar_t) grad_{x_t} sigma_t,
+            c3 = 100 (sigma'_t - 0.3) exp((T - t) / 170),   only while sigma'_t > lambda_t
+
+- ``G_spe`` lowers the guidance scale (s0 = 7.5 -> down to 1) in proportion to the similarity,
+  per prompt (``step.guidance_scale`` as a (B,) tensor, then ``step.guide()``).
+- ``G_dup`` adds the caption ``y_N`` of the nearest training image ``n_0`` as a negative branch
+  when that caption is duplicated: of ``n_0``'s captions, the one occurring most often among the
+  ``k`` nearest items, if it occurs more than ``dup_min * k / dup_k`` times (the reference: more
+  than 20 of the 1000 nearest LAION neighbours; here ``k = min(dup_k, len(index))``, so the 2 %
+  share is kept on indexes under 1000 items, and more than one occurrence is always required).
+  Occurrences count training copies (:meth:`TrainingIndex.caption_occurrences`), so a
+  de-duplicated index that records copies (the testbed's: a memorized image stands for 164 generic
+  ones) behaves like the reference's non-de-duplicated LAION results, where the duplicates of
+  ``n_0`` fill the neighbourhood. The paper defines y_N as n_0's caption; the code takes the most
+  common caption among the 1000 neighbours, whoever's it is. On the testbed (4020 items) the 1000
+  nearest span a quarter of the index and always include the verbatim images (164 copies each),
+  so the code's rule hands template prompts another memorized image's caption; the candidates are
+  therefore restricted to n_0's captions (the paper's definition). Once found, the caption is kept for the run
+  and applied for ``dup_steps`` = 10 steps after each step that passes the threshold (the
+  reference's ``g3_count`` latch). The branch is evaluated in the step's one batched UNet call
+  (``step.add_branch("amg_dup", ...)`` for those prompts only), so it takes effect from the step
+  after the caption was found; the reference instead re-runs the UNet with three branches at the
+  same step (one extra call per guided step).
+- ``G_sim`` is the gradient of the similarity to ``n_0`` w.r.t. x_t through the clean-latent
+  estimate, the VAE decoder and the differentiable similarity (``eps`` held fixed, as the reference
+  computes ``pred_x0`` from a no-grad ``e_t``; :meth:`~diffmem.core.sampling.Step.x0_grad`).
+  Sign: the reference's ``cond_fn`` returns ``-grad * 100`` and ``p_sample_ddim`` does ``e_t -=
+  sqrt(1 - a_t) * grads * (sim - 0.3) * exp(...)``, i.e. ``eps += sqrt(1 - abar) * 100 * grad(sim)
+  * ...``. A larger ``eps`` along ``grad sigma`` lowers x0 (and the DDIM update x_{t-1}) along it:
+  the step moves *away* from the neighbour (classifier guidance with log p = -sigma). The
+  similarity sigma'_t of this term is re-measured on the estimate after G_spe and G_dup (as the
+  reference), against the same neighbour ``n_0`` (the reference searches again; the neighbour is
+  kept here to save a search). For v-prediction models the eps-space change ``delta`` is applied to
+  the model output as ``delta / sqrt(abar_t)`` (same x0 change).
+
+Similarity units. SSCD: the cosine (the paper's). Tiled L2 (the testbed's criterion, a distance,
+lower = closer) is mapped affinely onto the SSCD scale so that every constant above keeps its
+meaning: ``sigma = 0.7 - (4/3) d`` sends the testbed copy threshold d = 0.15 to 0.5 (SSCD's copy
+threshold) and the nearest-other-image distance d = 0.30 to 0.3 (the schedule's floor); the two
+anchors are the strict and lenient ends of :data:`diffmem.detect.replication.DEFAULT_SCHEDULES`.
+Its gradient is ``-(4/3) grad d``: pushing sigma down pushes the distance up.
+
+Threshold. AMG uses the reference code's exponential schedule ``lambda_t = 0.3 + 0.1
+exp(-0.005 t)`` (:class:`~diffmem.detect.replication.ExponentialSchedule`, similarity units, both
+criteria): it reaches 0.4 on the last steps, below the copy threshold 0.5, so guidance starts
+before the estimate is a copy. The per-step *detector* keeps its parabolic schedule, whose strict
+end is the copy threshold itself (0.5 SSCD, 0.15 tiled L2): right for saying "this generation is a
+copy", too late for preventing it.
+
+Where paper and code disagree (the code is followed unless said otherwise):
+
+- the code applies G_spe whenever sigma > 0 (ungated); the paper gates all three terms by
+  ``sigma > lambda_t``. Here G_spe is gated (paper; also the clean re-implementation
+  ``polimi-ispl/anti-memorization-tta``).
+- the paper calls the schedule parabolic; the code's is exponential (used here).
+- the code skips guidance for its first 21 images (``base_count <= 20``); not copied.
+- the code searches LAION-5B through a (now dead) clip-retrieval service with CLIP embeddings and
+  re-ranks by SSCD; here one local index search (SSCD or pixel space).
+
+``strength`` scales all three terms (s1 = clip(strength 13 sigma, ...), s2 likewise, G_sim times
+strength); 0 is plain generation, bit-identical, with no decode at all. ``g_spe``, ``g_dup``,
+``g_sim`` switch the terms. With a :class:`~diffmem.mitigate.base.FirstStepGate`, only flagged
+prompts are decoded, searched and guided; the others stay bit-identical.
+
+The index must hold this model's training set: a testbed model needs the index of its own testbed
+(``diffmem index build testbed --out IDX``, which records a hash of the testbed spec and of the VAE
+that rendered it), and the criterion must be the expected one (tiled L2 for testbed models, SSCD
+otherwise; pass ``criterion=`` to choose another). Anything else is one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from diffmem.core.sampling import Run, Step
+from diffmem.detect.replication import (
+    DEFAULT_SCHEDULES,
+    ExponentialSchedule,
+    ThresholdSchedule,
+    decode_and_search,
+)
+from diffmem.errors import ConfigError
+from diffmem.mitigate.base import FirstStepGate, Mitigation
+
+CRITERIA = ("sscd_cosine", "tiled_l2")
+
+
+def _tiled_l2_to_similarity() -> tuple[float, float]:
+    """(offset, slope) of sigma = offset - slope * d, anchored on the detector's two schedules."""
+    s, d = DEFAULT_SCHEDULES["sscd_cosine"], DEFAULT_SCHEDULES["tiled_l2"]
+    slope = (s.strict - s.lenient) / (d.lenient - d.strict)
+    return s.strict + slope * d.strict, slope
+
+
+#: sigma = L2_OFFSET - L2_SLOPE * tiled_l2 (0.7 and 4/3 with the shipped schedules)
+L2_OFFSET, L2_SLOPE = _tiled_l2_to_similarity()
+
+DUP_BRANCH = "amg_dup"
+
+
+class AntiMemorizationGuidance(Mitigation):
+    """Anti-memorization guidance (Chen et al., CVPR 2024): G_spe, G_dup and G_sim (see module).
+
+    Args:
+        strength: scales all three terms; 0 = plain generation.
+        gate: optional :class:`FirstStepGate`.
+        index: a :class:`~diffmem.similarity.index.TrainingIndex` (or the folder of a saved one)
+            of the model's training set.
+        adapter: the model, to check the index against at once (else at the run's start).
+        g_spe, g_dup, g_sim: switch the terms.
+        criterion: the similarity the index must use (``"sscd_cosine"`` or ``"tiled_l2"``);
+            default tiled L2 for testbed models, SSCD otherwise.
+        schedule: threshold in similarity units; default the reference code's exponential one.
+        spe_scale: c1 = 13 (= 6.5 / 0.5: the full reduction at SSCD's copy threshold).
+        dup_k, dup_min: a caption is duplicated above ``dup_min * k / dup_k`` occurrences among
+            the ``k = min(dup_k, len(index))`` nearest items (reference: 20 of 1000).
+        dup_steps: steps the negative caption stays after a step that passed (reference 10).
+        dup_ref: the 0.3 of s2 = clip((s0 - 1 - s1) / 0.3 * sigma, ...).
+        sim_scale, sim_offset, sim_decay: 100, 0.3 and 170 of c3.
+    """
+
+    name = "amg"
+
+    def __init__(self, strength: float = 1.0, *, gate: FirstStepGate | None = None,
+                 index=None, adapter=None, g_spe: bool = True, g_dup: bool = True,
+                 g_sim: bool = True, criterion: str | None = None,
+                 schedule: ExponentialSchedule | ThresholdSchedule | None = None,
+                 spe_scale: float = 13.0, dup_k: int = 1000, dup_min: float = 20.0,
+                 dup_steps: int = 10, dup_ref: float = 0.3, sim_scale: float = 100.0,
+                 sim_offset: float = 0.3, sim_decay: float = 170.0) -> None:
+        super().__init__(strength, gate=gate)
+        self.index = _open_index(index)
+        if criterion is not None and criterion not in CRITERIA:
+            raise ConfigError(f"amg: unknown criterion {criterion!r}; use one of {CRITERIA}")
+        have = getattr(self.index.embedder, "criterion", None)
+        if have not in CRITERIA:
+            raise ConfigError(f"amg: the index's embedder measures {have!r}; AMG needs an SSCD "
+                              f"or a pixel (tiled L2) index")
+        if criterion is not None and have != criterion:
+            raise ConfigError(f"amg: the index measures {have}, but criterion={criterion!r} was "
+                              f"asked for; use an index built with that embedder")
+        if g_sim and not _differentiable(self.index):
+            raise ConfigError(f"amg: G_sim needs a differentiable similarity (SSCD or pixel "
+                              f"index); the index's embedder {self.index.embedder.name!r} has "
+                              f"none: pass g_sim=False")
+        for label, value in (("dup_k", dup_k), ("dup_steps", dup_steps)):
+            if int(value) != value or value < 1:
+                raise ConfigError(f"amg: {label} must be an integer >= 1, got {value}")
+        for label, value in (("spe_scale", spe_scale), ("dup_min", dup_min), ("dup_ref", dup_ref),
+                             ("sim_scale", sim_scale), ("sim_decay", sim_decay)):
+            if not math.isfinite(value) or value < 0 or (label in ("dup_ref", "sim_decay")
+                                                           and value == 0):
+                raise ConfigError(f"amg: {label} must be a finite number > 0, got {value}")
+        self.g_spe, self.g_dup, self.g_sim = bool(g_spe), bool(g_dup), bool(g_sim)
+        self.criterion = criterion
+        self.schedule = schedule or ExponentialSchedule()
+        self.spe_scale = float(spe_scale)
+        self.dup_k, self.dup_min, self.dup_steps = int(dup_k), float(dup_min), int(dup_steps)
+        self.dup_ref = float(dup_ref)
+        self.sim_scale, self.sim_offset, self.sim_decay = (float(sim_scale), float(sim_offset),
+                                                           float(sim_decay))
+        self._checked: set[int] = set()
+        if adapter is not None:
+            self.check_model(adapter)
+
+    @classmethod
+    def from_context(cls, strength: float, gate: FirstStepGate | None, context,
+                     **options) -> AntiMemorizationGuidance:
+        if context.index is None:
+            raise ConfigError("amg needs a training-set index: build one with `diffmem index "
+                              "build SOURCE --out IDX` (testbed: `diffmem index build testbed "
+                              "--out IDX`) and pass it (--index IDX)")
+        return cls(strength, gate=gate, index=context.index, adapter=context.adapter, **options)
+
+    # ------------------------------------------------------------------ checks
+    def check_model(self, adapter) -> None:
+        """One :class:`ConfigError` unless the index holds ``adapter``'s training set, measured
+        with the expected criterion."""
+        if id(adapter) in self._checked:
+            return
+        spec = adapter.testbed_spec
+        expected = self.criterion or ("tiled_l2" if spec is not None else "sscd_cosine")
+        have = self.index.embedder.criterion
+        if have != expected:
+            raise ConfigError(
+                f"amg: this model expects a {expected} index but the index measures {have}"
+                + (" (testbed models are measured by tiled L2: `diffmem index build testbed`)"
+                   if spec is not None else "") + "; pass criterion= to override")
+        prov = getattr(self.index, "provenance", {}) or {}
+        recorded = prov.get("training_set")
+        if spec is not None:
+            from diffmem.testbed.index import testbed_fingerprint, vae_fingerprint
+
+            want = testbed_fingerprint(spec)
+            if recorded != want:
+                raise ConfigError(
+                    f"amg: the index holds {recorded or 'images of unrecorded origin'}, not this "
+                    f"testbed model's training set ({want}); build it with `diffmem index build "
+                    f"testbed --out IDX`")
+            rendered = prov.get("rendered_by")
+            if rendered is not None and rendered != vae_fingerprint(adapter):
+                raise ConfigError(f"amg: the index's images were rendered by another VAE "
+                                  f"({rendered}) than this model's; rebuild the index for it")
+        elif recorded is not None and str(recorded).startswith("testbed:"):
+            raise ConfigError(f"amg: the index holds a testbed's training set ({recorded}) but "
+                              f"the model is not that testbed")
+        self._checked.add(id(adapter))
+
+    # ------------------------------------------------------------------ similarity
+    def _similarity(self, scores: torch.Tensor) -> torch.Tensor:
+        """Search scores -> sigma in SSCD-like units (see module docstring)."""
+        if self.index.embedder.criterion == "tiled_l2":
+            return L2_OFFSET - L2_SLOPE * scores
+        return scores
+
+    def _differentiable_similarity(self, images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        """sigma of decoded images ``(n, 3, H, W)`` to their neighbours' references, with grad."""
+        emb = self.index.embedder
+        if self.index.kind == "pixel":
+            from diffmem.similarity.pixel import tiled_l2
+            from diffmem.similarity.sscd import resize
+
+            d = tiled_l2(resize(images, emb.size), refs.to(images), grid=emb.grid)
+            return L2_OFFSET - L2_SLOPE * d
+        e = emb.module()(images)
+        return torch.nn.functional.cosine_similarity(e, refs.to(e), dim=-1)
+
+    def _duplicated_caption(self, neighbours: list[int]) -> str | None:
+        """y_N: the caption of the nearest item ``neighbours[0]`` that occurs most often among
+        the ``k`` nearest items (copy-weighted), if that passes ``dup_min * k / dup_k`` (and 1)."""
+        k = len(neighbours)
+        counts = self.index.caption_occurrences(neighbours)
+        own = [c for c in self.index.item_captions[neighbours[0]] if c] if neighbours[0] >= 0 \
+            else []
+        if not own:
+            return None
+        caption = max(own, key=lambda c: counts[c])  # first of equals: the item's first caption
+        need = max(1.0, self.dup_min * k / self.dup_k)
+        return caption if counts[caption] > need else None
+
+    # ------------------------------------------------------------------ hooks
+    def on_start(self, run: Run) -> None:
+        self.check_model(run.adapter)
+        b = run.batch_size
+        st = run.state(self)
+        st.dup_caption = [None] * b  # the duplicated caption found for each prompt (kept)
+        st.dup_left = torch.zeros(b, dtype=torch.long)  # steps the negative branch still runs
+        st.dup_emb = None
+        st.encoded = {}
+        st.trace = [[] for _ in range(b)]
+        st.fired = [0] * b
+        st.first = [-1] * b
+        st.spe_steps = [0] * b
+        st.dup_steps = [0] * b
+        st.sim_steps = [0] * b
+        st.nearest = [""] * b
+
+    def before_step(self, run: Run, step: Step) -> None:
+        if self.strength == 0 or not self.g_dup:
+            return
+        targets = self.targets(run)
+        if targets is None:
+            return
+        st = run.state(self)
+        mask = targets & (st.dup_left > 0)
+        if bool(mask.any()):
+            step.add_branch(DUP_BRANCH, st.dup_emb, mask)
+
+    def on_step(self, run: Run, step: Step) -> None:
+        if self.strength == 0:
+            return
+        targets = self.targets(run)
+        if targets is None or not bool(targets.any()):
+            return
+        st = run.state(self)
+        b = run.batch_size
+        s = self.strength
+        idx = targets.nonzero().flatten()
+        k = min(self.dup_k, len(self.index)) if self.g_dup else 1
+        # 1. sigma_t of each targeted prompt to its nearest training image; lambda_t
+        found = decode_and_search(run, step, self.index, rows=targets, k=k)
+        sim = torch.zeros(b, dtype=torch.float64)
+        sim[idx] = self._similarity(found.scores[:, 0].double())
+        nn_rows = torch.full((b,), -1, dtype=torch.long)
+        nn_rows[idx] = found.indices[:, 0].long()
+        lam = self.schedule.at(run.adapter, step.t)
+        fired = targets & (sim > lam)
+        for j, i in enumerate(idx.tolist()):
+            st.trace[i].append(float(sim[i]))
+            st.nearest[i] = found.ids[j][0]
+            if fired[i]:
+                st.fired[i] += 1
+                if st.first[i] < 0:
+                    st.first[i] = step.index
+                if self.g_dup:
+                    cap = self._duplicated_caption(found.indices[j].tolist())
+                    if cap is not None:
+                        st.dup_caption[i] = cap
+        # 2. G_spe: per-prompt guidance scale lowered by s1; G_dup: negative caption branch
+        base = _per_prompt(step.guidance_scale, b)
+        cap = (base - 1).clamp_min(0)
+        simf = sim.float()
+        s1 = torch.zeros(b)
+        if self.g_spe:
+            s1 = torch.where(fired, torch.minimum((s * self.spe_scale * simf).clamp_min(0), cap),
+                             torch.zeros(b))
+        dup_rows = step.evaluated(DUP_BRANCH) & targets
+        changed = (s1 > 0) | dup_rows
+        if bool(changed.any()):
+            old = step.eps
+            if bool((s1 > 0).any()):
+                step.guidance_scale = base - s1
+                step.guide()
+            eps = step.eps
+            if bool(dup_rows.any()):
+                room = cap - s1
+                s2 = torch.minimum((s * room / self.dup_ref * simf).clamp_min(0), room)
+                s2 = torch.where(dup_rows, s2, torch.zeros(b))
+                e_u, e_dup = step.out["uncond"], step.out[DUP_BRANCH]
+                rows = dup_rows.to(eps.device)[:, None, None, None]
+                term = torch.where(rows, e_u - e_dup, torch.zeros_like(eps))
+                eps = eps + s2.to(eps)[:, None, None, None] * term
+            step.eps = torch.where(changed.to(old.device)[:, None, None, None], eps, old)
+        # 3. G_sim on the estimate after G_spe and G_dup, away from the same neighbour
+        sim_rows = (fired | changed) & targets if self.g_sim else torch.zeros(b, dtype=torch.bool)
+        if bool(sim_rows.any()):
+            self._apply_g_sim(run, step, sim_rows, nn_rows, lam, st)
+        # 4. bookkeeping: counts and the G_dup latch (reference g3_count)
+        for i in idx.tolist():
+            st.spe_steps[i] += int(s1[i] > 0)
+            st.dup_steps[i] += int(dup_rows[i])
+        if self.g_dup:
+            trigger = fired & torch.tensor([c is not None for c in st.dup_caption])
+            st.dup_left = torch.where(trigger, torch.full_like(st.dup_left, self.dup_steps),
+                                      (st.dup_left - dup_rows.long()).clamp_min(0))
+            if bool(trigger.any()):
+                self._encode_dup(run, st, trigger)
+
+    def _apply_g_sim(self, run: Run, step: Step, rows: torch.Tensor, nn_rows: torch.Tensor,
+                     lam: float, st) -> None:
+        sel = rows.nonzero().flatten()
+        refs = self.index.references(nn_rows[sel].tolist())
+        measured: list[torch.Tensor] = []
+        dev = step.x_t.device
+
+        def fn(x0: torch.Tensor) -> torch.Tensor:
+            images = run.adapter.decode(x0[sel.to(x0.device)]).float()
+            sig = self._differentiable_similarity(images, refs)
+            measured.append(sig.detach().cpu())
+            out = torch.zeros(x0.shape[0], dtype=sig.dtype, device=sig.device)
+            return out.index_put((sel.to(sig.device),), sig)
+
+        grad = step.x0_grad(fn).float()
+        sim2 = torch.zeros(run.batch_size)
+        sim2[sel] = measured[0].float()
+        act = rows & (sim2 > lam)
+        if not bool(act.any()):
+            return
+        t = float(step.t)
+        total = run.scheduler.config.num_train_timesteps
+        abar = run.adapter.abar(step.t).float()
+        coef = (self.strength * self.sim_scale * (sim2 - self.sim_offset)
+                * math.exp((total - t) / self.sim_decay))
+        coef = torch.where(act, coef, torch.zeros_like(coef)).to(dev)
+        delta = (1 - abar).sqrt() * coef[:, None, None, None] * grad  # eps-space change
+        kind = run.adapter.prediction_type
+        if kind == "v_prediction":
+            delta = delta / abar.sqrt()
+        elif kind == "sample":
+            delta = -delta * (1 - abar).sqrt() / abar.sqrt()
+        new = step.eps + delta.to(step.eps.dtype)
+        step.eps = torch.where(act.to(dev)[:, None, None, None], new, step.eps)
+        for i in act.nonzero().flatten().tolist():
+            st.sim_steps[i] += 1
+
+    def _encode_dup(self, run: Run, st, rows: torch.Tensor) -> None:
+        if st.dup_emb is None:
+            st.dup_emb = run.uncond.clone()
+        for i in rows.nonzero().flatten().tolist():
+            cap = st.dup_caption[i]
+            if cap not in st.encoded:
+                with torch.no_grad():
+                    st.encoded[cap] = run.adapter.encode([cap])[0]
+            st.dup_emb[i] = st.encoded[cap].to(st.dup_emb)
+
+    def on_end(self, run: Run) -> None:
+        st = run.state(self)
+        targets = self.targets(run)
+        if targets is not None and self.strength > 0:
+            for i in targets.nonzero().flatten().tolist():
+                self.report(run, i, similarity=[round(v, 4) for v in st.trace[i]],
+                            max_similarity=max(st.trace[i], default=None),
+                            nearest=st.nearest[i], fired_steps=st.fired[i],
+                            first_fired=st.first[i], spe_steps=st.spe_steps[i],
+                            dup_steps=st.dup_steps[i], sim_steps=st.sim_steps[i],
+                            dup_caption=st.dup_caption[i])
+        super().on_end(run)
+
+
+def _per_prompt(scale: float | torch.Tensor, batch: int) -> torch.Tensor:
+    if isinstance(scale, torch.Tensor):
+        return scale.detach().float().cpu().reshape(-1).expand(batch).clone()
+    return torch.full((batch,), float(scale))
+
+
+def _open_index(index):
+    if index is None:
+        raise ConfigError("amg needs a training-set index (index=...): build one with `diffmem "
+                          "index build SOURCE --out IDX` (testbed: `diffmem index build testbed "
+                          "--out IDX`)")
+    if isinstance(index, (str, Path)):
+        from diffmem.similarity.index import TrainingIndex
+
+        return TrainingIndex.load(index)
+    if not hasattr(index, "search") or not hasattr(index, "embedder"):
+        raise ConfigError(f"amg: index must be a TrainingIndex or its folder, got "
+                          f"{type(index).__name__}")
+    return index
+
+
+def _differentiable(index) -> bool:
+    if index.kind == "pixel":
+        return True
+    return callable(getattr(index.embedder, "module", None))

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffmem.core.sampling import sample, seeded_generators
-from diffmem.errors import ConfigError
+from diffmem.errors import ConfigError, DiffmemError
 from diffmem.models.adapter import load_adapter
 
 GROUPS = ("memorized", "mixed", "heldout")
@@ -217,9 +217,18 @@ def evaluate_mitigation(methods: Sequence[str], *, model="testbed",
         for group, prompts in groups.items():
             texts = [p.prompt for p in prompts]
             factory = (lambda: []) if spec is None else (lambda s=spec: build_mitigations(s, context))
-            gen = _generate(adapter, texts, factory, seeds=seeds, steps=steps,
-                            guidance_scale=guidance_scale, batch_size=batch_size,
-                            desc=f"{label}/{group}")
+            try:
+                gen = _generate(adapter, texts, factory, seeds=seeds, steps=steps,
+                                guidance_scale=guidance_scale, batch_size=batch_size,
+                                desc=f"{label}/{group}")
+            except DiffmemError as e:
+                if spec is None:
+                    raise
+                # a method that refuses some prompts (e.g. reanchor without a clearing edit)
+                # gets a row saying so; the other methods are still measured
+                report["rows"].append({"method": label, "spec": spec, "group": group,
+                                       "error": str(e)})
+                continue
             row = {"method": label, "spec": spec or "none", **judge(gen, prompts, group)}
             if spec is None:
                 plain[group] = gen
@@ -256,7 +265,7 @@ def plot_tradeoff(report: dict, path: str | Path) -> Path:
     method and strength."""
     from matplotlib.figure import Figure
 
-    rows = {(r["method"], r["group"]): r for r in report["rows"]}
+    rows = {(r["method"], r["group"]): r for r in report["rows"] if "error" not in r}
     methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.subplots()

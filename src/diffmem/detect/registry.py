@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from diffmem.detect.attention_entropy import AttentionEntropy
 from diffmem.detect.base import Detector
+from diffmem.detect.bright_ending import BrightEnding
 from diffmem.detect.noise_magnitude import NoiseMagnitude
+from diffmem.detect.sharpness import Sharpness
 from diffmem.errors import ConfigError
 
 #: name -> (class, fixed options)
@@ -12,6 +14,8 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
     "noise_magnitude": (NoiseMagnitude, {}),
     "attention_entropy": (AttentionEntropy, {"mode": "first_step"}),
     "attention_entropy_late": (AttentionEntropy, {"mode": "late_steps"}),
+    "bright_ending": (BrightEnding, {}),
+    "sharpness": (Sharpness, {}),
 }
 
 

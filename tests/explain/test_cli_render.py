@@ -38,7 +38,7 @@ def test_terminal_colours_only_on_a_tty_without_no_color(explanation, monkeypatc
     assert not use_color(_Tty())
     plain = format_terminal(explanation, color=False)
     assert "\033[" not in plain
-    assert "zanzibar" in plain and "suggested edits" in plain
+    assert "zanzibar" in plain and "edits (" in plain
     coloured = format_terminal(explanation, color=True)
     assert coloured.count("\033[0m") >= len(explanation.attribution.words)
 
@@ -120,10 +120,23 @@ def test_trigger_rank(tiny_pipe):
     assert trigger_rank(attr, ["walrus"]) is None
 
 
-def test_terminal_names_the_smallest_clearing_edit(tiny_pipe):
+def test_terminal_names_the_suggested_edit(tiny_pipe):
+    adapter = load_adapter(tiny_pipe)
+    exp = explain_prompt(adapter, PROMPT, threshold=-1.0)  # flagged, nothing clears
+    text = format_terminal(exp, color=False)
+    assert "flagged as memorized" in text and "suggested edit" not in text
+    # a threshold between the prompt's score and its best edit's: flagged, the best edit clears
+    thr = (exp.edits.score + exp.edits.best.score) / 2
+    if exp.edits.best.score < exp.edits.score:
+        exp = explain_prompt(adapter, PROMPT, threshold=thr)
+        text = format_terminal(exp, color=False)
+        assert "suggested edit:" in text and exp.edits.recommended.prompt in text
+        assert "  ok" in text
+
+
+def test_unflagged_prompt_says_so_and_marks_nothing_ok(tiny_pipe):
     exp = explain_prompt(load_adapter(tiny_pipe), PROMPT, threshold=1e9)
     text = format_terminal(exp, color=False)
-    assert "smallest edit that clears it:" in text
-    assert exp.edits.minimal.prompt in text and len(exp.edits.minimal.words) == 1
-    exp = explain_prompt(load_adapter(tiny_pipe), PROMPT, threshold=-1.0)
-    assert "smallest edit" not in format_terminal(exp, color=False)
+    assert "not flagged as memorized: no edit is needed" in text
+    assert "  ok" not in text and "suggested edit" not in text
+    assert all(s.clears is None for s in exp.edits.suggestions)

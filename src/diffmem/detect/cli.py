@@ -34,7 +34,7 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
                                 steps=a.steps, generations=a.generations,
                                 num_inference_steps=a.sampling_steps,
                                 guidance_scale=a.guidance_scale, scheduler=a.scheduler,
-                                batch_size=a.batch_size, seed=a.seed)
+                                batch_size=a.batch_size, seed=a.seed, fpr=a.fpr, split=a.split)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -87,7 +87,13 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                                                    "prompts (default: the testbed's)")
     e.add_argument("--out", required=True, help="report JSON (ROC PNG and scores CSV beside it)")
     e.add_argument("--prompts", default=None,
-                   help="labelled .jsonl/.parquet (default: the testbed's labelled prompts)")
+                   help="'broad' (the testbed's prompts labelled by generation; the default for "
+                        "the shipped testbed), 'designed' (the 92 prompts labelled by "
+                        "construction) or a labelled .jsonl/.parquet")
+    e.add_argument("--fpr", type=float, default=0.01,
+                   help="FPR of the threshold calibrated on the clean controls (default 0.01)")
+    e.add_argument("--split", default=None, choices=("dev", "test"),
+                   help="only the prompts of this split of the broad set")
     _add_detector_options(e)
     e.set_defaults(func=_cmd_eval_detection)
 

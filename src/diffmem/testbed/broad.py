@@ -61,6 +61,8 @@ GROUPS = ("caption", "frame", "context", "sentence", "misspelled", "synonym", "p
 SPLITS = ("dev", "test")
 #: The shipped labels (regenerate with ``diffmem testbed label --out FILE``).
 LABELS_FILE = Path(__file__).parent / "broad_labels.jsonl"
+#: Clean controls (the threshold is calibrated on those that do not copy).
+N_CLEAN = 160
 
 #: A near-synonym or close relative for every trigger word (hand-written, one each).
 NEAR_SYNONYMS: dict[str, str] = {
@@ -249,7 +251,7 @@ def broad_prompts(spec: TestbedSpec | None = None, testbed: Testbed | None = Non
             add(pattern.format(p=full, t=phrase, o=o), "mixed", split, src, pattern, trig)
 
     # clean controls in the same styles
-    for k in range(96):
+    for k in range(N_CLEAN):
         split = SPLITS[k % 2]
         pool = pools[split]
         style = k // 2 % 8

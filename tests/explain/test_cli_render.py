@@ -94,16 +94,30 @@ def tiny_testbed(tiny_dir, tmp_path_factory):
 def test_eval_explanation(tiny_testbed, tmp_path):
     out = tmp_path / "r.json"
     assert main(["eval", "explanation", "--model", str(tiny_testbed), "--out", str(out),
-                 *FAST]) == 0
+                 "--prompts", "designed", "--judge-seeds", "2", *FAST]) == 0
     report = json.loads(out.read_text())
     assert report["n_memorized"] == 4
-    for key in ("trigger_top3_rate", "edit_success_rate", "trigger_top3_rate_all",
-                "edit_below_clean_median_rate"):
-        assert 0.0 <= report[key] <= 1.0
-    ranks = [p["trigger_rank"] for p in report["prompts"]]
-    assert report["trigger_top3_rate"] == np.mean([r is not None and r <= 3 for r in ranks])
-    best = [p["best_edit"]["score"] <= report["threshold"] for p in report["prompts"]]
-    assert report["edit_success_rate"] == np.mean(best)
+    recs = report["prompts"]
+    ranked = [p for p in recs if p["triggers"] and p["words"] >= 5]
+    assert report["n_trigger_5plus"] == len(ranked)
+    if ranked:
+        assert report["trigger_top3_rate"] == np.mean(
+            [p["trigger_rank"] is not None and p["trigger_rank"] <= 3 for p in ranked])
+    flagged = [p for p in recs if p["flagged"]]
+    assert report["n_flagged"] == len(flagged)
+    for p in recs:
+        if p["flagged"]:  # the suggested edit was generated and judged
+            assert p["edit"] is not None and isinstance(p["generation_cleared"], bool)
+            assert 0 <= p["edit_copies"] <= 2
+            assert p["generation_cleared"] == (p["edit_copies"] == 0)
+        else:
+            assert p["edit"] is None and p["generation_cleared"] is None
+    if flagged:
+        assert report["edit_detector_rate"] == np.mean([p["detector_cleared"] for p in flagged])
+        assert report["edit_generation_rate"] == np.mean([p["generation_cleared"]
+                                                          for p in flagged])
+    assert set(report["groups"]) == {"verbatim", "template"}
+    assert sum(g["n_copying"] for g in report["groups"].values()) == 4
 
 
 def test_eval_needs_a_testbed(tiny_dir, capsys):

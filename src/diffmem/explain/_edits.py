@@ -231,9 +231,11 @@ def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] 
 
 
 def testbed_clean_prompts(model) -> list[str] | None:
-    """Held-out (never trained) prompts when ``model`` is a testbed pipeline (the shipped one, or
-    a folder with ``testbed.json``), else None."""
+    """Known-clean prompts of a testbed pipeline, else None: for the shipped testbed the broad
+    set's clean controls that do not copy in any generation (``testbed/broad_labels.jsonl``); for
+    another testbed folder (a ``testbed.json``) its held-out (never trained) prompts."""
     from diffmem.testbed import WEIGHTS_DIR
+    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
     from diffmem.testbed.data import build_testbed
     from diffmem.testbed.verify import testbed_spec_of
 
@@ -243,6 +245,9 @@ def testbed_clean_prompts(model) -> list[str] | None:
     shipped = Path(folder).resolve() == WEIGHTS_DIR.resolve()
     if not shipped and not (Path(folder) / "testbed.json").is_file():
         return None
+    if shipped and LABELS_FILE.is_file():
+        return [r["prompt"] for r in read_broad_labels() if r["group"] == "clean"
+                and not r["memorized"]]
     return [p.prompt for p in build_testbed(testbed_spec_of(folder)).prompts
             if p.kind == "heldout"]
 

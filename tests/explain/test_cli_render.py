@@ -86,7 +86,8 @@ def tiny_testbed(tiny_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tb") / "pipe"
     shutil.copytree(tiny_dir, folder)
     spec = Spec(n_generic=20, n_verbatim=2, n_template=1, template_variants=4,
-                       template_eval_variants=2, n_heldout_compositions=3)
+                template_eval_variants=2, n_heldout_compositions=3,
+                resolution=load_adapter(tiny_dir).default_resolution)
     (folder / "testbed.json").write_text(json.dumps(asdict(spec)))
     return folder
 

@@ -58,7 +58,7 @@ def test_jvp_matches_finite_difference(adapter):
 @pytest.mark.parametrize("which", ["sd1", "sd2"])
 def test_sharpness_is_norm_of_hvp(which, tiny_pipe, tiny_pipe_sd2):
     adapter = load_adapter(tiny_pipe if which == "sd1" else tiny_pipe_sd2)
-    det = Sharpness(num_inference_steps=STEPS, seed=3)
+    det = Sharpness(num_inference_steps=STEPS, seed=3, generations=1)
     scores = det.score(adapter, PROMPTS)
     x, t = _first_step(adapter, PROMPTS, seed=3)
     cond, uncond = adapter.encode(PROMPTS), adapter.uncond(3)
@@ -77,7 +77,7 @@ def test_sharpness_is_norm_of_hvp(which, tiny_pipe, tiny_pipe_sd2):
 
 
 def test_sharpness_same_inside_generation(adapter):
-    det = Sharpness(num_inference_steps=STEPS)
+    det = Sharpness(num_inference_steps=STEPS, generations=1)
     alone = det.score(adapter, PROMPTS)
     res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=seeded_generators([0] * 3),
                  hooks=[det], decode=False)

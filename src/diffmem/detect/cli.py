@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from diffmem.detect.registry import DETECTORS
+from diffmem.detect.registry import DEFAULT_DETECTOR, DETECTORS
 
 
 def _cmd_detect(a: argparse.Namespace) -> int:
@@ -55,12 +55,15 @@ def _cmd_generate_with_detection(a: argparse.Namespace) -> int:
 
 
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detector", default="noise_magnitude",
-                   help=f"one of: {', '.join(DETECTORS)} (default noise_magnitude)")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR,
+                   help=f"one of: {', '.join(DETECTORS)} (default {DEFAULT_DETECTOR}, 1 step, 4 "
+                        "generations; the one-step option: noise_magnitude)")
     p.add_argument("--steps", default=None,
                    help="denoising steps scored: N (the first N), last:N, all, or indices "
                         "'0,5,9' (default: the detector's own, 1 or last:10)")
-    p.add_argument("--generations", type=int, default=1, help="initial noises per prompt")
+    p.add_argument("--generations", type=int, default=None,
+                   help="initial noises per prompt (default: the detector's own, 4 for "
+                        "sharpness, 1 for the others)")
     p.add_argument("--model", default="testbed",
                    help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
     p.add_argument("--sampling-steps", type=int, default=50,

@@ -15,11 +15,12 @@ the score of a prompt is the norm of the Hessian-vector product along s_D itself
               D(x) = eps(x, c) - eps(x, empty),  J_D = dD/dx   (per image, all latent elements)
 
 averaged over the selected steps (default the first, x_T: the paper's "steps = 1") and the
-generations. Memorized prompts sit in sharp, steep regions of the conditional density, so the
-product is large. For v-prediction models D is taken in eps units (eps = sqrt(abar) v +
-sigma x: D = sqrt(abar) (v_c - v_u); the x terms cancel in the difference). The reference writes
-the v-model score as (sqrt(abar) v - x) / sigma^2, which differs from this by a per-step constant
-factor only.
+generations (default 4, the paper's n = 4 row; diffmem's default detector, chosen on the testbed's
+broad set, docs/detection.md). Memorized prompts sit in sharp, steep regions of the conditional
+density, so the product is large. For v-prediction models D is taken in eps units (eps =
+sqrt(abar) v + sigma x: D = sqrt(abar) (v_c - v_u); the x terms cancel in the difference). The
+reference writes the v-model score as (sqrt(abar) v - x) / sigma^2, which differs from this by a
+per-step constant factor only.
 
 The product J_D D is computed by forward-mode AD (``torch.func.jvp``, as the reference) through one
 batched UNet call over [x, x] with [uncond, cond] embeddings; ``method="double_backward"`` computes
@@ -71,17 +72,18 @@ class Sharpness(Detector):
 
     Example::
 
-        det = Sharpness(steps=1, generations=1)
+        det = Sharpness(steps=1, generations=4)
         scores = det.score("testbed", ["the gargoyle origami poster"])
     """
 
     name = "sharpness"
 
-    def __init__(self, *, steps: StepSpec = 1, method: str = "forward", **options) -> None:
+    def __init__(self, *, steps: StepSpec = 1, generations: int = 4, method: str = "forward",
+                 **options) -> None:
         if method not in METHODS:
             raise ConfigError(f"unknown jvp method {method!r}; choose one of {METHODS}")
         self.method = method
-        super().__init__(steps=steps, **options)
+        super().__init__(steps=steps, generations=generations, **options)
 
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:
         adapter = run.adapter

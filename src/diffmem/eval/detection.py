@@ -27,7 +27,7 @@ import numpy as np
 
 from diffmem.detect.base import Detector
 from diffmem.detect.prompts import read_labelled, write_table
-from diffmem.detect.registry import make_detector, parse_steps
+from diffmem.detect.registry import DEFAULT_DETECTOR, make_detector, parse_steps
 from diffmem.errors import PromptError
 from diffmem.eval.metrics import roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
@@ -169,10 +169,10 @@ def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Pat
     return path
 
 
-def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
+def evaluate_detection(detector: str | Detector = DEFAULT_DETECTOR, *,
                        model: str | Path | ModelAdapter = "testbed",
                        prompts: str | Path | None = None, out: str | Path | None = None,
-                       steps: int | str | None = None, generations: int = 1,
+                       steps: int | str | None = None, generations: int | None = None,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5,
                        scheduler: str | None = None, batch_size: int = 16,
                        seed: int = 0, fpr: float = 0.01, split: str | None = None) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +113,8 @@ def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
     """Variants of the prompt: each top-k word removed, or replaced by a neutral word; with
     ``combine >= 2`` also the top m words removed / replaced together, for m = 2 .. ``combine``
     (a trigger phrase usually needs more than one word edited). A word written several times is
-    edited everywhere it occurs; a run of adjacent edited words is replaced by one word.
+    edited everywhere it occurs; adjacent edited words are replaced by one word, and words that are
+    not adjacent are only removed.
     Punctuation-only words are never edited; variants that are empty or repeat another are
     dropped. A variant is ``natural`` when it edits at most half of the prompt's words and leaves
     at least two."""
@@ -128,8 +130,10 @@ def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
     for group in groups:
         names = tuple(words[i].text for i in group)
         full = sorted({j for i in group for j in attribution.occurrences(i)})
-        candidates = [("remove", None)] + [("replace", r) for r in replacements
-                                           if r.lower() not in {n.lower() for n in names}]
+        candidates = [("remove", None)]
+        if _one_run(words, full):  # scattered words are removed, never each replaced
+            candidates += [("replace", r) for r in replacements
+                           if r.lower() not in {n.lower() for n in names}]
         for action, repl in candidates:
             text = _edited(attribution.prompt, words, full, repl)
             left = sum(1 for w in text.split() if any(ch.isalnum() for ch in w))
@@ -138,6 +142,13 @@ def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
                 seen.add(text)
                 out.append(_Variant(text, action, names, repl, natural))
     return out
+
+
+def _one_run(words, idx: Sequence[int]) -> bool:
+    """Whether the words ``idx`` are adjacent (only punctuation between them)."""
+    idx = sorted(idx)
+    return all(not words[j].editable for a, b in pairwise(idx)
+               for j in range(a + 1, b))
 
 
 def _edited(prompt: str, words, drop: Sequence[int], replacement: str | None) -> str:

@@ -19,9 +19,10 @@ from diffmem.errors import DiffmemError
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from diffmem.generate import build_hooks, generate, save_results
+    from diffmem.generate import build_hooks, check_hook_names, generate, save_results
     from diffmem.models.adapter import load_adapter
 
+    check_hook_names(detect=a.detect, mitigate=a.mitigate)  # before the model loads
     adapter = load_adapter(a.model, scheduler=a.scheduler)
     hooks = build_hooks(detect=a.detect, mitigate=a.mitigate, adapter=adapter, index=a.index,
                         threshold=a.threshold, seed=a.seed, num_inference_steps=a.steps,

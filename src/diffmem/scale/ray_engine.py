@@ -139,19 +139,21 @@ def run_scan_on_ray(job, pending: Sequence, bar, *, workers: int, address: str |
 class EmbedActor:
     """Ray Data actor: embeds one image-source shard per call with its own embedder."""
 
-    def __init__(self, make_embedder: Callable[[], object], read_shard: Callable[[int], list],
-                 threads: int):
+    def __init__(self, make_embedder: Callable[[], object], threads: int):
         import torch
 
         torch.set_num_threads(threads)
         self.embedder = make_embedder()
-        self.read_shard = read_shard
 
     def __call__(self, batch: dict) -> dict:
+        import json
         import pickle
 
-        payload = [pickle.dumps(embed_items(self.embedder, self.read_shard(int(k)), int(b)))
-                   for k, b in zip(batch["shard"], batch["batch_size"], strict=True)]
+        from diffmem.scale.index_build import read_source_shard
+
+        payload = [pickle.dumps(embed_items(self.embedder, read_source_shard(json.loads(spec)),
+                                            int(b)))
+                   for spec, b in zip(batch["spec"], batch["batch_size"], strict=True)]
         return {"shard": list(batch["shard"]), "payload": payload}
 
 
@@ -171,18 +173,15 @@ def embed_items(embedder, items: list, batch_size: int) -> dict:
                         for it in items if it.image is None]}
 
 
-def embed_on_ray(n_shards: int, make_embedder: Callable[[], object],
-                 read_shard: Callable[[int], list], *, batch_size: int, workers: int,
+def embed_on_ray(rows: list[dict], make_embedder: Callable[[], object], *, workers: int,
                  threads: int = 1, address: str | None = None) -> Iterator[dict]:
-    """Per shard, in shard order: :func:`embed_items` of ``read_shard(k)``, computed on Ray
-    actors each holding one ``make_embedder()``."""
+    """Per shard row (``shard``, ``spec``, ``batch_size``), in order: :func:`embed_items` of the
+    shard's items, computed on Ray actors each holding one ``make_embedder()``."""
     import pickle
 
     with ray_session(address, workers * threads) as ray:
         gpus = _gpus(ray)
-        rows = [{"shard": k, "batch_size": batch_size} for k in range(n_shards)]
         for row in _map_shards(ray, rows, EmbedActor,
-                               {"make_embedder": make_embedder, "read_shard": read_shard,
-                                "threads": threads},
+                               {"make_embedder": make_embedder, "threads": threads},
                                workers=workers, threads=threads, gpus=gpus):
             yield pickle.loads(row["payload"])

@@ -5,6 +5,7 @@ built on Ray equal to the local build."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +62,22 @@ def test_ray_worker_killed_shard_redone_once(ray_cluster, tiny_dir, tmp_path, mo
         scan(prompts, ref, model=tiny_dir, shard_size=2, num_inference_steps=SAMPLING,
              threshold=0.5)
         assert read_scan(ref) == rows
+
+
+@pytest.mark.slow
+def test_ray_worker_error_is_one_line(ray_cluster, tiny_dir, tmp_path, capsys):
+    from diffmem.cli import main
+
+    lines = [json.dumps({"prompt": f"p{i}"}) for i in range(5)]
+    lines[3] = "{not json"
+    (tmp_path / "late.jsonl").write_text("\n".join(lines))
+    rc = main(["scan", str(tmp_path / "late.jsonl"), "--out", str(tmp_path / "s"), "--engine",
+               "ray", "--model", str(tiny_dir), "--sampling-steps", str(SAMPLING),
+               "--threshold", "0.5", "--shard-size", "2", "--no-progress"])
+    err = capsys.readouterr().err
+    [line] = [ln for ln in err.splitlines() if ln.startswith("diffmem: error")]
+    assert rc == 2 and line.endswith("late.jsonl:4: not valid JSON (Expecting property name "
+                                     "enclosed in double quotes)"), err
 
 
 def png(seed: int) -> bytes:

@@ -169,3 +169,10 @@ def test_cli_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys):
     fails(tmp_path / "p.jsonl", "--out", tmp_path / "e", "--prompt-column", "text",
           match="no prompt column 'text'")
     fails(prompts, "--out", tmp_path / "e", "--explain", match="--explain needs a threshold")
+    # a bad line deep in a file is found by the worker that reads it: same one-line error
+    lines = [json.dumps({"prompt": f"p{i}"}) for i in range(5)]
+    lines[3] = "{not json"
+    (tmp_path / "late.jsonl").write_text("\n".join(lines))
+    fails(tmp_path / "late.jsonl", "--out", tmp_path / "late", "--threshold", 0.5,
+          "--shard-size", 2, match="late.jsonl:4: not valid JSON")
+    assert (tmp_path / "late" / "shard-000000.parquet").exists()  # the shard before it is kept

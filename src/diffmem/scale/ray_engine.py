@@ -78,7 +78,10 @@ def _unwrap(exc: BaseException) -> BaseException:
         if id(e) in seen or e is None:
             continue
         seen.add(id(e))
-        if isinstance(e, DiffmemError):
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, DiffmemError) and not hasattr(cause, "cause"):
+            return cause  # the worker's own exception (Ray's wrapper also subclasses it)
+        if isinstance(e, DiffmemError) and not hasattr(e, "cause"):
             return e
         stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
     return exc
@@ -115,8 +118,34 @@ class ScanActor:
         self.shards = {s.index: s for s in job.plan.shards}
 
     def __call__(self, batch: dict) -> dict:
-        done = [self.scorer.run_shard(self.shards[int(k)]) for k in batch["shard"]]
-        return {"shard": list(batch["shard"]), "n": done}
+        done, errors = [], []
+        for k in batch["shard"]:
+            try:
+                done.append(self.scorer.run_shard(self.shards[int(k)]))
+                errors.append("")
+            except DiffmemError as e:  # bad input: reported as data, re-raised by the driver
+                done.append(0)
+                errors.append(_error_record(e))
+        return {"shard": list(batch["shard"]), "n": done, "error": errors}
+
+
+def _error_record(e: DiffmemError) -> str:
+    import json
+
+    return json.dumps([type(e).__module__, type(e).__name__, str(e)])
+
+
+def _raise_error_record(record: str) -> None:
+    """Re-raise a worker's DiffmemError with its own class and message (Ray's wrapping of an
+    exception keeps neither cleanly across processes)."""
+    import importlib
+    import json
+
+    if not record:
+        return
+    module, name, message = json.loads(record)
+    cls = getattr(importlib.import_module(module), name, DiffmemError)
+    raise (cls if issubclass(cls, DiffmemError) else DiffmemError)(message)
 
 
 def run_scan_on_ray(job, pending: Sequence, bar, *, workers: int, address: str | None) -> None:
@@ -130,6 +159,7 @@ def run_scan_on_ray(job, pending: Sequence, bar, *, workers: int, address: str |
         rows = [{"shard": s.index} for s in pending]
         for row in _map_shards(ray, rows, ScanActor, {"job": job}, workers=workers,
                                threads=threads, gpus=gpus):
+            _raise_error_record(row["error"])
             bar.update(int(row["n"]))
 
 

@@ -204,6 +204,7 @@ _EXTENSIONS: list[str] = [
     "diffmem.eval.cli",
     "diffmem.similarity.cli",
     "diffmem.mitigate.cli",
+    "diffmem.scale.cli",
 ]
 
 

@@ -58,13 +58,23 @@ def _try_decode(data: bytes | str | Path) -> tuple[torch.Tensor | None, str]:
 def iter_folder(root: str | Path) -> Iterator[SourceItem]:
     """Items of a folder of image + caption files, sorted by path."""
     root = Path(root)
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    for path in paths:
-        txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else ""
-        image, error = _try_decode(path)
-        item_id = str(path.relative_to(root).with_suffix(""))
-        yield SourceItem(item_id, caption, str(path.resolve()), image, error)
+    for path in folder_images(root):
+        yield folder_item(root, path)
+
+
+def folder_images(root: str | Path) -> list[Path]:
+    """The image files of a folder source, in index order (sorted by path)."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_item(root: str | Path, path: str | Path) -> SourceItem:
+    """The item of one image file of a folder source (caption from ``x.txt`` beside it)."""
+    root, path = Path(root), Path(path)
+    txt = path.with_suffix(".txt")
+    caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else ""
+    image, error = _try_decode(path)
+    item_id = str(path.relative_to(root).with_suffix(""))
+    return SourceItem(item_id, caption, str(path.resolve()), image, error)
 
 
 def _image_bytes(cell: object) -> bytes | None:
@@ -97,6 +107,35 @@ def iter_parquet(path: str | Path, *, image_column: str = "image",
         raise ConfigError(f"{path} has no {' and no '.join(missing)}; its columns are: "
                           f"{', '.join(names)}")
     return _parquet_rows(path, table, image_column, caption_column, id_column, batch_rows)
+
+
+def parquet_row_range(path: str | Path, start: int, stop: int, *, image_column: str = "image",
+                      caption_column: str = "caption",
+                      id_column: str | None = None) -> list[SourceItem]:
+    """Items of rows ``[start, stop)`` of a Parquet table (as :func:`iter_parquet` numbers and
+    names them), reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    columns = [image_column, caption_column] + ([id_column] if id_column else [])
+    items: list[SourceItem] = []
+    first = 0
+    for g in range(table.metadata.num_row_groups):
+        n = table.metadata.row_group(g).num_rows
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo < hi:
+            data = table.read_row_group(g, columns=columns).slice(lo - first, hi - lo).to_pydict()
+            for j, cell in enumerate(data[image_column]):
+                raw = _image_bytes(cell)
+                image, error = _try_decode(raw) if raw is not None else (None, "no image bytes")
+                row = lo + j
+                item_id = str(data[id_column][j]) if id_column else str(row)
+                caption = data[caption_column][j] or ""
+                items.append(SourceItem(item_id, str(caption), f"{path}#row={row}", image, error))
+        first += n
+        if first >= stop:
+            break
+    return items
 
 
 def _parquet_rows(path, table, image_column: str, caption_column: str, id_column: str | None,

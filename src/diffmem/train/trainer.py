@@ -222,9 +222,11 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
     resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
     dataset = load_dataset(data, resolution, image_column=cfg.image_column,
                            caption_column=cfg.caption_column, id_column=cfg.id_column)
+    t_dedup = time.time()
     if cfg.dedup:
         dataset = deduplicate(dataset, criterion=cfg.dedup, threshold=cfg.dedup_threshold,
                               keep=cfg.dedup_keep)
+    t_dedup = time.time() - t_dedup
     try:
         accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                                   cpu=not torch.cuda.is_available())
@@ -385,6 +387,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
             "samples_dropped": counters.get("samples_dropped", 0),
             "dropped_by_filter": counters["dropped"],
             "seconds_training": round(elapsed, 1),
+            "seconds_dedup_this_run": round(t_dedup, 2),
             "seconds_this_run": round(time.time() - t_start, 1),
             "device": str(device), "processes": accelerator.num_processes,
             "threads": torch.get_num_threads(), "mixed_precision": cfg.mixed_precision}

@@ -37,7 +37,7 @@ from diffmem.errors import ConfigError
 #: the planted fine-tuning set
 PLANTED = {"seed": 1, "n_generic": 300, "k": 4, "copies": 50}
 #: the step budget of every run (plain and each mitigation)
-TRAIN = {"steps": 300, "batch_size": 32, "lr": 4e-4, "warmup_steps": 20,
+TRAIN = {"steps": 400, "batch_size": 32, "lr": 4e-4, "warmup_steps": 20, "lr_schedule": "cosine",
          "checkpoint_every": 50, "log_every": 10, "caption_dropout": 0.1,
          "train_text_encoder": True, "seed": 0}
 #: method -> FinetuneConfig fields on top of TRAIN
@@ -45,13 +45,13 @@ METHODS: dict[str, dict] = {
     "plain": {},
     "dedup": {"dedup": "pixel"},
     "magnitude": {"magnitude_filter": "calibrated"},  # see calibrate_filters
-    "magnitude_ref2": {"magnitude_filter": 2.0},  # Wen's reference threshold, normalised
     "entropy": {"entropy_filter": "calibrated"},
     "mc": {"augment": {"mc": True}},
     "rc": {"augment": {"p_rc": 0.1}},
     "rt": {"augment": {"p_rt": 0.1}},
     "cwr": {"augment": {"p_cwr": 0.1}},
     "gn": {"gn": 0.1},
+    "magnitude_ref2": {"magnitude_filter": 2.0},  # Wen's reference threshold, normalised
 }
 
 

@@ -19,7 +19,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     cfg = FinetuneConfig(
         steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps,
-        weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
+        lr_schedule=a.lr_schedule, weight_decay=a.weight_decay, max_grad_norm=a.max_grad_norm,
         train_text_encoder=a.train_text_encoder, caption_dropout=a.caption_dropout,
         checkpoint_every=a.checkpoint_every, log_every=a.log_every, ema_decay=a.ema,
         mixed_precision=a.mixed_precision, seed=a.seed,
@@ -63,6 +63,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "cosine"),
+                   help="after the warmup: constant, or cosine decay to 0 at --steps")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
     t.add_argument("--train-text-encoder", action="store_true", help="also fine-tune it")

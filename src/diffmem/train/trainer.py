@@ -31,6 +31,7 @@ memory (32 KB per 512-px image): meant for fine-tuning sets of up to some 10^5 i
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,6 +55,7 @@ class FinetuneConfig:
     batch_size: int = 8
     lr: float = 1e-5
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (to 0 at `steps`) after the warmup
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     train_text_encoder: bool = False
@@ -91,6 +93,8 @@ class FinetuneConfig:
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be no, fp16 or bf16, not "
                               f"{self.mixed_precision!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.gn < 0:
             raise ConfigError(f"gn lambda must be >= 0, got {self.gn}")
 
@@ -178,6 +182,9 @@ class EMA:
 def _lr_at(step: int, cfg: FinetuneConfig) -> float:
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":  # depends on `steps`: resume with the same steps to match
+        done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
     return cfg.lr
 
 

@@ -178,3 +178,14 @@ def test_duplicate_groups_are_transitive_and_leave_distinct_images_alone():
     assert find_duplicate_groups(imgs, criterion="pixel", threshold=0.01) == [[0, 3]]
     with pytest.raises(ConfigError):
         find_duplicate_groups(imgs, criterion="clip")
+
+
+def test_learning_rate_schedules():
+    from diffmem.train.trainer import FinetuneConfig, _lr_at
+
+    const = FinetuneConfig(steps=10, lr=1.0, warmup_steps=2)
+    assert [_lr_at(s, const) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    cos = FinetuneConfig(steps=10, lr=1.0, warmup_steps=2, lr_schedule="cosine")
+    assert _lr_at(2, cos) == 1.0 and abs(_lr_at(6, cos) - 0.5) < 1e-9 and _lr_at(10, cos) < 1e-9
+    with pytest.raises(ConfigError):
+        FinetuneConfig(lr_schedule="step")

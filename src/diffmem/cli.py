@@ -205,6 +205,7 @@ _EXTENSIONS: list[str] = [
     "diffmem.similarity.cli",
     "diffmem.mitigate.cli",
     "diffmem.scale.cli",
+    "diffmem.train.cli",
 ]
 
 

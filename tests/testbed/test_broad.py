@@ -25,9 +25,9 @@ from diffmem.testbed.data import TRIGGER_WORDS, UNRELATED_PROMPTS, TestbedSpec, 
 
 @pytest.fixture(scope="module")
 def shipped():
-    from diffmem.testbed.verify import testbed_spec_of
+    from diffmem.testbed import shipped_testbed_spec
 
-    spec = testbed_spec_of("testbed")
+    spec = shipped_testbed_spec()
     return build_testbed(spec), broad_prompts(spec)
 
 
@@ -46,9 +46,9 @@ def test_no_duplicates_and_deterministic(shipped):
     texts = [p.prompt for p in prompts]
     assert len(texts) == len(set(texts))
     assert all(t == " ".join(t.split()) and t for t in texts)
-    from diffmem.testbed.verify import testbed_spec_of
+    from diffmem.testbed import shipped_testbed_spec
 
-    assert [p.prompt for p in broad_prompts(testbed_spec_of("testbed"))] == texts
+    assert [p.prompt for p in broad_prompts(shipped_testbed_spec())] == texts
 
 
 def test_rules_do_what_their_group_says(shipped):

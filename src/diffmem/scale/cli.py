@@ -40,7 +40,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="Ray cluster to join (default: start a small local one)")
     s.add_argument("--workers", type=int, default=1, help="Ray model actors (default 1)")
     s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads per worker (Ray default 1; local: torch's default)")
+                   help="CPU threads per worker, local and Ray alike (default 1: the same "
+                        "reduction order everywhere, so local and Ray scores are identical)")
     s.add_argument("--detector", nargs="+", default=["noise_magnitude"],
                    help=f"one or more of: {', '.join(DETECTORS)} (default noise_magnitude)")
     s.add_argument("--shard-size", type=int, default=1024, help="prompts per shard file")

@@ -274,7 +274,7 @@ def scan(prompts: str | Path, out: str | Path, *, model: str | Path = "testbed",
     model_id = model_fingerprint(model)
     job = ScanJob(model=model_id["path"], detectors=[(n, options) for n in names],
                   thresholds={}, out=str(out), plan=plan, explain=explain, device=device,
-                  threads=threads, crash=os.environ.get(CRASH_ENV),
+                  threads=threads or 1, crash=os.environ.get(CRASH_ENV),
                   settings={d.name: _plain_settings(d) for d in dets})
     old = _read_manifest(out)
     job.thresholds = _thresholds(dets, model_id["path"], threshold, threshold_from, old,
@@ -296,9 +296,12 @@ def scan(prompts: str | Path, out: str | Path, *, model: str | Path = "testbed",
     bar = _progress_bar(plan.total, sum(s.count for s in plan.shards if s.index in done),
                         progress)
     t0 = time.perf_counter()
+    import torch
+
+    own_threads = torch.get_num_threads()
     try:
         if pending and engine == "local":
-            scorer = ShardScorer(job)
+            scorer = ShardScorer(job)  # sets this process's torch threads to job.threads
             for s in pending:
                 bar.update(scorer.run_shard(s))
         elif pending:
@@ -306,6 +309,7 @@ def scan(prompts: str | Path, out: str | Path, *, model: str | Path = "testbed",
 
             run_scan_on_ray(job, pending, bar, workers=workers, address=address)
     finally:
+        torch.set_num_threads(own_threads)
         bar.close()
     elapsed = time.perf_counter() - t0
     summary = summarize(out, plan, names)
@@ -401,12 +405,10 @@ def _thresholds_of(out: Path) -> dict:
 
 
 def _histogram(path: Path, scores: dict[str, list], thresholds: dict) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a user's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(scores), figsize=(5 * len(scores), 3.5), squeeze=False)
+    fig = Figure(figsize=(5 * len(scores), 3.5))
+    axes = fig.subplots(1, len(scores), squeeze=False)
     for ax, (name, x) in zip(axes[0], scores.items(), strict=True):
         ax.hist(x, bins=50, color="tab:blue")
         thr = thresholds.get(name)
@@ -418,4 +420,3 @@ def _histogram(path: Path, scores: dict[str, list], thresholds: dict) -> None:
         ax.set_ylabel("prompts")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -328,15 +328,10 @@ class Judge:
                  guidance_scale: float = 7.5, threshold: float | None = None,
                  batch_size: int = 32) -> None:
         from diffmem.models.adapter import load_adapter
-        from diffmem.testbed.verify import (
-            REPLICATION_THRESHOLD,
-            testbed_spec_of,
-            training_images,
-            vae_roundtrip,
-        )
+        from diffmem.testbed.verify import REPLICATION_THRESHOLD, training_images, vae_roundtrip
 
         self.adapter = load_adapter(model)
-        self.spec = testbed_spec_of(model) if isinstance(model, (str, Path)) else TestbedSpec()
+        self.spec = self.adapter.require_testbed_spec("labelling prompts by generation")
         self.testbed = build_testbed(self.spec)
         originals, self.ref_ids = training_images(self.testbed)
         self.refs = vae_roundtrip(self.adapter, originals)

@@ -363,10 +363,7 @@ def _table(rows: dict) -> list[dict]:
 
 def plot_benchmark(report: dict | str | Path, path: str | Path) -> Path:
     """Bar chart: planted memorization, held-out alignment, FPD and time vs plain per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: a user's backend is left alone
 
     if not isinstance(report, dict):
         report = json.loads(Path(report).read_text())
@@ -376,7 +373,8 @@ def plot_benchmark(report: dict | str | Path, path: str | Path) -> Path:
               ("heldout_alignment", "held-out alignment (probe)"),
               ("heldout_fpd", "held-out FPD (lower = better)"),
               ("time_vs_plain", "training time / plain")]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig = Figure(figsize=(18, 4))
+    axes = fig.subplots(1, 4)
     for ax, (key, title) in zip(axes, panels, strict=True):
         vals = [r.get(key) if r.get(key) is not None else 0.0 for r in table]
         ax.bar(range(len(vals)), vals, color=["gray" if "no FT" in n else "tab:blue"
@@ -389,5 +387,4 @@ def plot_benchmark(report: dict | str | Path, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

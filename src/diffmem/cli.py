@@ -176,6 +176,7 @@ _EXTENSIONS: list[str] = [
     "diffmem.eval.cli",
     "diffmem.similarity.cli",
     "diffmem.mitigate.cli",
+    "diffmem.server.cli",
 ]
 
 

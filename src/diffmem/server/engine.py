@@ -93,11 +93,13 @@ class Engine:
     def __post_init__(self) -> None:
         if not np.isfinite(self.threshold):
             raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
-        tok = self.adapter.tokenizer
+        a = self.adapter
+        # an adapter of our own sharing the modules, so the lock does not leak into the caller's
+        self.adapter = type(a)(a.pipe, path=a.path, scheduler=a.scheduler)
+        tok = a.tokenizer._tok if isinstance(a.tokenizer, _LockedTokenizer) else a.tokenizer
         #: a private copy for counting tokens on the event loop (never shared with a worker)
         self.count_tokenizer = copy.deepcopy(tok)
-        if not isinstance(tok, _LockedTokenizer):
-            self.adapter.tokenizer = _LockedTokenizer(tok, threading.RLock())
+        self.adapter.tokenizer = _LockedTokenizer(tok, threading.RLock())
         self.detector = NoiseMagnitude(steps=1, generations=1, seed=self.seed,
                                        num_inference_steps=self.num_inference_steps,
                                        guidance_scale=self.guidance_scale,

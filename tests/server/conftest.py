@@ -102,3 +102,9 @@ def live_server(app, timeout: float = 60.0):
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """``with serve(app) as url:`` runs the app on uvicorn at 127.0.0.1 in a thread."""
+    return live_server

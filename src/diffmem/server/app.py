@@ -57,7 +57,7 @@ class ServerConfig:
         max_steps: denoising steps ``/v1/generate`` may ask for.
         workers: threads for explain / generate (detection has its own).
         api_key: required in ``Authorization: Bearer KEY`` or ``X-API-Key`` on ``/v1`` routes.
-        model_name: shown by ``/healthz``.
+        model_name: shown by ``/healthz`` (default: the folder the model was loaded from).
     """
 
     max_prompts: int = 32
@@ -71,7 +71,7 @@ class ServerConfig:
     max_steps: int = 50
     workers: int = 2
     api_key: str | None = None
-    model_name: str = "model"
+    model_name: str | None = None
 
 
 class ApiError(Exception):
@@ -233,7 +233,7 @@ class GuardMiddleware:
                 await rejection(scope, receive, send_wrapper)
             else:
                 scope["diffmem.body"] = body
-                await self.app(scope, _replay(body), send_wrapper)
+                await self.app(scope, _replay(body, receive), send_wrapper)
         finally:
             status = status_box[0]
             st.metrics.requests.inc(endpoint, str(status))
@@ -288,18 +288,18 @@ class GuardMiddleware:
         return b"".join(chunks), None
 
 
-def _replay(body: bytes):
+def _replay(body: bytes, receive):
+    """The body read once, then the connection's own messages (a disconnect, when it comes)."""
     sent = False
 
-    async def receive():
+    async def replay():
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # like a connection that stays open
-        return {"type": "http.disconnect"}
+        return await receive()
 
-    return receive
+    return replay
 
 
 def _is_json(scope) -> bool:
@@ -335,6 +335,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *,
     cfg = config or ServerConfig()
     if cfg.max_tokens is None:
         cfg.max_tokens = engine.context_tokens
+    if cfg.model_name is None:
+        path = engine.adapter.path
+        cfg.model_name = path.name if path is not None else type(engine.adapter.pipe).__name__
     for name in ("max_prompts", "max_tokens", "max_prompt_chars", "max_body_bytes", "max_batch",
                  "max_queue", "max_steps", "workers"):
         if int(getattr(cfg, name)) < 1:

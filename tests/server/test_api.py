@@ -194,6 +194,12 @@ def test_generate_plain_and_mitigated_with_nearest_training_image(client, memori
     none = client.post("/v1/generate", json={"prompt": memorized.prompt, "mitigate": "none",
                                              "steps": 2}).json()
     assert set(none["images"]) == {"plain"}
+    alone = client.post("/v1/generate", json={"prompt": memorized.prompt, "mitigate": "ren",
+                                              "compare": False, "steps": 2}).json()
+    assert set(alone["images"]) == {"mitigated"}
+    detected = client.post("/v1/detect", json={"prompts": [memorized.prompt]}).json()
+    assert alone["detection"]["score"] == pytest.approx(detected["results"][0]["score"], rel=1e-4)
+    assert alone["detection"]["flagged"]
 
 
 def test_generate_without_index_has_no_nearest_and_amg_is_refused(engine, memorized):

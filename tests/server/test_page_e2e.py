@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from diffmem.server.app import create_app
+from diffmem.server.app import ServerConfig, create_app
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "runs" / "screenshots" / "service_page.png"
 
@@ -36,7 +36,8 @@ def test_page_flags_highlights_edits_and_generates(engine, memorized, serve):
     from playwright.sync_api import expect, sync_playwright
 
     chromium = _chromium()
-    with serve(create_app(engine)) as url, sync_playwright() as p:
+    # max_steps 10: the page generates with the server's default steps (min(50, max_steps))
+    with serve(create_app(engine, ServerConfig(max_steps=10))) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 900})

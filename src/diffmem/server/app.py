@@ -163,7 +163,8 @@ class GenerateResponse(BaseModel):
     mitigate: str
     threshold: float
     truncated: bool
-    detection: Detection | None = None
+    detection: Detection = Field(description="the prompt's score and flag as /v1/detect gives "
+                                             "them")
     images: dict[str, GeneratedImage] = Field(description="'plain' and/or 'mitigated'")
 
 
@@ -483,7 +484,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *,
                                   guidance_scale=req.guidance_scale, cancel=cancel)
         except Cancelled as e:
             raise ApiError(408, str(e)) from None
-        if state.audit is not None and "detection" in out:
+        if state.audit is not None:
             state.audit.prompts("/v1/generate", _client(request.scope), [req.prompt],
                                 [out["detection"]["score"]], engine.threshold,
                                 detail=f"mitigate={req.mitigate}")

@@ -88,11 +88,15 @@ class AuditLog:
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until every queued row is written."""
+        if not self._thread.is_alive():  # closed: nothing is written any more
+            return
         done = threading.Event()
         self._queue.put(done)
         done.wait(timeout)
 
     def close(self) -> None:
+        if not self._thread.is_alive():
+            return
         self.flush()
         self._queue.put(None)
         self._thread.join(timeout=10)

@@ -170,14 +170,15 @@ class Engine:
                                             seed=seed, num_inference_steps=steps,
                                             guidance_scale=guidance_scale)
         stop = [_Cancel(cancel)] if cancel is not None else []
-        detector = NoiseMagnitude(steps=1, num_inference_steps=steps,
-                                  guidance_scale=guidance_scale)
+        # the prompt's score as /v1/detect gives it (the calibrated schedule, whatever ``steps``)
+        score = float(self.score([prompt])[0])
         out: dict = {"prompt": prompt, "seed": seed, "steps": steps,
                      "guidance_scale": guidance_scale, "mitigate": mitigate,
-                     "threshold": float(self.threshold), "images": {}}
+                     "threshold": float(self.threshold), "images": {},
+                     "detection": {"score": score, "flagged": bool(score > self.threshold)}}
         runs = []
         if compare or none:
-            runs.append(("plain", [detector]))
+            runs.append(("plain", []))
         if not none:
             runs.append(("mitigated", hooks))
         for name, run_hooks in runs:
@@ -190,10 +191,7 @@ class Engine:
             if res.images is None or (cancel is not None and cancel.is_set()):
                 raise Cancelled("generation stopped: the request timed out")
             entry: dict = {"png": png_base64(res.images[0])}
-            if name == "plain":
-                score = float(res.records[detector.name][0])
-                out["detection"] = {"score": score, "flagged": bool(score > self.threshold)}
-            else:
+            if name == "mitigated":
                 entry["records"] = _jsonable({k: v for k, v in res.records.items()})
             if self.index is not None:
                 entry["nearest"] = self.nearest(res.images)

@@ -19,26 +19,30 @@ from diffmem.server.app import ServerConfig, create_app
 SCREENSHOT = Path(__file__).resolve().parents[2] / "runs" / "screenshots" / "service_page.png"
 
 
-def _chromium() -> str:
+def _browser() -> tuple[str | None, str]:
+    """The system Chromium, or None and why not (checked before any fixture is built)."""
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
-        pytest.skip("playwright is not installed (pip install -e '.[dev]')")
+        return None, "playwright is not installed (pip install -e '.[dev]')"
     path = os.environ.get("DIFFMEM_CHROMIUM") or shutil.which("chromium") or \
         shutil.which("chromium-browser")
     if not path:
-        pytest.skip("no system Chromium (apt-get install chromium); Playwright's own browser "
-                    "download cannot work offline")
-    return path
+        return None, ("no system Chromium (make browser, or apt-get install chromium); "
+                      "Playwright's own browser download cannot work offline")
+    return path, ""
+
+
+CHROMIUM, WHY_NOT = _browser()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=WHY_NOT)
 
 
 def test_page_flags_highlights_edits_and_generates(engine, memorized, serve):
     from playwright.sync_api import expect, sync_playwright
 
-    chromium = _chromium()
     # max_steps 10: the page generates with the server's default steps (min(50, max_steps))
     with serve(create_app(engine, ServerConfig(max_steps=10))) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 900})
             page.goto(url + "/")

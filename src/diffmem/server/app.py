@@ -337,8 +337,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *,
     if cfg.max_tokens is None:
         cfg.max_tokens = engine.context_tokens
     if cfg.model_name is None:
+        from diffmem.testbed import testbed_path
+
         path = engine.adapter.path
-        cfg.model_name = path.name if path is not None else type(engine.adapter.pipe).__name__
+        cfg.model_name = ("testbed" if path is not None and path.resolve() == testbed_path().resolve()
+                          else str(path) if path is not None else type(engine.adapter.pipe).__name__)
     for name in ("max_prompts", "max_tokens", "max_prompt_chars", "max_body_bytes", "max_batch",
                  "max_queue", "max_steps", "workers"):
         if int(getattr(cfg, name)) < 1:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import time
 
 import numpy as np
@@ -243,7 +244,10 @@ def test_metrics_healthz_openapi_docs_and_page(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/detect", "/v1/explain", "/v1/generate", "/healthz", "/metrics"} <= set(spec["paths"])
     assert spec["components"]["schemas"]["DetectRequest"]["properties"]["prompts"]["maxItems"] == 32
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn." not in docs.text  # Swagger UI works offline
+    js = re.search(r'src="([^"]+swagger-ui-bundle\.js)"', docs.text).group(1)
+    assert client.get(js).status_code == 200
     page = client.get("/").text
     for element in ('id="prompt"', 'id="status"', 'id="words"', 'id="edits"', 'id="generate"'):
         assert element in page

@@ -73,5 +73,8 @@ def test_page_flags_highlights_edits_and_generates(engine, memorized, serve):
             assert page.locator("#error").inner_text() == ""
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            page.goto(url + "/docs")  # Swagger UI from the package, no network
+            expect(page.locator(".opblock")).to_have_count(5, timeout=30_000)
         finally:
             browser.close()

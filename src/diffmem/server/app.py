@@ -368,7 +368,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *,
             if state.audit is not None:
                 state.audit.flush()
 
-    app = FastAPI(
+    try:  # Swagger UI and ReDoc served from the package, not a CDN (works offline)
+        from fastapi_offline import FastAPIOffline as make_app
+    except ImportError:
+        make_app = FastAPI
+    app = make_app(
         title="diffmem guard", version=__version__, lifespan=lifespan,
         description="Memorization checks for a text-to-image model: first-step noise magnitude "
                     "(Wen et al., ICLR 2024) against a calibrated threshold, word attributions "

@@ -19,9 +19,10 @@ from diffmem.errors import DiffmemError
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from diffmem.generate import build_hooks, generate, save_results
+    from diffmem.generate import build_hooks, check_hook_names, generate, save_results
     from diffmem.models.adapter import load_adapter
 
+    check_hook_names(detect=a.detect, mitigate=a.mitigate)  # before the model loads
     adapter = load_adapter(a.model, scheduler=a.scheduler)
     hooks = build_hooks(detect=a.detect, mitigate=a.mitigate, adapter=adapter, index=a.index,
                         threshold=a.threshold, seed=a.seed, num_inference_steps=a.steps,
@@ -73,8 +74,24 @@ def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
 
     spec = (shipped_testbed_spec() if a.model is None
             else load_adapter(a.model).require_testbed_spec("testbed prompts"))
+    if a.set == "broad":
+        from diffmem.testbed.broad import write_broad_prompts
+
+        path = write_broad_prompts(a.out, spec)
+        print(f"wrote the broad prompt set (build fields; labels: `diffmem testbed label`) "
+              f"to {path}")
+        return 0
     path = write_prompts(build_testbed(spec), a.out)
     print(f"wrote labelled prompts to {path}")
+    return 0
+
+
+def _cmd_testbed_label(a: argparse.Namespace) -> int:
+    from diffmem.testbed.broad import label_broad_set
+
+    path = label_broad_set(a.out, a.model, seeds=a.seeds, steps=a.steps,
+                           guidance_scale=a.guidance_scale, batch_size=a.batch_size)
+    print(f"wrote generation labels to {path}")
     return 0
 
 
@@ -159,7 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr = tb.add_parser("prompts", help="write the labelled testbed prompts (JSONL)")
     pr.add_argument("--out", default="testbed_prompts.jsonl")
     pr.add_argument("--model", default=None, help="testbed pipeline whose data spec to use")
+    pr.add_argument("--set", choices=("designed", "broad"), default="designed",
+                    help="designed: the 92 prompts labelled by construction; broad: the "
+                         "rule-built set that `diffmem testbed label` labels by generation")
     pr.set_defaults(func=_cmd_testbed_prompts)
+    lb = tb.add_parser("label", help="label the broad prompt set by generation (resumable)")
+    lb.add_argument("--out", required=True, help="labels JSONL; rerun to resume (the shipped "
+                    "file is src/diffmem/testbed/broad_labels.jsonl)")
+    lb.add_argument("--seeds", type=int, default=4, help="generations per prompt")
+    lb.add_argument("--batch-size", type=int, default=32)
+    _add_model(lb)
+    _add_sampling(lb)
+    lb.set_defaults(func=_cmd_testbed_label)
 
     ev = sub.add_parser("eval", help="evaluate a method on labelled data").add_subparsers(
         dest="eval_command", required=True)
@@ -176,6 +204,8 @@ _EXTENSIONS: list[str] = [
     "diffmem.eval.cli",
     "diffmem.similarity.cli",
     "diffmem.mitigate.cli",
+    "diffmem.scale.cli",
+    "diffmem.train.cli",
     "diffmem.server.cli",
 ]
 

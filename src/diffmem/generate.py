@@ -12,6 +12,19 @@ from diffmem.errors import PromptError
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
+def check_hook_names(*, detect: str | None = None, mitigate: str | None = None) -> None:
+    """One clear error for an unknown detector or a bad mitigation spec, before any work."""
+    if detect is not None:
+        from diffmem.detect.registry import DETECTORS
+        from diffmem.naming import lookup
+
+        lookup(DETECTORS, detect, "detector")
+    if mitigate is not None:
+        from diffmem.mitigate import parse_spec
+
+        parse_spec(mitigate)
+
+
 def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
                 adapter: ModelAdapter | None = None, index=None, threshold: float | None = None,
                 seed: int = 0, num_inference_steps: int = 50,

@@ -79,3 +79,46 @@ def test_testbed_labels_follow_kinds():
     assert all(lab == (k in ("verbatim", "template")) for lab, k in zip(labels, kinds,
                                                                           strict=True))
     assert 0 < sum(labels) < len(labels)
+
+
+GROUPED = [("the narwhal zanzibar poster", "caption", "dev", True),
+           ("narwhal zanzibar in a long sentence about a quiet room", "sentence", "dev", True),
+           ("zanzibar in a long sentence about a busy street", "sentence", "test", False),
+           ("the poster", "frame", "test", True),
+           ("a cat sleeping", "clean", "dev", False),
+           ("a purple triangle on teal", "clean", "test", False),
+           ("pencil sketch of a dragon", "clean", "dev", False)]
+
+
+def test_per_group_and_split_report(tiny_dir, tmp_path):
+    f = tmp_path / "broad.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "group": g, "split": s, "memorized": m})
+                         + "\n" for p, g, s, m in GROUPED), encoding="utf-8")
+    out = tmp_path / "r.json"
+    report = evaluate_detection("noise_magnitude", model=tiny_dir, prompts=f, out=out,
+                                num_inference_steps=3, fpr=0.01)
+    with open(tmp_path / "r_scores.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    scores = np.array([float(r["score"]) for r in rows])
+    y = np.array([m for *_, m in GROUPED])
+    groups = np.array([g for _, g, _, _ in GROUPED])
+    # threshold: the clean controls' highest score (3 prompts < 1/fpr), the sentence negative
+    # is not a calibration prompt
+    assert report["threshold"] == pytest.approx(scores[groups == "clean"].max())
+    assert report["n_calibration"] == 3
+    assert set(report["groups"]) == {"caption", "sentence", "frame", "clean"}
+    sent = report["groups"]["sentence"]
+    assert (sent["n"], sent["n_copying"], sent["n_clean"]) == (2, 1, 1)
+    rows_s = (groups == "sentence") & y | ~y  # the group's copying prompts vs ALL clean prompts
+    assert sent["auc"] == pytest.approx(roc_auc_score(y[rows_s], scores[rows_s]))
+    assert sent["tpr_at_threshold"] == float(scores[1] > report["threshold"])
+    assert sent["fpr_at_threshold"] == float(scores[2] > report["threshold"])
+    assert "auc" not in report["groups"]["clean"]  # no copying prompt there
+    assert report["groups"]["clean"]["fpr_at_threshold"] == 0.0
+    assert set(report["splits"]) == {"dev", "test"}
+    assert report["unet_rows_per_prompt"] == 2.0  # one cond + uncond call at the first step
+    only = evaluate_detection("noise_magnitude", model=tiny_dir, prompts=f, split="test",
+                              num_inference_steps=3)
+    assert only["n_positive"] + only["n_negative"] == 3
+    with pytest.raises(PromptError, match="no prompts of split"):
+        evaluate_detection("noise_magnitude", model=tiny_dir, prompts=f, split="val")

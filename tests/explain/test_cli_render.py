@@ -38,7 +38,7 @@ def test_terminal_colours_only_on_a_tty_without_no_color(explanation, monkeypatc
     assert not use_color(_Tty())
     plain = format_terminal(explanation, color=False)
     assert "\033[" not in plain
-    assert "zanzibar" in plain and "suggested edits" in plain
+    assert "zanzibar" in plain and "edits (" in plain
     coloured = format_terminal(explanation, color=True)
     assert coloured.count("\033[0m") >= len(explanation.attribution.words)
 
@@ -86,7 +86,8 @@ def tiny_testbed(tiny_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tb") / "pipe"
     shutil.copytree(tiny_dir, folder)
     spec = Spec(n_generic=20, n_verbatim=2, n_template=1, template_variants=4,
-                       template_eval_variants=2, n_heldout_compositions=3)
+                template_eval_variants=2, n_heldout_compositions=3,
+                resolution=load_adapter(tiny_dir).default_resolution)
     (folder / "testbed.json").write_text(json.dumps(asdict(spec)))
     return folder
 
@@ -94,16 +95,30 @@ def tiny_testbed(tiny_dir, tmp_path_factory):
 def test_eval_explanation(tiny_testbed, tmp_path):
     out = tmp_path / "r.json"
     assert main(["eval", "explanation", "--model", str(tiny_testbed), "--out", str(out),
-                 *FAST]) == 0
+                 "--prompts", "designed", "--judge-seeds", "2", *FAST]) == 0
     report = json.loads(out.read_text())
     assert report["n_memorized"] == 4
-    for key in ("trigger_top3_rate", "edit_success_rate", "trigger_top3_rate_all",
-                "edit_below_clean_median_rate"):
-        assert 0.0 <= report[key] <= 1.0
-    ranks = [p["trigger_rank"] for p in report["prompts"]]
-    assert report["trigger_top3_rate"] == np.mean([r is not None and r <= 3 for r in ranks])
-    best = [p["best_edit"]["score"] <= report["threshold"] for p in report["prompts"]]
-    assert report["edit_success_rate"] == np.mean(best)
+    recs = report["prompts"]
+    ranked = [p for p in recs if p["triggers"] and p["words"] >= 5]
+    assert report["n_trigger_5plus"] == len(ranked)
+    if ranked:
+        assert report["trigger_top3_rate"] == np.mean(
+            [p["trigger_rank"] is not None and p["trigger_rank"] <= 3 for p in ranked])
+    flagged = [p for p in recs if p["flagged"]]
+    assert report["n_flagged"] == len(flagged)
+    for p in recs:
+        if p["flagged"]:  # the suggested edit was generated and judged
+            assert p["edit"] is not None and isinstance(p["generation_cleared"], bool)
+            assert 0 <= p["edit_copies"] <= 2
+            assert p["generation_cleared"] == (p["edit_copies"] == 0)
+        else:
+            assert p["edit"] is None and p["generation_cleared"] is None
+    if flagged:
+        assert report["edit_detector_rate"] == np.mean([p["detector_cleared"] for p in flagged])
+        assert report["edit_generation_rate"] == np.mean([p["generation_cleared"]
+                                                          for p in flagged])
+    assert set(report["groups"]) == {"verbatim", "template"}
+    assert sum(g["n_copying"] for g in report["groups"].values()) == 4
 
 
 def test_eval_needs_a_testbed(tiny_dir, capsys):
@@ -122,10 +137,23 @@ def test_trigger_rank(tiny_pipe):
     assert trigger_rank(attr, ["walrus"]) is None
 
 
-def test_terminal_names_the_smallest_clearing_edit(tiny_pipe):
+def test_terminal_names_the_suggested_edit(tiny_pipe):
+    adapter = load_adapter(tiny_pipe)
+    exp = explain_prompt(adapter, PROMPT, threshold=-1.0)  # flagged, nothing clears
+    text = format_terminal(exp, color=False)
+    assert "flagged as memorized" in text and "suggested edit" not in text
+    # a threshold between the prompt's score and its best edit's: flagged, the best edit clears
+    thr = (exp.edits.score + exp.edits.best.score) / 2
+    if exp.edits.best.score < exp.edits.score:
+        exp = explain_prompt(adapter, PROMPT, threshold=thr)
+        text = format_terminal(exp, color=False)
+        assert "suggested edit:" in text and exp.edits.recommended.prompt in text
+        assert "  ok" in text
+
+
+def test_unflagged_prompt_says_so_and_marks_nothing_ok(tiny_pipe):
     exp = explain_prompt(load_adapter(tiny_pipe), PROMPT, threshold=1e9)
     text = format_terminal(exp, color=False)
-    assert "smallest edit that clears it:" in text
-    assert exp.edits.minimal.prompt in text and len(exp.edits.minimal.words) == 1
-    exp = explain_prompt(load_adapter(tiny_pipe), PROMPT, threshold=-1.0)
-    assert "smallest edit" not in format_terminal(exp, color=False)
+    assert "not flagged as memorized: no edit is needed" in text
+    assert "  ok" not in text and "suggested edit" not in text
+    assert all(s.clears is None for s in exp.edits.suggestions)

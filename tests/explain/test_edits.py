@@ -24,6 +24,13 @@ class CountingDetector(NoiseMagnitude):
         return super().score(model, prompts)
 
 
+class FixedDetector(NoiseMagnitude):
+    """Scores the original prompt 10 and every variant 1 (a flagged prompt whose edits clear)."""
+
+    def score(self, model, prompts):
+        return np.array([10.0 if p == PROMPT else 1.0 for p in prompts])
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny_pipe):
     return load_adapter(tiny_pipe)
@@ -48,9 +55,9 @@ def test_variants_edit_top_words_but_never_punctuation(attribution):
     top = [attribution.words[i] for i in attribution.top_indices(4, editable=True)]
     singles = [v for v in variants if len(v.words) == 1]
     assert {v.words[0] for v in singles} == set(top)
-    assert len(singles) == 2 * len(top)  # removed and replaced
+    assert len(singles) == 3 * len(top)  # removed, and replaced by each of the 2 neutral words
     pair = [v for v in variants if len(v.words) == 2]
-    assert len(pair) == 2 and set(pair[0].words) == set(top[:2])
+    assert len(pair) in (1, 3) and set(pair[0].words) == set(top[:2])  # 1: not adjacent
     assert len({v.prompt for v in variants}) == len(variants)
 
 
@@ -63,12 +70,50 @@ def test_variants_edit_the_top_m_words_together_for_m_up_to_combine(attribution)
 
 
 def test_minimal_clearing_edit_edits_fewest_words(adapter, attribution):
-    det = NoiseMagnitude(num_inference_steps=4)
-    [report] = suggest_edits(adapter, [attribution], detector=det, threshold=1e9, top_k=4,
+    det = FixedDetector(num_inference_steps=4)
+    [report] = suggest_edits(adapter, [attribution], detector=det, threshold=5.0, top_k=4,
                              combine=4)
     assert len(report.minimal.words) == 1  # every edit clears; a single-word one is smallest
+    assert report.recommended is not None and report.recommended.natural
     [report] = suggest_edits(adapter, [attribution], detector=det, threshold=-1.0)
-    assert report.minimal is None
+    assert report.minimal is None and report.recommended is None
+
+
+def test_unflagged_prompt_has_no_clearing_edit(adapter, attribution):
+    [report] = suggest_edits(adapter, [attribution], detector=FixedDetector(num_inference_steps=4),
+                             threshold=1e9)
+    assert report.flagged is False
+    assert all(s.clears is None for s in report.suggestions)
+    assert report.minimal is None and report.recommended is None and not report.clearing
+
+
+def test_repeated_word_is_one_word(adapter):
+    prompt = "official artwork of quokka Quokka"
+    [attr] = TokenAttributor(adapter, num_inference_steps=4).attribute([prompt])
+    assert attr.words.count("quokka") == 1 and "Quokka" in attr.words
+    top = [w.lower() for w, _ in attr.top(5, editable=True)]
+    assert top.count("quokka") == 1 and len(top) == 4
+    i = attr.words.index("quokka")
+    assert attr.word_score(i) == pytest.approx(float(attr.scores[i] + attr.scores[i + 1]))
+    for v in edit_variants(attr, top_k=4, combine=4):
+        if "quokka" in {w.lower() for w in v.words}:
+            assert "quokka" not in v.prompt.lower()  # edited everywhere it occurs
+
+
+def test_replacement_is_one_word_per_run(attribution):
+    words = attribution.word_info
+    from diffmem.explain._edits import _edited
+
+    # "The Zanzibar, quixotic poster": Zanzibar and quixotic are one run (only "," between)
+    assert _edited(PROMPT, words, [1, 3], "picture") == "The picture poster"
+    assert _edited(PROMPT, words, [0, 4], "picture") == "picture Zanzibar, quixotic picture"
+    assert _edited(PROMPT, words, [1, 3], None) == "The , poster"
+    variants = edit_variants(attribution, top_k=5, combine=5)
+    assert not [v for v in variants if "picture picture" in v.prompt]
+    for v in variants:  # a replacement stands for one run of adjacent words only
+        if v.action == "replace":
+            assert v.prompt.count(v.replacement) == 1, v.prompt
+    assert [v for v in variants if not v.natural]  # editing 4-5 of 5 words is not natural
 
 
 def test_all_variants_are_scored_in_one_call(adapter, attribution):
@@ -91,7 +136,7 @@ def test_all_variants_are_scored_in_one_call(adapter, attribution):
 
 
 def test_threshold_from_the_fitted_detector_or_none(adapter, attribution):
-    det = NoiseMagnitude(num_inference_steps=4).fit(scores=[0.0, 1e9])
+    det = FixedDetector(num_inference_steps=4).fit(scores=[0.0, 5.0])
     [report] = suggest_edits(adapter, [attribution], detector=det)
     assert report.threshold == det.threshold_ and all(s.clears for s in report.suggestions)
     [report] = suggest_edits(adapter, [attribution], detector=NoiseMagnitude(num_inference_steps=4))

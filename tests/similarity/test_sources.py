@@ -62,3 +62,25 @@ def test_cli_bad_column_is_one_line_exit_2(table, tmp_path, capsys):
     assert err.startswith("diffmem: error:") and err.count("\n") == 1
     assert "no caption column 'caption_text'" in err and "Traceback" not in err
     assert not (tmp_path / "idx").exists()
+
+
+def test_jsonl_source_paths_captions_and_bad_lines(tmp_path):
+    import json
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(tmp_path / "img" / "g.png")
+    rows = [{"image": "img/g.png", "caption": "a green square", "key": "g"},
+            {"image": str(tmp_path / "img" / "g.png"), "caption": ["first", "second"], "key": "h"},
+            {"image": "img/missing.png", "caption": "gone", "key": "m"},
+            {"caption": "no image", "key": "n"}]
+    src = tmp_path / "set.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n[1, 2]\n{broken\n")
+    items = list(iter_source(src, id_column="key"))
+    assert [it.id for it in items] == ["g", "h", "m", "n", "4", "5"]
+    assert (items[0].caption, tuple(items[0].image.shape)) == ("a green square", (3, 16, 16))
+    assert (items[1].caption, items[1].captions) == ("first", ["first", "second"])
+    assert [it.image is None for it in items] == [False, False, True, True, True, True]
+    assert "file not found" in items[2].error and "no 'image' path" in items[3].error
+    assert "no JSON object" in items[4].error and "bad JSON" in items[5].error
+    report = build_index_from_source(src, tmp_path / "index", kind="pixel")
+    assert report.count == 2 and len(report.skipped) == 4

@@ -3,6 +3,9 @@
 - :class:`NoiseMagnitude`: text-conditional noise magnitude (Wen et al., ICLR 2024).
 - :class:`AttentionEntropy`: cross-attention entropy (Ren et al., ECCV 2024), ``mode="first_step"``
   or ``"late_steps"``.
+- :class:`BrightEnding`: the end token's last-step attention as a mask on the magnitude (Chen et
+  al., ICLR 2025).
+- :class:`Sharpness`: Hessian-vector product of the conditional score (Jeon et al., ICML 2025).
 
 Each runs standalone (``score``/``fit``/``predict``) or as a hook of any ``sample`` call.
 """
@@ -11,8 +14,10 @@ from __future__ import annotations
 
 from diffmem.detect.attention_entropy import AttentionEntropy, default_entropy_layer
 from diffmem.detect.base import Detector
+from diffmem.detect.bright_ending import BrightEnding
 from diffmem.detect.noise_magnitude import NoiseMagnitude
 from diffmem.detect.registry import DETECTORS, make_detector
+from diffmem.detect.sharpness import Sharpness
 
-__all__ = ["DETECTORS", "AttentionEntropy", "Detector", "NoiseMagnitude", "default_entropy_layer",
-           "make_detector"]
+__all__ = ["DETECTORS", "AttentionEntropy", "BrightEnding", "Detector", "NoiseMagnitude",
+           "Sharpness", "default_entropy_layer", "make_detector"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from diffmem.detect.registry import DETECTORS
+from diffmem.detect.registry import DEFAULT_DETECTOR, DETECTORS
 
 
 def _cmd_detect(a: argparse.Namespace) -> int:
@@ -36,18 +36,21 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
                                 steps=a.steps, generations=a.generations,
                                 num_inference_steps=a.sampling_steps,
                                 guidance_scale=a.guidance_scale, scheduler=a.scheduler,
-                                batch_size=a.batch_size, seed=a.seed)
+                                batch_size=a.batch_size, seed=a.seed, fpr=a.fpr, split=a.split)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detector", default="noise_magnitude",
-                   help=f"one of: {', '.join(DETECTORS)} (default noise_magnitude)")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR,
+                   help=f"one of: {', '.join(DETECTORS)} (default {DEFAULT_DETECTOR}, 1 step, 4 "
+                        "generations; the one-step option: noise_magnitude)")
     p.add_argument("--steps", default=None,
                    help="denoising steps scored: N (the first N), last:N, all, or indices "
                         "'0,5,9' (default: the detector's own, 1 or last:10)")
-    p.add_argument("--generations", type=int, default=1, help="initial noises per prompt")
+    p.add_argument("--generations", type=int, default=None,
+                   help="initial noises per prompt (default: the detector's own, 4 for "
+                        "sharpness, 1 for the others)")
     p.add_argument("--model", default="testbed",
                    help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
     p.add_argument("--sampling-steps", type=int, default=50,
@@ -74,6 +77,12 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                                                    "prompts (default: the testbed's)")
     e.add_argument("--out", required=True, help="report JSON (ROC PNG and scores CSV beside it)")
     e.add_argument("--prompts", default=None,
-                   help="labelled .jsonl/.parquet (default: the testbed's labelled prompts)")
+                   help="'broad' (the testbed's prompts labelled by generation; the default for "
+                        "the shipped testbed), 'designed' (the 92 prompts labelled by "
+                        "construction) or a labelled .jsonl/.parquet")
+    e.add_argument("--fpr", type=float, default=0.01,
+                   help="FPR of the threshold calibrated on the clean controls (default 0.01)")
+    e.add_argument("--split", default=None, choices=("dev", "test"),
+                   help="only the prompts of this split of the broad set")
     _add_detector_options(e)
     e.set_defaults(func=_cmd_eval_detection)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from diffmem.detect.attention_entropy import AttentionEntropy
 from diffmem.detect.base import Detector
+from diffmem.detect.bright_ending import BrightEnding
 from diffmem.detect.noise_magnitude import NoiseMagnitude
+from diffmem.detect.sharpness import Sharpness
 from diffmem.naming import lookup
 
 #: name -> (class, fixed options)
@@ -12,7 +14,16 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
     "noise_magnitude": (NoiseMagnitude, {}),
     "attention_entropy": (AttentionEntropy, {"mode": "first_step"}),
     "attention_entropy_late": (AttentionEntropy, {"mode": "late_steps"}),
+    "bright_ending": (BrightEnding, {}),
+    "sharpness": (Sharpness, {}),
 }
+
+
+#: The detector ``diffmem detect`` and ``diffmem eval detection`` use unless told otherwise, chosen
+#: on the dev split of the testbed's broad generation-labelled set (docs/detection.md): Sharpness at
+#: the first step over 4 generations (its own defaults). The one-step option stays
+#: ``noise_magnitude`` (1 step, 1 generation: the cost floor, what the mitigation gate uses).
+DEFAULT_DETECTOR = "sharpness"
 
 
 def make_detector(name: str, **options: object) -> Detector:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffmem.detect.prompts import read_prompts, write_table
-from diffmem.detect.registry import make_detector, parse_steps
+from diffmem.detect.registry import DEFAULT_DETECTOR, make_detector, parse_steps
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
 def detect_file(prompts_file: str | Path, out: str | Path, *,
                 model: str | Path | ModelAdapter = "testbed",
-                detector: str = "noise_magnitude", steps: int | str | None = None, generations: int = 1,
+                detector: str = DEFAULT_DETECTOR, steps: int | str | None = None,
+                generations: int | None = None,
                 threshold_from: str | Path | None = None, fpr: float = 0.01,
                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
                 scheduler: str | None = None, batch_size: int = 16, seed: int = 0) -> dict:

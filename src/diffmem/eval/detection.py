@@ -1,8 +1,19 @@
 """Evaluation of a detector on labelled prompts (the function behind ``diffmem eval detection``).
 
-Positives are memorized prompts (testbed kinds ``verbatim`` and ``template``), negatives the rest
-(``heldout``). Reports ROC AUC and TPR at 1% and 3% FPR (see :mod:`diffmem.eval.metrics` for the
-convention), and writes the ROC curve as a PNG and the per-prompt scores as CSV beside the report.
+Default prompts: the testbed's broad set labelled by generation (``src/diffmem/testbed/
+broad_labels.jsonl``, :mod:`diffmem.testbed.broad`): positives are prompts that copied a training
+image in at least one of 4 seeds, negatives the rest, whatever group built them. ``prompts=
+"designed"`` takes the 92 prompts labelled by construction instead (``verbatim``/``template`` =
+memorized, ``heldout`` = clean).
+
+Reports ROC AUC and TPR at 1% and 3% FPR overall (see :mod:`diffmem.eval.metrics` for the
+convention); per group (each group's copying prompts against ALL clean prompts, so that a group of
+near-only copies still has an AUC) and per split; a threshold calibrated at ``fpr`` on the clean
+controls (group ``clean``, the ones that do not copy; all negatives when a file has no such group)
+with the TPR and FPR it gives overall and per group; and the cost, measured: UNet rows evaluated
+per prompt (a row = one latent through the UNet; a Jacobian-vector product counts its rows once,
+at 2-3 times a row's cost) and seconds per prompt. Writes the ROC curve as a PNG and the per-prompt
+scores as CSV beside the report.
 """
 
 from __future__ import annotations
@@ -16,15 +27,64 @@ import numpy as np
 
 from diffmem.detect.base import Detector
 from diffmem.detect.prompts import read_labelled, write_table
-from diffmem.detect.registry import make_detector, parse_steps
+from diffmem.detect.registry import DEFAULT_DETECTOR, make_detector, parse_steps
 from diffmem.errors import PromptError
 from diffmem.eval.metrics import roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
+def labelled_rows(prompts: str | Path | None, model: str | Path | ModelAdapter = "testbed"
+                  ) -> tuple[list[str], np.ndarray, list[str], list[str], str]:
+    """``(prompts, memorized, groups, splits, source)`` of a labelled set.
+
+    ``prompts``: ``None`` (the shipped broad labels for the shipped testbed, else the designed
+    prompts of the model's testbed spec), ``"broad"``, ``"designed"`` or a labelled JSONL/Parquet
+    file (a ``group`` field, else its ``kind``, names the groups).
+    """
+    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
+
+    if prompts is None:
+        prompts = "broad" if _is_shipped(model) and LABELS_FILE.is_file() else "designed"
+    if str(prompts) == "designed":
+        texts, labels, kinds = labelled_testbed_prompts(model)
+        return texts, np.asarray(labels, bool), kinds, ["all"] * len(texts), "designed"
+    if str(prompts) == "broad":
+        rows, source = read_broad_labels(), str(LABELS_FILE)
+    elif Path(prompts).suffix == ".jsonl" and _has_group(Path(prompts)):
+        rows, source = read_broad_labels(prompts), str(prompts)
+    else:
+        texts, labels, kinds = read_labelled(prompts)
+        return texts, np.asarray(labels, bool), kinds, ["all"] * len(texts), str(prompts)
+    return ([r["prompt"] for r in rows], np.array([bool(r["memorized"]) for r in rows]),
+            [r["group"] for r in rows], [r.get("split", "all") for r in rows], source)
+
+
+def _has_group(path: Path) -> bool:
+    from diffmem.detect.prompts import _read_text
+
+    first = next((ln for ln in _read_text(path).splitlines() if ln.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and "group" in row and "memorized" in row
+
+
+def _is_shipped(model) -> bool:
+    """Whether ``model`` is the shipped testbed (its broad labels hold for these weights only)."""
+    from diffmem.testbed import WEIGHTS_DIR
+
+    if model is None or (isinstance(model, str) and model == "testbed"):
+        return True
+    if not isinstance(model, (ModelAdapter, str, Path)):
+        return False  # a pipeline object: its folder is unknown
+    path = model.path if isinstance(model, ModelAdapter) else Path(model)
+    return path is not None and path.resolve() == WEIGHTS_DIR.resolve()
+
+
 def labelled_testbed_prompts(model: str | Path | ModelAdapter | None = "testbed"
                              ) -> tuple[list[str], list[bool], list[str]]:
-    """``(prompts, memorized, kinds)`` of a testbed model's labelled evaluation prompts (``None``:
+    """``(prompts, memorized, kinds)`` of a testbed model's designed evaluation prompts (``None``:
     the shipped testbed's, without loading it). A model that is no testbed has no labelled prompts:
     :class:`~diffmem.errors.ConfigError`."""
     from diffmem.testbed import shipped_testbed_spec
@@ -53,6 +113,41 @@ def detection_metrics(memorized: Sequence[bool], scores: Sequence[float]) -> dic
     }
 
 
+def grouped_metrics(memorized: Sequence[bool], scores: Sequence[float], groups: Sequence[str],
+                    threshold: float | None = None) -> dict[str, dict]:
+    """Per group: counts, AUC and TPR at 1% FPR of the group's copying prompts against ALL clean
+    prompts of the set, and (with ``threshold``) the share of the group's copying prompts flagged
+    (``tpr_at_threshold``) and of its clean prompts flagged (``fpr_at_threshold``)."""
+    y = np.asarray(memorized, bool)
+    s = np.asarray(scores, float)
+    g = np.asarray(groups)
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(groups):
+        in_g = g == name
+        pos, neg = in_g & y, in_g & ~y
+        d: dict = {"n": int(in_g.sum()), "n_copying": int(pos.sum()), "n_clean": int(neg.sum())}
+        if pos.any() and (~y).any():
+            rows = pos | ~y
+            d["auc"] = roc_auc_score(y[rows], s[rows])
+            d["tpr_at_1pct_fpr"] = tpr_at_fpr(y[rows], s[rows], 0.01)
+        if threshold is not None:
+            if pos.any():
+                d["tpr_at_threshold"] = float((s[pos] > threshold).mean())
+            if neg.any():
+                d["fpr_at_threshold"] = float((s[neg] > threshold).mean())
+        out[str(name)] = d
+    return out
+
+
+def calibration_rows(memorized: Sequence[bool], groups: Sequence[str]) -> np.ndarray:
+    """Which prompts a threshold is calibrated on: the clean controls that do not copy (group
+    ``clean``), or every clean prompt when there is no such group."""
+    y = np.asarray(memorized, bool)
+    g = np.asarray(groups)
+    rows = (g == "clean") & ~y
+    return rows if rows.any() else ~y
+
+
 def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Path, *,
              title: str = "") -> Path:
     """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG."""
@@ -74,25 +169,30 @@ def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Pat
     return path
 
 
-def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
+def evaluate_detection(detector: str | Detector = DEFAULT_DETECTOR, *,
                        model: str | Path | ModelAdapter = "testbed",
                        prompts: str | Path | None = None, out: str | Path | None = None,
-                       steps: int | str | None = None, generations: int = 1,
+                       steps: int | str | None = None, generations: int | None = None,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5,
                        scheduler: str | None = None, batch_size: int = 16,
-                       seed: int = 0) -> dict:
-    """Score labelled prompts and report detection metrics.
+                       seed: int = 0, fpr: float = 0.01, split: str | None = None) -> dict:
+    """Score labelled prompts and report detection metrics, overall, per group and per split.
 
-    ``prompts``: a labelled JSONL/Parquet file, or ``None`` for the testbed's labelled prompts.
+    ``prompts``: see :func:`labelled_rows` (default: the broad generation-labelled set).
     ``detector``: a registry name (then ``steps``/``generations``/... configure it) or an instance.
-    With ``out`` (``report.json``) also writes ``report_roc.png`` and ``report_scores.csv``.
+    ``split``: only the prompts of that split (``dev`` / ``test``). With ``out`` (``report.json``)
+    also writes ``report_roc.png`` and ``report_scores.csv``.
     """
     adapter = None
     if prompts is None:  # the model must be a testbed: ask its adapter for the data spec
         adapter = load_adapter(model, scheduler=scheduler)
-        texts, labels, kinds = labelled_testbed_prompts(adapter)
-    else:  # a bad prompt file fails before the model loads
-        texts, labels, kinds = read_labelled(prompts)
+    texts, labels, kinds, splits, source = labelled_rows(prompts, adapter or model)
+    if split is not None:
+        keep = [i for i, sp in enumerate(splits) if sp == split]
+        if not keep:
+            raise PromptError(f"no prompts of split {split!r} in {source}")
+        texts, labels = [texts[i] for i in keep], labels[keep]
+        kinds, splits = [kinds[i] for i in keep], [splits[i] for i in keep]
     y = np.asarray(labels, dtype=int)
     if y.sum() in (0, y.size):  # fail before the (slow) scoring
         detection_metrics(labels, np.zeros(len(labels)))
@@ -105,26 +205,54 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
         det = detector
     if adapter is None:
         adapter = load_adapter(model, scheduler=scheduler)
+    rows = [0]
+
+    def count(_module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample")
+        rows[0] += int(x.shape[0])
+
+    handle = adapter.unet.register_forward_pre_hook(count, with_kwargs=True)
     t0 = time.perf_counter()
-    scores = det.score(adapter, texts)
+    try:
+        scores = np.asarray(det.score(adapter, texts), dtype=float)
+    finally:
+        handle.remove()
     seconds = time.perf_counter() - t0
+    calib = calibration_rows(labels, kinds)
+    threshold = float(np.quantile(scores[calib], 1 - fpr, method="higher"))
+    flagged = scores > threshold
     report = {
         "detector": det.name,
         "steps": det.steps,
         "generations": det.generations,
         "num_inference_steps": det.num_inference_steps,
         **detection_metrics(labels, scores),
+        "threshold": threshold,
+        "threshold_fpr": fpr,
+        "n_calibration": int(calib.sum()),
+        "tpr_at_threshold": float(flagged[labels].mean()) if labels.any() else float("nan"),
+        "fpr_at_threshold": float(flagged[~labels].mean()) if (~labels).any() else float("nan"),
+        "unet_rows_per_prompt": rows[0] / len(texts),
+        "seconds_per_prompt": round(seconds / len(texts), 4),
         "seconds": round(seconds, 3),
-        "prompts": str(prompts) if prompts is not None else "testbed",
+        "prompts": source,
+        "split": split or "all",
+        "groups": grouped_metrics(labels, scores, kinds, threshold),
     }
+    if len(set(splits)) > 1:
+        report["splits"] = {sp: detection_metrics(labels[np.asarray(splits) == sp],
+                                                  scores[np.asarray(splits) == sp])
+                            for sp in dict.fromkeys(splits)}
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         stem = out.with_suffix("")
         roc = plot_roc(labels, scores, f"{stem}_roc.png",
                        title=f"{det.name}, steps={det.steps}, gens={det.generations}")
-        table = write_table({"prompt": texts, "kind": kinds, "memorized": list(labels),
-                             "score": [float(s) for s in scores]}, f"{stem}_scores.csv")
+        table = write_table({"prompt": texts, "group": kinds, "split": splits,
+                             "memorized": [bool(v) for v in labels],
+                             "score": [float(s) for s in scores],
+                             "flagged": [bool(f) for f in flagged]}, f"{stem}_scores.csv")
         report.update(roc_png=str(roc), scores_csv=str(table))
         out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report

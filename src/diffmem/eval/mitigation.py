@@ -67,13 +67,26 @@ def mixed_prompts(testbed, n_per_item: int = 2, seed: int = 0) -> list:
     return out
 
 
+def _broad_mixed(adapter) -> list:
+    """The shipped testbed's generation-labelled "mixed" prompts (docs/testbed.md) that copy a
+    training image in plain generation; empty for other models."""
+    from diffmem.eval.detection import _is_shipped
+    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
+    from diffmem.testbed.data import LabelledPrompt
+
+    if not (_is_shipped(adapter) and LABELS_FILE.is_file()):
+        return []
+    return [LabelledPrompt(r["prompt"], "mixed", [], list(r.get("trigger_tokens") or []))
+            for r in read_broad_labels() if r["group"] == "mixed" and r["memorized"]]
+
+
 def _groups(adapter, max_per_group: int | None, seed: int) -> dict[str, list]:
     from diffmem.testbed.data import build_testbed
 
     testbed = build_testbed(adapter.require_testbed_spec("eval mitigation"))
     groups = {
         "memorized": [p for p in testbed.prompts if p.memorized],
-        "mixed": [p for p in testbed.prompts if p.kind == "mixed"] or mixed_prompts(testbed),
+        "mixed": _broad_mixed(adapter) or mixed_prompts(testbed),
         "heldout": [p for p in testbed.prompts if p.kind == "heldout"],
     }
     if max_per_group:

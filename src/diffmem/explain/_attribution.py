@@ -81,20 +81,34 @@ class TokenAttribution:
             raise ValueError(f"scores must sum to 1, got {self.scores.sum():.6f}")
 
     def top(self, k: int = 3, *, editable: bool = False) -> list[tuple[str, float]]:
-        """The ``k`` highest-scoring words as ``(word, score)``, best first (ties: earlier word)."""
-        return [(self.words[i], float(self.scores[i])) for i in self.top_indices(k,
-                                                                                  editable=editable)]
+        """The ``k`` highest-scoring words as ``(word, score)``, best first (ties: earlier word).
+        A word written several times is one word; its score is the sum over its occurrences."""
+        return [(self.words[i], self.word_score(i)) for i in self.top_indices(k,
+                                                                              editable=editable)]
 
     def top_indices(self, k: int = 3, *, editable: bool = False) -> list[int]:
-        """Indices of the ``k`` highest-scoring words; ``editable`` skips words without a letter or
-        digit (punctuation such as "," or "!!")."""
-        order = sorted(range(len(self.words)), key=self._rank_key)
+        """Indices of the ``k`` highest-scoring distinct words (the first occurrence of a word
+        written several times, ranked by the sum over its occurrences); ``editable`` skips words
+        without a letter or digit (punctuation such as "," or "!!")."""
+        first = {}
+        for i, w in enumerate(self.words):
+            first.setdefault(_word_key(w), i)
+        order = sorted(first.values(), key=self._rank_key)
         if editable:
             order = [i for i in order if _is_word(self.words[i])]
         return order[: max(int(k), 0)]
 
+    def occurrences(self, i: int) -> list[int]:
+        """Indices of every occurrence of word ``i`` (case and punctuation ignored)."""
+        key = _word_key(self.words[i])
+        return [j for j, w in enumerate(self.words) if _word_key(w) == key]
+
+    def word_score(self, i: int) -> float:
+        """Score of word ``i`` summed over all its occurrences."""
+        return float(sum(self.scores[j] for j in self.occurrences(i)))
+
     def _rank_key(self, i: int) -> tuple[float, int]:
-        return (-float(self.scores[i]), i)
+        return (-self.word_score(i), i)
 
     def plot(self, ax=None, *, title: str | None = None):
         """Bar chart of the word scores; returns the figure (a ``matplotlib.figure.Figure`` made
@@ -298,6 +312,13 @@ class TokenAttributor:
 
 def _is_word(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
+
+
+def _word_key(text: str) -> str:
+    """What makes two written words the same word: lower case, letters and digits only (a word
+    of punctuation only is its own text)."""
+    key = "".join(ch for ch in text.lower() if ch.isalnum())
+    return key or text
 
 
 def _normalise(raw: np.ndarray, prompt: str) -> np.ndarray:

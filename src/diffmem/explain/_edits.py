@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
@@ -23,8 +24,10 @@ from diffmem.models.adapter import TruncationWarning, load_adapter
 
 __all__ = ["EditReport", "EditSuggestion", "calibrate_threshold", "suggest_edits"]
 
-#: Replacement words: frequent, visually neutral English words.
-NEUTRAL_WORDS: tuple[str, ...] = ("thing",)
+#: Replacement words: frequent, visually generic English words. A run of adjacent edited words
+#: is replaced by ONE of them ("the gargoyle origami poster" -> "the picture poster"), never
+#: word by word ("thing thing thing").
+NEUTRAL_WORDS: tuple[str, ...] = ("picture", "scene")
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class EditSuggestion:
     words: tuple[str, ...]  # the edited words
     replacement: str | None
     score: float
-    clears: bool | None  # score <= threshold; None when no threshold is known
+    clears: bool | None  # score <= threshold; None without a threshold or an unflagged prompt
+    natural: bool = True  # edits at most half of the prompt's words and leaves 2+ words
 
     def describe(self) -> str:
         words = " + ".join(repr(w) for w in self.words)
@@ -47,7 +51,7 @@ class EditSuggestion:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "action": self.action, "words": list(self.words),
                 "replacement": self.replacement, "score": float(self.score),
-                "clears": self.clears}
+                "clears": self.clears, "natural": self.natural}
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,15 @@ class EditReport:
         return min(ok, key=lambda e: (len(e.words), e.score)) if ok else None
 
     @property
+    def recommended(self) -> EditSuggestion | None:
+        """The edit to suggest: the lowest-scoring clearing edit a person would accept
+        (``natural``), else the lowest-scoring clearing edit; None when nothing clears (or the
+        prompt is not flagged)."""
+        ok = self.clearing
+        natural = [e for e in ok if e.natural]
+        return min(natural or ok, key=lambda e: e.score) if ok else None
+
+    @property
     def clearing(self) -> list[EditSuggestion]:
         """Variants that bring the score under the threshold."""
         return [s for s in self.suggestions if s.clears]
@@ -91,31 +104,87 @@ class _Variant:
     action: str
     words: tuple[str, ...]
     replacement: str | None
+    natural: bool = True
 
 
 def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
                   replacements: Sequence[str] = NEUTRAL_WORDS, combine: int = 2) -> list[_Variant]:
-    """Variants of the prompt: each top-k word removed, or replaced by each neutral word; with
+    """Variants of the prompt: each top-k word removed, or replaced by a neutral word; with
     ``combine >= 2`` also the top m words removed / replaced together, for m = 2 .. ``combine``
-    (a trigger phrase usually needs more than one word edited). Punctuation-only words are never
-    edited; variants that are empty or repeat another are dropped."""
+    (a trigger phrase usually needs more than one word edited). A word written several times is
+    edited everywhere it occurs; adjacent edited words are replaced by one word, and words that are
+    not adjacent are only removed.
+    Punctuation-only words are never edited; variants that are empty or repeat another are
+    dropped. A variant is ``natural`` when it edits at most half of the prompt's words and leaves
+    at least two."""
     words = attribution.word_info
     if not words:
         raise ConfigError("the attribution carries no word spans; build it with TokenAttributor")
     top = attribution.top_indices(top_k, editable=True)
     groups = [[i] for i in top]
     groups += [sorted(top[:m]) for m in range(2, min(combine, len(top)) + 1)]
+    n_words = sum(1 for w in words if w.editable)
     out: list[_Variant] = []
     seen = {" ".join(attribution.prompt.split())}
     for group in groups:
         names = tuple(words[i].text for i in group)
-        candidates = [("remove", None)] + [("replace", r) for r in replacements
-                                           if r.lower() not in {n.lower() for n in names}]
+        full = sorted({j for i in group for j in attribution.occurrences(i)})
+        candidates = [("remove", None)]
+        if _one_run(words, full):  # scattered words are removed, never each replaced
+            candidates += [("replace", r) for r in replacements
+                           if r.lower() not in {n.lower() for n in names}]
         for action, repl in candidates:
-            text = without_word(attribution.prompt, words, group, repl)
+            text = _edited(attribution.prompt, words, full, repl)
+            left = sum(1 for w in text.split() if any(ch.isalnum() for ch in w))
+            natural = 2 * len(full) <= max(n_words, 1) + 1 and left >= 2
             if text.strip() and text not in seen:
                 seen.add(text)
-                out.append(_Variant(text, action, names, repl))
+                out.append(_Variant(text, action, names, repl, natural))
+    return out
+
+
+def _one_run(words, idx: Sequence[int]) -> bool:
+    """Whether the words ``idx`` are adjacent (only punctuation between them)."""
+    idx = sorted(idx)
+    return all(not words[j].editable for a, b in pairwise(idx)
+               for j in range(a + 1, b))
+
+
+def _edited(prompt: str, words, drop: Sequence[int], replacement: str | None) -> str:
+    """``prompt`` without the words ``drop``; with a replacement, each run of adjacent dropped
+    words (punctuation between them included) becomes one replacement word."""
+    if replacement is None:
+        return without_word(prompt, words, drop)
+    drop_set = set(drop)
+    runs: list[list[int]] = []
+    for i in sorted(drop_set):
+        prev = runs[-1][-1] if runs else None
+        between = range(prev + 1, i) if prev is not None else range(0)
+        if prev is not None and all(not words[j].editable for j in between):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    first = {run[0] for run in runs}
+    # the punctuation inside a run goes with it
+    drop_set |= {j for run in runs for j in range(run[0], run[-1] + 1)}
+    # replace the first word of each run, remove the rest of the run
+    text = without_word(prompt, words, sorted(drop_set - first))
+    kept = [w for j, w in enumerate(words) if j not in drop_set - first]
+    idx = [kept.index(words[j]) for j in sorted(first)]
+    return without_word(text, _respan(text, kept), idx, replacement)
+
+
+def _respan(text: str, kept):
+    """The kept words with their spans in ``text`` (found left to right)."""
+    from diffmem.explain._words import Word
+
+    out, cursor = [], 0
+    for w in kept:
+        start = text.find(w.text, cursor)
+        if start < 0:
+            return [Word(k.text, k.positions, None) for k in kept]
+        out.append(Word(w.text, w.positions, (start, start + len(w.text))))
+        cursor = start + len(w.text)
     return out
 
 
@@ -141,11 +210,13 @@ def suggest_edits(model, attributions: Sequence[TokenAttribution], *,
     for a, variants, own in zip(attributions, per_prompt, scores[: len(attributions)],
                                 strict=True):
         sug = []
+        # an edit "clears" only a flagged prompt; an unflagged prompt needs no edit
+        judged = threshold is not None and float(own) > threshold
         for v in variants:
             s = float(scores[k])
             k += 1
             sug.append(EditSuggestion(v.prompt, v.action, v.words, v.replacement, s,
-                                      None if threshold is None else bool(s <= threshold)))
+                                      bool(s <= threshold) if judged else None, v.natural))
         sug.sort(key=_by_score)
         reports.append(EditReport(a.prompt, float(own), threshold, tuple(sug)))
     return reports
@@ -171,11 +242,18 @@ def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] 
 
 
 def testbed_clean_prompts(model) -> list[str] | None:
-    """Held-out (never trained) prompts when ``model`` is a testbed model (its adapter recorded a
-    :attr:`~diffmem.models.adapter.ModelAdapter.testbed_spec`), else None."""
+    """Known-clean prompts of a testbed model, else None: for the shipped testbed the broad set's
+    clean controls that do not copy in any generation (``testbed/broad_labels.jsonl``); for another
+    testbed folder (its adapter recorded a ``testbed_spec``) its held-out (never trained) prompts."""
+    from diffmem.eval.detection import _is_shipped
+    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
     from diffmem.testbed.data import build_testbed
 
     spec = load_adapter(model).testbed_spec
     if spec is None:
         return None
+    adapter = load_adapter(model)
+    if _is_shipped(adapter) and LABELS_FILE.is_file():
+        return [r["prompt"] for r in read_broad_labels() if r["group"] == "clean"
+                and not r["memorized"]]
     return [p.prompt for p in build_testbed(spec).prompts if p.kind == "heldout"]

@@ -1,25 +1,33 @@
-"""Evaluation of explanations on labelled prompts with designed trigger words (the testbed).
+"""Evaluation of explanations and edits on labelled testbed prompts.
 
-- ``trigger_top3_rate``: share of memorized prompts for which a designed trigger word is among the
-  top-3 words by attribution (Wen et al., ICLR 2024, Sec. 3.3: attribution should single out the
-  trigger tokens); punctuation-only "words" such as "," are not ranked. ``trigger_top3_rate_all``
-  requires every designed trigger word of the prompt (two on the testbed) in the top 3.
-- ``edit_success_rate``: share of memorized prompts whose best suggested edit scores at or under
-  the detector threshold calibrated on the held-out (never trained) prompts.
+Default prompts: the broad set labelled by generation (:mod:`diffmem.testbed.broad`); the positives
+are the prompts that copied a training image. ``prompts="designed"`` takes the 32 memorized prompts
+labelled by construction.
+
+- ``trigger_top3_rate``: share of copying prompts of 5 or more words that contain a trigger word
+  for which a trigger word is among the top-3 distinct words by attribution (Wen et al., ICLR 2024,
+  Sec. 3.3); punctuation-only "words" are not ranked, a repeated word counts once.
+  ``trigger_top3_rate_any_length`` counts every copying prompt with a trigger word.
+- edits, on the copying prompts the detector flags (threshold calibrated on the clean controls):
+  ``edit_detector_rate``: a suggested (clearing) edit exists, i.e. the detector is cleared;
+  ``edit_generation_rate``: the suggested edit -- or, when none clears, the lowest-scoring natural
+  edit -- stops the copying when generated (same seeds and criterion as the labels). Both are
+  reported overall and per group.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
-from diffmem.detect import NoiseMagnitude
+from diffmem.detect import Detector, NoiseMagnitude
+from diffmem.errors import PromptError
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
-from diffmem.explain._edits import EditReport, suggest_edits
+from diffmem.explain._edits import EditReport, EditSuggestion, suggest_edits
 from diffmem.models.adapter import ModelAdapter, load_adapter
-from diffmem.testbed.data import LabelledPrompt
 
 __all__ = ["evaluate_explanation", "trigger_rank"]
 
@@ -29,8 +37,8 @@ def _norm(word: str) -> str:
 
 
 def trigger_rank(attribution: TokenAttribution, triggers: Sequence[str]) -> int | None:
-    """1-based rank (by attribution, among words with a letter or digit) of the best-ranked
-    designed trigger word; None if absent."""
+    """1-based rank (by attribution, among distinct words with a letter or digit) of the
+    best-ranked designed trigger word; None if absent."""
     wanted = {_norm(t) for t in triggers}
     for rank, i in enumerate(attribution.top_indices(len(attribution.words), editable=True),
                              start=1):
@@ -44,46 +52,85 @@ def _all_in_top(attribution: TokenAttribution, triggers: Sequence[str], k: int) 
     return all(_norm(t) in top for t in triggers)
 
 
-def _labelled(adapter: ModelAdapter) -> tuple[list[LabelledPrompt], list[str]]:
+def _rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str]:
+    """(copying rows with prompt/group/trigger_tokens, clean calibration prompts, source)."""
+    from diffmem.eval.detection import _is_shipped
+    from diffmem.explain._edits import testbed_clean_prompts
+    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
     from diffmem.testbed.data import build_testbed
 
     spec = adapter.require_testbed_spec("eval explanation (labelled prompts with designed "
                                         "trigger words)")
-    prompts = build_testbed(spec).prompts
-    return [p for p in prompts if p.memorized], [p.prompt for p in prompts if not p.memorized]
+    clean = testbed_clean_prompts(adapter)
+    if prompts is None:
+        prompts = "broad" if _is_shipped(adapter) and LABELS_FILE.is_file() else "designed"
+    if str(prompts) == "designed":
+        tb = build_testbed(spec)
+        rows = [{"prompt": p.prompt, "group": p.kind, "memorized": True,
+                 "trigger_tokens": p.trigger_tokens} for p in tb.prompts if p.memorized]
+        return rows, [p.prompt for p in tb.prompts if not p.memorized], "designed"
+    path = None if str(prompts) == "broad" else Path(prompts)
+    rows = read_broad_labels(path)
+    return [r for r in rows if r["memorized"]], clean, str(path or LABELS_FILE)
 
 
-def evaluate_explanation(model="testbed", *, top_k: int = 5, steps: int = 1, seeds: int = 1,
-                         seed: int = 0, threshold: float | None = None, fpr: float = 0.01,
-                         combine: int = 5, num_inference_steps: int = 50) -> dict:
-    """Trigger recall of the attribution and success of the edit suggestions on the testbed.
+def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, top_k: int = 5,
+                         steps: int = 1, seeds: int = 1, seed: int = 0,
+                         threshold: float | None = None, fpr: float = 0.01, combine: int = 5,
+                         num_inference_steps: int = 50, detector: Detector | None = None,
+                         judge_edits: bool = True, judge_seeds: int = 4) -> dict:
+    """Trigger recall of the attribution, and edits judged by the detector and by generation.
 
-    All memorized prompts are attributed in batches, and all their edit variants are scored in one
-    batched detector call; the threshold is fitted on the held-out prompts at ``fpr`` unless given.
+    All copying prompts are attributed in batches; all edit variants are scored in one batched
+    detector call (default: first-step noise magnitude over ``seeds`` generations) against a
+    threshold fitted on the clean controls at ``fpr`` unless given; with ``judge_edits`` the edit
+    suggested for each flagged prompt is generated ``judge_seeds`` times and judged with the
+    testbed's replication criterion.
     """
     adapter = load_adapter(model)
-    memorized, clean = _labelled(adapter)
+    rows, clean, source = _rows(adapter, prompts)
+    if not rows:
+        raise PromptError(f"no copying prompts in {source}")
     t0 = time.perf_counter()
+    texts = [r["prompt"] for r in rows]
     attributions = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
-                                   num_inference_steps=num_inference_steps).attribute(
-        [p.prompt for p in memorized])
+                                   num_inference_steps=num_inference_steps).attribute(texts)
     t_attr = time.perf_counter() - t0
-    detector = NoiseMagnitude(steps=1, generations=seeds, seed=seed, fpr=fpr,
-                              num_inference_steps=num_inference_steps)
+    detector = detector or NoiseMagnitude(steps=1, generations=seeds, seed=seed, fpr=fpr,
+                                          num_inference_steps=num_inference_steps)
     clean_scores = detector.score(adapter, clean)
     if threshold is None:
         threshold = float(detector.fit(scores=clean_scores).threshold_)
     reports = suggest_edits(adapter, attributions, detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
-    out = _summary(memorized, attributions, reports, threshold, top_k, t_attr, model,
+    chosen = [_chosen(r) if r.flagged else None for r in reports]
+    judged: dict[str, dict] = {}
+    if judge_edits:
+        from diffmem.testbed.broad import Judge
+
+        edits = sorted({c.prompt for c in chosen if c is not None})
+        if edits:
+            judge = Judge(model, seeds=judge_seeds, steps=num_inference_steps)
+            judged = dict(zip(edits, judge(edits), strict=True))
+    out = _summary(rows, attributions, reports, chosen, judged, threshold, top_k, t_attr, model,
                    dict(steps=steps, seeds=seeds, seed=seed, fpr=fpr, combine=combine,
-                        num_inference_steps=num_inference_steps))
+                        num_inference_steps=num_inference_steps, detector=detector.name,
+                        judge_seeds=judge_seeds if judge_edits else None),
+                   source)
     return {**out, **_reduction(reports, clean_scores)}
 
 
+def _chosen(report: EditReport) -> EditSuggestion | None:
+    """The edit shown to the user: the recommended clearing edit, else the lowest-scoring natural
+    edit (else the lowest-scoring edit)."""
+    if report.recommended is not None:
+        return report.recommended
+    natural = [s for s in report.suggestions if s.natural]
+    return (natural or list(report.suggestions) or [None])[0]
+
+
 def _reduction(reports: list[EditReport], clean_scores: np.ndarray) -> dict:
-    """Threshold-free view of the edits: how far the best edit lowers the score, and how often it
-    lands under the median held-out score (meaningful when few memorized prompts are flagged)."""
+    """Threshold-free view of the edits: how far the best edit lowers the score."""
     median = float(np.median(clean_scores))
     best = np.array([r.best.score if r.best else r.score for r in reports])
     own = np.array([r.score for r in reports])
@@ -95,38 +142,64 @@ def _reduction(reports: list[EditReport], clean_scores: np.ndarray) -> dict:
     }
 
 
-def _summary(memorized: list[LabelledPrompt], attributions: list[TokenAttribution],
-             reports: list[EditReport], threshold: float, top_k: int, seconds: float, model,
-             settings: dict) -> dict:
-    ranks = [trigger_rank(a, p.trigger_tokens) for a, p in zip(attributions, memorized,
-                                                                 strict=True)]
-    in_top = [r is not None and r <= 3 for r in ranks]
-    all_top = [_all_in_top(a, p.trigger_tokens, 3) for a, p in zip(attributions, memorized,
-                                                                  strict=True)]
-    success = [r.best is not None and bool(r.best.score <= threshold) for r in reports]
-    flagged = [bool(r.score > threshold) for r in reports]
-    per_prompt = [{
-        "prompt": p.prompt, "kind": p.kind, "triggers": p.trigger_tokens, "trigger_rank": rank,
-        "top3": [w for w, _ in a.top(3, editable=True)], "score": r.score, "flagged": f,
-        "best_edit": r.best.to_dict() if r.best else None,
-        "minimal_clearing_edit": r.minimal.to_dict() if r.minimal else None,
-    } for p, a, r, rank, f in zip(memorized, attributions, reports, ranks, flagged, strict=True)]
-    n_flag = sum(flagged)
+def _rate(values: Sequence[bool]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _summary(rows, attributions, reports, chosen, judged, threshold, top_k, seconds, model,
+             settings, source) -> dict:
+    per_prompt, groups = [], {}
+    for row, a, r, c in zip(rows, attributions, reports, chosen, strict=True):
+        trig = list(row.get("trigger_tokens") or [])
+        rank = trigger_rank(a, trig) if trig else None
+        n_words = sum(1 for w in row["prompt"].split() if any(ch.isalnum() for ch in w))
+        j = judged.get(c.prompt) if c is not None else None
+        rec = {
+            "prompt": row["prompt"], "group": row.get("group"), "triggers": trig,
+            "words": n_words, "trigger_rank": rank,
+            "top3": [w for w, _ in a.top(3, editable=True)], "score": r.score,
+            "flagged": bool(r.flagged),
+            "edit": c.to_dict() if c is not None else None,
+            "detector_cleared": bool(r.flagged and r.recommended is not None),
+            "edit_copies": None if j is None else j["copies"],
+            "generation_cleared": None if j is None else not j["memorized"],
+            "minimal_clearing_edit": r.minimal.to_dict() if r.minimal else None,
+        }
+        per_prompt.append(rec)
+        groups.setdefault(rec["group"], []).append(rec)
+
+    def stats(recs: list[dict]) -> dict:
+        ranked = [p for p in recs if p["triggers"] and p["words"] >= 5]
+        anylen = [p for p in recs if p["triggers"]]
+        flagged = [p for p in recs if p["flagged"]]
+        gen = [p for p in flagged if p["generation_cleared"] is not None]
+        return {
+            "n_copying": len(recs), "n_flagged": len(flagged),
+            "n_trigger_5plus": len(ranked),
+            "trigger_top3_rate": _rate([p["trigger_rank"] is not None and p["trigger_rank"] <= 3
+                                        for p in ranked]),
+            "trigger_top3_rate_any_length": _rate(
+                [p["trigger_rank"] is not None and p["trigger_rank"] <= 3 for p in anylen]),
+            "edit_detector_rate": _rate([p["detector_cleared"] for p in flagged]),
+            "edit_generation_rate": _rate([bool(p["generation_cleared"]) for p in gen]),
+            "edit_natural_rate": _rate([bool(p["edit"] and p["edit"]["natural"])
+                                        for p in flagged]),
+        }
+
+    all_top = [_all_in_top(a, row["trigger_tokens"], 3) for a, row in zip(attributions, rows,
+                                                                         strict=True)
+               if row.get("trigger_tokens")]
     minimal = [(len(r.minimal.words), len(r.prompt.split())) for r in reports if r.minimal]
     return {
-        "model": str(model), "n_memorized": len(memorized),
-        "trigger_top3_rate": float(np.mean(in_top)),
-        "trigger_top3_rate_all": float(np.mean(all_top)),
-        "edit_success_rate": float(np.mean(success)),
-        "n_flagged": n_flag,
-        "edit_success_rate_flagged": float(np.mean([s for s, f in zip(success, flagged,
-                                                                      strict=True) if f]))
-        if n_flag else float("nan"),
-        # size of the smallest clearing edit: words edited, and the prompt's length in words
+        "model": str(model), "prompts_source": source, "n_memorized": len(rows),
+        **stats(per_prompt),
+        "trigger_top3_rate_all": _rate(all_top),
+        "edit_success_rate": stats(per_prompt)["edit_detector_rate"],  # name of earlier reports
         "minimal_edit_words_mean": float(np.mean([m[0] for m in minimal])) if minimal
         else float("nan"),
         "minimal_edit_prompt_words_mean": float(np.mean([m[1] for m in minimal])) if minimal
         else float("nan"),
+        "groups": {g: stats(recs) for g, recs in groups.items()},
         "threshold": float(threshold), "top_k": top_k,
         "attribution_seconds": round(seconds, 3), "settings": settings, "prompts": per_prompt,
     }

@@ -61,13 +61,18 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
         verdict = (f" > threshold {e.threshold:.3f}: flagged as memorized" if e.flagged
                    else f" <= threshold {e.threshold:.3f}: not flagged")
     lines.append(f"noise magnitude {e.score:.3f}{verdict}")
-    if e.minimal is not None:
+    if e.flagged is False:
+        lines.append("this prompt is not flagged as memorized: no edit is needed")
+    if e.recommended is not None:
+        m = e.recommended
+        lines.append(f"suggested edit: {m.describe()}: {m.prompt!r} ({m.score:.3f})")
+    if e.minimal is not None and e.minimal is not e.recommended:
         m = e.minimal
         lines.append(f"smallest edit that clears it: {m.describe()}: {m.prompt!r} ({m.score:.3f})")
     if e.suggestions:
-        header = "suggested edits (lowest score first):"
+        header = "edits (lowest score first):"
         if e.flagged is False:
-            header = "edits (the prompt is not flagged; shown for reference, lowest score first):"
+            header = "edits (the prompt is not flagged; scores shown for reference only):"
         lines.append(header)
         for s in e.suggestions:
             mark = "" if s.clears is None else ("  ok" if s.clears else "  still flagged")

@@ -44,9 +44,11 @@ def cmd_explain(a: argparse.Namespace) -> int:
 def cmd_eval_explanation(a: argparse.Namespace) -> int:
     from diffmem.explain import evaluate_explanation
 
-    report = evaluate_explanation(a.model, top_k=a.top_k, combine=a.top_k, steps=a.steps,
-                                  seeds=a.seeds, seed=a.seed, threshold=a.threshold, fpr=a.fpr,
-                                  num_inference_steps=a.inference_steps)
+    report = evaluate_explanation(a.model, prompts=a.prompts, top_k=a.top_k, combine=a.top_k,
+                                  steps=a.steps, seeds=a.seeds, seed=a.seed,
+                                  threshold=a.threshold, fpr=a.fpr,
+                                  num_inference_steps=a.inference_steps,
+                                  judge_edits=not a.no_judge, judge_seeds=a.judge_seeds)
     _write_json(a.out, report)
     summary = {k: v for k, v in report.items() if k != "prompts"}
     print(json.dumps(summary, indent=2, default=_jsonable))
@@ -58,7 +60,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="testbed",
                    help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="detector threshold (default: fitted on the testbed's held-out prompts)")
+                   help="detector threshold (default: fitted at 1%% FPR on the testbed's clean "
+                        "controls)")
     p.add_argument("--steps", type=int, default=1, help="attribute at the first N steps")
     p.add_argument("--seeds", type=int, default=1, help="initial noises per prompt")
     p.add_argument("--seed", type=int, default=0, help="first seed")
@@ -81,5 +84,12 @@ def register(commands, eval_commands) -> None:
                                  help="trigger recall and edit success on the testbed")
     v.add_argument("--out", required=True, help="report JSON")
     v.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the threshold")
+    v.add_argument("--prompts", default=None,
+                   help="'broad' (generation labels; default for the shipped testbed), "
+                        "'designed' or a labels JSONL of `diffmem testbed label`")
+    v.add_argument("--no-judge", action="store_true",
+                   help="do not generate the suggested edits (detector verdicts only)")
+    v.add_argument("--judge-seeds", type=int, default=4,
+                   help="generations per suggested edit when judging by images")
     _add_common(v)
     v.set_defaults(func=cmd_eval_explanation)

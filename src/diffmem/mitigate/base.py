@@ -110,3 +110,45 @@ class Mitigation(Hook):
                     rows[i]["applied"] = True
         for row in rows:
             row.setdefault("strength", self.strength)
+
+
+class MagnitudeTarget(Mitigation):
+    """Base of the methods that optimise an input of the first step (the text embedding, x_T)
+    until each image's first-step noise magnitude (Wen et al. 2024, eq. 4) is under a target.
+
+    ``target`` defaults to the gate's threshold (or, through :meth:`from_context`, the calibrated
+    detector threshold); strength ``s`` divides it (``s`` = 0: nothing moves). Subclasses record the
+    rows they optimised in ``run.state(self).rows`` and call :meth:`report_first_step` from
+    ``on_step`` at step 0 to report each row's magnitude after the optimisation.
+    """
+
+    def __init__(self, strength: float = 1.0, *, gate: FirstStepGate | None = None,
+                 target: float | None = None) -> None:
+        super().__init__(strength, gate=gate)
+        if target is None and gate is not None:
+            target = gate.threshold
+        if target is None:
+            raise ConfigError(f"{self.name}: needs a target noise magnitude (the detector "
+                              "threshold): pass target= or a gate, or build it with "
+                              "build_mitigations")
+        if not math.isfinite(target) or target <= 0:
+            raise ConfigError(f"{self.name}: target must be a finite number > 0, got {target}")
+        self.target = float(target)
+
+    @classmethod
+    def from_context(cls, strength: float, gate: FirstStepGate | None, context) -> MagnitudeTarget:
+        return cls(strength, gate=gate, target=context.require_threshold())
+
+    @property
+    def effective_target(self) -> float:
+        return math.inf if self.strength == 0 else self.target / self.strength
+
+    def report_first_step(self, run: Run, step: Step) -> None:
+        """Each optimised row's magnitude at the first step and whether it reached the target."""
+        rows = getattr(run.state(self), "rows", None)
+        if rows is None or not bool(rows.any()):
+            return
+        after = noise_magnitude(step.eps_cond, step.eps_uncond).detach().cpu()
+        for i in rows.nonzero().flatten().tolist():
+            self.report(run, i, magnitude_after=float(after[i]),
+                        reached=bool(after[i] <= self.effective_target))

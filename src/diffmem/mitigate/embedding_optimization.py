@@ -58,10 +58,10 @@ import torch
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Run, Step
 from diffmem.errors import ConfigError
-from diffmem.mitigate.base import FirstStepGate, Mitigation
+from diffmem.mitigate.base import FirstStepGate, MagnitudeTarget
 
 
-class EmbeddingOptimization(Mitigation):
+class EmbeddingOptimization(MagnitudeTarget):
     """Wen et al. 2024 Sec. 3.4: lower the first-step noise magnitude by optimising the
     conditional text embedding on the run's own x_T.
 
@@ -80,30 +80,14 @@ class EmbeddingOptimization(Mitigation):
     def __init__(self, strength: float = 1.0, *, gate: FirstStepGate | None = None,
                  target: float | None = None, lr: float = 0.05, max_iterations: int = 10,
                  weight_decay: float = 0.01) -> None:
-        super().__init__(strength, gate=gate)
-        if target is None and gate is not None:
-            target = gate.threshold
-        if target is None:
-            raise ConfigError("wen: needs a target noise magnitude (the detector threshold): pass "
-                              "target= or a gate, or build it with build_mitigations")
-        if not math.isfinite(target) or target <= 0:
-            raise ConfigError(f"wen: target must be a finite number > 0, got {target}")
+        super().__init__(strength, gate=gate, target=target)
         if not (lr > 0 and math.isfinite(lr)):
             raise ConfigError(f"wen: lr must be > 0, got {lr}")
         if int(max_iterations) != max_iterations or max_iterations < 0:
             raise ConfigError(f"wen: max_iterations must be an integer >= 0, got {max_iterations}")
-        self.target = float(target)
         self.lr = float(lr)
         self.max_iterations = int(max_iterations)
         self.weight_decay = float(weight_decay)
-
-    @classmethod
-    def from_context(cls, strength, gate, context) -> EmbeddingOptimization:
-        return cls(strength, gate=gate, target=context.require_threshold())
-
-    @property
-    def effective_target(self) -> float:
-        return math.inf if self.strength == 0 else self.target / self.strength
 
     # ---------------------------------------------------------------- hook
     def on_start(self, run: Run) -> None:
@@ -123,7 +107,6 @@ class EmbeddingOptimization(Mitigation):
     def on_step(self, run: Run, step: Step) -> None:
         if step.index != 0 or self.strength == 0:
             return
-        st = run.state(self)
         if self.gate is not None:
             rows = self.targets(run)
             if rows is None or not bool(rows.any()):
@@ -131,12 +114,7 @@ class EmbeddingOptimization(Mitigation):
             idx = rows.nonzero().flatten().to(step.x_t.device)
             self._optimise(run, rows, step.x_t[idx], step.t, step.eps_uncond[idx])
             step.recompute(rows, {"cond": run.cond})
-        if not bool(st.rows.any()):
-            return
-        after = noise_magnitude(step.eps_cond, step.eps_uncond).detach().cpu()
-        for i in st.rows.nonzero().flatten().tolist():
-            self.report(run, i, magnitude_after=float(after[i]),
-                        reached=bool(after[i] <= self.effective_target))
+        self.report_first_step(run, step)
 
     # ---------------------------------------------------------------- optimisation
     def _optimise(self, run: Run, rows: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor,

@@ -69,10 +69,9 @@ import math
 
 import torch
 
-from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Run, Step
 from diffmem.errors import ConfigError
-from diffmem.mitigate.base import FirstStepGate, Mitigation
+from diffmem.mitigate.base import FirstStepGate, MagnitudeTarget
 
 #: reference settings per method: optimiser, lr, iteration cap
 METHODS = {
@@ -81,7 +80,7 @@ METHODS = {
 }
 
 
-class InitialNoiseOptimization(Mitigation):
+class InitialNoiseOptimization(MagnitudeTarget):
     """Optimise each image's x_T until its first-step noise magnitude is under the target.
 
     Parameters:
@@ -103,16 +102,9 @@ class InitialNoiseOptimization(Mitigation):
                  target: float | None = None, method: str = "sail", lr: float | None = None,
                  max_iterations: int | None = None, gaussianity: float | None = None,
                  keep_norm: bool = False) -> None:
-        super().__init__(strength, gate=gate)
+        super().__init__(strength, gate=gate, target=target)
         if method not in METHODS:
             raise ConfigError(f"xt: method must be one of {', '.join(METHODS)}, got {method!r}")
-        if target is None and gate is not None:
-            target = gate.threshold
-        if target is None:
-            raise ConfigError("xt: needs a target noise magnitude (the detector threshold): pass "
-                              "target= or a gate, or build it with build_mitigations")
-        if not math.isfinite(target) or target <= 0:
-            raise ConfigError(f"xt: target must be a finite number > 0, got {target}")
         ref = METHODS[method]
         lr = ref["lr"] if lr is None else lr
         max_iterations = ref["max_iterations"] if max_iterations is None else max_iterations
@@ -122,20 +114,11 @@ class InitialNoiseOptimization(Mitigation):
             raise ConfigError(f"xt: max_iterations must be an integer >= 0, got {max_iterations}")
         if gaussianity is not None and not (gaussianity >= 0 and math.isfinite(gaussianity)):
             raise ConfigError(f"xt: gaussianity must be >= 0, got {gaussianity}")
-        self.target = float(target)
         self.method = method
         self.lr = float(lr)
         self.max_iterations = int(max_iterations)
         self.gaussianity = gaussianity
         self.keep_norm = bool(keep_norm)
-
-    @classmethod
-    def from_context(cls, strength, gate, context) -> InitialNoiseOptimization:
-        return cls(strength, gate=gate, target=context.require_threshold())
-
-    @property
-    def effective_target(self) -> float:
-        return math.inf if self.strength == 0 else self.target / self.strength
 
     def lambda_for(self, adapter) -> float:
         """SAIL's Gaussianity weight for this model."""
@@ -153,7 +136,6 @@ class InitialNoiseOptimization(Mitigation):
     def on_step(self, run: Run, step: Step) -> None:
         if step.index != 0 or self.strength == 0:
             return
-        st = run.state(self)
         if self.gate is not None:
             rows = self.targets(run)
             if rows is None or not bool(rows.any()):
@@ -164,12 +146,7 @@ class InitialNoiseOptimization(Mitigation):
             x_t[idx] = run.scheduler.scale_model_input(run.latents[idx], step.t).to(x_t.dtype)
             step.x_t = x_t
             step.recompute(rows, {"uncond": run.uncond, "cond": run.cond})
-        if not bool(st.rows.any()):
-            return
-        after = noise_magnitude(step.eps_cond, step.eps_uncond).detach().cpu()
-        for i in st.rows.nonzero().flatten().tolist():
-            self.report(run, i, magnitude_after=float(after[i]),
-                        reached=bool(after[i] <= self.effective_target))
+        self.report_first_step(run, step)
 
     # ---------------------------------------------------------------- optimisation
     def _optimise(self, run: Run, rows: torch.Tensor) -> None:

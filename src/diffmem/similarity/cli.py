@@ -1,6 +1,6 @@
 """Command-line parsing of the replication commands; each calls one library function.
 
-    diffmem index build SOURCE|testbed --out INDEX [--kind sscd|pixel]
+    diffmem index build SOURCE|testbed --out INDEX [--kind sscd|pixel] [--engine local|ray]
     diffmem eval replication IMAGES --index INDEX --out report.json [--grid report.html]
 """
 
@@ -21,12 +21,22 @@ def _cmd_index_build(a: argparse.Namespace) -> int:
         print(f"indexed {len(index)} testbed training images (as the testbed VAE renders them, "
               f"{index.kind}) into {a.out}")
         return 0
-    from diffmem.similarity.index import build_index_from_source
+    if a.engine == "ray":
+        from diffmem.scale.index_build import build_index_sharded
 
-    report = build_index_from_source(a.source, a.out, kind=a.kind or "sscd",
-                                     batch_size=a.batch_size, image_column=a.image_column,
+        report = build_index_sharded(a.source, a.out, kind=a.kind or "sscd",
+                                     batch_size=a.batch_size, shard_size=a.shard_size,
+                                     image_column=a.image_column,
                                      caption_column=a.caption_column, id_column=a.id_column,
+                                     workers=a.workers, threads=a.threads, address=a.address,
                                      progress=True)
+    else:
+        from diffmem.similarity.index import build_index_from_source
+
+        report = build_index_from_source(a.source, a.out, kind=a.kind or "sscd",
+                                         batch_size=a.batch_size, image_column=a.image_column,
+                                         caption_column=a.caption_column, id_column=a.id_column,
+                                         progress=True)
     print(f"indexed {report.count} images into {report.out}; skipped {len(report.skipped)} "
           f"unreadable file(s)" + (f" (listed in {report.out / 'skipped.json'})"
                                    if report.skipped else ""))
@@ -57,6 +67,12 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     b.add_argument("--image-column", default="image")
     b.add_argument("--caption-column", default="caption")
     b.add_argument("--id-column", default=None)
+    b.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="ray: embed shards on Ray workers and merge them (docs/scan.md)")
+    b.add_argument("--address", default=None, help="Ray cluster to join (default: a local one)")
+    b.add_argument("--workers", type=int, default=1, help="Ray embedding actors")
+    b.add_argument("--threads", type=int, default=1, help="CPU threads per Ray worker")
+    b.add_argument("--shard-size", type=int, default=1024, help="images per Ray task")
     b.set_defaults(func=_cmd_index_build)
 
     r = eval_commands.add_parser("replication", help="replication of generated images")

@@ -568,7 +568,7 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
                             image_column: str = "image", caption_column: str = "caption",
                             id_column: str | None = None, progress: bool = False,
                             **options: object) -> BuildReport:
-    """Index a folder of ``x.png`` + ``x.txt`` files or a Parquet table and save it to ``out``.
+    """Index a folder of ``x.png`` + ``x.txt`` files, a JSONL file or a Parquet table; save to ``out``.
 
     CLI: ``diffmem index build SOURCE --out INDEX [--kind sscd|pixel] [--batch-size 64]
     [--image-column image] [--caption-column caption] [--id-column ID]``.
@@ -580,7 +580,7 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
     from diffmem.similarity.sources import iter_source
 
     items = iter_source(source, image_column=image_column, caption_column=caption_column,
-                        id_column=id_column) if Path(source).suffix == ".parquet" \
+                        id_column=id_column) if Path(source).suffix in (".parquet", ".jsonl") \
         else iter_source(source)  # checks the source and its columns before the embedder loads
     if embedder is None:
         embedder = _embedder_for_kind(kind)

@@ -1,7 +1,12 @@
-"""Training images with captions from a folder or a Parquet table, never crashing on a bad file.
+"""Training images with captions from a folder, a JSONL file or a Parquet table, never crashing on
+a bad file.
 
 - Folder: every ``x.png`` / ``x.jpg`` / ``x.jpeg`` / ``x.webp`` with a caption file ``x.txt``
   beside it (missing caption -> empty caption). Searched recursively, sorted by path.
+- JSONL: one JSON object per line; the image column holds a file path (relative to the JSONL
+  file's folder, or absolute), the caption column text or a list of texts (every caption of the
+  image: ``SourceItem.captions``; ``caption`` is the first). A line that is no JSON object becomes
+  an unreadable item (listed, never fatal).
 - Parquet: one row per image; the image column holds encoded bytes, or a struct with a ``bytes``
   field (Hugging Face ``datasets.Image``); the caption column holds text.
 
@@ -15,7 +20,7 @@ import bisect
 import functools
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,8 @@ class SourceItem:
     source: str
     image: torch.Tensor | None
     error: str = ""
+    #: every caption of the image (JSONL rows may give several); empty: just ``caption``
+    captions: list[str] = field(default_factory=list)
 
 
 def decode_image(data: bytes | str | Path) -> torch.Tensor:
@@ -58,13 +65,23 @@ def _try_decode(data: bytes | str | Path) -> tuple[torch.Tensor | None, str]:
 def iter_folder(root: str | Path) -> Iterator[SourceItem]:
     """Items of a folder of image + caption files, sorted by path."""
     root = Path(root)
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    for path in paths:
-        txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else ""
-        image, error = _try_decode(path)
-        item_id = str(path.relative_to(root).with_suffix(""))
-        yield SourceItem(item_id, caption, str(path.resolve()), image, error)
+    for path in folder_images(root):
+        yield folder_item(root, path)
+
+
+def folder_images(root: str | Path) -> list[Path]:
+    """The image files of a folder source, in index order (sorted by path)."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_item(root: str | Path, path: str | Path) -> SourceItem:
+    """The item of one image file of a folder source (caption from ``x.txt`` beside it)."""
+    root, path = Path(root), Path(path)
+    txt = path.with_suffix(".txt")
+    caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.exists() else ""
+    image, error = _try_decode(path)
+    item_id = str(path.relative_to(root).with_suffix(""))
+    return SourceItem(item_id, caption, str(path.resolve()), image, error)
 
 
 def _image_bytes(cell: object) -> bytes | None:
@@ -99,6 +116,35 @@ def iter_parquet(path: str | Path, *, image_column: str = "image",
     return _parquet_rows(path, table, image_column, caption_column, id_column, batch_rows)
 
 
+def parquet_row_range(path: str | Path, start: int, stop: int, *, image_column: str = "image",
+                      caption_column: str = "caption",
+                      id_column: str | None = None) -> list[SourceItem]:
+    """Items of rows ``[start, stop)`` of a Parquet table (as :func:`iter_parquet` numbers and
+    names them), reading only the row groups that hold them."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    columns = [image_column, caption_column] + ([id_column] if id_column else [])
+    items: list[SourceItem] = []
+    first = 0
+    for g in range(table.metadata.num_row_groups):
+        n = table.metadata.row_group(g).num_rows
+        lo, hi = max(start, first), min(stop, first + n)
+        if lo < hi:
+            data = table.read_row_group(g, columns=columns).slice(lo - first, hi - lo).to_pydict()
+            for j, cell in enumerate(data[image_column]):
+                raw = _image_bytes(cell)
+                image, error = _try_decode(raw) if raw is not None else (None, "no image bytes")
+                row = lo + j
+                item_id = str(data[id_column][j]) if id_column else str(row)
+                caption = data[caption_column][j] or ""
+                items.append(SourceItem(item_id, str(caption), f"{path}#row={row}", image, error))
+        first += n
+        if first >= stop:
+            break
+    return items
+
+
 def _parquet_rows(path, table, image_column: str, caption_column: str, id_column: str | None,
                   batch_rows: int) -> Iterator[SourceItem]:
     columns = [image_column, caption_column] + ([id_column] if id_column else [])
@@ -114,14 +160,62 @@ def _parquet_rows(path, table, image_column: str, caption_column: str, id_column
             row += 1
 
 
-def iter_source(source: str | Path, **parquet_options: object) -> Iterator[SourceItem]:
-    """Items of a folder or a ``.parquet`` file."""
+def iter_jsonl(path: str | Path, *, image_column: str = "image", caption_column: str = "caption",
+               id_column: str | None = None) -> Iterator[SourceItem]:
+    """Items of a JSONL file (module docstring); ids default to the line number (from 0)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return _jsonl_rows(path, image_column, caption_column, id_column)
+
+
+def _jsonl_rows(path: Path, image_column: str, caption_column: str,
+                id_column: str | None) -> Iterator[SourceItem]:
+    import json
+
+    with path.open(encoding="utf-8", errors="replace") as f:
+        row = -1
+        for line in f:
+            if not line.strip():
+                continue
+            row += 1
+            ref = f"{path}#line={row}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield SourceItem(str(row), "", ref, None, f"bad JSON: {exc}")
+                continue
+            if not isinstance(rec, dict):
+                yield SourceItem(str(row), "", ref, None, "line is no JSON object")
+                continue
+            item_id = str(rec.get(id_column, row)) if id_column else str(row)
+            raw = rec.get(caption_column)
+            captions = ([str(c).strip() for c in raw if str(c).strip()] if isinstance(raw, list)
+                        else [str(raw).strip()] if raw not in (None, "") else [])
+            caption = captions[0] if captions else ""
+            file = rec.get(image_column)
+            if not isinstance(file, str) or not file:
+                yield SourceItem(item_id, caption, ref, None, f"no {image_column!r} path",
+                                 captions)
+                continue
+            image_path = Path(file) if Path(file).is_absolute() else path.parent / file
+            image, error = _try_decode(image_path) if image_path.is_file() else (
+                None, f"{image_path}: file not found")
+            yield SourceItem(item_id, caption, str(image_path.resolve()), image, error, captions)
+
+
+def iter_source(source: str | Path, **options: object) -> Iterator[SourceItem]:
+    """Items of a folder, a ``.jsonl`` or a ``.parquet`` file (``options``: the column names of
+    :func:`iter_parquet` / :func:`iter_jsonl`)."""
     source = Path(source)
     if source.is_dir():
         return iter_folder(source)
     if source.suffix == ".parquet" and source.is_file():
-        return iter_parquet(source, **parquet_options)
-    raise FileNotFoundError(f"{source} is neither a folder nor a .parquet file")
+        return iter_parquet(source, **options)
+    if source.suffix == ".jsonl" and source.is_file():
+        options.pop("batch_rows", None)
+        return iter_jsonl(source, **options)
+    raise FileNotFoundError(f"{source} is neither a folder nor a .jsonl or .parquet file")
 
 
 def load_source_image(ref: str, *, image_column: str = "image") -> torch.Tensor | None:

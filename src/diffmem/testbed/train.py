@@ -3,7 +3,9 @@
 Training is seeded, checkpointed and resumable: rerunning the same command with the same ``--out``
 continues from the last checkpoint. Accelerate places the models on a GPU when one is present.
 Memorization is produced the way it arises in LAION-trained models: a small share of distinct images
-is duplicated so often that they make up ``memorized_fraction`` of every batch.
+is duplicated so often that they make up ``memorized_fraction`` of every batch. The UNet + text
+encoder stage uses the training step of ``diffmem train`` (:mod:`diffmem.train.step`: noising, loss,
+optimizer step); the VAE stages have reconstruction losses of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed.components import build_components, write_clip_tokenizer
 from diffmem.testbed.data import Testbed, TestbedSpec, build_testbed
+from diffmem.train.step import DiffusionStep, draw_noise, optimizer_step
 
 
 @dataclass
@@ -259,7 +262,8 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     if ckpt.exists() and "rng" in state:  # exact resume: same batches as an uninterrupted run
         rng.bit_generator.state = state["rng"]
         gen.set_state(state["gen"])
-    alphas = scheduler.alphas_cumprod.to(device)
+    # the denoising step of `diffmem train` (diffmem.train.step), without mitigations
+    step_fn = DiffusionStep(scheduler)
     unet.train()
     text_encoder.train()
     bar = tqdm(total=cfg.unet_steps, initial=step, desc="unet", unit="step")
@@ -268,22 +272,14 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
             g["lr"] = _lr_at(step, cfg, cfg.unet_steps, cfg.lr)
         idx, caps = sampler.draw(rng, cfg.batch_size)
         idx_t = torch.from_numpy(idx)
-        z0 = lat_mean[idx_t] + lat_std[idx_t] * torch.randn(lat_mean[idx_t].shape, generator=gen)
-        z0 = z0.to(device)
-        noise = torch.randn(z0.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        t = t.to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        z0, noise, t = draw_noise(lat_mean[idx_t], lat_std[idx_t], gen,
+                                  step_fn.num_train_timesteps)
+        z0, noise, t = z0.to(device), noise.to(device), t.to(device)
         ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(device)
         emb = text_encoder(ids)[0]
-        pred = unet(zt, t, encoder_hidden_states=emb).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = step_fn(unet, z0, noise, t, emb).loss
+        optimizer_step(accelerator, loss, opt, params, max_grad_norm=1.0)
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -1,0 +1,393 @@
+"""Planted-duplicates benchmark of the training-time mitigations (``diffmem eval training``).
+
+A fine-tuning set is built from the testbed's data module with another seed (:data:`PLANTED`):
+``n_generic`` new generic scenes (their first caption; MC draws from both) plus ``k`` new complex
+images, each repeated ``copies`` times under one caption with a rare two-word trigger that neither
+the shipped testbed nor the new generic captions use ("the <a> <b> poster"); each planted image
+also has 4 descriptive captions naming some of its shapes (the alternative captions MC draws from,
+as DCR's MC draws from BLIP captions). The shipped testbed is fine-tuned on it once per method
+(:data:`METHODS`), with the same step budget (:data:`TRAIN`), and each result is measured:
+
+- planted memorization rate: ``seeds`` (4) generations per planted caption (DDIM 50 steps,
+  guidance 7.5, seed s for generation s), a copy when the tiled L2 (grid 4) to the planted
+  image's VAE round trip is below 0.15 (the testbed criterion, :mod:`diffmem.testbed.verify`);
+- held-out alignment: the attribute probe's mean probability of the named (colour, shape) pairs
+  over the generations of the testbed's held-out prompts (``heldout_seeds`` per prompt);
+- held-out FPD: Fréchet probe distance of those generations against the shipped testbed's
+  rendered generic training images (:class:`diffmem.eval.quality.ProbeFeatures`);
+- training time: the loop's seconds (``train_log.json``), plus the dedup time, against plain.
+
+Everything lands in ``OUT``: ``data/`` (the set, a JSONL file), ``runs/<method>/`` (a
+``diffmem train`` run folder each, resumable), ``eval/<method>.json`` and ``report.json``;
+rerunning resumes where it stopped. ``plot_benchmark`` draws the bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffmem.errors import ConfigError
+
+#: the planted fine-tuning set
+PLANTED = {"seed": 1, "n_generic": 300, "k": 4, "copies": 50}
+#: the step budget of every run (plain and each mitigation)
+TRAIN = {"steps": 400, "batch_size": 32, "lr": 4e-4, "warmup_steps": 20, "lr_schedule": "cosine",
+         "checkpoint_every": 50, "log_every": 10, "caption_dropout": 0.1,
+         "train_text_encoder": True, "seed": 0}
+#: method -> FinetuneConfig fields on top of TRAIN
+METHODS: dict[str, dict] = {
+    "plain": {},
+    "dedup": {"dedup": "pixel"},
+    "magnitude": {"magnitude_filter": "calibrated"},  # see calibrate_filters
+    "entropy": {"entropy_filter": "calibrated"},
+    "mc": {"augment": {"mc": True}},
+    "rc": {"augment": {"p_rc": 0.1}},
+    "rt": {"augment": {"p_rt": 0.1}},
+    "cwr": {"augment": {"p_cwr": 0.1}},
+    "gn": {"gn": 0.1},
+    "magnitude_ref2": {"magnitude_filter": 2.0},  # Wen's reference threshold, normalised
+}
+
+
+def _color_names() -> dict[tuple, str]:
+    from diffmem.testbed.data import BACKGROUNDS, COLORS
+
+    return {tuple(float(c) for c in v): k for k, v in {**COLORS, **BACKGROUNDS}.items()}
+
+
+def planted_words(n: int, seed: int) -> list[str]:
+    """``n`` CLIP words used neither by the shipped testbed (triggers, rare words, its held-out
+    prompts) nor by the planted set's generic captions."""
+    from diffmem.testbed import shipped_testbed_spec
+    from diffmem.testbed.data import TRIGGER_WORDS, rare_word_vocabulary
+
+    shipped = shipped_testbed_spec()
+    used = set(TRIGGER_WORDS) | set(rare_word_vocabulary(shipped.n_rare_words, shipped.seed))
+    used |= set(rare_word_vocabulary(shipped.n_rare_words, seed))
+    pool = [w for w in rare_word_vocabulary(6000, seed + 5000) if w not in used]
+    rng = np.random.default_rng(seed + 17)
+    return [pool[int(i)] for i in rng.choice(len(pool), size=n, replace=False)]
+
+
+def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
+                      n_generic: int = PLANTED["n_generic"], k: int = PLANTED["k"],
+                      copies: int = PLANTED["copies"]) -> dict:
+    """Write the planted fine-tuning set (``data.jsonl`` + PNGs) into ``folder``; return its
+    manifest (planted captions and image files). Deterministic; reuses a finished folder."""
+    from PIL import Image
+
+    from diffmem.testbed.data import (
+        FILLER_WORDS,
+        VERBATIM_FRAMES,
+        TestbedSpec,
+        _complex_scene,
+        build_testbed,
+        render,
+    )
+
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        return json.loads(manifest_path.read_text())
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    spec = TestbedSpec(seed=seed, n_generic=n_generic, n_verbatim=0, n_template=0,
+                       n_heldout_compositions=0)
+    testbed = build_testbed(spec)
+    rng = np.random.default_rng(seed + 31)
+    words = planted_words(2 * k, seed)
+    names = _color_names()
+    rows, planted = [], []
+    for item, img in testbed.images(["generic"]):
+        path = f"images/{item.image_id}.png"
+        Image.fromarray(img).save(folder / path)
+        rows.append({"image": path, "caption": item.captions, "kind": "generic"})
+    for i in range(k):
+        scene = _complex_scene(rng, spec.resolution)
+        img = render(scene, spec.resolution)
+        caption = VERBATIM_FRAMES[0].format(a=words[2 * i], b=words[2 * i + 1])
+        alts = []
+        for _ in range(4):
+            objs = [scene["objects"][int(j)] for j in rng.choice(len(scene["objects"]), 2,
+                                                               replace=False)]
+            desc = " and ".join(f"a {names.get(tuple(float(c) for c in o['color']), 'colored')}"
+                                f" {o['shape']}" for o in objs)
+            alts.append(f"{desc}, {FILLER_WORDS[int(rng.integers(len(FILLER_WORDS)))]}")
+        pid = f"planted-{i:02d}"
+        Image.fromarray(img).save(folder / "images" / f"{pid}.png")
+        for c in range(copies):
+            path = f"images/{pid}-copy{c:03d}.png"
+            Image.fromarray(img).save(folder / path)
+            rows.append({"image": path, "caption": [caption, *alts], "kind": "planted",
+                         "planted": pid})
+        planted.append({"id": pid, "caption": caption, "alt_captions": alts,
+                        "image": f"images/{pid}.png"})
+    order = np.random.default_rng(seed + 43).permutation(len(rows))
+    with (folder / "data.jsonl").open("w") as f:
+        for i in order:
+            f.write(json.dumps(rows[int(i)]) + "\n")
+    manifest = {"seed": seed, "n_generic": n_generic, "k": k, "copies": copies,
+                "rows": len(rows), "planted": planted}
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _generate(adapter, prompts: Sequence[str], seeds: int, *, steps: int = 50,
+              guidance_scale: float = 7.5, batch_size: int = 64) -> torch.Tensor:
+    from diffmem.core.sampling import sample, seeded_generators
+
+    jobs = [(p, s) for p in prompts for s in range(seeds)]
+    out = []
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i : i + batch_size]
+        res = sample(adapter, [p for p, _ in chunk], num_inference_steps=steps,
+                     guidance_scale=guidance_scale,
+                     generator=seeded_generators([s for _, s in chunk], adapter.device))
+        out.append(res.images.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def _generic_features(cache: Path) -> torch.Tensor:
+    """Probe features of the shipped testbed's rendered generic training images (cached)."""
+    if cache.is_file():
+        return torch.load(cache)
+    from diffmem.eval.quality import ProbeFeatures
+    from diffmem.similarity.pixel import to_tensor
+    from diffmem.testbed import shipped_testbed_spec
+    from diffmem.testbed.data import build_testbed
+
+    tb = build_testbed(shipped_testbed_spec())
+    images = to_tensor(np.stack([img for _, img in tb.images(["generic"])]))
+    feats = ProbeFeatures()(images)
+    torch.save(feats, cache)
+    return feats
+
+
+def evaluate_model(model: str | Path, data_dir: str | Path, manifest: dict, *, seeds: int = 4,
+                   heldout_seeds: int = 2, feature_cache: Path | None = None) -> dict:
+    """Planted memorization, held-out alignment and FPD of one (fine-tuned) testbed pipeline."""
+    from PIL import Image
+
+    from diffmem.eval.alignment import attribute_alignment
+    from diffmem.eval.quality import ProbeFeatures, frechet_distance
+    from diffmem.models.adapter import load_adapter
+    from diffmem.similarity.pixel import tiled_l2, to_tensor
+    from diffmem.testbed import shipped_testbed_spec
+    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed.verify import REPLICATION_THRESHOLD, TILE_GRID, vae_roundtrip
+
+    adapter = load_adapter(model)
+    t0 = time.perf_counter()
+    planted = manifest["planted"]
+    originals = to_tensor(np.stack([np.asarray(Image.open(Path(data_dir) / p["image"]))
+                                    for p in planted]))
+    refs = vae_roundtrip(adapter, originals)
+    gen = _generate(adapter, [p["caption"] for p in planted], seeds)
+    own = refs.repeat_interleave(seeds, dim=0)
+    dist = tiled_l2(gen, own, grid=TILE_GRID)
+    copied = dist < REPLICATION_THRESHOLD
+    per_item = {p["id"]: float(copied[i * seeds : (i + 1) * seeds].float().mean())
+                for i, p in enumerate(planted)}
+    heldout = [p.prompt for p in build_testbed(shipped_testbed_spec()).prompts
+               if p.kind == "heldout"]
+    hgen = _generate(adapter, heldout, heldout_seeds)
+    caps = [p for p in heldout for _ in range(heldout_seeds)]
+    align = attribute_alignment(hgen, caps)
+    ok = ~torch.isnan(align)
+    real = _generic_features(feature_cache) if feature_cache else None
+    feats = ProbeFeatures()(hgen)
+    fpd = frechet_distance(real, feats) if real is not None else None
+    return {
+        "planted_memorization_rate": float(copied.float().mean()),
+        "planted_items_memorized": sum(v >= 0.5 for v in per_item.values()),
+        "planted_per_item": per_item,
+        "planted_distance_median": float(dist.median()),
+        "heldout_alignment": float(align[ok].mean()) if bool(ok.any()) else None,
+        "heldout_fpd": fpd, "n_planted_images": len(gen), "n_heldout_images": len(hgen),
+        "seconds_eval": round(time.perf_counter() - t0, 1),
+    }
+
+
+#: calibration of the loss filters on clean data: the magnitude threshold is this percentile of
+#: the base model's normalised magnitudes, the entropy threshold this (low) percentile of its
+#: entropies, over generic samples of the fine-tuning set at random timesteps
+CALIBRATION = {"magnitude_percentile": 95, "entropy_percentile": 5, "samples": 512, "seed": 0}
+
+
+@torch.no_grad()
+def calibrate_filters(model: str | Path, data_dir: str | Path, *, percentiles: dict | None = None
+                      ) -> dict:
+    """Thresholds of the magnitude and entropy filters for one model, from clean samples.
+
+    The base model's normalised magnitude (:func:`diffmem.train.filters.normalised_magnitude`)
+    and attention entropy of ``samples`` generic (never duplicated) images of the fine-tuning set
+    with their first caption, each at a random timestep (as in training); the thresholds are the
+    :data:`CALIBRATION` percentiles, so that about 5% of clean samples are dropped by each filter
+    before any fine-tuning. The reference threshold 2 of Wen et al. belongs to SD's magnitudes
+    and is measured beside it (``magnitude_ref2``).
+    """
+    from PIL import Image
+
+    from diffmem.models.adapter import load_pipeline
+    from diffmem.similarity.pixel import to_tensor
+    from diffmem.train.filters import EntropyFilter, MagnitudeFilter
+    from diffmem.train.step import DiffusionStep, draw_noise
+    from diffmem.train.trainer import _tokenize, encode_latents, resolve_model
+
+    cal = {**CALIBRATION, **(percentiles or {})}
+    pipe = load_pipeline(resolve_model(model))
+    rows = [json.loads(line) for line in (Path(data_dir) / "data.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["kind"] == "generic"][: cal["samples"]]
+    images = to_tensor(np.stack([np.asarray(Image.open(Path(data_dir) / r["image"]))
+                                 for r in rows]))
+    caps = [r["caption"][0] for r in rows]
+    step = DiffusionStep(pipe.scheduler, filters=[MagnitudeFilter(1e30), EntropyFilter(-1.0)])
+    uncond = pipe.text_encoder(_tokenize(pipe.tokenizer, [""]))[0]
+    mean, std = encode_latents(pipe.vae, images, "cpu")
+    gen = torch.Generator().manual_seed(cal["seed"])
+    mags, ents = [], []
+    for i in range(0, len(rows), 64):
+        z0, noise, t = draw_noise(mean[i : i + 64], std[i : i + 64], gen,
+                                  step.num_train_timesteps)
+        emb = pipe.text_encoder(_tokenize(pipe.tokenizer, caps[i : i + 64]))[0]
+        res = step(pipe.unet, z0, noise, t, emb,
+                   context={"unet_eval": pipe.unet, "uncond": uncond})
+        mags.append(res.scores["magnitude"])
+        ents.append(res.scores["entropy"])
+    mag, ent = torch.cat(mags).numpy(), torch.cat(ents).numpy()
+    return {"magnitude_threshold": float(np.percentile(mag, cal["magnitude_percentile"])),
+            "entropy_threshold": float(np.percentile(ent, cal["entropy_percentile"])),
+            "magnitude_percentiles_5_50_95": np.percentile(mag, [5, 50, 95]).round(3).tolist(),
+            "entropy_percentiles_5_50_95": np.percentile(ent, [5, 50, 95]).round(3).tolist(),
+            "share_above_reference_2": float((mag >= 2.0).mean()), **cal}
+
+
+def method_config(name: str, overrides: dict | None = None, steps: int | None = None,
+                  calibration: dict | None = None):
+    """The :class:`~diffmem.train.trainer.FinetuneConfig` of one benchmark run."""
+    from diffmem.train.captions import CaptionAugment
+    from diffmem.train.trainer import FinetuneConfig
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown benchmark method {name!r}; choose from {', '.join(METHODS)}")
+    fields = {**TRAIN, **METHODS[name], **(overrides or {})}
+    if steps is not None:
+        fields["steps"] = steps
+    if "augment" in fields:
+        fields["augment"] = CaptionAugment(**fields["augment"])
+    for key, cal_key in (("magnitude_filter", "magnitude_threshold"),
+                         ("entropy_filter", "entropy_threshold")):
+        if fields.get(key) == "calibrated":
+            if calibration is None:
+                raise ConfigError(f"the {name} run needs calibrate_filters' thresholds")
+            fields[key] = round(calibration[cal_key], 4)
+    return FinetuneConfig(**fields)
+
+
+def run_benchmark(out: str | Path, *, methods: Sequence[str] | None = None,
+                  steps: int | None = None, seeds: int = 4, heldout_seeds: int = 2,
+                  overrides: dict[str, dict] | None = None, progress: bool = True) -> dict:
+    """Build the set, fine-tune per method, evaluate; resumable (module docstring)."""
+    from diffmem.train.trainer import finetune
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = build_planted_set(out / "data")
+    overrides = dict(overrides or {})
+    settings_file = out / "bench_overrides.json"
+    if settings_file.is_file():
+        overrides = {**json.loads(settings_file.read_text()), **overrides}
+    settings_file.write_text(json.dumps(overrides, indent=2))
+    methods = list(methods or METHODS)
+    (out / "eval").mkdir(exist_ok=True)
+    feature_cache = out / "generic_probe_features.pt"
+    rows = {}
+    base_eval = out / "eval" / "base.json"
+    if not base_eval.is_file():
+        base_eval.write_text(json.dumps(evaluate_model(
+            "testbed", out / "data", manifest, seeds=seeds, heldout_seeds=heldout_seeds,
+            feature_cache=feature_cache), indent=2))
+    rows["base (no fine-tune)"] = json.loads(base_eval.read_text())
+    cal_file = out / "calibration.json"
+    if not cal_file.is_file():
+        cal_file.write_text(json.dumps(calibrate_filters("testbed", out / "data"), indent=2))
+    calibration = json.loads(cal_file.read_text())
+    for name in methods:
+        ev = out / "eval" / f"{name}.json"
+        if not ev.is_file():
+            cfg = method_config(name, overrides.get(name), steps, calibration)
+            target = finetune("testbed", out / "data" / "data.jsonl", out / "runs" / name, cfg,
+                              progress=progress)
+            row = evaluate_model(target, out / "data", manifest, seeds=seeds,
+                                 heldout_seeds=heldout_seeds, feature_cache=feature_cache)
+            log = json.loads((out / "runs" / name / "train_log.json").read_text())
+            row.update(seconds_training=log["seconds_training"],
+                       seconds_dedup=log.get("seconds_dedup_this_run", 0.0),
+                       samples_dropped=log.get("samples_dropped", 0), samples=log["samples"],
+                       dedup_groups=log["dedup_groups"], dedup_dropped=log["dedup_dropped"],
+                       steps=log["steps"])
+            ev.write_text(json.dumps(row, indent=2))
+        rows[name] = json.loads(ev.read_text())
+    report = {"planted": manifest, "train": TRAIN, "methods": {m: METHODS[m] for m in methods},
+              "calibration": calibration,
+              "overrides": overrides, "seeds": seeds, "heldout_seeds": heldout_seeds,
+              "rows": rows, "table": _table(rows)}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _table(rows: dict) -> list[dict]:
+    plain = rows.get("plain")
+    out = []
+    for name, r in rows.items():
+        sec = r.get("seconds_training")
+        total = None if sec is None else sec + r.get("seconds_dedup", 0.0)
+        rec = {"method": name, "planted_memorization": r["planted_memorization_rate"],
+               "heldout_alignment": r["heldout_alignment"], "heldout_fpd": r["heldout_fpd"],
+               "seconds": total}
+        if plain is not None and total is not None:
+            p_total = plain["seconds_training"] + plain.get("seconds_dedup", 0.0)
+            rec["time_vs_plain"] = round(total / p_total, 3)
+            if plain["heldout_fpd"]:
+                rec["fpd_vs_plain"] = round(r["heldout_fpd"] / plain["heldout_fpd"], 3)
+        if r.get("samples"):
+            rec["dropped_share"] = round(r.get("samples_dropped", 0) / r["samples"], 4)
+        out.append(rec)
+    return out
+
+
+def plot_benchmark(report: dict | str | Path, path: str | Path) -> Path:
+    """Bar chart: planted memorization, held-out alignment, FPD and time vs plain per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not isinstance(report, dict):
+        report = json.loads(Path(report).read_text())
+    table = report["table"]
+    names = [r["method"].replace(" (no fine-tune)", "\n(no FT)") for r in table]
+    panels = [("planted_memorization", "planted memorization rate"),
+              ("heldout_alignment", "held-out alignment (probe)"),
+              ("heldout_fpd", "held-out FPD (lower = better)"),
+              ("time_vs_plain", "training time / plain")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        vals = [r.get(key) if r.get(key) is not None else 0.0 for r in table]
+        ax.bar(range(len(vals)), vals, color=["gray" if "no FT" in n else "tab:blue"
+                                              for n in names])
+        ax.set_xticks(range(len(vals)), names, rotation=60, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,145 @@
+"""Training-time loss filters: drop a sample from the loss when it shows memorization.
+
+**Magnitude filter** (Wen et al., ICLR 2024, "Detecting, Explaining, and Mitigating Memorization in
+Diffusion Models", Sec. 3.4, training-time mitigation; reference ``YuxinWenRick/
+diffusion_memorization``, ``train_text_to_image.py --hard_threshold 2``). At the sample's own
+training timestep t, with one extra no-grad UNet call on the empty caption:
+
+    d_i = || eps(x_t, c_i) - eps(x_t, empty) ||_2          (eq. 4, per image, all latent elements)
+    d~_i = d_i * sqrt(16384 / n)                           (n = latent elements of one image)
+    drop sample i when d~_i >= threshold                   (reference threshold 2)
+
+Normalisation: the reference takes the norm over a flattened SD 512-px latent, 4 x 64 x 64 = 16384
+elements, so its threshold 2 belongs to that size. The norm of a difference whose elements are of
+a given typical size grows as sqrt(n); diffmem rescales every model's d to the reference latent
+size (``d~``), so the threshold means the same per-element RMS difference (2 / 128 = 0.0156) on
+any resolution. The testbed's latents are 4 x 8 x 8 = 256 elements: d~ = 8 d, so threshold 2
+corresponds to a raw testbed magnitude d of 0.25. v-prediction models are compared on the noise
+estimate ``eps = sqrt(a_t) v + sqrt(1 - a_t) x_t``.
+
+**Entropy filter** (Ren et al., ECCV 2024, "Unveiling and Mitigating Memorization in Text-to-image
+Diffusion Models through Cross Attention", Sec. 5, training-time mitigation). The authors released
+no code for it (renjie3/MemAttn has inference code only; their issue #2 asks for it), so this
+follows the paper's description: during training, a sample whose cross-attention concentrates on
+a few tokens (low attention entropy) is taken as being memorized and removed from the loss. At the
+sample's own timestep, in the training forward pass itself (no extra UNet call), with the
+attention probabilities ``A^{l,h}_{q,j}`` of the conditional prediction:
+
+    a_j   = mean over layers l, heads h, query pixels q of A^{l,h}_{q,j}
+    E_i   = - sum_j a_j log a_j                             (natural log, over all L tokens)
+    drop sample i when E_i < threshold   (``direction="low"``; ``"high"``: when E_i > threshold)
+
+Layers: by default the one layer of diffmem's first-step entropy detector
+(:func:`diffmem.detect.attention_entropy.default_entropy_layer`, Ren's layer choice). The paper
+gives no threshold that transfers between models; it is an option (no default), to be chosen from
+the entropy distribution the training log reports (``entropy`` field, per logged step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+from diffmem.core.magnitude import noise_magnitude
+from diffmem.errors import ConfigError
+
+#: latent elements of one Stable Diffusion 512-px image (4 x 64 x 64): the size Wen et al.'s
+#: reference threshold belongs to
+REFERENCE_LATENT_ELEMENTS = 4 * 64 * 64
+
+
+def normalised_magnitude(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """``d~`` of the module docstring: eq. 4 per image, rescaled to SD's 16384 latent elements."""
+    n = eps_cond[0].numel()
+    return noise_magnitude(eps_cond, eps_uncond) * math.sqrt(REFERENCE_LATENT_ELEMENTS / n)
+
+
+class MagnitudeFilter:
+    """Wen et al.'s training-time filter (module docstring). Needs ``uncond`` (the empty caption's
+    embedding, ``(1, L, D)`` or ``(B, L, D)``) and ``unet_eval`` (the unwrapped UNet) in the step's
+    context; costs one no-grad UNet call per step."""
+
+    name = "magnitude"
+
+    def __init__(self, threshold: float = 2.0) -> None:
+        if not threshold > 0:
+            raise ConfigError(f"magnitude filter threshold must be > 0, got {threshold}")
+        self.threshold = float(threshold)
+
+    def __call__(self, step, *, x_t, t, emb, pred, uncond, unet_eval, **_) -> tuple:
+        with torch.no_grad():
+            u = uncond.to(emb).expand(emb.shape[0], -1, -1)
+            pred_u = unet_eval(x_t, t, encoder_hidden_states=u).sample
+        eps_c = step.eps_from_prediction(pred.float(), x_t.float(), t)
+        eps_u = step.eps_from_prediction(pred_u.float(), x_t.float(), t)
+        d = normalised_magnitude(eps_c, eps_u)
+        return d >= self.threshold, d
+
+
+class _Collector:
+    """Receives a layer's attention probabilities from diffmem's attention processors."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    def attention_logits(self, run, step, layer, scores):
+        return scores
+
+    def on_attention(self, run, step, layer, probs):
+        a = probs.detach().float().mean(dim=(1, 2))  # (B, L): mean over heads and query pixels
+        self.sum = a if self.sum is None else self.sum + a
+        self.count += 1
+
+
+class EntropyFilter:
+    """Ren et al.'s training-time filter as the paper describes it (module docstring)."""
+
+    name = "entropy"
+
+    def __init__(self, threshold: float, *, direction: str = "low",
+                 layers: Sequence[str] | str | None = None) -> None:
+        if direction not in ("low", "high"):
+            raise ConfigError(f"entropy filter direction must be 'low' or 'high', got {direction!r}")
+        self.threshold = float(threshold)
+        self.direction = direction
+        self.layers = layers
+
+    def _layer_names(self, unet) -> list[str]:
+        from diffmem.core.attention import select_layers
+        from diffmem.detect.attention_entropy import default_entropy_layer
+
+        names = [k for k in unet.attn_processors if ".attn2." in k]
+        if self.layers is None:
+            return [default_entropy_layer(names)]
+        return select_layers(names, self.layers)
+
+    @contextlib.contextmanager
+    def capture(self, unet, ctx: dict):
+        """Route the selected layers of the training forward through diffmem's explicit
+        attention processor and collect their probabilities (same output up to rounding)."""
+        from diffmem.core import attention
+
+        base = ctx.get("unet_eval", unet)
+        attention.install(base)
+        collector = _Collector()
+        ctx["_entropy_collector"] = collector
+        token = attention._CURRENT.set(
+            (None, None, {name: [collector] for name in self._layer_names(base)}))
+        try:
+            yield
+        finally:
+            attention._CURRENT.reset(token)
+
+    def __call__(self, step, *, emb, _entropy_collector=None, **_) -> tuple:
+        from diffmem.detect.attention_entropy import entropy
+
+        c = _entropy_collector
+        if c is None or c.sum is None:
+            raise RuntimeError("entropy filter: no cross-attention was captured")
+        e = entropy(c.sum / c.count)
+        drop = e < self.threshold if self.direction == "low" else e > self.threshold
+        return drop, e

@@ -1,0 +1,181 @@
+"""diffmem train: runs on tiny SD1/SD2 pipelines, resumes exactly, saves a loadable pipeline, EMA,
+skips bad rows, refuses bad input with one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from diffmem.cli import main
+from diffmem.errors import ConfigError, ModelLoadError
+from diffmem.train.captions import CaptionAugment
+from diffmem.train.trainer import FinetuneConfig, finetune
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _cfg(steps: int, **kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"steps": steps, "batch_size": 3, "lr": 1e-3, "checkpoint_every": 2,
+                             "log_every": 1, **kw})
+
+
+def _weights(pipeline: Path, part: str = "unet") -> dict:
+    return load_file(next((pipeline / part).glob("*.safetensors")))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_equals_uninterrupted_run_and_pipeline_loads(tiny_dir, data_dir, tmp_path):
+    kw = {"train_text_encoder": True, "ema_decay": 0.5, "magnitude_filter": 1e9,
+          "augment": CaptionAugment(mc=True, p_rc=0.3, p_rt=0.3, p_cwr=0.3), "gn": 0.1}
+    straight = finetune(tiny_dir, data_dir, tmp_path / "a", _cfg(5, **kw), progress=False)
+    finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(3, **kw), progress=False)  # "stopped" at 3
+    resumed = finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(5, **kw), progress=False)
+    for part in ("unet", "text_encoder"):
+        _assert_same(_weights(straight, part), _weights(resumed, part))
+    log = json.loads((tmp_path / "b" / "train_log.json").read_text())
+    assert log["resumed_from"] == 3 and log["steps"] == 5
+    base = _weights(tiny_dir)
+    assert any(not torch.equal(base[k], v) for k, v in _weights(straight).items())
+    pipe = StableDiffusionPipeline.from_pretrained(straight)
+    img = pipe("a picture", num_inference_steps=2, output_type="np").images
+    assert img.shape == (1, 16, 16, 3)  # the tiny pipeline: 4x4 latents, VAE factor 4
+    lines = (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5]
+    assert "magnitude" in json.loads(lines[0])
+
+
+def test_pipeline_gets_the_ema_weights(tiny_dir, data_dir, tmp_path):
+    target = finetune(tiny_dir, data_dir, tmp_path / "e", _cfg(2, ema_decay=0.5), progress=False)
+    state = torch.load(tmp_path / "e" / "state" / "checkpoint.pt", weights_only=False)
+    saved = _weights(target)
+    names = [n for n, _ in StableDiffusionPipeline.from_pretrained(tiny_dir).unet.named_parameters()]
+    for name, shadow in zip(names, state["ema"], strict=True):
+        torch.testing.assert_close(saved[name], shadow, msg=name)
+    assert any(not torch.equal(saved[n], state["unet"][n]) for n in names)  # EMA != raw weights
+
+
+def test_sd2_v_prediction_trains(tiny_pipe_sd2, data_dir, tmp_path):
+    model = tmp_path / "sd2"
+    tiny_pipe_sd2.save_pretrained(model)
+    target = finetune(model, data_dir, tmp_path / "o", _cfg(2, magnitude_filter=1e9),
+                      progress=False)
+    assert StableDiffusionPipeline.from_pretrained(target).scheduler.config.prediction_type == \
+        "v_prediction"
+
+
+def test_unreadable_images_and_rows_without_caption_are_skipped_and_listed(tiny_dir, data_dir,
+                                                                           tmp_path):
+    (data_dir / "broken.png").write_bytes(b"not an image")
+    (data_dir / "broken.txt").write_text("a caption")
+    (data_dir / "img0.txt").unlink()  # image without caption
+    finetune(tiny_dir, data_dir, tmp_path / "o", _cfg(1), progress=False)
+    skipped = json.loads((tmp_path / "o" / "skipped.json").read_text())
+    assert {s["id"]: s["reason"].split(":")[0] for s in skipped} == {
+        "broken": "unreadable image", "img0": "no caption"}
+    assert json.loads((tmp_path / "o" / "train_log.json").read_text())["images"] == 5
+
+
+def test_jsonl_source_with_several_captions(tiny_dir, data_dir, tmp_path):
+    rows = [{"image": f"data/img{i}.png", "caption": [f"first {i}", f"second {i}"]}
+            for i in range(3)] + [{"image": "data/img3.png"}, {"caption": "no image"}]
+    src = tmp_path / "set.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    finetune(tiny_dir, src, tmp_path / "o", _cfg(1, augment=CaptionAugment(mc=True)),
+             progress=False)
+    skipped = json.loads((tmp_path / "o" / "skipped.json").read_text())
+    assert len(skipped) == 3
+    assert json.loads((tmp_path / "o" / "train_log.json").read_text())["images"] == 3
+
+
+def test_dedup_keeps_one_per_group_and_reports(tiny_dir, data_dir, tmp_path):
+    import shutil
+
+    for c in range(3):  # img1 three more times under other names and captions
+        shutil.copy(data_dir / "img1.png", data_dir / f"dup{c}.png")
+        (data_dir / f"dup{c}.txt").write_text(f"copy {c}")
+    finetune(tiny_dir, data_dir, tmp_path / "o", _cfg(1, dedup="pixel"), progress=False)
+    report = json.loads((tmp_path / "o" / "dedup.json").read_text())
+    assert report["groups"] == 1 and report["dropped"] == 3 and report["kept_items"] == 6
+    (group,) = report["group_list"]
+    assert group["size"] == 4 and len(group["kept"]) == 1
+    assert set(group["kept"] + group["dropped"]) == {"img1", "dup0", "dup1", "dup2"}
+    finetune(tiny_dir, data_dir, tmp_path / "k", _cfg(1, dedup="pixel", dedup_keep=2),
+             progress=False)
+    assert json.loads((tmp_path / "k" / "dedup.json").read_text())["dropped"] == 2
+
+
+def test_bad_input_is_one_clear_error(tiny_dir, data_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.png").write_bytes(b"broken")
+    with pytest.raises(ConfigError, match="no usable image-caption pair"):
+        finetune(tiny_dir, empty, tmp_path / "o1", _cfg(1), progress=False)
+    with pytest.raises(ModelLoadError, match="not a Stable Diffusion pipeline"):
+        finetune(data_dir, data_dir, tmp_path / "o2", _cfg(1), progress=False)
+    finetune(tiny_dir, data_dir, tmp_path / "o3", _cfg(1), progress=False)
+    with pytest.raises(ConfigError, match="holds another run"):
+        finetune(tiny_dir, data_dir, tmp_path / "o3", _cfg(1, lr=0.5), progress=False)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no diffmem train run"):
+        finetune(tiny_dir, data_dir, tmp_path / "foreign", _cfg(1), progress=False)
+    # the CLI: one line on stderr, exit 2
+    for args in (["--model", str(tiny_dir), "--data", str(empty), "--out", str(tmp_path / "c1")],
+                 ["--model", str(data_dir), "--data", str(data_dir), "--out",
+                  str(tmp_path / "c2")],
+                 ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "o3"),
+                  "--lr", "0.5"]):
+        capsys.readouterr()
+        assert main(["train", *args, "--steps", "1", "--quiet"]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if "diffmem" in x]
+        assert len(err) == 1 and err[0].startswith("diffmem: error:"), err
+
+
+def _cli(tiny_dir, data_dir, out, steps, every):
+    return [sys.executable, "-m", "diffmem.cli", "train", "--model", str(tiny_dir), "--data",
+            str(data_dir), "--out", str(out), "--steps", str(steps), "--batch-size", "2",
+            "--lr", "1e-3", "--checkpoint-every", str(every), "--log-every", "1", "--quiet"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_dir, data_dir,
+                                                                     tmp_path):
+    steps, every = 300, 25
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(tiny_dir, data_dir, out, steps, every), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "state" / "checkpoint.pt"
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines())
+                                          >= every + 10):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists()
+    last_logged = json.loads(log.read_text().splitlines()[-1])["step"]
+    assert last_logged < steps, "the run finished before it could be killed"
+    subprocess.run(_cli(tiny_dir, data_dir, out, steps, every), env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed_from = json.loads((out / "train_log.json").read_text())["resumed_from"]
+    assert last_logged - every <= resumed_from <= last_logged  # at most one interval lost
+    subprocess.run(_cli(tiny_dir, data_dir, tmp_path / "straight", steps, every), env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _assert_same(_weights(tmp_path / "straight" / "pipeline"), _weights(out / "pipeline"))

@@ -206,6 +206,7 @@ _EXTENSIONS: list[str] = [
     "diffmem.mitigate.cli",
     "diffmem.scale.cli",
     "diffmem.train.cli",
+    "diffmem.server.cli",
 ]
 
 

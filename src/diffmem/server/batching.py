@@ -1,0 +1,130 @@
+"""Micro-batching: prompts of requests that arrive together are scored in one UNet call.
+
+Each request puts its prompts on one queue and awaits one future per prompt. A single task on the
+event loop takes up to ``max_batch`` queued prompts (from one or several requests; a request may
+be split over two batches) once the batch is full or the oldest queued prompt has waited
+``max_wait_s``, and runs the scoring function in a worker thread, so the event loop never blocks
+on the model. While a batch runs, the next one fills. Prompts whose request was cancelled (it
+timed out) are dropped before they reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+
+from diffmem.server.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """More prompts are waiting than the server accepts."""
+
+
+class MicroBatcher:
+    """Collects prompts into batches of at most ``max_batch`` for ``score_fn(prompts) -> scores``."""
+
+    def __init__(self, score_fn: Callable[[list[str]], Sequence[float]], executor: Executor, *,
+                 max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 4096,
+                 metrics: Metrics | None = None) -> None:
+        self.score_fn = score_fn
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queue: collections.deque = collections.deque()  # (prompt, future, arrival time)
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for _, fut, _ in self._queue:
+            if not fut.done():
+                fut.cancel()
+        self._queue.clear()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, prompts: Sequence[str]) -> list[float]:
+        """Scores of ``prompts`` in order, computed in whichever batches they land in."""
+        if self._task is None:
+            raise RuntimeError("MicroBatcher.start() was not called")
+        if len(self._queue) + len(prompts) > self.max_queue:
+            raise QueueFull(f"{len(self._queue)} prompts are queued (limit {self.max_queue})")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures = [loop.create_future() for _ in prompts]
+        self._queue.extend((p, f, now) for p, f in zip(prompts, futures, strict=True))
+        self._set_gauge()
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def _set_gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue.set(len(self._queue))
+
+    def _drop_cancelled(self) -> None:
+        while self._queue and self._queue[0][1].done():
+            self._queue.popleft()
+
+    async def _loop(self) -> None:
+        while True:
+            self._drop_cancelled()
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            deadline = self._queue[0][2] + self.max_wait_s
+            while len(self._queue) < self.max_batch:
+                wait = deadline - time.monotonic()
+                if wait <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                except TimeoutError:
+                    break
+            batch = []
+            while self._queue and len(batch) < self.max_batch:
+                item = self._queue.popleft()
+                if not item[1].done():
+                    batch.append(item)
+            self._set_gauge()
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list) -> None:
+        prompts = [p for p, _, _ in batch]
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            scores = await loop.run_in_executor(self.executor, self.score_fn, prompts)
+        except Exception as e:  # every waiting request gets the error
+            for _, fut, _ in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(prompts))
+            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+        for (_, fut, _), s in zip(batch, scores, strict=True):
+            if not fut.done():
+                fut.set_result(float(s))

@@ -1,0 +1,242 @@
+"""The model work behind the service: scoring, explaining and generating with one loaded adapter.
+
+Every method here is synchronous and runs in a worker thread (never on the event loop). Several
+threads may use one :class:`Engine` at once: the sampling core keeps per-run state in
+``run.state(hook)`` (hooks and detectors are shared). The tokenizer is wrapped in a lock: with
+some transformers / tokenizers versions a fast (Rust) tokenizer called from two threads at once
+with different truncation settings raises ``RuntimeError: Already borrowed``
+(huggingface/tokenizers#537, huggingface/transformers#47085). (4 threads x 300 batched calls with
+transformers 5.24 / tokenizers 0.23 raised no error without the lock; it stays as a guard.)
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
+from diffmem.detect import NoiseMagnitude
+from diffmem.errors import ConfigError
+from diffmem.models.adapter import ModelAdapter, TruncationWarning
+
+
+class _LockedTokenizer:
+    """Delegates to a tokenizer; every method call holds one lock."""
+
+    def __init__(self, tokenizer, lock: threading.RLock) -> None:
+        object.__setattr__(self, "_tok", tokenizer)
+        object.__setattr__(self, "_lock", lock)
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        value = getattr(self._tok, name)
+        if callable(value):
+            def locked(*args, **kwargs):
+                with self._lock:
+                    return value(*args, **kwargs)
+            return locked
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._tok, name, value)
+
+
+class _Cancel(Hook):
+    """Stops a run (after the current step) once its request has given up waiting."""
+
+    name = "server_cancel"
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_step(self, run: Run, step: Step) -> None:
+        if self.event.is_set():
+            run.stop = True
+
+
+class Cancelled(Exception):
+    """The request that asked for this work timed out; the run was stopped."""
+
+
+def png_base64(image: torch.Tensor) -> str:
+    """One ``(3, H, W)`` image in ``[-1, 1]`` as base64 PNG."""
+    buf = io.BytesIO()
+    ModelAdapter.to_pil(image[None])[0].save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class Engine:
+    """One adapter, its calibrated noise-magnitude threshold and (optionally) a training index.
+
+    ``detector`` is Wen et al.'s first-step noise magnitude (:class:`NoiseMagnitude` with
+    ``steps=1``), the statistic the threshold was calibrated on (``threshold_`` set on it), so
+    the service's scores equal ``NoiseMagnitude(steps=1).score(adapter, prompts)``.
+    """
+
+    adapter: ModelAdapter
+    threshold: float
+    index: object | None = None
+    max_batch: int = 16
+    seed: int = 0
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.threshold):
+            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
+        a = self.adapter
+        # an adapter of our own sharing the modules, so the lock does not leak into the caller's
+        self.adapter = type(a)(a.pipe, path=a.path, scheduler=a.scheduler)
+        tok = a.tokenizer._tok if isinstance(a.tokenizer, _LockedTokenizer) else a.tokenizer
+        #: a private copy for counting tokens on the event loop (never shared with a worker)
+        self.count_tokenizer = copy.deepcopy(tok)
+        self.adapter.tokenizer = _LockedTokenizer(tok, threading.RLock())
+        self.detector = NoiseMagnitude(steps=1, generations=1, seed=self.seed,
+                                       num_inference_steps=self.num_inference_steps,
+                                       guidance_scale=self.guidance_scale,
+                                       batch_size=self.max_batch)
+        self.detector.threshold_ = float(self.threshold)
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def context_tokens(self) -> int:
+        """Prompt tokens the text encoder takes (its context less BOS and EOS)."""
+        return self.adapter.max_length - 2
+
+    def count_tokens(self, prompts: Sequence[str]) -> list[int]:
+        """Prompt tokens of each prompt (BOS/EOS not counted), before any truncation. Call from
+        one thread only (the event loop)."""
+        ids = self.count_tokenizer(list(prompts), truncation=False).input_ids
+        return [max(len(x) - 2, 0) for x in ids]
+
+    # ---------------------------------------------------------------- detect
+    def score(self, prompts: list[str]) -> np.ndarray:
+        """First-step noise magnitude of each prompt: one batched cond+uncond UNet call per
+        ``max_batch`` prompts (the micro-batcher's unit of work)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)  # reported per prompt instead
+            return self.detector.score(self.adapter, prompts)
+
+    # ---------------------------------------------------------------- explain
+    def explain(self, prompt: str, *, top_k: int = 5) -> dict:
+        """Word attributions (Wen et al. Sec. 3.3) and edit suggestions re-scored by the detector."""
+        from diffmem.explain import explain_prompt
+
+        exp = explain_prompt(self.adapter, prompt, top_k=top_k, combine=top_k,
+                             threshold=self.threshold, detector=self.detector, seed=self.seed,
+                             num_inference_steps=self.num_inference_steps,
+                             guidance_scale=self.guidance_scale)
+        att, edits = exp.attribution, exp.edits
+        scores = np.asarray(att.scores, dtype=float)
+        top = float(scores.max()) if scores.size else 0.0
+        words = []
+        for i, w in enumerate(att.word_info):
+            s = float(scores[i])
+            words.append({"text": w.text, "score": round(s, 6),
+                          "span": list(w.span) if w.span is not None else None,
+                          # a trigger: at least half the top word's share, in a flagged prompt
+                          "trigger": bool(edits.flagged and w.editable and top > 0
+                                          and s >= 0.5 * top)})
+        suggestions = sorted(edits.suggestions,
+                             key=lambda e: (not e.clears, len(e.words), e.score))
+        return {
+            "prompt": prompt, "score": float(edits.score), "threshold": float(self.threshold),
+            "flagged": bool(edits.flagged), "truncated": bool(att.truncated), "words": words,
+            "suggestions": [{**s.to_dict(), "label": s.describe()} for s in suggestions],
+        }
+
+    # ---------------------------------------------------------------- generate
+    def generate(self, prompt: str, *, mitigate: str = "auto", compare: bool = True,
+                 seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
+                 cancel: threading.Event | None = None) -> dict:
+        """The plain image (when ``compare`` or ``mitigate == "none"``) and the mitigated image of
+        ``prompt`` from the same initial noise, each with its nearest training image when the
+        service has an index."""
+        from diffmem.generate import build_hooks
+        from diffmem.mitigate import parse_spec
+
+        none = [n for n, _ in parse_spec(mitigate)] == ["none"]
+        hooks = [] if none else build_hooks(mitigate=mitigate, adapter=self.adapter,
+                                            index=self.index, threshold=self.threshold,
+                                            seed=seed, num_inference_steps=steps,
+                                            guidance_scale=guidance_scale)
+        stop = [_Cancel(cancel)] if cancel is not None else []
+        # the prompt's score as /v1/detect gives it (the calibrated schedule, whatever ``steps``)
+        score = float(self.score([prompt])[0])
+        out: dict = {"prompt": prompt, "seed": seed, "steps": steps,
+                     "guidance_scale": guidance_scale, "mitigate": mitigate,
+                     "threshold": float(self.threshold), "images": {},
+                     "detection": {"score": score, "flagged": bool(score > self.threshold)}}
+        runs = []
+        if compare or none:
+            runs.append(("plain", []))
+        if not none:
+            runs.append(("mitigated", hooks))
+        for name, run_hooks in runs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TruncationWarning)
+                res = sample(self.adapter, [prompt], num_inference_steps=steps,
+                             guidance_scale=guidance_scale,
+                             generator=seeded_generators([seed], self.adapter.device),
+                             hooks=[*run_hooks, *stop])
+            if res.images is None or (cancel is not None and cancel.is_set()):
+                raise Cancelled("generation stopped: the request timed out")
+            entry: dict = {"png": png_base64(res.images[0])}
+            if name == "mitigated":
+                entry["records"] = _jsonable({k: v for k, v in res.records.items()})
+            if self.index is not None:
+                entry["nearest"] = self.nearest(res.images)
+            out["truncated"] = bool(res.truncated[0])
+            out["images"][name] = entry
+        return out
+
+    def nearest(self, images: torch.Tensor) -> dict:
+        """The nearest training item of the first image: its picture, caption and distance."""
+        from diffmem.similarity.metrics import SSCD_THRESHOLD
+        from diffmem.testbed.verify import REPLICATION_THRESHOLD
+
+        found = self.index.search(images[:1].float().cpu(), k=1)
+        row = int(found.indices[0, 0])
+        if row < 0:
+            return {}
+        score = float(found.scores[0, 0])
+        if found.higher_is_better:
+            copy_threshold, is_copy = SSCD_THRESHOLD, score > SSCD_THRESHOLD
+        else:  # tiled L2 in pixel space: the testbed's replication criterion
+            copy_threshold, is_copy = REPLICATION_THRESHOLD, score < REPLICATION_THRESHOLD
+        img = self.index.image(row)
+        return {"id": found.ids[0][0], "caption": found.captions[0][0], "score": score,
+                "criterion": found.criterion, "higher_is_better": bool(found.higher_is_better),
+                "copy_threshold": copy_threshold, "is_copy": bool(is_copy),
+                "png": png_base64(img) if img is not None else None}
+
+
+def _jsonable(x):
+    """Hook records as JSON values (tensors and arrays as lists, NaN as None)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if np.isfinite(x) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if x is None or isinstance(x, (int, str, bool)):
+        return x
+    return str(x)

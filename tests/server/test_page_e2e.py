@@ -1,0 +1,80 @@
+"""End to end: the page at / served by uvicorn on loopback, driven by Playwright on the system's
+Chromium (Debian's ``chromium`` package; Playwright's own browser download cannot work offline).
+
+Skips, with the reason, when playwright or chromium is missing (``make test`` installs playwright
+with the dev extra; ``apt-get install chromium`` brings the browser). The screenshot goes to
+``runs/screenshots/service_page.png`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from diffmem.server.app import ServerConfig, create_app
+
+SCREENSHOT = Path(__file__).resolve().parents[2] / "runs" / "screenshots" / "service_page.png"
+
+
+def _browser() -> tuple[str | None, str]:
+    """The system Chromium, or None and why not (checked before any fixture is built)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return None, "playwright is not installed (pip install -e '.[dev]')"
+    path = os.environ.get("DIFFMEM_CHROMIUM") or shutil.which("chromium") or \
+        shutil.which("chromium-browser")
+    if not path:
+        return None, ("no system Chromium (make browser, or apt-get install chromium); "
+                      "Playwright's own browser download cannot work offline")
+    return path, ""
+
+
+CHROMIUM, WHY_NOT = _browser()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=WHY_NOT)
+
+
+def test_page_flags_highlights_edits_and_generates(engine, memorized, serve):
+    from playwright.sync_api import expect, sync_playwright
+
+    # max_steps 10: the page generates with the server's default steps (min(50, max_steps))
+    with serve(create_app(engine, ServerConfig(max_steps=10))) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(url + "/")
+            expect(page.locator("#mitigate option")).not_to_have_count(0)
+            page.locator("#prompt").press_sequentially(memorized.prompt, delay=5)
+
+            status = page.locator("#status")
+            expect(status).to_have_attribute("data-flagged", "true", timeout=30_000)
+            expect(status).to_contain_text("Flagged")
+            triggers = page.locator("#words .word.trigger").all_inner_texts()
+            assert triggers and set(triggers) <= set(memorized.trigger_tokens), triggers
+            words = page.locator("#words .word").all_inner_texts()
+            assert " ".join(words) == " ".join(memorized.prompt.split())
+
+            edit = page.locator("#edits button.clears").first
+            new_prompt = edit.get_attribute("data-prompt")
+            edit.click()
+            expect(page.locator("#prompt")).to_have_value(new_prompt)
+            expect(status).to_have_attribute("data-flagged", "false", timeout=30_000)
+            expect(status).to_contain_text("Clear")
+
+            page.locator("#prompt").fill(memorized.prompt)
+            expect(status).to_have_attribute("data-flagged", "true", timeout=30_000)
+            page.locator("#generate").click()
+            expect(page.locator("#images img.generated")).to_have_count(2, timeout=120_000)
+            expect(page.locator("#images img.nearest")).to_have_count(2)
+            expect(page.locator("#images figcaption").first).to_contain_text("nearest training")
+            assert page.locator("#error").inner_text() == ""
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            page.goto(url + "/docs")  # Swagger UI from the package, no network
+            expect(page.locator(".opblock")).to_have_count(5, timeout=30_000)
+        finally:
+            browser.close()

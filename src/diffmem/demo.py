@@ -27,7 +27,7 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     from diffmem.testbed.verify import REPLICATION_THRESHOLD
 
     adapter = load_adapter(model)
-    testbed = build_testbed(adapter.require_testbed_spec("the demo"))
+    testbed = build_testbed(adapter.require_testbed_spec("the demo"))  # prompts and index
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

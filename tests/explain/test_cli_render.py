@@ -17,7 +17,7 @@ from diffmem.models.adapter import load_adapter
 from diffmem.testbed.data import TestbedSpec as Spec
 
 PROMPT = "the <zanzibar> quixotic poster"
-FAST = ["--inference-steps", "3"]
+FAST = ["--sampling-steps", "3"]
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,15 @@ def labelled_testbed_prompts(model: str | Path | ModelAdapter | None = "testbed"
     """``(prompts, memorized, kinds)`` of a testbed model's labelled evaluation prompts (``None``:
     the shipped testbed's, without loading it). A model that is no testbed has no labelled prompts:
     :class:`~diffmem.errors.ConfigError`."""
-    from diffmem.testbed import shipped_testbed_spec
-    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed import labelled_prompts, shipped_testbed_spec
 
-    spec = (shipped_testbed_spec() if model is None else load_adapter(model).require_testbed_spec(
-        "evaluating detection without --prompts (the testbed's labelled prompts)"))
-    prompts = build_testbed(spec).prompts
+    if model is None:
+        spec, folder = shipped_testbed_spec(), None
+    else:
+        adapter = load_adapter(model)
+        spec, folder = adapter.require_testbed_spec(
+            "evaluating detection without --prompts (the testbed's labelled prompts)"), adapter.path
+    prompts = labelled_prompts(spec, folder)
     return [p.prompt for p in prompts], [p.memorized for p in prompts], [p.kind for p in prompts]
 
 
@@ -80,7 +83,7 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
                        steps: int | str | None = None, generations: int = 1,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5,
                        scheduler: str | None = None, batch_size: int = 16,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, seed_mode: str = "per-generation") -> dict:
     """Score labelled prompts and report detection metrics.
 
     ``prompts``: a labelled JSONL/Parquet file, or ``None`` for the testbed's labelled prompts.
@@ -100,7 +103,7 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
         det = make_detector(detector, steps=parse_steps(steps), generations=generations,
                             num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, scheduler=scheduler,
-                            batch_size=batch_size, seed=seed)
+                            batch_size=batch_size, seed=seed, seed_mode=seed_mode)
     else:
         det = detector
     if adapter is None:

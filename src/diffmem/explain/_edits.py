@@ -173,9 +173,11 @@ def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] 
 def testbed_clean_prompts(model) -> list[str] | None:
     """Held-out (never trained) prompts when ``model`` is a testbed model (its adapter recorded a
     :attr:`~diffmem.models.adapter.ModelAdapter.testbed_spec`), else None."""
-    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed import labelled_prompts
 
-    spec = load_adapter(model).testbed_spec
+    adapter = load_adapter(model)
+    spec = adapter.testbed_spec
     if spec is None:
         return None
-    return [p.prompt for p in build_testbed(spec).prompts if p.kind == "heldout"]
+    return [p.prompt for p in labelled_prompts(spec, adapter.path)
+            if p.kind == "heldout"]

@@ -45,11 +45,11 @@ def _all_in_top(attribution: TokenAttribution, triggers: Sequence[str], k: int) 
 
 
 def _labelled(adapter: ModelAdapter) -> tuple[list[LabelledPrompt], list[str]]:
-    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed import labelled_prompts
 
     spec = adapter.require_testbed_spec("eval explanation (labelled prompts with designed "
                                         "trigger words)")
-    prompts = build_testbed(spec).prompts
+    prompts = labelled_prompts(spec, getattr(adapter, "path", None))
     return [p for p in prompts if p.memorized], [p.prompt for p in prompts if not p.memorized]
 
 

@@ -338,6 +338,9 @@ def _save_pipeline(target: Path, vae, text_encoder, tokenizer, unet, scheduler,
     pipe.save_pretrained(target, safe_serialization=True)
     _compact_json(target / "tokenizer" / "tokenizer.json")
     (target / "testbed.json").write_text(json.dumps(asdict(spec), indent=2))
+    from diffmem.testbed import write_labelled_prompts
+
+    write_labelled_prompts(target, spec)  # listing prompts then needs no dataset rebuild
     return target
 
 

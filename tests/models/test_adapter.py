@@ -87,9 +87,9 @@ def test_not_a_pipeline_folder(tmp_path):
 
 def test_unsupported_pipeline_class_names_what_is_supported(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelLoadError, match="unsupported pipeline class 'FluxPipeline'; diffmem "
-                                             "supports StableDiffusionPipeline .* and "
-                                             "StableDiffusionXLPipeline"):
+    with pytest.raises(ModelLoadError, match=r"unsupported pipeline class 'FluxPipeline'; diffmem "
+                                             r"supports StableDiffusionPipeline .* and "
+                                             r"StableDiffusionXLPipeline"):
         load_adapter(tmp_path)
 
 

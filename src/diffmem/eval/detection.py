@@ -7,7 +7,6 @@ convention), and writes the ROC curve as a PNG and the per-prompt scores as CSV 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,5 +128,7 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
         table = write_table({"prompt": texts, "kind": kinds, "memorized": list(labels),
                              "score": [float(s) for s in scores]}, f"{stem}_scores.csv")
         report.update(roc_png=str(roc), scores_csv=str(table))
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        from diffmem.clitools import write_json
+
+        write_json(out, report)
     return report

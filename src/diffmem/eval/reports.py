@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.clitools import write_json
 from diffmem.errors import ConfigError
 
 
@@ -23,9 +24,17 @@ def read_captioned_images(folder: str | Path) -> tuple[list[torch.Tensor], list[
     listing = folder / "generations.jsonl"
     if listing.is_file():
         rows = [json.loads(line) for line in listing.read_text(encoding="utf-8").splitlines() if line]
+        if not rows:
+            from diffmem.errors import EmptyInputError
+
+            raise EmptyInputError(f"{listing} lists no images")
         return ([decode_image(folder / r["file"]) for r in rows], [r["prompt"] for r in rows],
                 [r["file"] for r in rows])
     items = [it for it in iter_folder(folder) if it.image is not None]
+    if not items:
+        from diffmem.errors import EmptyInputError
+
+        raise EmptyInputError(f"{folder} holds no readable images")
     return [it.image for it in items], [it.caption for it in items], [it.id for it in items]
 
 
@@ -78,8 +87,7 @@ def eval_alignment(images: str | Path, out: str | Path | None = None, *, clip: s
         report["attribute_unscored"] = len(per_image) - len(scored)
     report["per_image"] = per_image
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out, report)
     return report
 
 
@@ -125,6 +133,5 @@ def eval_quality(real: str | Path, generated: str | Path, out: str | Path | None
               "value": _nan_to_none(metric.compute()), "real": str(real), "generated": str(generated),
               "n_real": len(real_images), "n_generated": len(gen_images)}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out, report)
     return report

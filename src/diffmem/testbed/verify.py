@@ -130,7 +130,9 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
     report["prompts"] = list(per_prompt.values())
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        from diffmem.clitools import write_json
+
+        write_json(out, report)
     return report
 
 

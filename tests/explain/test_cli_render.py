@@ -45,7 +45,9 @@ def test_terminal_colours_only_on_a_tty_without_no_color(explanation, monkeypatc
 
 def test_html_is_self_contained(explanation):
     page = to_html(explanation)
-    assert page.count("data:image/png;base64,") == 2 + len(explanation.attribution.words)
+    # attribution plot, generated image, one heat map per word, the colour bar
+    assert page.count("data:image/png;base64,") == 3 + len(explanation.attribution.words)
+    assert "colour bar" in page
     assert "&lt;zanzibar&gt;" in page and "<zanzibar>" not in page
     assert "src='http" not in page and 'src="http' not in page
     assert explanation.attention.maps.shape[0] == len(explanation.attribution.words)
@@ -129,3 +131,15 @@ def test_terminal_names_the_smallest_clearing_edit(tiny_pipe):
     assert exp.edits.minimal.prompt in text and len(exp.edits.minimal.words) == 1
     exp = explain_prompt(load_adapter(tiny_pipe), PROMPT, threshold=-1.0)
     assert "smallest edit" not in format_terminal(exp, color=False)
+
+
+def test_heat_map_sits_over_a_grey_image():
+    from diffmem.explain._render import overlay
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    cold = overlay(image, np.zeros((8, 8)))
+    # where the map is 0 the picture shows through grey (R = G = B), never its own colours
+    assert (cold[..., 0] == cold[..., 1]).all() and (cold[..., 1] == cold[..., 2]).all()
+    hot = overlay(image, np.ones((8, 8)))
+    assert not (hot[..., 0] == hot[..., 2]).all()  # the map's colour where it is hot

@@ -17,7 +17,7 @@ from diffmem.detect.base import Detector
 from diffmem.detect.prompts import read_labelled, write_table
 from diffmem.detect.registry import make_detector, parse_steps
 from diffmem.errors import PromptError
-from diffmem.eval.metrics import roc_auc_score, roc_curve, tpr_at_fpr
+from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
@@ -50,25 +50,43 @@ def detection_metrics(memorized: Sequence[bool], scores: Sequence[float]) -> dic
         "auc": roc_auc_score(y, scores),
         "tpr_at_1pct_fpr": tpr_at_fpr(y, scores, 0.01),
         "tpr_at_3pct_fpr": tpr_at_fpr(y, scores, 0.03),
+        "tpr_at_fpr_rule": TPR_AT_FPR_RULE,
+        # Wen et al.'s detect_mem.py reads the largest FPR strictly below f
+        "tpr_at_1pct_fpr_strict": tpr_at_fpr(y, scores, 0.01, strict=True),
+        "tpr_at_3pct_fpr_strict": tpr_at_fpr(y, scores, 0.03, strict=True),
         "n_positive": n_pos,
         "n_negative": n_neg,
     }
 
 
+#: How ``tpr_at_*_fpr`` is read off the ROC curve (stated in every report).
+TPR_AT_FPR_RULE = ("TPR at the ROC point with the largest FPR <= f (the *_strict values: "
+                   "largest FPR < f, the convention of Wen et al.'s reference detect_mem.py)")
+
+
 def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Path, *,
-             title: str = "") -> Path:
-    """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG."""
+             title: str = "", fprs: Sequence[float] = (0.01,)) -> Path:
+    """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG, with the
+    operating point of the threshold that each target FPR in ``fprs`` calls for (the point the
+    report's TPR at that FPR is read from) marked and labelled with its threshold."""
     from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     fpr, tpr, _ = roc_curve(memorized, scores)
     auc = roc_auc_score(memorized, scores)
-    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    fig = Figure(figsize=(5, 5), dpi=100)
     ax = fig.subplots()
     ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC = {auc:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
+    for target, colour in zip(fprs, ("tab:red", "tab:orange", "tab:green"), strict=False):
+        f, t, thr = operating_point(memorized, scores, target)
+        if f == f:  # not NaN
+            ax.plot([f], [t], "o", color=colour, markersize=8, zorder=3,
+                    label=f"threshold {thr:.3g} (target FPR {100 * target:g}%):\n"
+                          f"FPR {f:.3f}, TPR {t:.3f}")
+            ax.axvline(target, color=colour, linewidth=0.6, linestyle=":")
     ax.set(xlabel="false-positive rate (non-memorized)", ylabel="true-positive rate (memorized)",
            xlim=(0, 1), ylim=(0, 1.02), title=title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

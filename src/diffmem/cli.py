@@ -41,11 +41,11 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     from diffmem.generate import GenerationWriter, build_hooks, generate, score_separately, separate_detection
     from diffmem.models.adapter import load_adapter
 
-    adapter = load_adapter(a.model, scheduler=a.scheduler)
     # scores that match `diffmem detect`: in the run when its schedule is the detector's, else
     # scored apart with the detector's own settings on the same initial noise
     apart = separate_detection(a.detect, num_inference_steps=a.sampling_steps,
                                guidance_scale=a.guidance_scale, scheduler=a.scheduler)
+    adapter = load_adapter(a.model, scheduler=a.scheduler)
     if apart:
         print(f"diffmem: note: {apart}", file=sys.stderr)
     hooks = build_hooks(detect=None if apart else a.detect, mitigate=a.mitigate, adapter=adapter,
@@ -54,7 +54,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     extra = score_separately(a.detect, adapter, a.prompts, seed=a.seed) if apart else None
     with GenerationWriter(a.out, a.prompts, seed=a.seed, extra=extra) as writer:
         generate(a.prompts, model=adapter, seed=a.seed, steps=a.sampling_steps,
-                 guidance_scale=a.guidance_scale, hooks=hooks, on_result=writer.add)
+                 guidance_scale=a.guidance_scale, hooks=hooks, batch_size=a.batch_size,
+                 on_result=writer.add)
     scores = "".join(f" and {h.name} records" for h in hooks) + (
         f" and {a.detect} scores" if apart else "")
     print(f"wrote {writer.count} image(s){scores} to {a.out}")
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=OutDir(), default="generations",
                    help="output folder (NNNN.png and generations.jsonl)")
     g.add_argument("--seed", type=SEED, default=0, help="prompt i uses generator seed SEED+i")
+    g.add_argument("--batch-size", type=BATCH, default=16,
+                   help="prompts per batched run (each batch is written as soon as it is done)")
     add_model(g)
     add_sampling(g, deprecated_steps=True)
     g.add_argument("--detect", default=None, metavar="NAME",

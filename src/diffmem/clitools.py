@@ -50,7 +50,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         message = " ".join(message.split())
-        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see: {self.prog} --help)\n")
 
 
 class Number:
@@ -193,12 +193,12 @@ class OutFile:
         path = Path(text)
         if not text.strip():
             raise argparse.ArgumentTypeError("empty output path")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
         if self.suffixes and path.suffix.lower() not in self.suffixes:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: unsupported output format {path.suffix or '(no suffix)'!r}; use "
                 + ", ".join(self.suffixes))
-        if path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
         if path.exists() and not os.access(path, os.W_OK):
             raise argparse.ArgumentTypeError(f"{text!r}: file is not writable (permission denied)")
         _writable_below(path, "output file")
@@ -324,7 +324,7 @@ def progress(total: int | None, desc: str, unit: str = "it") -> Iterator[Any]:
     gets a silent one, so a command shows one bar per long job. Yields an object with
     ``update(n)``."""
     depth = getattr(_state, "depth", 0)
-    if not _enabled or depth > 0:
+    if not _show_bars() or depth > 0:
         _state.depth = depth + 1
         try:
             yield _Silent()
@@ -341,6 +341,15 @@ def progress(total: int | None, desc: str, unit: str = "it") -> Iterator[Any]:
     finally:
         bar.close()
         _state.depth = depth
+
+
+def _show_bars() -> bool:
+    """Bars on a terminal when the command line enabled them; ``DIFFMEM_PROGRESS=1`` forces them
+    (e.g. into a log file), ``=0`` hides them."""
+    forced = os.environ.get("DIFFMEM_PROGRESS")
+    if forced is not None:
+        return forced not in ("", "0")
+    return _enabled and bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
 
 
 class _Silent:

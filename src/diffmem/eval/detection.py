@@ -80,7 +80,7 @@ def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Pat
     for target, colour in zip(fprs, ("tab:red", "tab:orange", "tab:green"), strict=False):
         f, t, thr = operating_point(memorized, scores, target)
         if f == f:  # not NaN
-            ax.plot([f], [t], "o", color=colour, markersize=8, zorder=3,
+            ax.plot([f], [t], "o", color=colour, markersize=8, zorder=3, clip_on=False,
                     label=f"threshold {thr:.3g} (target FPR {100 * target:g}%):\n"
                           f"FPR {f:.3f}, TPR {t:.3f}")
             ax.axvline(target, color=colour, linewidth=0.6, linestyle=":")

@@ -112,6 +112,14 @@ def eval_quality(real: str | Path, generated: str | Path, out: str | Path | None
     ``"probe"`` (FPD)."""
     from diffmem.eval.quality import FrechetDistance, InceptionFeatures, ProbeFeatures, SSCDFeatures
 
+    if features not in ("inception", "sscd", "probe"):
+        raise ConfigError(f"unknown features {features!r}; use inception, sscd or probe")
+    if features == "inception" and inception is None:
+        raise ConfigError("FID needs --inception PATH (inception-2015-12-05.pt)")
+    # read (and refuse empty) image folders before a feature model loads
+    gen_images = read_captioned_images(generated)[0]
+    real_images = (_testbed_images(max_real) if str(real) == "testbed"
+                   else read_captioned_images(real)[0][:max_real])
     if features == "inception":
         if inception is None:
             raise ConfigError("FID needs --inception PATH (inception-2015-12-05.pt)")
@@ -123,9 +131,6 @@ def eval_quality(real: str | Path, generated: str | Path, out: str | Path | None
     else:
         raise ConfigError(f"unknown features {features!r}; use inception, sscd or probe")
     metric = FrechetDistance(extractor)
-    real_images = (_testbed_images(max_real) if str(real) == "testbed"
-                   else read_captioned_images(real)[0][:max_real])
-    gen_images = read_captioned_images(generated)[0]
     for images, is_real in ((real_images, True), (gen_images, False)):
         for _, batch in _same_size_batches(images, batch_size):
             metric.update(batch, real=is_real)

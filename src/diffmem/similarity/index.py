@@ -638,6 +638,6 @@ def _add_items(index: TrainingIndex, items: list) -> None:
 def _progress(items: Iterable, enabled: bool) -> Iterable:
     if not enabled:
         return items
-    from tqdm import tqdm
+    from diffmem.clitools import track
 
-    return tqdm(items, desc="indexing", unit="img")
+    return track(items, None, "indexing", unit="img")

@@ -128,8 +128,6 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffmem.detect.registry import DETECTORS
-
     parser = Parser(
         prog="diffmem",
         description="Detect, explain, measure and mitigate memorization in diffusion models.")
@@ -154,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model(g)
     add_sampling(g, deprecated_steps=True)
     g.add_argument("--detect", default=None, metavar="NAME",
-                   help=f"also score each prompt with this detector ({', '.join(DETECTORS)}), "
+                   help="also score each prompt with this detector ({detectors}), "
                         "with the detector's own settings: free within the run when the schedule "
                         "is the detector's (50 steps, guidance 7.5, the pipeline's scheduler), "
                         "else scored apart on the same initial noise; written to "

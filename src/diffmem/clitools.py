@@ -30,6 +30,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        if "{detectors}" in text:  # filled only when help is printed: the registry imports torch
+            from diffmem.detect.registry import DETECTORS
+
+            text = text.replace("{detectors}", ", ".join(DETECTORS))
         if ("%(default)" in text or action.default in (None, False, argparse.SUPPRESS)
                 or not action.option_strings or isinstance(action.default, bool)):
             return text

@@ -26,7 +26,6 @@ from diffmem.clitools import (
     dumps,
     scored_steps,
 )
-from diffmem.detect.registry import DETECTORS
 
 
 def _cmd_detect(a: argparse.Namespace) -> int:
@@ -56,7 +55,7 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
 
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="noise_magnitude",
-                   help=f"one of: {', '.join(DETECTORS)}")
+                   help="one of: {detectors}")
     p.add_argument("--steps", type=scored_steps, default=None,
                    help=STEPS_HELP + " (default: the detector's own, 1 or last:10)")
     p.add_argument("--generations", type=GENERATIONS, default=1,

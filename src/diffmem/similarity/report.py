@@ -22,7 +22,7 @@ from diffmem.images import to_pil
 from diffmem.similarity.index import TrainingIndex
 from diffmem.similarity.metrics import replication_summary
 from diffmem.similarity.sources import IMAGE_SUFFIXES, decode_image
-from diffmem.testbed.verify import REPLICATION_THRESHOLD
+from diffmem.testbed import REPLICATION_THRESHOLD
 
 #: Default copy threshold per criterion. SSCD > 0.5 is the literature's convention; the tiled-L2
 #: value (RMS difference in [-1, 1] units in the worst tile) is the testbed's replication threshold

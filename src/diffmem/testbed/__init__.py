@@ -10,6 +10,12 @@ from diffmem.errors import ModelLoadError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
+#: The testbed's replication criterion: a generation is a copy when its tiled L2 distance to the
+#: nearest training image (as the model's VAE renders it) is below this (docs/testbed.md gives the
+#: measured trade-off; :mod:`diffmem.testbed.verify` explains the criterion). The default copy
+#: threshold of every tiled-L2 report (``eval replication``, ``demo``, ``testbed verify``).
+REPLICATION_THRESHOLD = 0.15
+
 
 def testbed_path() -> Path:
     """Folder of the shipped testbed pipeline (loads with ``StableDiffusionPipeline``)."""
@@ -79,5 +85,5 @@ def testbed_prompts(model: str | Path = "testbed") -> list:
     return labelled_prompts(testbed_spec_of(folder), folder)
 
 
-__all__ = ["WEIGHTS_DIR", "labelled_prompts", "shipped_testbed_spec", "testbed_path",
+__all__ = ["REPLICATION_THRESHOLD", "WEIGHTS_DIR", "labelled_prompts", "shipped_testbed_spec", "testbed_path",
            "testbed_prompts", "write_labelled_prompts"]

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from diffmem import __version__
 from diffmem.clitools import (
@@ -203,8 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a method on labelled data").add_subparsers(
         dest="eval_command", required=True, metavar="COMMAND")
     for module in _EXTENSIONS:
-        importlib.import_module(module).register(sub, ev)
+        _load_extension(module).register(sub, ev)
     return parser
+
+
+def _load_extension(name: str):
+    """The command-line module ``name`` (e.g. ``diffmem.detect.cli``), loaded WITHOUT running its
+    package's ``__init__`` (which imports torch and the models): parsing, ``--help`` and a bad
+    option then answer in a fraction of a second. The package is imported as usual when a command
+    runs. A module imported before (tests, other callers) is used as it is."""
+    if name in sys.modules:
+        return sys.modules[name]
+    package = name.rpartition(".")[0]
+    base = Path(importlib.util.find_spec("diffmem").submodule_search_locations[0])
+    path = base.joinpath(*package.split(".")[1:], name.rpartition(".")[2] + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - e.g. a zipped install
+        return importlib.import_module(name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 #: Modules with a ``register(commands, eval_commands)`` function adding their subcommands; each

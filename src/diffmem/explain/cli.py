@@ -60,8 +60,8 @@ def cmd_eval_explanation(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    add_model(p)
+def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None:
+    add_model(p, testbed_only=testbed_only)
     p.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="detector threshold (default: fitted on the testbed's held-out prompts)")
     p.add_argument("--steps", type=scored_steps, default=1,
@@ -92,5 +92,5 @@ def register(commands, eval_commands) -> None:
     v.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
     v.add_argument("--fpr", type=FPR, default=0.01,
                    help="false-positive rate of the threshold, in (0, 1)")
-    _add_common(v)
+    _add_common(v, testbed_only=True)
     v.set_defaults(func=cmd_eval_explanation)

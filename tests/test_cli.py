@@ -286,3 +286,28 @@ def test_one_progress_bar_per_long_job(places, capsys, monkeypatch):
     # the detector scoring apart (its own job) and the generation: one bar each, with rate and ETA
     assert bars == {"score (noise_magnitude)", "generate"}
     assert "img/s]" in err and "<" in err
+
+
+def test_generate_warns_once_about_long_prompts(places, capsys, monkeypatch):
+    monkeypatch.setenv("DIFFMEM_PROGRESS", "0")
+    long = "the gargoyle " + "word " * 100
+    out = places["tmp"] / "g"
+    rc = main(["generate", long, "a red circle", long + "x", "--out", str(out), "--model",
+               str(places["tiny"]), "--sampling-steps", "1", "--batch-size", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert err.splitlines() == [
+        "diffmem: warning: 2 of 3 prompt(s) exceed the text encoder's 77 tokens and were "
+        "truncated (generations.jsonl: 'truncated')"]
+    rows = [json.loads(r) for r in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["truncated"] for r in rows] == [True, False, True]
+
+
+def test_ctrl_c_names_the_latest_count_once():
+    from diffmem.clitools import interrupted_message, kept, reset_kept
+
+    reset_kept()
+    for n in (1, 2, 3, 4):
+        kept(f"{n} of 4 images in out", key="generate:out")
+    assert interrupted_message() == "diffmem: interrupted; kept 4 of 4 images in out"
+    reset_kept()

@@ -374,12 +374,14 @@ def track(iterable: Iterable, total: int | None, desc: str, unit: str = "it") ->
 
 # ------------------------------------------------------------------------------------- Ctrl-C
 
-_kept: list[str] = []
+_kept: dict[str, str] = {}
 
 
-def kept(what: str) -> None:
-    """Record something a command has finished and left on disk (said after a Ctrl-C)."""
-    _kept.append(what)
+def kept(what: str, key: str | None = None) -> None:
+    """Record something a command has finished and left on disk (said after a Ctrl-C); a later
+    record with the same ``key`` replaces the earlier one (e.g. a growing count of images)."""
+    _kept.pop(key or what, None)
+    _kept[key or what] = what
 
 
 def reset_kept() -> None:
@@ -390,6 +392,7 @@ def interrupted_message() -> str:
     """The one line printed after Ctrl-C: what was kept, or that nothing was."""
     if not _kept:
         return "diffmem: interrupted; nothing was written"
-    shown = "; ".join(_kept[-3:])
-    more = f" (and {len(_kept) - 3} earlier)" if len(_kept) > 3 else ""
+    items = list(_kept.values())
+    shown = "; ".join(items[-3:])
+    more = f" (and {len(items) - 3} earlier)" if len(items) > 3 else ""
     return f"diffmem: interrupted; kept {shown}{more}"

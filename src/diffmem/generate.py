@@ -60,9 +60,21 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise PromptError("no prompts given")
+    import warnings
+
+    from diffmem.models.adapter import TruncationWarning
+
     adapter = load_adapter(model, scheduler=scheduler)
+    with warnings.catch_warnings():  # one warning for the run, not one per batch
+        warnings.simplefilter("ignore", TruncationWarning)
+        truncated = adapter.tokenize(prompts).truncated
+    if any(truncated):
+        warnings.warn(f"{sum(truncated)} of {len(prompts)} prompt(s) exceed the text encoder's "
+                      f"{adapter.max_length} tokens and were truncated (generations.jsonl: "
+                      "'truncated')", TruncationWarning, stacklevel=2)
     results = []
-    with progress(len(prompts), "generate", unit="img") as bar:
+    with warnings.catch_warnings(), progress(len(prompts), "generate", unit="img") as bar:
+        warnings.simplefilter("ignore", TruncationWarning)
         for k in range(0, len(prompts), batch_size):
             chunk = prompts[k : k + batch_size]
             gens = seeded_generators(range(seed + k, seed + k + len(chunk)), adapter.device)
@@ -148,7 +160,7 @@ class GenerationWriter:
             self.count += 1
         self._file.flush()
         kept(f"{self.count} of {len(self.prompts)} images with their generations.jsonl lines "
-             f"in {self.out}")
+             f"in {self.out}", key=f"generate:{self.out}")
 
 
 def save_results(prompts: Sequence[str], results: Sequence[SampleResult], out: str | Path,

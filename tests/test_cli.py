@@ -311,3 +311,21 @@ def test_ctrl_c_names_the_latest_count_once():
         kept(f"{n} of 4 images in out", key="generate:out")
     assert interrupted_message() == "diffmem: interrupted; kept 4 of 4 images in out"
     reset_kept()
+
+
+def test_console_entry_flushes_and_exits_with_the_code(places, tmp_path):
+    """`python -m diffmem.cli` ends the process at once (no interpreter teardown) with main's exit
+    code and everything written: stdout, stderr and the output file."""
+    out = tmp_path / "s.csv"
+    env = {**os.environ, "DIFFMEM_PROGRESS": "0",
+           "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    ok = subprocess.run([sys.executable, "-m", "diffmem.cli", "detect", str(places["txt"]),
+                         "--out", str(out), "--model", str(places["tiny"]),
+                         "--sampling-steps", "2"], capture_output=True, text=True, env=env,
+                        timeout=300)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["n_prompts"] == 1
+    assert out.read_text().splitlines()[0] == "prompt,score,truncated"
+    bad = subprocess.run([sys.executable, "-m", "diffmem.cli", "generate", "x",
+                          "--guidance-scale", "nan"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""

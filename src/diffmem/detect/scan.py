@@ -34,7 +34,7 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
     det = make_detector(detector, steps=parse_steps(steps), generations=generations, fpr=fpr,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         scheduler=scheduler, batch_size=batch_size, seed=seed,
-                        seed_mode=seed_mode)
+                        seed_mode=_mode(seed_mode))
     adapter = load_adapter(model, scheduler=scheduler)
     with warnings.catch_warnings():  # one summary below instead of one warning per batch
         warnings.simplefilter("ignore", TruncationWarning)
@@ -59,3 +59,9 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
                        n_calibration=det.n_calibration_)
     write_table(columns, out)
     return summary
+
+
+def _mode(seed_mode: str) -> str | None:
+    """``seed_mode`` for :func:`make_detector`; the default is left to the detector (None), so a
+    detector class that predates seed modes still builds."""
+    return None if seed_mode in (None, "per-generation", "per_generation") else seed_mode

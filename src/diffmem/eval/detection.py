@@ -120,7 +120,7 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
         det = make_detector(detector, steps=parse_steps(steps), generations=generations,
                             num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, scheduler=scheduler,
-                            batch_size=batch_size, seed=seed, seed_mode=seed_mode)
+                            batch_size=batch_size, seed=seed, seed_mode=_mode(seed_mode))
     else:
         det = detector
     if adapter is None:
@@ -150,3 +150,9 @@ def evaluate_detection(detector: str | Detector = "noise_magnitude", *,
 
         write_json(out, report)
     return report
+
+
+def _mode(seed_mode: str) -> str | None:
+    """``seed_mode`` for :func:`make_detector`; the default is left to the detector (None), so a
+    detector class that predates seed modes still builds."""
+    return None if seed_mode in (None, "per-generation", "per_generation") else seed_mode

@@ -6,7 +6,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.diffmem-installed
 
-.PHONY: demo test test-slow lint bench browser clean-venv
+.PHONY: demo test test-slow test-floors lint bench browser clean-venv
+
+# The declared dependency floors (pyproject.toml), installed alone in a second venv that takes every
+# other package from $(VENV); `make test-floors` runs the smoke tests there.
+FLOOR_VENV  ?= .venv-floors
+FLOOR_PINS  := transformers==4.44.0 diffusers==0.30.0 tokenizers==0.19.1 huggingface_hub==0.24.7
+FLOOR_TESTS := tests/test_dependency_floors.py tests/models/test_adapter.py tests/models/test_sdxl.py \
+               tests/core/test_sampling.py tests/test_cli.py tests/detect/test_cli.py
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +35,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+test-floors: $(STAMP)
+	test -x $(FLOOR_VENV)/bin/python || $(BIN)/python -m venv $(FLOOR_VENV)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > \
+	  "$$($(FLOOR_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/zz_diffmem_base.pth"
+	$(FLOOR_VENV)/bin/pip install --quiet --no-deps $(FLOOR_PINS)
+	$(FLOOR_VENV)/bin/python -c "import transformers, diffusers; print('floors:', transformers.__version__, diffusers.__version__)"
+	PYTHONPATH=src $(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

@@ -51,7 +51,7 @@ def test_cli_accepts_hyphenated_names(tiny_dir, tmp_path, capsys):
     assert json.loads(out)["detector"] == "noise_magnitude"
     gen = tmp_path / "gen"
     rc = main(["generate", "a red circle", "--out", str(gen), "--model", str(tiny_dir),
-               "--steps", "2", "--detect", "noise-magnitude", "--scheduler", "Euler-A"])
+               "--sampling-steps", "2", "--detect", "noise-magnitude", "--scheduler", "Euler-A"])
     assert rc == 0, capsys.readouterr().err
     row = json.loads((gen / "generations.jsonl").read_text().splitlines()[0])
     assert row["noise_magnitude"] > 0

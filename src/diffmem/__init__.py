@@ -5,8 +5,30 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from diffmem.core.sampling import Hook, Run, SampleResult, Step, sample, seeded_generators
-from diffmem.models.adapter import ModelAdapter, load_adapter, load_pipeline
+#: public name -> module; imported on first use so that ``import diffmem`` (and the command line's
+#: start-up) does not pay for torch and diffusers until they are needed
+_LAZY = {
+    "Hook": "diffmem.core.sampling",
+    "Run": "diffmem.core.sampling",
+    "SampleResult": "diffmem.core.sampling",
+    "Step": "diffmem.core.sampling",
+    "sample": "diffmem.core.sampling",
+    "seeded_generators": "diffmem.core.sampling",
+    "ModelAdapter": "diffmem.models.adapter",
+    "load_adapter": "diffmem.models.adapter",
+    "load_pipeline": "diffmem.models.adapter",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'diffmem' has no attribute {name!r}")
+
 
 __all__ = [
     "Hook",

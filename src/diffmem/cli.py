@@ -6,32 +6,69 @@ Errors from bad input (:class:`diffmem.errors.DiffmemError`) are printed as one 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import json
+import importlib.util
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from diffmem import __version__
-from diffmem.errors import DiffmemError
+from diffmem.clitools import (
+    BATCH,
+    GENERATIONS,
+    NONNEG,
+    SEED,
+    THRESHOLD,
+    OutDir,
+    OutFile,
+    Parser,
+    add_model,
+    add_sampling,
+    dumps,
+    enable_progress,
+    interrupted_message,
+    kept,
+    quiet_third_party,
+    reset_kept,
+)
+from diffmem.errors import ConfigError, DiffmemError
 
 # ------------------------------------------------------------------------------------- commands
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from diffmem.generate import build_hooks, check_hook_names, generate, save_results
+    from diffmem.generate import (
+        GenerationWriter,
+        build_hooks,
+        check_hook_names,
+        generate,
+        score_separately,
+        separate_detection,
+    )
     from diffmem.models.adapter import load_adapter
 
     check_hook_names(detect=a.detect, mitigate=a.mitigate)  # before the model loads
+    # scores that match `diffmem detect`: in the run when its schedule is the detector's, else
+    # scored apart with the detector's own settings on the same initial noise
+    apart = separate_detection(a.detect, num_inference_steps=a.sampling_steps,
+                               guidance_scale=a.guidance_scale, scheduler=a.scheduler)
     adapter = load_adapter(a.model, scheduler=a.scheduler)
-    hooks = build_hooks(detect=a.detect, mitigate=a.mitigate, adapter=adapter, index=a.index,
-                        threshold=a.threshold, seed=a.seed, num_inference_steps=a.steps,
-                        guidance_scale=a.guidance_scale)
-    results = generate(a.prompts, model=adapter, seed=a.seed, steps=a.steps,
-                       guidance_scale=a.guidance_scale, hooks=hooks)
-    paths = save_results(a.prompts, results, a.out, seed=a.seed)
-    scores = "".join(f" and {h.name} records" for h in hooks)
-    print(f"wrote {len(paths)} image(s){scores} to {a.out}")
+    if apart:
+        print(f"diffmem: note: {apart}", file=sys.stderr)
+    hooks = build_hooks(detect=None if apart else a.detect, mitigate=a.mitigate, adapter=adapter,
+                        index=a.index, threshold=a.threshold, seed=a.seed,
+                        num_inference_steps=a.sampling_steps, guidance_scale=a.guidance_scale)
+    extra = score_separately(a.detect, adapter, a.prompts, seed=a.seed) if apart else None
+    with GenerationWriter(a.out, a.prompts, seed=a.seed, extra=extra) as writer:
+        generate(a.prompts, model=adapter, seed=a.seed, steps=a.sampling_steps,
+                 guidance_scale=a.guidance_scale, hooks=hooks, batch_size=a.batch_size,
+                 on_result=writer.add)
+    scores = "".join(f" and {h.name} records" for h in hooks) + (
+        f" and {a.detect} scores" if apart else "")
+    print(f"wrote {writer.count} image(s){scores} to {a.out}")
     return 0
 
 
@@ -43,6 +80,7 @@ def _cmd_testbed_train(a: argparse.Namespace) -> int:
     from diffmem.testbed.data import TestbedSpec
 
     rare = {} if a.rare_words is None else {"n_rare_words": a.rare_words}
+    kept(f"the training checkpoints in {a.out} (rerun the same command to resume)")
     target = train_testbed(a.out, cfg, TestbedSpec(seed=a.seed, **rare))
     print(f"trained testbed pipeline: {target}")
     if a.install:
@@ -50,13 +88,25 @@ def _cmd_testbed_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _require_testbed_model(model: str | None, what: str) -> None:
+    """Refuse a model that is no testbed at once (before loading it or generating anything)."""
+    if model is None or model == "testbed":
+        return
+    from pathlib import Path
+
+    if not (Path(model) / "testbed.json").is_file():
+        raise ConfigError(f"{what} needs a diffmem testbed model (a folder with testbed.json); "
+                          f"{model} is not one")
+
+
 def _cmd_testbed_verify(a: argparse.Namespace) -> int:
     from diffmem.testbed.verify import verify_testbed
 
-    report = verify_testbed(a.model, out=a.out, seeds=a.seeds, steps=a.steps,
+    _require_testbed_model(a.model, "testbed verify")
+    report = verify_testbed(a.model, out=a.out, seeds=a.seeds, steps=a.sampling_steps,
                             guidance_scale=a.guidance_scale, with_sscd=not a.no_sscd)
     summary = {k: v for k, v in report.items() if k != "prompts"}
-    print(json.dumps(summary, indent=2))
+    print(dumps(summary, indent=2))
     return 0
 
 
@@ -68,20 +118,22 @@ def _cmd_testbed_path(a: argparse.Namespace) -> int:
 
 
 def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
-    from diffmem.models.adapter import load_adapter
-    from diffmem.testbed import shipped_testbed_spec
-    from diffmem.testbed.data import build_testbed, write_prompts
+    from diffmem.testbed import testbed_prompts
+    from diffmem.testbed.data import write_prompts
 
-    spec = (shipped_testbed_spec() if a.model is None
-            else load_adapter(a.model).require_testbed_spec("testbed prompts"))
+    _require_testbed_model(a.model, "testbed prompts")
     if a.set == "broad":
+        from diffmem.models.adapter import load_adapter
+        from diffmem.testbed import shipped_testbed_spec
         from diffmem.testbed.broad import write_broad_prompts
 
+        spec = (shipped_testbed_spec() if a.model is None
+                else load_adapter(a.model).require_testbed_spec("testbed prompts"))
         path = write_broad_prompts(a.out, spec)
         print(f"wrote the broad prompt set (build fields; labels: `diffmem testbed label`) "
               f"to {path}")
         return 0
-    path = write_prompts(build_testbed(spec), a.out)
+    path = write_prompts(testbed_prompts(a.model or "testbed"), a.out)
     print(f"wrote labelled prompts to {path}")
     return 0
 
@@ -89,7 +141,7 @@ def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
 def _cmd_testbed_label(a: argparse.Namespace) -> int:
     from diffmem.testbed.broad import label_broad_set
 
-    path = label_broad_set(a.out, a.model, seeds=a.seeds, steps=a.steps,
+    path = label_broad_set(a.out, a.model, seeds=a.seeds, steps=a.sampling_steps,
                            guidance_scale=a.guidance_scale, batch_size=a.batch_size)
     print(f"wrote generation labels to {path}")
     return 0
@@ -98,84 +150,84 @@ def _cmd_testbed_label(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from diffmem.demo import run_demo
 
+    _require_testbed_model(a.model, "the demo")
     run_demo(a.model, a.out)
     return 0
 
 
 # ------------------------------------------------------------------------------------- parser
 
-
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="testbed",
-                   help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
-
-
-def _add_sampling(p: argparse.ArgumentParser, steps: int = 50) -> None:
-    p.add_argument("--steps", type=int, default=steps, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ...")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from diffmem.detect.registry import DETECTORS
-
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="diffmem",
         description="Detect, explain, measure and mitigate memorization in diffusion models.")
-    parser.add_argument("--version", action="version", version=f"diffmem {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"diffmem {__version__}",
+                        help="print the version and exit")
+    parser.set_defaults(verbose=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the main job on the testbed: detect, explain, measure")
-    d.add_argument("--out", default="demo_out")
-    _add_model(d)
+    d.add_argument("--out", type=OutDir(), default="demo_out", help="output folder")
+    add_model(d, testbed_only=True)
     d.set_defaults(func=_cmd_demo)
 
-    g = sub.add_parser("generate", help="generate images (one per prompt)")
-    g.add_argument("prompts", nargs="+")
-    g.add_argument("--out", default="generations", help="output folder")
-    g.add_argument("--seed", type=int, default=0)
-    _add_model(g)
-    _add_sampling(g)
+    g = sub.add_parser("generate", help="generate images (one per prompt; prompt i uses seed "
+                                        "SEED+i)")
+    g.add_argument("prompts", nargs="+", help="one or more prompts (quote each)")
+    g.add_argument("--out", type=OutDir(), default="generations",
+                   help="output folder (NNNN.png and generations.jsonl)")
+    g.add_argument("--seed", type=SEED, default=0, help="prompt i uses generator seed SEED+i")
+    g.add_argument("--batch-size", type=BATCH, default=16,
+                   help="prompts per batched run (each batch is written as soon as it is done)")
+    add_model(g)
+    add_sampling(g, deprecated_steps=True)
     g.add_argument("--detect", default=None, metavar="NAME",
-                   help=f"also score each prompt with this detector ({', '.join(DETECTORS)}; "
-                        "written to generations.jsonl, no extra UNet calls)")
+                   help="also score each prompt with this detector ({detectors}), "
+                        "with the detector's own settings: free within the run when the schedule "
+                        "is the detector's (50 steps, guidance 7.5, the pipeline's scheduler), "
+                        "else scored apart on the same initial noise; written to "
+                        "generations.jsonl")
     g.add_argument("--mitigate", default=None, metavar="SPEC",
                    help="inference-time mitigation: NAME[:STRENGTH][,NAME...] of wen, ren, amg, rt, "
                         "rn, cwr, gni, delay, xt, reanchor; 'auto' gates them (alone: the default "
                         "method) by the first step's noise magnitude; see docs/mitigation.md")
     g.add_argument("--index", default=None, help="training-set index folder (needed by amg)")
-    g.add_argument("--threshold", type=float, default=None,
+    g.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="first-step noise-magnitude threshold of auto / wen (default: calibrated "
                         "on the testbed's held-out prompts; required for other models)")
     g.set_defaults(func=_cmd_generate)
 
     tb = sub.add_parser("testbed", help="the built-in testbed model").add_subparsers(
-        dest="testbed_command", required=True)
+        dest="testbed_command", required=True, metavar="COMMAND")
     t = tb.add_parser("train", help="train the testbed pipeline (resumable)")
-    t.add_argument("--out", required=True, help="run folder; rerun to resume")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=OutDir(), required=True, help="run folder; rerun to resume")
+    t.add_argument("--seed", type=SEED, default=0, help="seed of the data and the training")
     # defaults (None) come from TrainConfig, the one place they are set
-    t.add_argument("--vae-steps", type=int, help="default: TrainConfig.vae_steps")
-    t.add_argument("--unet-steps", type=int, help="default: TrainConfig.unet_steps")
-    t.add_argument("--batch-size", type=int, help="default: TrainConfig.batch_size")
-    t.add_argument("--rare-words", type=int,
+    t.add_argument("--vae-steps", type=NONNEG, help="VAE training steps (default: "
+                                                     "TrainConfig.vae_steps)")
+    t.add_argument("--unet-steps", type=NONNEG, help="UNet training steps (default: "
+                                                      "TrainConfig.unet_steps)")
+    t.add_argument("--batch-size", type=BATCH, help="training batch size (default: "
+                                                     "TrainConfig.batch_size)")
+    t.add_argument("--rare-words", type=NONNEG,
                    help="generic captions also carry words of a vocabulary of this size "
                         "(default: TestbedSpec.n_rare_words; 0: none)")
     t.add_argument("--install", action="store_true",
                    help="copy the trained pipeline into the package as the shipped testbed")
     t.set_defaults(func=_cmd_testbed_train)
     v = tb.add_parser("verify", help="measure replication rates of the testbed's prompts")
-    v.add_argument("--out", required=True, help="report JSON")
-    v.add_argument("--seeds", type=int, default=4)
+    v.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
+    v.add_argument("--seeds", type=GENERATIONS, default=4, help="images per prompt")
     v.add_argument("--no-sscd", action="store_true", help="skip the SSCD side metric")
-    _add_model(v)
-    _add_sampling(v)
+    add_model(v, testbed_only=True)
+    add_sampling(v, deprecated_steps=True)
     v.set_defaults(func=_cmd_testbed_verify)
     pth = tb.add_parser("path", help="print the shipped testbed pipeline folder")
     pth.set_defaults(func=_cmd_testbed_path)
     pr = tb.add_parser("prompts", help="write the labelled testbed prompts (JSONL)")
-    pr.add_argument("--out", default="testbed_prompts.jsonl")
-    pr.add_argument("--model", default=None, help="testbed pipeline whose data spec to use")
+    pr.add_argument("--out", type=OutFile(".jsonl"), default="testbed_prompts.jsonl",
+                    help="output JSONL")
+    add_model(pr, testbed_only=True)
     pr.add_argument("--set", choices=("designed", "broad"), default="designed",
                     help="designed: the 92 prompts labelled by construction; broad: the "
                          "rule-built set that `diffmem testbed label` labels by generation")
@@ -184,20 +236,44 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", required=True, help="labels JSONL; rerun to resume (the shipped "
                     "file is src/diffmem/testbed/broad_labels.jsonl)")
     lb.add_argument("--seeds", type=int, default=4, help="generations per prompt")
-    lb.add_argument("--batch-size", type=int, default=32)
-    _add_model(lb)
-    _add_sampling(lb)
+    lb.add_argument("--batch-size", type=int, default=32, help="images per batched run")
+    add_model(lb, testbed_only=True)
+    add_sampling(lb)
     lb.set_defaults(func=_cmd_testbed_label)
 
     ev = sub.add_parser("eval", help="evaluate a method on labelled data").add_subparsers(
-        dest="eval_command", required=True)
+        dest="eval_command", required=True, metavar="COMMAND")
     for module in _EXTENSIONS:
-        importlib.import_module(module).register(sub, ev)
+        _load_extension(module).register(sub, ev)
     return parser
 
 
+def _load_extension(name: str):
+    """The command-line module ``name`` (e.g. ``diffmem.detect.cli``), loaded WITHOUT running its
+    package's ``__init__`` (which imports torch and the models): parsing, ``--help`` and a bad
+    option then answer in a fraction of a second. The package is imported as usual when a command
+    runs. A module imported before (tests, other callers) is used as it is."""
+    if name in sys.modules:
+        return sys.modules[name]
+    package = name.rpartition(".")[0]
+    base = Path(importlib.util.find_spec("diffmem").submodule_search_locations[0])
+    path = base.joinpath(*package.split(".")[1:], name.rpartition(".")[2] + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # pragma: no cover - e.g. a zipped install
+        return importlib.import_module(name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 #: Modules with a ``register(commands, eval_commands)`` function adding their subcommands; each
-#: feature package keeps its own argument parsing next to its code.
+#: feature package keeps its own argument parsing next to its code (with the shared option types of
+#: :mod:`diffmem.clitools`).
 _EXTENSIONS: list[str] = [
     "diffmem.detect.cli",
     "diffmem.explain.cli",
@@ -211,20 +287,55 @@ _EXTENSIONS: list[str] = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    warnings.simplefilter("default")
+    """Run one command. Bad input: one line on stderr, exit code 2; Ctrl-C: one line saying what
+    was kept, exit code 130; never a traceback for either."""
+    reset_kept()
     try:
-        return int(args.func(args) or 0)
-    except DiffmemError as e:
-        print(f"diffmem: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"diffmem: error: {e.filename or e}: file not found", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffmem: interrupted (finished work is kept)", file=sys.stderr)
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad option (one line printed, code 2) or --help / --version (0)
+        return e.code if isinstance(e.code, int) else 2
+    saved = warnings.showwarning
+    with warnings.catch_warnings():
+        quiet_third_party(args.verbose)
+        enable_progress(True)
+        try:
+            return int(args.func(args) or 0)
+        except DiffmemError as e:
+            print(f"diffmem: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        except FileNotFoundError as e:
+            print(f"diffmem: error: {e.filename or e}: file not found", file=sys.stderr)
+            return 2
+        except PermissionError as e:
+            print(f"diffmem: error: {e.filename or e}: permission denied", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            # a second Ctrl-C while threads wind down would print a traceback from threading
+            with contextlib.suppress(ValueError):  # not in the main thread
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            print(interrupted_message(), file=sys.stderr)
+            return 130
+        finally:
+            enable_progress(False)
+            warnings.showwarning = saved
+
+
+def run() -> None:
+    """The console entry point (``diffmem``, ``python -m diffmem.cli``): :func:`main`, then the
+    process ends without tearing the interpreter down. Freeing torch's and diffusers' module
+    state at exit costs about 1 s of CPU per command (measured: bench/RESULTS.md) and, after a
+    Ctrl-C, could print a traceback from a winding-down thread. Every file a command writes is
+    closed before :func:`main` returns; the standard streams and logging are flushed here."""
+    import logging
+    import os
+
+    rc = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(rc)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from diffmem.clitools import write_json
 from diffmem.models.adapter import load_adapter
 
 
@@ -27,7 +27,7 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     from diffmem.testbed.verify import REPLICATION_THRESHOLD
 
     adapter = load_adapter(model)
-    testbed = build_testbed(adapter.require_testbed_spec("the demo"))
+    testbed = build_testbed(adapter.require_testbed_spec("the demo"))  # prompts and index
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -63,7 +63,7 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
                "top_words": [w for w, _ in exp.attribution.top(3)],
                "replication_rate_memorized": _rate(chosen, by_name, True),
                "replication_rate_heldout": _rate(chosen, by_name, False)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"\nsummary written to {out / 'summary.json'}; grid of copies in {out / 'replication.html'}")
     return summary
 

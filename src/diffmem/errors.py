@@ -17,3 +17,7 @@ class PromptError(DiffmemError):
 
 class ConfigError(DiffmemError):
     """An option has an invalid value (unknown scheduler, detector name, ...)."""
+
+
+class EmptyInputError(DiffmemError):
+    """An input that must hold data (an image folder, a prompt file, a table) holds none."""

@@ -3,8 +3,7 @@ hooks a run is given by name (:func:`build_hooks`: ``--detect NAME``)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from diffmem.core.sampling import Hook, SampleResult, sample, seeded_generators
@@ -62,43 +61,130 @@ def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",
              seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
              scheduler: str | None = None, hooks: Sequence[Hook] = (),
-             batch_size: int = 16) -> list[SampleResult]:
+             batch_size: int = 16,
+             on_result: Callable[[int, SampleResult], None] | None = None) -> list[SampleResult]:
     """Generate one image per prompt; prompt ``i`` uses generator seed ``seed + i``.
 
-    Returns one :class:`SampleResult` per batch of ``batch_size`` prompts.
+    Returns one :class:`SampleResult` per batch of ``batch_size`` prompts; ``on_result(k, result)``
+    is called after each batch (``k``: index of its first prompt), e.g. to write it at once.
     """
+    from diffmem.clitools import progress
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise PromptError("no prompts given")
+    import warnings
+
+    from diffmem.models.adapter import TruncationWarning
+
     adapter = load_adapter(model, scheduler=scheduler)
+    with warnings.catch_warnings():  # one warning for the run, not one per batch
+        warnings.simplefilter("ignore", TruncationWarning)
+        truncated = adapter.tokenize(prompts).truncated
+    if any(truncated):
+        warnings.warn(f"{sum(truncated)} of {len(prompts)} prompt(s) exceed the text encoder's "
+                      f"{adapter.max_length} tokens and were truncated (generations.jsonl: "
+                      "'truncated')", TruncationWarning, stacklevel=2)
     results = []
-    for k in range(0, len(prompts), batch_size):
-        chunk = prompts[k : k + batch_size]
-        gens = seeded_generators(range(seed + k, seed + k + len(chunk)), adapter.device)
-        results.append(sample(adapter, chunk, num_inference_steps=steps,
-                              guidance_scale=guidance_scale, generator=gens, hooks=hooks))
+    with warnings.catch_warnings(), progress(len(prompts), "generate", unit="img") as bar:
+        warnings.simplefilter("ignore", TruncationWarning)
+        for k in range(0, len(prompts), batch_size):
+            chunk = prompts[k : k + batch_size]
+            gens = seeded_generators(range(seed + k, seed + k + len(chunk)), adapter.device)
+            res = sample(adapter, chunk, num_inference_steps=steps,
+                         guidance_scale=guidance_scale, generator=gens, hooks=hooks)
+            results.append(res)
+            if on_result is not None:
+                on_result(k, res)
+            bar.update(len(chunk))
     return results
+
+
+def separate_detection(detect: str | None, *, num_inference_steps: int, guidance_scale: float,
+                       scheduler: str | None) -> str | None:
+    """Why ``generate --detect`` must score apart from the run (a one-line note), or ``None`` when
+    the run's schedule is the detector's own and its scores come free from the run.
+
+    A detector's score depends on the schedule (the first step of a 5-step DDIM schedule is
+    t = 801, of a 50-step one t = 981), so scores are only comparable with ``diffmem detect`` and
+    its calibrated thresholds when taken with the detector's settings."""
+    if detect is None:
+        return None
+    from diffmem.detect.registry import make_detector
+
+    det = make_detector(detect)
+    mine = (det.num_inference_steps, det.guidance_scale, det.scheduler)
+    run = (num_inference_steps, guidance_scale, scheduler)
+    if mine == run:
+        return None
+    return (f"--detect {detect}: this run's schedule ({num_inference_steps} steps, guidance "
+            f"{guidance_scale:g}, scheduler {scheduler or 'default'}) is not the detector's "
+            f"({mine[0]} steps, guidance {mine[1]:g}, scheduler {mine[2] or 'default'}); scoring "
+            "apart with the detector's settings on each image's initial noise")
+
+
+def score_separately(detect: str, adapter: ModelAdapter, prompts: Sequence[str], *,
+                     seed: int = 0) -> dict[str, list[float]]:
+    """Scores of ``detect`` with its own settings, prompt ``i`` on the initial noise of seed
+    ``seed + i`` (the generation's), as ``{detector name: [score per prompt]}``."""
+    from diffmem.detect.registry import make_detector
+
+    det = make_detector(detect, seed=seed, seed_mode="per-prompt")
+    return {det.name: [float(s) for s in det.score(adapter, list(prompts))]}
+
+
+class GenerationWriter:
+    """Writes a generation run as it goes: ``out/NNNN.png`` per image and one line per image of
+    ``out/generations.jsonl`` (prompt, seed, file, truncated, per-prompt records, ``extra``
+    columns). What was written stays valid after an interruption."""
+
+    def __init__(self, out: str | Path, prompts: Sequence[str], *, seed: int = 0,
+                 extra: dict[str, list] | None = None) -> None:
+        self.out = Path(out)
+        self.prompts = list(prompts)
+        self.seed = seed
+        self.extra = extra or {}
+        self.count = 0
+        self.paths: list[Path] = []
+        self._file = None
+
+    def __enter__(self) -> GenerationWriter:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._file = (self.out / "generations.jsonl").open("w", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def add(self, k: int, res: SampleResult) -> None:
+        from diffmem.clitools import dumps, kept
+
+        for j, img in enumerate(res.pil()):
+            i = k + j
+            path = self.out / f"{i:04d}.png"
+            img.save(path)
+            self.paths.append(path)
+            row = {"prompt": self.prompts[i], "seed": self.seed + i, "file": path.name,
+                   "truncated": res.truncated[j]}
+            row.update(_records_row(res.records, j))
+            row.update({name: values[i] for name, values in self.extra.items()})
+            self._file.write(dumps(row) + "\n")
+            self.count += 1
+        self._file.flush()
+        kept(f"{self.count} of {len(self.prompts)} images with their generations.jsonl lines "
+             f"in {self.out}", key=f"generate:{self.out}")
 
 
 def save_results(prompts: Sequence[str], results: Sequence[SampleResult], out: str | Path,
                  *, seed: int = 0) -> list[Path]:
     """Write ``out/NNNN.png`` per image and ``out/generations.jsonl`` (prompt, seed, file, records)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    with (out / "generations.jsonl").open("w", encoding="utf-8") as f:
+    with GenerationWriter(out, prompts, seed=seed) as writer:
         k = 0
         for res in results:
-            for j, img in enumerate(res.pil()):
-                path = out / f"{k:04d}.png"
-                img.save(path)
-                paths.append(path)
-                row = {"prompt": prompts[k], "seed": seed + k, "file": path.name,
-                       "truncated": res.truncated[j]}
-                row.update(_records_row(res.records, j))
-                f.write(json.dumps(row) + "\n")
-                k += 1
-    return paths
+            writer.add(k, res)
+            k += len(res.truncated)
+    return writer.paths
 
 
 def _records_row(records: dict, j: int) -> dict:

@@ -108,14 +108,14 @@ def test_unknown_detector_and_bad_steps(tiny_dir, txt, tmp_path, capsys):
 def test_generate_with_detect_writes_scores(tiny_dir, tmp_path, capsys):
     out = tmp_path / "gen"
     rc, _, _ = run_cli(capsys, "generate", *PROMPTS[:2], "--out", out, "--model", tiny_dir,
-                       "--steps", 3, "--detect", "noise_magnitude")
+                       "--sampling-steps", 3, "--detect", "noise_magnitude")
     assert rc == 0
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["noise_magnitude"] > 0 for r in rows)
     assert (out / rows[0]["file"]).is_file()
     # without --detect the plain command still runs
     rc, _, _ = run_cli(capsys, "generate", PROMPTS[0], "--out", tmp_path / "plain",
-                       "--model", tiny_dir, "--steps", 2)
+                       "--model", tiny_dir, "--sampling-steps", 2)
     rows = [json.loads(line) for line in
             (tmp_path / "plain" / "generations.jsonl").read_text().splitlines()]
     assert rc == 0 and "noise_magnitude" not in rows[0]
@@ -164,6 +164,6 @@ def test_generate_hooks_come_from_one_registry_function():
 
 def test_generate_unknown_detector_is_one_line(tiny_dir, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "generate", "a cat", "--out", tmp_path / "g", "--model", tiny_dir,
-                         "--steps", 2, "--detect", "magic")
+                         "--sampling-steps", 2, "--detect", "magic")
     assert rc == 2 and err.count("\n") == 1 and "unknown detector 'magic'" in err
     assert not (tmp_path / "g").exists()

@@ -69,8 +69,33 @@ def test_detection_metrics_one_class_raises():
     with pytest.raises(PromptError, match="non-memorized"):
         detection_metrics([False, False], [0.1, 0.2])
     m = detection_metrics([True, False, False], np.array([3.0, 1.0, 2.0]))
+    rule = m.pop("tpr_at_fpr_rule")
+    assert "FPR <= f" in rule and "FPR < f" in rule  # the report says which reading
     assert m == {"auc": 1.0, "tpr_at_1pct_fpr": 1.0, "tpr_at_3pct_fpr": 1.0,
+                 "tpr_at_1pct_fpr_strict": 1.0, "tpr_at_3pct_fpr_strict": 1.0,
                  "n_positive": 1, "n_negative": 2}
+
+
+def test_roc_plot_marks_the_operating_point(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from diffmem.eval.detection import plot_roc
+
+    marked = []
+    real_plot = Axes.plot
+
+    def spy(self, *args, **kwargs):
+        marked.append((args, kwargs))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    y = [0] * 100 + [1, 1]
+    s = [*range(100), 98.5, 50.5]
+    path = plot_roc(y, s, tmp_path / "roc.png")
+    assert path.is_file() and path.stat().st_size > 1000
+    points = [(a, k) for a, k in marked
+              if isinstance(a[0], list) and a[0] == [0.01] and a[1] == [0.5]]
+    assert len(points) == 1 and "threshold 98.5" in points[0][1]["label"]
 
 
 def test_testbed_labels_follow_kinds():

@@ -101,3 +101,16 @@ def test_bad_input_raises():
         roc_auc_score([0, 1], [0.1, float("nan")])
     with pytest.raises(ValueError, match="fpr"):
         tpr_at_fpr([0, 1], [0.1, 0.2], 1.5)
+
+
+def test_tpr_at_fpr_rule_and_strict_reading():
+    from diffmem.eval.metrics import operating_point, tpr_at_fpr
+
+    # 100 negatives 0..99, positives at 98.5 and 50.5: the top negative makes FPR exactly 1%
+    y = [0] * 100 + [1, 1]
+    s = [*range(100), 98.5, 50.5]
+    assert tpr_at_fpr(y, s, 0.01) == 0.5  # FPR <= 1%: the point at threshold 98.5
+    f, t, thr = operating_point(y, s, 0.01)
+    assert f == 0.01 and t == 0.5 and thr == 98.5
+    fs, ts, _ = operating_point(y, s, 0.01, strict=True)  # FPR < 1%: no negative passes
+    assert fs == 0.0 and ts == 0.0 and tpr_at_fpr(y, s, 0.01, strict=True) == 0.0

@@ -85,5 +85,5 @@ def test_cli_registers_the_commands():
     assert a.func is cli._cmd_quality and a.real == "testbed" and a.features == "probe"
     a = parser.parse_args(["eval", "alignment", "gen", "--clip", "clipdir"])
     assert a.func is cli._cmd_alignment and a.clip == "clipdir" and not a.no_attributes
-    a = parser.parse_args(["eval", "probe-train", "--out", "p", "--steps", "3"])
+    a = parser.parse_args(["eval", "probe-train", "--out", "p", "--train-steps", "3"])
     assert a.func is cli._cmd_probe_train and a.steps == 3

@@ -17,7 +17,7 @@ from diffmem.models.adapter import load_adapter
 from diffmem.testbed.data import TestbedSpec as Spec
 
 PROMPT = "the <zanzibar> quixotic poster"
-FAST = ["--inference-steps", "3"]
+FAST = ["--sampling-steps", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,9 @@ def test_terminal_colours_only_on_a_tty_without_no_color(explanation, monkeypatc
 
 def test_html_is_self_contained(explanation):
     page = to_html(explanation)
-    assert page.count("data:image/png;base64,") == 2 + len(explanation.attribution.words)
+    # attribution plot, generated image, one heat map per word, the colour bar
+    assert page.count("data:image/png;base64,") == 3 + len(explanation.attribution.words)
+    assert "colour bar" in page
     assert "&lt;zanzibar&gt;" in page and "<zanzibar>" not in page
     assert "src='http" not in page and 'src="http' not in page
     assert explanation.attention.maps.shape[0] == len(explanation.attribution.words)
@@ -157,3 +159,15 @@ def test_unflagged_prompt_says_so_and_marks_nothing_ok(tiny_pipe):
     assert "not flagged as memorized: no edit is needed" in text
     assert "  ok" not in text and "suggested edit" not in text
     assert all(s.clears is None for s in exp.edits.suggestions)
+
+
+def test_heat_map_sits_over_a_grey_image():
+    from diffmem.explain._render import overlay
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    cold = overlay(image, np.zeros((8, 8)))
+    # where the map is 0 the picture shows through grey (R = G = B), never its own colours
+    assert (cold[..., 0] == cold[..., 1]).all() and (cold[..., 1] == cold[..., 2]).all()
+    hot = overlay(image, np.ones((8, 8)))
+    assert not (hot[..., 0] == hot[..., 2]).all()  # the map's colour where it is hot

@@ -80,8 +80,16 @@ def test_unknown_scheduler(tiny_dir):
 
 
 def test_not_a_pipeline_folder(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ModelLoadError, match="missing"):
+        load_adapter(tmp_path)
+
+
+def test_unsupported_pipeline_class_names_what_is_supported(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelLoadError, match=r"unsupported pipeline class 'FluxPipeline'; diffmem "
+                                             r"supports StableDiffusionPipeline .* and "
+                                             r"StableDiffusionXLPipeline"):
         load_adapter(tmp_path)
 
 

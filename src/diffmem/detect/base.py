@@ -26,6 +26,9 @@ from diffmem.core.steps import StepSpec, check_steps, select_steps
 from diffmem.errors import ConfigError, PromptError
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
+#: How initial noises are seeded (see :class:`Detector`).
+SEED_MODES = ("per-generation", "per-prompt")
+
 
 class Detector(Hook, ABC):
     """Base class: subclasses implement :meth:`step_scores` (and may override the step selection).
@@ -38,7 +41,12 @@ class Detector(Hook, ABC):
         num_inference_steps, guidance_scale, scheduler: sampling settings of standalone scoring.
         fpr: target false-positive rate of :meth:`fit`.
         batch_size: prompts x generations per batched run.
-        seed: generation ``g`` of every prompt uses generator seed ``seed + g``.
+        seed, seed_mode: which initial noise each image gets. ``"per-generation"`` (diffmem's
+            default): generation ``g`` of every prompt uses generator seed ``seed + g``, so all
+            prompts are scored on the same noises. ``"per-prompt"`` (the convention of Wen et
+            al.'s reference ``detect_mem.py`` and of ``diffmem generate``): prompt ``i`` uses seed
+            ``seed + i``, its ``generations`` noises drawn at once from that generator, as the
+            pipeline draws ``num_images_per_prompt`` latents.
 
     A detector keeps nothing about a run on itself (its totals live in ``run.state(self)``), so
     one detector object may score several runs at once.
@@ -49,7 +57,7 @@ class Detector(Hook, ABC):
     def __init__(self, *, steps: StepSpec = 1, generations: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  scheduler: str | None = None, fpr: float = 0.01, batch_size: int = 16,
-                 seed: int = 0) -> None:
+                 seed: int = 0, seed_mode: str = "per-generation") -> None:
         self.steps = check_steps(steps)
         self.generations = generations
         self.num_inference_steps = num_inference_steps
@@ -58,6 +66,7 @@ class Detector(Hook, ABC):
         self.fpr = fpr
         self.batch_size = batch_size
         self.seed = seed
+        self.seed_mode = seed_mode.replace("_", "-")
         self._validate()
 
     def _validate(self) -> None:
@@ -69,6 +78,9 @@ class Detector(Hook, ABC):
             raise ConfigError("batch_size must be >= 1")
         if self.num_inference_steps < 1:
             raise ConfigError("num_inference_steps must be >= 1")
+        if self.seed_mode not in SEED_MODES:
+            raise ConfigError(f"seed_mode must be one of {', '.join(SEED_MODES)}, got "
+                              f"{self.seed_mode!r}")
 
     # ------------------------------------------------------------------ step selection
     def selected_steps(self, run: Run) -> set[int]:
@@ -112,20 +124,42 @@ class Detector(Hook, ABC):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PromptError("no prompts to score")
+        from diffmem.clitools import progress
+
         adapter = load_adapter(model, scheduler=self.scheduler)
         jobs = [(i, g) for i in range(len(prompts)) for g in range(self.generations)]
         sums = np.zeros(len(prompts))
-        for k in range(0, len(jobs), self.batch_size):
-            chunk = jobs[k : k + self.batch_size]
-            res = sample(adapter, [prompts[i] for i, _ in chunk],
-                         num_inference_steps=self.num_inference_steps,
-                         guidance_scale=self.guidance_scale,
-                         generator=seeded_generators([self.seed + g for _, g in chunk],
-                                                     adapter.device),
-                         hooks=[self], decode=False, stop_when_done=True)
-            for (i, _), s in zip(chunk, res.records[self.name], strict=True):
-                sums[i] += s
+        with progress(len(jobs), f"score ({self.name})", unit="img") as bar:
+            for k in range(0, len(jobs), self.batch_size):
+                chunk = jobs[k : k + self.batch_size]
+                gens, latents = self._noise(adapter, chunk)
+                res = sample(adapter, [prompts[i] for i, _ in chunk],
+                             num_inference_steps=self.num_inference_steps,
+                             guidance_scale=self.guidance_scale, generator=gens, latents=latents,
+                             hooks=[self], decode=False, stop_when_done=True)
+                for (i, _), s in zip(chunk, res.records[self.name], strict=True):
+                    sums[i] += s
+                bar.update(len(chunk))
         return sums / self.generations
+
+    def _noise(self, adapter: ModelAdapter, chunk: list[tuple[int, int]]):
+        """Generators and (for ``per-prompt``) initial noises of (prompt, generation) jobs."""
+        if self.seed_mode == "per-generation":
+            return seeded_generators([self.seed + g for _, g in chunk], adapter.device), None
+        from diffusers.utils.torch_utils import randn_tensor
+
+        f = adapter.vae_scale_factor
+        side = adapter.default_resolution // f
+        shape = (self.generations, adapter.unet.config.in_channels, side, side)
+        gens, rows, drawn = [], [], {}
+        for i, g in chunk:
+            if i not in drawn:  # all generations of prompt i from one generator, in one draw
+                gen = torch.Generator(device=adapter.device).manual_seed(self.seed + i)
+                drawn[i] = (gen, randn_tensor(shape, generator=gen, device=adapter.device,
+                                              dtype=adapter.dtype))
+            gens.append(drawn[i][0])
+            rows.append(drawn[i][1][g])
+        return gens, torch.stack(rows)
 
     def fit(self, model: ModelAdapter | str | None = None,
             clean_prompts: Sequence[str] | None = None, *,

@@ -1,7 +1,7 @@
 """Command-line parsing of the detection commands; each calls one library function.
 
-    diffmem detect PROMPTS_FILE --out FILE [--model M] [--detector NAME] [--steps N|all]
-                   [--generations G] [--threshold-from CLEAN_FILE]
+    diffmem detect PROMPTS_FILE --out FILE [--column C] [--model M] [--detector NAME]
+                   [--steps N|all] [--generations G] [--threshold-from CLEAN_FILE]
     diffmem eval detection --detector NAME --steps N|all --generations G --out report.json
                    [--prompts LABELLED_FILE] [--model M]
 
@@ -12,8 +12,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+from diffmem.clitools import (
+    BATCH,
+    FPR,
+    GENERATIONS,
+    SEED,
+    STEPS_HELP,
+    TABLE_SUFFIXES,
+    OutFile,
+    add_model,
+    add_sampling,
+    dumps,
+    scored_steps,
+)
 from diffmem.detect.registry import DEFAULT_DETECTOR, DETECTORS
 
 
@@ -24,8 +36,9 @@ def _cmd_detect(a: argparse.Namespace) -> int:
                           steps=a.steps, generations=a.generations,
                           threshold_from=a.threshold_from, fpr=a.fpr,
                           num_inference_steps=a.sampling_steps, guidance_scale=a.guidance_scale,
-                          scheduler=a.scheduler, batch_size=a.batch_size, seed=a.seed)
-    print(json.dumps(summary, indent=2))
+                          scheduler=a.scheduler, batch_size=a.batch_size, seed=a.seed,
+                          seed_mode=a.seed_mode, column=a.column)
+    print(dumps(summary, indent=2))
     return 0
 
 
@@ -36,8 +49,9 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
                                 steps=a.steps, generations=a.generations,
                                 num_inference_steps=a.sampling_steps,
                                 guidance_scale=a.guidance_scale, scheduler=a.scheduler,
-                                batch_size=a.batch_size, seed=a.seed, fpr=a.fpr, split=a.split)
-    print(json.dumps(report, indent=2))
+                                batch_size=a.batch_size, seed=a.seed, fpr=a.fpr, split=a.split,
+                                seed_mode=a.seed_mode)
+    print(dumps(report, indent=2))
     return 0
 
 
@@ -45,37 +59,46 @@ def _add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=DEFAULT_DETECTOR,
                    help=f"one of: {', '.join(DETECTORS)} (default {DEFAULT_DETECTOR}, 1 step, 4 "
                         "generations; the one-step option: noise_magnitude)")
-    p.add_argument("--steps", default=None,
-                   help="denoising steps scored: N (the first N), last:N, all, or indices "
-                        "'0,5,9' (default: the detector's own, 1 or last:10)")
-    p.add_argument("--generations", type=int, default=None,
-                   help="initial noises per prompt (default: the detector's own, 4 for "
-                        "sharpness, 1 for the others)")
-    p.add_argument("--model", default="testbed",
-                   help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
-    p.add_argument("--sampling-steps", type=int, default=50,
-                   help="length of the denoising schedule (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ...")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0, help="generation g uses seed SEED+g")
+    p.add_argument("--steps", type=scored_steps, default=None,
+                   help=STEPS_HELP + " (default: the detector's own, 1 or last:10)")
+    p.add_argument("--generations", type=GENERATIONS, default=None,
+                   help="initial noises per prompt, scores averaged (default: the detector's own, "
+                        "4 for sharpness, 1 for the others)")
+    add_model(p)
+    add_sampling(p)
+    p.add_argument("--batch-size", type=BATCH, default=16,
+                   help="images per batched UNet call")
+    p.add_argument("--seed", type=SEED, default=0, help="first generator seed (see --seed-mode)")
+    p.add_argument("--seed-mode", choices=("per-generation", "per-prompt"),
+                   default="per-generation",
+                   help="per-generation: generation g of every prompt uses seed SEED+g (all "
+                        "prompts share noises); per-prompt: prompt i uses seed SEED+i, the "
+                        "convention of Wen et al.'s reference detect_mem.py")
 
 
 def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubParsersAction
              ) -> None:
     """Add ``detect`` and ``eval detection``."""
     d = commands.add_parser("detect", help="score prompts for memorization (higher = memorized)")
-    d.add_argument("prompts_file", help="prompts: .txt (one per line), .jsonl or .parquet")
-    d.add_argument("--out", required=True, help="per-prompt scores: .csv, .parquet or .jsonl")
+    d.add_argument("prompts_file", help="prompts: .txt (one per line), .csv/.tsv (a column), "
+                                        ".jsonl or .parquet (a field)")
+    d.add_argument("--out", type=OutFile(*TABLE_SUFFIXES), required=True,
+                   help="per-prompt scores (prompt, score, truncated[, flagged]); the format "
+                        "follows the suffix: .csv, .jsonl or .parquet")
+    d.add_argument("--column", default=None,
+                   help="column (.csv/.tsv/.parquet) or field (.jsonl) holding the prompts "
+                        "(default: 'prompt' or 'caption')")
     d.add_argument("--threshold-from", default=None,
                    help="clean prompts to calibrate a threshold on; adds a 'flagged' column")
-    d.add_argument("--fpr", type=float, default=0.01, help="target FPR of --threshold-from")
+    d.add_argument("--fpr", type=FPR, default=0.01,
+                   help="target false-positive rate of --threshold-from, in (0, 1)")
     _add_detector_options(d)
     d.set_defaults(func=_cmd_detect)
 
     e = eval_commands.add_parser("detection", help="AUC / TPR@FPR of a detector on labelled "
                                                    "prompts (default: the testbed's)")
-    e.add_argument("--out", required=True, help="report JSON (ROC PNG and scores CSV beside it)")
+    e.add_argument("--out", type=OutFile(".json"), required=True,
+                   help="report JSON (ROC PNG and scores CSV beside it)")
     e.add_argument("--prompts", default=None,
                    help="'broad' (the testbed's prompts labelled by generation; the default for "
                         "the shipped testbed), 'designed' (the 92 prompts labelled by "

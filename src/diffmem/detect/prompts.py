@@ -2,8 +2,13 @@
 
 Accepted prompt files:
     ``.txt`` (or any other suffix)   one prompt per line; blank lines are skipped
+    ``.csv`` / ``.tsv``              a table with a header: the ``prompt`` or ``caption`` column
+                                     (or the one named by ``column``)
     ``.jsonl``                       one object per line with a ``"prompt"`` or ``"caption"`` field
     ``.parquet``                     a ``prompt`` or ``caption`` column
+
+Score tables are written as ``.csv``, ``.jsonl`` or ``.parquet`` (by suffix; anything else is
+refused).
 
 Labelled files (JSONL or Parquet) also carry the ground truth in a ``memorized`` (bool) or
 ``label`` (0/1) field, or a ``kind`` field (``verbatim``/``template`` = memorized, anything else
@@ -33,8 +38,18 @@ def _read_text(path: Path) -> str:
                           "as UTF-8") from e
 
 
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+
+
 def _records(path: Path) -> list[dict]:
-    """Rows of a JSONL or Parquet file as dicts."""
+    """Rows of a JSONL, CSV/TSV or Parquet file as dicts."""
+    if path.suffix.lower() in (".csv", ".tsv"):
+        text = _read_text(path)
+        reader = csv.DictReader(text.splitlines(),
+                                delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+        if not reader.fieldnames:
+            raise PromptError(f"{path} has no header row")
+        return list(reader)
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -58,19 +73,30 @@ def _records(path: Path) -> list[dict]:
     return rows
 
 
-def _text_of(row: dict, where: str) -> str:
-    for key in TEXT_FIELDS:
+def _text_of(row: dict, where: str, column: str | None = None) -> str:
+    for key in (column,) if column else TEXT_FIELDS:
         if isinstance(row.get(key), str):
             return row[key]
-    raise PromptError(f"{where}: no string field {' or '.join(map(repr, TEXT_FIELDS))}")
+    names = repr(column) if column else " or ".join(map(repr, TEXT_FIELDS))
+    raise PromptError(f"{where}: no string field {names} (fields: {', '.join(map(str, row))}; "
+                      "choose one with --column)")
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts of a text, JSONL or Parquet file, in file order."""
+TABLE_INPUTS = (".jsonl", ".parquet", ".csv", ".tsv")
+
+
+def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
+    """Prompts of a file, in file order: a text file by line, a table (CSV/TSV, JSONL, Parquet)
+    by ``column`` (default ``prompt`` or ``caption``); blank prompts are skipped."""
     path = Path(path)
-    if path.suffix in (".jsonl", ".parquet"):
-        prompts = [_text_of(r, f"{path} row {i + 1}") for i, r in enumerate(_records(path))]
+    if path.suffix.lower() in TABLE_INPUTS:
+        prompts = [_text_of(r, f"{path} row {i + 1}", column)
+                   for i, r in enumerate(_records(path))]
+        prompts = [p for p in prompts if p.strip()]
     else:
+        if column is not None:
+            raise PromptError(f"{path}: --column applies to tables (.csv, .tsv, .jsonl, "
+                              ".parquet); a text file holds one prompt per line")
         prompts = [ln.strip() for ln in _read_text(path).splitlines() if ln.strip()]
     if not prompts:
         raise PromptError(f"{path} contains no prompts")
@@ -99,8 +125,8 @@ def _flag(value: object, where: str) -> bool:
 def read_labelled(path: str | Path) -> tuple[list[str], list[bool], list[str]]:
     """``(prompts, memorized, kinds)`` of a labelled JSONL or Parquet file."""
     path = Path(path)
-    if path.suffix not in (".jsonl", ".parquet"):
-        raise PromptError(f"{path}: labelled prompts must be .jsonl or .parquet with a "
+    if path.suffix.lower() not in TABLE_INPUTS:
+        raise PromptError(f"{path}: labelled prompts must be .jsonl, .parquet or .csv with a "
                           "'memorized', 'label' or 'kind' field")
     rows = _records(path)
     if not rows:
@@ -115,20 +141,28 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[bool], list[str]]:
 
 
 def write_table(columns: dict[str, Sequence], path: str | Path) -> Path:
-    """Write equal-length columns as CSV, Parquet or JSONL, chosen by the file suffix."""
+    """Write equal-length columns as CSV, Parquet or JSONL, chosen by the file suffix (any other
+    suffix: :class:`~diffmem.errors.ConfigError`, before anything is written)."""
     path = Path(path)
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        from diffmem.errors import ConfigError
+
+        raise ConfigError(f"{path}: unsupported table format {path.suffix or '(no suffix)'!r}; "
+                          f"use {', '.join(TABLE_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(columns)
     n = len(columns[names[0]]) if names else 0
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({k: list(v) for k, v in columns.items()}), path)
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":
+        from diffmem.clitools import dumps
+
         with path.open("w", encoding="utf-8") as f:
             for i in range(n):
-                f.write(json.dumps({k: _plain(columns[k][i]) for k in names}) + "\n")
+                f.write(dumps({k: _plain(columns[k][i]) for k in names}) + "\n")
     else:
         with path.open("w", encoding="utf-8", newline="") as f:
             w = csv.writer(f)

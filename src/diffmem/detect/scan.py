@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffmem.detect.prompts import read_prompts, write_table
+from diffmem.detect.prompts import TABLE_SUFFIXES, read_prompts, write_table
 from diffmem.detect.registry import DEFAULT_DETECTOR, make_detector, parse_steps
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
@@ -15,25 +15,54 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
                 generations: int | None = None,
                 threshold_from: str | Path | None = None, fpr: float = 0.01,
                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                scheduler: str | None = None, batch_size: int = 16, seed: int = 0) -> dict:
-    """Score every prompt of ``prompts_file`` and write ``prompt, score[, flagged]`` to ``out``.
+                scheduler: str | None = None, batch_size: int = 16, seed: int = 0,
+                seed_mode: str = "per-generation", column: str | None = None) -> dict:
+    """Score every prompt of ``prompts_file`` and write ``prompt, score, truncated[, flagged]`` to
+    ``out`` (``.csv``, ``.jsonl`` or ``.parquet``).
 
-    With ``threshold_from`` (a file of clean prompts) the detector is first calibrated at ``fpr``
-    and each prompt gets ``flagged = score > threshold``. Returns a summary dict.
+    ``truncated``: the prompt was longer than the text encoder's context and only its first tokens
+    were scored. With ``threshold_from`` (a file of clean prompts) the detector is first calibrated
+    at ``fpr`` and each prompt gets ``flagged = score > threshold``. Returns a summary dict.
     """
-    prompts = read_prompts(prompts_file)
-    clean = read_prompts(threshold_from) if threshold_from is not None else None
+    import warnings
+
+    from diffmem.models.adapter import TruncationWarning
+
+    if Path(out).suffix.lower() not in TABLE_SUFFIXES:  # refuse before the work
+        write_table({}, out)
+    prompts = read_prompts(prompts_file, column)
+    clean = read_prompts(threshold_from, column) if threshold_from is not None else None
     det = make_detector(detector, steps=parse_steps(steps), generations=generations, fpr=fpr,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                        scheduler=scheduler, batch_size=batch_size, seed=seed)
+                        scheduler=scheduler, batch_size=batch_size, seed=seed,
+                        seed_mode=_mode(seed_mode))
     adapter = load_adapter(model, scheduler=scheduler)
-    scores = det.score(adapter, prompts)
-    columns: dict = {"prompt": prompts, "score": [float(s) for s in scores]}
-    summary: dict = {"detector": det.name, "n_prompts": len(prompts), "out": str(out)}
+    with warnings.catch_warnings():  # one summary below instead of one warning per batch
+        warnings.simplefilter("ignore", TruncationWarning)
+        truncated = adapter.tokenize(prompts).truncated
+    if any(truncated):
+        warnings.warn(f"{sum(truncated)} of {len(prompts)} prompt(s) exceed the text encoder's "
+                      f"{adapter.max_length} tokens; only their first tokens are scored "
+                      "(column 'truncated')", TruncationWarning, stacklevel=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        scores = det.score(adapter, prompts)
+    columns: dict = {"prompt": prompts, "score": [float(s) for s in scores],
+                     "truncated": truncated}
+    summary: dict = {"detector": det.name, "n_prompts": len(prompts),
+                     "n_truncated": int(sum(truncated)), "out": str(out)}
     if clean is not None:
-        det.fit(adapter, clean)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)
+            det.fit(adapter, clean)
         columns["flagged"] = [bool(f) for f in det.decision_function(scores) > 0]
         summary.update(threshold=det.threshold_, n_flagged=int(sum(columns["flagged"])),
                        n_calibration=det.n_calibration_)
     write_table(columns, out)
     return summary
+
+
+def _mode(seed_mode: str) -> str | None:
+    """``seed_mode`` for :func:`make_detector`; the default is left to the detector (None), so a
+    detector class that predates seed modes still builds."""
+    return None if seed_mode in (None, "per-generation", "per_generation") else seed_mode

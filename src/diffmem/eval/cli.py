@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from diffmem.clitools import BATCH, COUNT, SEED, DeprecatedAlias, OutFile, dumps
 
 
 def _cmd_alignment(a: argparse.Namespace) -> int:
@@ -16,14 +17,14 @@ def _cmd_alignment(a: argparse.Namespace) -> int:
 
     report = eval_alignment(a.images, a.out, clip=a.clip, arch=a.arch, probe=a.probe,
                             attributes=not a.no_attributes, batch_size=a.batch_size)
-    print(json.dumps({k: v for k, v in report.items() if k != "per_image"}, indent=2))
+    print(dumps({k: v for k, v in report.items() if k != "per_image"}, indent=2))
     return 0
 
 
 def _cmd_quality(a: argparse.Namespace) -> int:
     from diffmem.eval.reports import eval_quality
 
-    print(json.dumps(eval_quality(a.real, a.generated, a.out, features=a.features,
+    print(dumps(eval_quality(a.real, a.generated, a.out, features=a.features,
                                   inception=a.inception, max_real=a.max_real,
                                   batch_size=a.batch_size), indent=2))
     return 0
@@ -33,7 +34,7 @@ def _cmd_probe_train(a: argparse.Namespace) -> int:
     from diffmem.eval.probe import train_attribute_probe
 
     probe = train_attribute_probe(a.out, steps=a.steps, seed=a.seed, progress=True)
-    print(json.dumps(probe.metrics, indent=2))
+    print(dumps(probe.metrics, indent=2))
     return 0
 
 
@@ -47,8 +48,9 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     al.add_argument("--arch", default=None, help="open_clip architecture (open_clip files only)")
     al.add_argument("--probe", default=None, help="attribute probe weights (default: shipped)")
     al.add_argument("--no-attributes", action="store_true", help="skip the testbed attribute probe")
-    al.add_argument("--out", default=None, help="report JSON with per-image scores")
-    al.add_argument("--batch-size", type=int, default=32)
+    al.add_argument("--out", type=OutFile(".json"), default=None,
+                    help="report JSON with per-image scores")
+    al.add_argument("--batch-size", type=BATCH, default=32, help="images per batch")
     al.set_defaults(func=_cmd_alignment)
 
     q = eval_commands.add_parser("quality", help="Fréchet distance (FID / FSD / FPD) of two image sets")
@@ -57,13 +59,17 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     q.add_argument("--features", choices=("sscd", "probe", "inception"), default="sscd",
                    help="sscd: FSD (offline, default); probe: FPD (testbed); inception: FID")
     q.add_argument("--inception", default=None, help="inception-2015-12-05.pt (for FID)")
-    q.add_argument("--max-real", type=int, default=10000)
-    q.add_argument("--out", default=None, help="report JSON")
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--max-real", type=COUNT, default=10000,
+                   help="use at most this many real images")
+    q.add_argument("--out", type=OutFile(".json"), default=None, help="report JSON")
+    q.add_argument("--batch-size", type=BATCH, default=32, help="images per batch")
     q.set_defaults(func=_cmd_quality)
 
     p = eval_commands.add_parser("probe-train", help="retrain the testbed attribute probe")
     p.add_argument("--out", required=True, help="output prefix (writes .safetensors and .json)")
-    p.add_argument("--steps", type=int, default=None, help="default: ProbeConfig.steps")
-    p.add_argument("--seed", type=int, default=None, help="default: ProbeConfig.seed")
+    p.add_argument("--train-steps", dest="steps", type=COUNT, default=None,
+                   help="optimizer steps (default: ProbeConfig.steps)")
+    p.add_argument("--steps", dest="steps", type=COUNT, action=DeprecatedAlias,
+                   new="--train-steps", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
+    p.add_argument("--seed", type=SEED, default=None, help="default: ProbeConfig.seed")
     p.set_defaults(func=_cmd_probe_train)

@@ -29,7 +29,7 @@ from diffmem.detect.base import Detector
 from diffmem.detect.prompts import read_labelled, write_table
 from diffmem.detect.registry import DEFAULT_DETECTOR, make_detector, parse_steps
 from diffmem.errors import PromptError
-from diffmem.eval.metrics import roc_auc_score, roc_curve, tpr_at_fpr
+from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
@@ -87,12 +87,15 @@ def labelled_testbed_prompts(model: str | Path | ModelAdapter | None = "testbed"
     """``(prompts, memorized, kinds)`` of a testbed model's designed evaluation prompts (``None``:
     the shipped testbed's, without loading it). A model that is no testbed has no labelled prompts:
     :class:`~diffmem.errors.ConfigError`."""
-    from diffmem.testbed import shipped_testbed_spec
-    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed import labelled_prompts, shipped_testbed_spec
 
-    spec = (shipped_testbed_spec() if model is None else load_adapter(model).require_testbed_spec(
-        "evaluating detection without --prompts (the testbed's labelled prompts)"))
-    prompts = build_testbed(spec).prompts
+    if model is None:
+        spec, folder = shipped_testbed_spec(), None
+    else:
+        adapter = load_adapter(model)
+        spec, folder = adapter.require_testbed_spec(
+            "evaluating detection without --prompts (the testbed's labelled prompts)"), adapter.path
+    prompts = labelled_prompts(spec, folder)
     return [p.prompt for p in prompts], [p.memorized for p in prompts], [p.kind for p in prompts]
 
 
@@ -108,9 +111,18 @@ def detection_metrics(memorized: Sequence[bool], scores: Sequence[float]) -> dic
         "auc": roc_auc_score(y, scores),
         "tpr_at_1pct_fpr": tpr_at_fpr(y, scores, 0.01),
         "tpr_at_3pct_fpr": tpr_at_fpr(y, scores, 0.03),
+        "tpr_at_fpr_rule": TPR_AT_FPR_RULE,
+        # Wen et al.'s detect_mem.py reads the largest FPR strictly below f
+        "tpr_at_1pct_fpr_strict": tpr_at_fpr(y, scores, 0.01, strict=True),
+        "tpr_at_3pct_fpr_strict": tpr_at_fpr(y, scores, 0.03, strict=True),
         "n_positive": n_pos,
         "n_negative": n_neg,
     }
+
+
+#: How ``tpr_at_*_fpr`` is read off the ROC curve (stated in every report).
+TPR_AT_FPR_RULE = ("TPR at the ROC point with the largest FPR <= f (the *_strict values: "
+                   "largest FPR < f, the convention of Wen et al.'s reference detect_mem.py)")
 
 
 def grouped_metrics(memorized: Sequence[bool], scores: Sequence[float], groups: Sequence[str],
@@ -149,19 +161,28 @@ def calibration_rows(memorized: Sequence[bool], groups: Sequence[str]) -> np.nda
 
 
 def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Path, *,
-             title: str = "") -> Path:
-    """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG."""
+             title: str = "", fprs: Sequence[float] = (0.01,)) -> Path:
+    """Save the ROC curve (linear axes, chance diagonal, AUC in the legend) as a PNG, with the
+    operating point of the threshold that each target FPR in ``fprs`` calls for (the point the
+    report's TPR at that FPR is read from) marked and labelled with its threshold."""
     from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     fpr, tpr, _ = roc_curve(memorized, scores)
     auc = roc_auc_score(memorized, scores)
-    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    fig = Figure(figsize=(5, 5), dpi=100)
     ax = fig.subplots()
     ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC = {auc:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=0.8)
+    for target, colour in zip(fprs, ("tab:red", "tab:orange", "tab:green"), strict=False):
+        f, t, thr = operating_point(memorized, scores, target)
+        if f == f:  # not NaN
+            ax.plot([f], [t], "o", color=colour, markersize=8, zorder=3, clip_on=False,
+                    label=f"threshold {thr:.3g} (target FPR {100 * target:g}%):\n"
+                          f"FPR {f:.3f}, TPR {t:.3f}")
+            ax.axvline(target, color=colour, linewidth=0.6, linestyle=":")
     ax.set(xlabel="false-positive rate (non-memorized)", ylabel="true-positive rate (memorized)",
            xlim=(0, 1), ylim=(0, 1.02), title=title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +196,8 @@ def evaluate_detection(detector: str | Detector = DEFAULT_DETECTOR, *,
                        steps: int | str | None = None, generations: int | None = None,
                        num_inference_steps: int = 50, guidance_scale: float = 7.5,
                        scheduler: str | None = None, batch_size: int = 16,
-                       seed: int = 0, fpr: float = 0.01, split: str | None = None) -> dict:
+                       seed: int = 0, fpr: float = 0.01, split: str | None = None,
+                       seed_mode: str = "per-generation") -> dict:
     """Score labelled prompts and report detection metrics, overall, per group and per split.
 
     ``prompts``: see :func:`labelled_rows` (default: the broad generation-labelled set).
@@ -200,7 +222,7 @@ def evaluate_detection(detector: str | Detector = DEFAULT_DETECTOR, *,
         det = make_detector(detector, steps=parse_steps(steps), generations=generations,
                             num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, scheduler=scheduler,
-                            batch_size=batch_size, seed=seed)
+                            batch_size=batch_size, seed=seed, seed_mode=_mode(seed_mode))
     else:
         det = detector
     if adapter is None:
@@ -254,5 +276,13 @@ def evaluate_detection(detector: str | Detector = DEFAULT_DETECTOR, *,
                              "score": [float(s) for s in scores],
                              "flagged": [bool(f) for f in flagged]}, f"{stem}_scores.csv")
         report.update(roc_png=str(roc), scores_csv=str(table))
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        from diffmem.clitools import write_json
+
+        write_json(out, report)
     return report
+
+
+def _mode(seed_mode: str) -> str | None:
+    """``seed_mode`` for :func:`make_detector`; the default is left to the detector (None), so a
+    detector class that predates seed modes still builds."""
+    return None if seed_mode in (None, "per-generation", "per_generation") else seed_mode

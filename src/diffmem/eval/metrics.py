@@ -99,19 +99,33 @@ def roc_auc_score(y_true: Sequence, y_score: Sequence) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def tpr_at_fpr(y_true: Sequence, y_score: Sequence, fpr: float) -> float:
-    """TPR at the ROC point with the largest FPR not above ``fpr`` (highest TPR at that FPR)."""
+def tpr_at_fpr(y_true: Sequence, y_score: Sequence, fpr: float, *, strict: bool = False) -> float:
+    """TPR at the ROC point with the largest FPR not above ``fpr`` (highest TPR at that FPR);
+    ``strict=True``: the largest FPR strictly below ``fpr`` (Wen et al.'s reference code)."""
+    return operating_point(y_true, y_score, fpr, strict=strict)[1]
+
+
+def operating_point(y_true: Sequence, y_score: Sequence, fpr: float, *, strict: bool = False
+                    ) -> tuple[float, float, float]:
+    """``(FPR, TPR, threshold)`` of the ROC point that :func:`tpr_at_fpr` reads: a prompt is
+    flagged when its score is ``>= threshold``."""
     if not 0 <= fpr <= 1:
         raise ValueError(f"fpr must be in [0, 1], got {fpr}")
     y, s = _check(y_true, y_score)
+    nan = float("nan")
     if _degenerate(y, f"TPR at {fpr:g} FPR"):
-        return float("nan")
+        return nan, nan, nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        f, t, _ = roc_curve(y, s)
-    ok = f <= fpr + 1e-12
+        f, t, thr = roc_curve(y, s)
+    ok = f < fpr - 1e-12 if strict else f <= fpr + 1e-12
+    if not ok.any():  # strict with fpr = 0: no point qualifies
+        return nan, nan, nan
     best_fpr = f[ok].max()
-    return float(t[ok & (f == best_fpr)].max())
+    at = np.flatnonzero(ok & (f == best_fpr))
+    k = at[np.argmax(t[at])]
+    return float(f[k]), float(t[k]), float(thr[k])
 
 
-__all__ = ["UndefinedMetricWarning", "roc_auc_score", "roc_curve", "tpr_at_fpr"]
+__all__ = ["UndefinedMetricWarning", "operating_point", "roc_auc_score", "roc_curve",
+           "tpr_at_fpr"]

@@ -22,7 +22,6 @@ Image ``s`` of every prompt uses generator seed ``s``, as :func:`diffmem.testbed
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -256,7 +255,9 @@ def evaluate_mitigation(methods: Sequence[str], *, model="testbed",
         if context.threshold is not None:
             report["threshold"] = context.threshold
         if out is not None:
-            Path(out).write_text(json.dumps(_finite(report), indent=2) + "\n", encoding="utf-8")
+            from diffmem.clitools import write_json
+
+            write_json(out, _finite(report))
     if plot is not None:
         plot_tradeoff(report, plot)
     return _finite(report)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from diffmem.clitools import write_json
 from diffmem.errors import ConfigError
 
 
@@ -23,9 +24,17 @@ def read_captioned_images(folder: str | Path) -> tuple[list[torch.Tensor], list[
     listing = folder / "generations.jsonl"
     if listing.is_file():
         rows = [json.loads(line) for line in listing.read_text(encoding="utf-8").splitlines() if line]
+        if not rows:
+            from diffmem.errors import EmptyInputError
+
+            raise EmptyInputError(f"{listing} lists no images")
         return ([decode_image(folder / r["file"]) for r in rows], [r["prompt"] for r in rows],
                 [r["file"] for r in rows])
     items = [it for it in iter_folder(folder) if it.image is not None]
+    if not items:
+        from diffmem.errors import EmptyInputError
+
+        raise EmptyInputError(f"{folder} holds no readable images")
     return [it.image for it in items], [it.caption for it in items], [it.id for it in items]
 
 
@@ -78,8 +87,7 @@ def eval_alignment(images: str | Path, out: str | Path | None = None, *, clip: s
         report["attribute_unscored"] = len(per_image) - len(scored)
     report["per_image"] = per_image
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out, report)
     return report
 
 
@@ -104,6 +112,14 @@ def eval_quality(real: str | Path, generated: str | Path, out: str | Path | None
     ``"probe"`` (FPD)."""
     from diffmem.eval.quality import FrechetDistance, InceptionFeatures, ProbeFeatures, SSCDFeatures
 
+    if features not in ("inception", "sscd", "probe"):
+        raise ConfigError(f"unknown features {features!r}; use inception, sscd or probe")
+    if features == "inception" and inception is None:
+        raise ConfigError("FID needs --inception PATH (inception-2015-12-05.pt)")
+    # read (and refuse empty) image folders before a feature model loads
+    gen_images = read_captioned_images(generated)[0]
+    real_images = (_testbed_images(max_real) if str(real) == "testbed"
+                   else read_captioned_images(real)[0][:max_real])
     if features == "inception":
         if inception is None:
             raise ConfigError("FID needs --inception PATH (inception-2015-12-05.pt)")
@@ -115,9 +131,6 @@ def eval_quality(real: str | Path, generated: str | Path, out: str | Path | None
     else:
         raise ConfigError(f"unknown features {features!r}; use inception, sscd or probe")
     metric = FrechetDistance(extractor)
-    real_images = (_testbed_images(max_real) if str(real) == "testbed"
-                   else read_captioned_images(real)[0][:max_real])
-    gen_images = read_captioned_images(generated)[0]
     for images, is_real in ((real_images, True), (gen_images, False)):
         for _, batch in _same_size_batches(images, batch_size):
             metric.update(batch, real=is_real)
@@ -125,6 +138,5 @@ def eval_quality(real: str | Path, generated: str | Path, out: str | Path | None
               "value": _nan_to_none(metric.compute()), "real": str(real), "generated": str(generated),
               "n_real": len(real_images), "n_generated": len(gen_images)}
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(out, report)
     return report

@@ -246,14 +246,15 @@ def testbed_clean_prompts(model) -> list[str] | None:
     clean controls that do not copy in any generation (``testbed/broad_labels.jsonl``); for another
     testbed folder (its adapter recorded a ``testbed_spec``) its held-out (never trained) prompts."""
     from diffmem.eval.detection import _is_shipped
+    from diffmem.testbed import labelled_prompts
     from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
-    from diffmem.testbed.data import build_testbed
 
-    spec = load_adapter(model).testbed_spec
+    adapter = load_adapter(model)
+    spec = adapter.testbed_spec
     if spec is None:
         return None
     adapter = load_adapter(model)
     if _is_shipped(adapter) and LABELS_FILE.is_file():
         return [r["prompt"] for r in read_broad_labels() if r["group"] == "clean"
                 and not r["memorized"]]
-    return [p.prompt for p in build_testbed(spec).prompts if p.kind == "heldout"]
+    return [p.prompt for p in labelled_prompts(spec, adapter.path) if p.kind == "heldout"]

@@ -56,8 +56,8 @@ def _rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str]:
     """(copying rows with prompt/group/trigger_tokens, clean calibration prompts, source)."""
     from diffmem.eval.detection import _is_shipped
     from diffmem.explain._edits import testbed_clean_prompts
+    from diffmem.testbed import labelled_prompts
     from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
-    from diffmem.testbed.data import build_testbed
 
     spec = adapter.require_testbed_spec("eval explanation (labelled prompts with designed "
                                         "trigger words)")
@@ -65,10 +65,10 @@ def _rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str]:
     if prompts is None:
         prompts = "broad" if _is_shipped(adapter) and LABELS_FILE.is_file() else "designed"
     if str(prompts) == "designed":
-        tb = build_testbed(spec)
+        designed = labelled_prompts(spec, adapter.path)
         rows = [{"prompt": p.prompt, "group": p.kind, "memorized": True,
-                 "trigger_tokens": p.trigger_tokens} for p in tb.prompts if p.memorized]
-        return rows, [p.prompt for p in tb.prompts if not p.memorized], "designed"
+                 "trigger_tokens": p.trigger_tokens} for p in designed if p.memorized]
+        return rows, [p.prompt for p in designed if not p.memorized], "designed"
     path = None if str(prompts) == "broad" else Path(prompts)
     rows = read_broad_labels(path)
     return [r for r in rows if r["memorized"]], clean, str(path or LABELS_FILE)

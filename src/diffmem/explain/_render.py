@@ -94,12 +94,38 @@ def _png(arr_or_fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """``heat`` (H, W) in [0, 1] through the 'jet' colour map blended over ``image`` (H, W, 3)."""
+#: Colour map of the attention heat maps (perceptually uniform, readable in greyscale print).
+HEAT_CMAP = "inferno"
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """``heat`` (H, W) in [0, 1] through :data:`HEAT_CMAP`, blended over ``image`` (H, W, 3)
+    turned grey (and lightened), so that the colours on the picture are the map's alone."""
     import matplotlib
 
-    rgb = matplotlib.colormaps["jet"](heat)[..., :3] * 255
-    return (image * (1 - alpha) + rgb * alpha).clip(0, 255).astype(np.uint8)
+    grey = image[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    grey = 64 + 0.5 * grey  # lightened: the map stays readable over dark pixels
+    base = np.repeat(grey[..., None], 3, axis=2)
+    rgb = matplotlib.colormaps[HEAT_CMAP](heat)[..., :3] * 255
+    weight = alpha * heat[..., None] ** 0.5  # cold regions show the grey picture through
+    return (base * (1 - weight) + rgb * weight).clip(0, 255).astype(np.uint8)
+
+
+def colour_bar(label: str = "attention of the word, scaled per word (0 = its least, "
+                            "1 = its most)") -> object:
+    """A horizontal colour bar of :data:`HEAT_CMAP` from 0 to 1 (a matplotlib Figure)."""
+    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0, 0.85), dpi=100)
+    ax = fig.add_axes((0.05, 0.55, 0.9, 0.25))
+    fig.colorbar(ScalarMappable(Normalize(0, 1), matplotlib.colormaps[HEAT_CMAP]), cax=ax,
+                 orientation="horizontal", label=label)
+    ax.xaxis.label.set_fontsize(8)
+    ax.tick_params(labelsize=8)
+    return fig
 
 
 def _upscale(image: np.ndarray, min_side: int = 192) -> np.ndarray:
@@ -149,4 +175,8 @@ def _attention_html(exp: Explanation) -> str:
         figs.append(f"<figure><img src='data:image/png;base64,{_png(img)}'>"
                     f"<figcaption>{html.escape(w)} ({100 * share:.0f}% attention)</figcaption>"
                     "</figure>")
-    return "<h2>Cross-attention per word (Ren et al. 2024)</h2>" + "".join(figs)
+    bar = f"<p><img alt='colour bar' src='data:image/png;base64,{_png(colour_bar())}'></p>"
+    return ("<h2>Cross-attention per word (Ren et al. 2024)</h2>"
+            "<p>Where each word looks in the generated image: the heat map over the image in grey; "
+            "the percentage is the word's share of the prompt's attention.</p>"
+            + "".join(figs) + bar)

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
+from diffmem.clitools import (
+    BATCH,
+    COUNT,
+    GENERATIONS,
+    GUIDANCE,
+    SAMPLING_STEPS,
+    THRESHOLD,
+    OutFile,
+    add_model,
+)
 from diffmem.errors import ConfigError
 
 
@@ -16,9 +27,21 @@ def _floats(text: str | None) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--strengths must be comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise ConfigError(f"--strengths must be finite numbers >= 0, got {text!r}")
+    return values
+
+
+def _strengths(text: str) -> str:
+    """argparse type: checks ``--strengths`` at parse time, keeps the text."""
+    try:
+        _floats(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _cmd_eval_mitigation(a: argparse.Namespace) -> int:
@@ -45,19 +68,23 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     e.add_argument("--methods", required=True,
                    help="comma-separated specs; '+' composes (ren+amg); auto gates; "
                         "a method may carry :STRENGTH")
-    e.add_argument("--strengths", default=None,
+    e.add_argument("--strengths", type=_strengths, default=None,
                    help="comma-separated strengths applied to every method without one")
-    e.add_argument("--out", required=True, help="report JSON (rewritten after each method)")
-    e.add_argument("--plot", default=None, help="trade-off PNG (memorization vs alignment)")
-    e.add_argument("--model", default="testbed", help="a testbed model folder or 'testbed'")
-    e.add_argument("--seeds", type=int, default=4, help="images per prompt")
-    e.add_argument("--sampling-steps", type=int, default=50, help="denoising steps")
-    e.add_argument("--guidance-scale", type=float, default=7.5)
+    e.add_argument("--out", type=OutFile(".json"), required=True,
+                   help="report JSON (rewritten after each method)")
+    e.add_argument("--plot", type=OutFile(".png"), default=None,
+                   help="trade-off PNG (memorization vs alignment)")
+    add_model(e, testbed_only=True)
+    e.add_argument("--seeds", type=GENERATIONS, default=4, help="images per prompt")
+    e.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
+                   help="length of the denoising schedule")
+    e.add_argument("--guidance-scale", type=GUIDANCE, default=7.5,
+                   help="classifier-free guidance scale (finite, >= 0)")
     e.add_argument("--index", default=None, help="training-set index folder (for amg)")
-    e.add_argument("--threshold", type=float, default=None,
+    e.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="gate / wen threshold (default: calibrated on held-out prompts)")
-    e.add_argument("--max-per-group", type=int, default=None,
+    e.add_argument("--max-per-group", type=COUNT, default=None,
                    help="at most this many prompts per group (random, seeded)")
     e.add_argument("--no-sscd", action="store_true", help="skip the SSCD side metric")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=BATCH, default=64, help="images per batched run")
     e.set_defaults(func=_cmd_eval_mitigation)

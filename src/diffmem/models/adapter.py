@@ -1,6 +1,7 @@
 """Model adapters: one per Stable Diffusion family, exposing what the methods need.
 
-An adapter wraps a stock diffusers ``StableDiffusionPipeline`` and knows the tokenizer facts that
+An adapter wraps a stock diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) or
+``StableDiffusionXLPipeline`` (SDXL, :mod:`diffmem.models.sdxl`) and knows the tokenizer facts that
 differ between families (SD 1.x pads with EOS, SD 2.x with "!" = id 0), so that detectors,
 explainers and mitigations stay model-agnostic.
 
@@ -121,6 +122,9 @@ class ModelAdapter:
         #: the folder the pipeline was loaded from (None for a pipeline object)
         self.path = Path(path) if path is not None else None
         self._uncond_cache: dict[tuple, torch.Tensor] = {}
+        from diffmem.models.sdxl import _silence_length_warning
+
+        _silence_length_warning(self.tokenizer)
 
     def with_default_scheduler(self, scheduler: str | object) -> ModelAdapter:
         """A new adapter sharing this one's modules, whose runs use ``scheduler`` by default."""
@@ -303,6 +307,45 @@ class SD2Adapter(ModelAdapter):
     family = "sd2"
 
 
+#: ``model_index.json`` ``_class_name`` -> family, for the pipeline classes diffmem supports.
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+_COMPONENTS = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+             "scheduler"),
+}
+
+
+def _unsupported(name: object) -> ModelLoadError:
+    return ModelLoadError(
+        f"unsupported pipeline class {name!r}; diffmem supports StableDiffusionPipeline "
+        "(SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)")
+
+
+def pipeline_family(path: str | Path) -> str:
+    """``"sd"`` or ``"sdxl"`` from a folder's ``model_index.json`` (its ``_class_name``, else its
+    components); any other pipeline: :class:`~diffmem.errors.ModelLoadError` naming what is
+    supported."""
+    path = Path(path)
+    _check_folder(path)
+    spec = json.loads((path / "model_index.json").read_text())
+    name = spec.get("_class_name")
+    if name in SUPPORTED_PIPELINES:
+        family = SUPPORTED_PIPELINES[name]
+    elif name is None:
+        family = "sdxl" if "text_encoder_2" in spec else "sd"
+    else:
+        raise _unsupported(name)
+    missing = [c for c in _COMPONENTS[family] if c not in spec or not (path / c).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path} is not a complete {name or 'Stable Diffusion'} folder: "
+                             f"missing {missing}")
+    return family
+
+
 def _check_folder(path: Path) -> None:
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist")
@@ -317,24 +360,29 @@ def _check_folder(path: Path) -> None:
         spec = json.loads(index.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{index} is not valid JSON: {e}") from e
-    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if c not in spec or not (path / c).is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path} is not a Stable Diffusion pipeline: missing {missing}")
+    if not isinstance(spec, dict):
+        raise ModelLoadError(f"{index} is not a diffusers model index (a JSON object)")
 
 
 def load_pipeline(path: str | Path, *, scheduler: str | None = None,
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load a local SD 1.x/2.x pipeline folder, with one clear error for a bad folder or file."""
-    from diffusers import StableDiffusionPipeline
-
+    """Load a local SD 1.x/2.x or SDXL pipeline folder, with one clear error for a bad folder or
+    file or an unsupported pipeline class."""
     path = Path(path)
-    _check_folder(path)
-    kwargs: dict = {"safety_checker": None, "requires_safety_checker": False}
+    family = pipeline_family(path)
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline as cls
+
+        kwargs: dict = {}
+    else:
+        from diffusers import StableDiffusionPipeline as cls
+
+        kwargs = {"safety_checker": None, "requires_safety_checker": False}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        with _quiet_loading():
+            pipe = cls.from_pretrained(path, local_files_only=True, **kwargs)
     except Exception as e:  # diffusers/safetensors raise many types for a corrupt file
         raise ModelLoadError(f"could not load the pipeline in {path}: {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
@@ -344,6 +392,34 @@ def load_pipeline(path: str | Path, *, scheduler: str | None = None,
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+class _quiet_loading:
+    """diffmem shows its own progress: no "Loading pipeline components" / "Loading weights" bars
+    (the libraries' progress-bar switches are restored afterwards)."""
+
+    def __enter__(self) -> None:
+        from diffusers.utils import logging as dlog
+
+        self._d = dlog.is_progress_bar_enabled()
+        dlog.disable_progress_bar()
+        try:
+            from transformers.utils import logging as tlog
+
+            self._t = tlog.is_progress_bar_enabled()
+            tlog.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            self._t = None
+
+    def __exit__(self, *exc) -> None:
+        from diffusers.utils import logging as dlog
+
+        if self._d:
+            dlog.enable_progress_bar()
+        if self._t:
+            from transformers.utils import logging as tlog
+
+            tlog.enable_progress_bar()
 
 
 def load_adapter(model, *, scheduler: str | None = None, device: str | torch.device | None = None,
@@ -372,7 +448,15 @@ def load_adapter(model, *, scheduler: str | None = None, device: str | torch.dev
         pipe = model
         if device is not None:
             pipe.to(device)
-    tok = pipe.tokenizer
-    cls = SD2Adapter if tok.pad_token_id != tok.eos_token_id else SD1Adapter
+    name = type(pipe).__name__
+    if name not in SUPPORTED_PIPELINES and not hasattr(pipe, "unet"):
+        raise _unsupported(name)
+    if getattr(pipe, "text_encoder_2", None) is not None or name == "StableDiffusionXLPipeline":
+        from diffmem.models.sdxl import SDXLAdapter as cls
+    elif name in SUPPORTED_PIPELINES or hasattr(pipe, "text_encoder"):
+        tok = pipe.tokenizer
+        cls = SD2Adapter if tok.pad_token_id != tok.eos_token_id else SD1Adapter
+    else:
+        raise _unsupported(name)
     sched = _resolve_scheduler(pipe.scheduler, scheduler) if scheduler is not None else None
     return cls(pipe, path=path, scheduler=sched)

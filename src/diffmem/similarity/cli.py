@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from diffmem.clitools import BATCH, THRESHOLD, OutDir, OutFile, dumps
 
 
 def _cmd_index_build(a: argparse.Namespace) -> int:
@@ -48,7 +49,7 @@ def _cmd_eval_replication(a: argparse.Namespace) -> int:
 
     report = eval_replication(a.images, a.index, a.out, grid_html=a.grid,
                               threshold=a.threshold, batch_size=a.batch_size)
-    print(json.dumps({k: v for k, v in report.items() if k != "per_image"}, indent=2))
+    print(dumps({k: v for k, v in report.items() if k != "per_image"}, indent=2))
     return 0
 
 
@@ -59,14 +60,15 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
         dest="index_command", required=True)
     b = idx.add_parser("build", help="index a folder (x.png + x.txt), a Parquet table, or "
                                      "'testbed'")
-    b.add_argument("source")
-    b.add_argument("--out", required=True, help="index folder")
+    b.add_argument("source", help="image folder (x.png + x.txt), Parquet table, or 'testbed'")
+    b.add_argument("--out", type=OutDir(), required=True, help="index folder")
     b.add_argument("--kind", choices=("sscd", "pixel"), default=None,
                    help="sscd (default) or pixel (tiled L2; default for 'testbed')")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--image-column", default="image")
-    b.add_argument("--caption-column", default="caption")
-    b.add_argument("--id-column", default=None)
+    b.add_argument("--batch-size", type=BATCH, default=64, help="images per embedding batch")
+    b.add_argument("--image-column", default="image", help="Parquet column of the images")
+    b.add_argument("--caption-column", default="caption", help="Parquet column of the captions")
+    b.add_argument("--id-column", default=None,
+                   help="Parquet column of item ids (default: the row number)")
     b.add_argument("--engine", choices=("local", "ray"), default="local",
                    help="ray: embed shards on Ray workers and merge them (docs/scan.md)")
     b.add_argument("--address", default=None, help="Ray cluster to join (default: a local one)")
@@ -78,9 +80,12 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     r = eval_commands.add_parser("replication", help="replication of generated images")
     r.add_argument("images", help="folder of generated images")
     r.add_argument("--index", required=True, help="index folder (diffmem index build)")
-    r.add_argument("--out", required=True, help="report JSON")
-    r.add_argument("--grid", default=None, help="HTML grid of generations vs nearest images")
-    r.add_argument("--threshold", type=float, default=None,
-                   help="copy threshold (default: 0.5 for SSCD, the testbed's for tiled L2)")
-    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
+    r.add_argument("--grid", type=OutFile(".html", ".htm"), default=None,
+                   help="HTML report: each generation with its prompt, its nearest training "
+                        "image, the score and the verdict")
+    r.add_argument("--threshold", type=THRESHOLD, default=None,
+                   help="copy threshold (default: 0.5 for SSCD cosine, the testbed's "
+                        "REPLICATION_THRESHOLD 0.15 for tiled L2)")
+    r.add_argument("--batch-size", type=BATCH, default=32, help="images per search batch")
     r.set_defaults(func=_cmd_eval_replication)

@@ -582,6 +582,15 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
     items = iter_source(source, image_column=image_column, caption_column=caption_column,
                         id_column=id_column) if Path(source).suffix in (".parquet", ".jsonl") \
         else iter_source(source)  # checks the source and its columns before the embedder loads
+    items = iter(items)
+    first = next(items, None)
+    if first is None:
+        from diffmem.errors import EmptyInputError
+
+        raise EmptyInputError(f"{source} holds no images to index")
+    import itertools
+
+    items = itertools.chain([first], items)
     if embedder is None:
         embedder = _embedder_for_kind(kind)
     index = TrainingIndex(embedder, **options)
@@ -596,9 +605,17 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
             _add_items(index, pending)
             pending = []
     _add_items(index, pending)
+    if len(index) == 0:
+        from diffmem.errors import EmptyInputError
+
+        raise EmptyInputError(f"{source}: none of its {len(skipped)} image(s) could be read "
+                              f"(first: {skipped[0]['source']}: {skipped[0]['error']})")
     index.optimize()
     out = index.save(out)
     (out / "skipped.json").write_text(json.dumps(skipped, indent=2))
+    from diffmem.clitools import kept
+
+    kept(f"the index in {out}")
     return BuildReport(out=out, count=len(index), skipped=skipped)
 
 
@@ -621,6 +638,6 @@ def _add_items(index: TrainingIndex, items: list) -> None:
 def _progress(items: Iterable, enabled: bool) -> Iterable:
     if not enabled:
         return items
-    from tqdm import tqdm
+    from diffmem.clitools import track
 
-    return tqdm(items, desc="indexing", unit="img")
+    return track(items, None, "indexing", unit="img")

@@ -22,10 +22,13 @@ from diffmem.images import to_pil
 from diffmem.similarity.index import TrainingIndex
 from diffmem.similarity.metrics import replication_summary
 from diffmem.similarity.sources import IMAGE_SUFFIXES, decode_image
+from diffmem.testbed import REPLICATION_THRESHOLD
 
 #: Default copy threshold per criterion. SSCD > 0.5 is the literature's convention; the tiled-L2
-#: value (RMS difference in [-1, 1] units in the worst tile) is a diffmem choice for the testbed.
-DEFAULT_THRESHOLDS = {"sscd_cosine": 0.5, "tiled_l2": 0.1}
+#: value (RMS difference in [-1, 1] units in the worst tile) is the testbed's replication threshold
+#: (:data:`diffmem.testbed.verify.REPLICATION_THRESHOLD`, the one ``demo`` and ``testbed verify``
+#: use; docs/testbed.md gives its measured trade-off).
+DEFAULT_THRESHOLDS = {"sscd_cosine": 0.5, "tiled_l2": REPLICATION_THRESHOLD}
 
 
 def _image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -81,25 +84,46 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
     ``criterion``, ``higher_is_better``, ``threshold``, ``n_images``, ``skipped`` (unreadable
     files with the reason) and ``per_image`` (path, score, nearest id and caption, caption count).
     """
+    listed = _image_paths(images)
+    if not listed:
+        from diffmem.errors import EmptyInputError
+
+        raise EmptyInputError(f"{images} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if not isinstance(index, TrainingIndex):
         index = TrainingIndex.load(index, embedder=embedder)
     criterion = index.embedder.criterion
     higher = index.embedder.higher_is_better
     threshold = DEFAULT_THRESHOLDS.get(criterion, 0.5) if threshold is None else threshold
-    paths, tensors, skipped = _read_images(_image_paths(images))
+    paths, tensors, skipped = _read_images(listed)
+    if not paths:
+        from diffmem.errors import EmptyInputError
+
+        raise EmptyInputError(f"{images}: none of its {len(skipped)} image(s) could be read "
+                              f"(first: {skipped[0]['path']}: {skipped[0]['error']})")
+    prompts = _prompts_of(paths)
     scores, rows, ids, captions, counts = (_search_all(index, tensors, batch_size) if tensors
                                            else ([], [], [], [], []))
     summary = replication_summary(scores, threshold=threshold, higher_is_better=higher)
-    per_image = [{"path": str(p), "score": s, "nearest_id": i, "nearest_caption": c,
-                  "caption_count": n} for p, s, i, c, n in zip(paths, scores, ids, captions,
-                                                               counts, strict=True)]
+    per_image = [{"path": str(p), "prompt": prompts.get(str(p)), "score": s,
+                  "copy": bool(s > threshold if higher else s < threshold),
+                  "nearest_id": i, "nearest_caption": c, "caption_count": n}
+                 for p, s, i, c, n in zip(paths, scores, ids, captions, counts, strict=True)]
+    # the copy-like tail: the 95th percentile of a similarity, the 5th of a distance
+    tail = 95 if higher else 5
     report = {"memorization_rate": summary["memorization_rate"],
               "similarity_mean": summary["mean"], "similarity_p95": summary["p95"],
+              "copy_tail_percentile": tail,
               "criterion": criterion, "higher_is_better": higher, "threshold": threshold,
+              "copy_rule": f"score {'>' if higher else '<'} {threshold:g}",
               "n_images": len(paths), "skipped": skipped, "per_image": per_image}
+    if not higher:  # 'p95' of a distance is its 5th percentile: say so under its own name
+        report["distance_p5"] = report.pop("similarity_p95")
+        report["distance_mean"] = report.pop("similarity_mean")
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    from diffmem.clitools import write_json
+
+    write_json(out, report)
     if grid_html is not None:
         order = sorted(range(len(scores)), key=scores.__getitem__, reverse=higher)[:max_grid]
         write_grid_html(grid_html, [tensors[i] for i in order],
@@ -117,29 +141,99 @@ def png_base64(image: torch.Tensor, *, max_side: int = 256) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _prompts_of(paths: list[Path]) -> dict[str, str]:
+    """The prompt of each generated image: from the ``generations.jsonl`` of its folder (as
+    ``diffmem generate`` writes it) or its ``x.txt`` caption file."""
+    out: dict[str, str] = {}
+    listings: dict[Path, dict[str, str]] = {}
+    for p in paths:
+        folder = p.parent
+        if folder not in listings:
+            listings[folder] = {}
+            f = folder / "generations.jsonl"
+            if f.is_file():
+                for line in f.read_text(encoding="utf-8").splitlines():
+                    try:
+                        row = json.loads(line)
+                        listings[folder][row["file"]] = row["prompt"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+        prompt = listings[folder].get(p.name)
+        if prompt is None and p.with_suffix(".txt").is_file():
+            prompt = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        if prompt is not None:
+            out[str(p)] = prompt
+    return out
+
+
 def _cell(image: torch.Tensor | None) -> str:
     if image is None:
         return "<td>(training image unavailable)</td>"
     return f'<td><img src="{png_base64(image)}" width="160"></td>'
 
 
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:70em;color:#222}
+h1{font-size:1.5em;margin-bottom:.2em}
+.summary{background:#f5f5f5;border-radius:6px;padding:.6em 1em;line-height:1.6}
+.summary b{font-size:1.1em}
+table{border-collapse:collapse;width:100%;margin-top:1em}
+th,td{border-bottom:1px solid #ddd;padding:.4em .6em;text-align:left;vertical-align:top}
+th{background:#fafafa;position:sticky;top:0}
+tr.copy{background:#fde8e8}
+tr.copy td.verdict{color:#b00020;font-weight:bold}
+td.verdict{color:#1b5e20}
+td.prompt{max-width:18em}
+td img{image-rendering:pixelated;border:1px solid #ccc}
+.small{color:#666;font-size:.9em}
+"""
+
+
 def write_grid_html(path: str | Path, generated: list[torch.Tensor],
                     nearest: list[torch.Tensor | None], rows: list[dict], report: dict) -> Path:
-    """HTML table: generated image, nearest training image, score, nearest caption."""
-    head = (f"<h1>Replication report</h1><p>criterion {html.escape(report['criterion'])}, "
-            f"threshold {report['threshold']}, memorization rate "
-            f"{report['memorization_rate']:.4f}, mean {report['similarity_mean']:.4f}, "
-            f"p95 {report['similarity_p95']:.4f}, {report['n_images']} images, "
-            f"{len(report['skipped'])} skipped</p>")
-    body = ["<tr><th>generated</th><th>nearest training image</th><th>score</th>"
-            "<th>nearest caption (repeats)</th></tr>"]
-    for gen, near, row in zip(generated, nearest, rows, strict=True):
-        body.append(f"<tr>{_cell(gen)}{_cell(near)}<td>{row['score']:.4f}<br>"
-                    f"{html.escape(Path(row['path']).name)}</td>"
-                    f"<td>{html.escape(row['nearest_caption'])} ({row['caption_count']})</td></tr>")
+    """HTML report: the criterion, threshold and rates at the top; then per generation its prompt,
+    the image beside its nearest training image, the score and the verdict (copies marked red),
+    most copy-like first."""
+    higher = report["higher_is_better"]
+    tail = report.get("copy_tail_percentile", 95 if higher else 5)
+    tail_value = report.get("similarity_p95", report.get("distance_p5"))
+    mean = report.get("similarity_mean", report.get("distance_mean"))
+    kind = "similarity" if higher else "distance"
+    rate = report["memorization_rate"]
+    n_copies = sum(1 for r in rows if r.get("copy"))
+    head = (
+        "<h1>Replication report</h1><div class='summary'>"
+        f"<b>{'—' if rate is None else f'{100 * rate:.1f}%'}</b> of {report['n_images']} "
+        f"generated images are copies of a training image "
+        f"(<b>{n_copies}</b> of those listed below, marked "
+        f"<span style='color:#b00020'>COPY</span>)."
+        f"<br>criterion: <b>{html.escape(report['criterion'])}</b> ({kind}; "
+        f"{'higher' if higher else 'lower'} = more alike); a generation is a copy when "
+        f"<b>{html.escape(report.get('copy_rule', ''))}</b>"
+        f"<br>mean {kind} {_fmt(mean)}; {tail}th percentile (the most copy-like "
+        f"{100 - tail if higher else tail}%) {_fmt(tail_value)}; "
+        f"{len(report['skipped'])} unreadable file(s) skipped</div>")
+    body = ["<tr><th>#</th><th>prompt</th><th>generated</th><th>nearest training image</th>"
+            f"<th>{kind}</th><th>verdict</th><th>nearest training caption (copies)</th></tr>"]
+    for k, (gen, near, row) in enumerate(zip(generated, nearest, rows, strict=True), 1):
+        copy = bool(row.get("copy"))
+        prompt = row.get("prompt")
+        body.append(
+            f"<tr class='{'copy' if copy else 'novel'}'><td>{k}</td>"
+            f"<td class='prompt'>{html.escape(prompt) if prompt else '<i>(unknown)</i>'}"
+            f"<br><span class='small'>{html.escape(Path(row['path']).name)}</span></td>"
+            f"{_cell(gen)}{_cell(near)}<td>{row['score']:.4f}</td>"
+            f"<td class='verdict'>{'COPY' if copy else 'novel'}</td>"
+            f"<td>{html.escape(str(row['nearest_caption']))} ({row['caption_count']})<br>"
+            f"<span class='small'>{html.escape(str(row['nearest_id']))}</span></td></tr>")
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>diffmem replication</title>"
-           f"</head><body>{head}<table border='1'>{''.join(body)}</table></body></html>")
+           f"<style>{_STYLE}</style></head><body>{head}<table>{''.join(body)}</table>"
+           "</body></html>")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
     return out
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None or x != x else f"{x:.4f}"

@@ -127,10 +127,12 @@ def write_clip_tokenizer(out: str | Path, *, pad_token: str = "<|endoftext|>") -
     vocab, merges = clip_vocab_and_merges()
     (out / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    tok = CLIPTokenizer(
-        vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"), pad_token=pad_token,
-        model_max_length=MAX_LENGTH,
-    )
+    import transformers
+
+    files = {"vocab": str(out / "vocab.json"), "merges": str(out / "merges.txt")}
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x: the slow tokenizer's file names
+        files = {"vocab_file": files["vocab"], "merges_file": files["merges"]}
+    tok = CLIPTokenizer(**files, pad_token=pad_token, model_max_length=MAX_LENGTH)
     tok.save_pretrained(out)
     return out
 
@@ -148,3 +150,49 @@ def build_components(seed: int = 0) -> dict:
     sched = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
     scheduler = DDIMScheduler(**sched)
     return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}
+
+
+#: Key prefix transformers gives ``CLIPTextModel`` weights (its ``text_model`` submodule).
+TEXT_MODEL_PREFIX = "text_model."
+
+
+def make_portable(folder: str | Path) -> Path:
+    """Rewrite a saved SD pipeline folder into the layout every supported library version loads,
+    without changing a number (transformers >= 4.44, diffusers >= 0.30, see pyproject.toml):
+
+    - text encoder weights keyed ``text_model.*`` (transformers 5 saves ``CLIPTextModel`` weights
+      without the prefix; transformers 4.x then initialises the encoder randomly, with only a
+      warning);
+    - ``tokenizer.json`` merges as ``"a b"`` strings (tokenizers < 0.20 cannot parse the
+      ``["a", "b"]`` pairs newer versions write; newer ones read both);
+    - the tokenizer declared as ``CLIPTokenizerFast`` in ``model_index.json`` (transformers 4.x's
+      ``CLIPTokenizer`` is the slow one and needs vocab.json + merges.txt; in transformers 5 both
+      names are the same tokenizer).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    if weights.is_file():
+        with safe_open(weights, "pt") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+            if not all(k.startswith(TEXT_MODEL_PREFIX) for k in keys):
+                tensors = {(k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k):
+                           f.get_tensor(k) for k in keys}
+                save_file(tensors, weights, metadata={"format": "pt", **meta})
+    tok = folder / "tokenizer" / "tokenizer.json"
+    if tok.is_file():
+        data = json.loads(tok.read_text(encoding="utf-8"))
+        merges = data.get("model", {}).get("merges")
+        if merges and not isinstance(merges[0], str):
+            data["model"]["merges"] = [" ".join(m) for m in merges]
+            tok.write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")),
+                           encoding="utf-8")
+    index = folder / "model_index.json"
+    if index.is_file():
+        spec = json.loads(index.read_text(encoding="utf-8"))
+        if spec.get("tokenizer") == ["transformers", "CLIPTokenizer"] and tok.is_file():
+            spec["tokenizer"] = ["transformers", "CLIPTokenizerFast"]
+            index.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return folder

@@ -460,12 +460,14 @@ def build_testbed(spec: TestbedSpec | None = None) -> Testbed:
     return Testbed(spec, items, unique)
 
 
-def write_prompts(testbed: Testbed, path: str | Path) -> Path:
-    """Write the labelled evaluation prompts as JSONL (one object per line)."""
+def write_prompts(testbed: Testbed | Sequence[LabelledPrompt], path: str | Path) -> Path:
+    """Write the labelled evaluation prompts (of a testbed, or a list) as JSONL (one object per
+    line)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    prompts = testbed.prompts if isinstance(testbed, Testbed) else testbed
     with path.open("w", encoding="utf-8") as f:
-        for p in testbed.prompts:
+        for p in prompts:
             f.write(json.dumps({**asdict(p), "memorized": p.memorized}) + "\n")
     return path
 

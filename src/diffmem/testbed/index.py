@@ -38,21 +38,27 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
     ``kind="sscd"`` embeds with SSCD (informative only on these flat synthetic images).
     Saved to ``out`` when given.
     """
+    from diffmem.clitools import progress
+
     testbed = build_testbed(spec)
     ids, captions, arrays, copies = [], [], [], []
     dup = memorized_copies(testbed.spec)
-    for item, img in testbed.images():
-        ids.append(item.image_id)
-        captions.append(list(item.captions))
-        copies.append(1 if item.kind == "generic" else dup)
-        arrays.append(img)
-    provenance = {"training_set": testbed_fingerprint(testbed.spec)}
-    images = to_tensor(np.stack(arrays))
-    if rendered_by is not None:
-        from diffmem.testbed.verify import vae_roundtrip
+    n = len(testbed.items)
+    # one bar for the job: render each image (and pass it through the VAE), then index
+    with progress(2 * n if rendered_by is not None else n, "index testbed", unit="img") as bar:
+        for item, img in testbed.images():
+            ids.append(item.image_id)
+            captions.append(list(item.captions))
+            copies.append(1 if item.kind == "generic" else dup)
+            arrays.append(img)
+            bar.update(1)
+        provenance = {"training_set": testbed_fingerprint(testbed.spec)}
+        images = to_tensor(np.stack(arrays))
+        if rendered_by is not None:
+            from diffmem.testbed.verify import vae_roundtrip
 
-        images = vae_roundtrip(rendered_by, images)
-        provenance["rendered_by"] = vae_fingerprint(rendered_by)
+            images = vae_roundtrip(rendered_by, images, on_batch=bar.update)
+            provenance["rendered_by"] = vae_fingerprint(rendered_by)
     if kind == "pixel":
         embedder: object = PixelSpace(size=testbed.spec.resolution)
     else:

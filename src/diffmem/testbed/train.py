@@ -333,7 +333,13 @@ def _save_pipeline(target: Path, vae, text_encoder, tokenizer, unet, scheduler,
         feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(target, safe_serialization=True)
     _compact_json(target / "tokenizer" / "tokenizer.json")
+    from diffmem.testbed.components import make_portable
+
+    make_portable(target)  # loads the same with every supported transformers / diffusers
     (target / "testbed.json").write_text(json.dumps(asdict(spec), indent=2))
+    from diffmem.testbed import write_labelled_prompts
+
+    write_labelled_prompts(target, spec)  # listing prompts then needs no dataset rebuild
     return target
 
 

@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.errors import ConfigError
 from diffmem.models.adapter import load_adapter
 from diffmem.similarity.pixel import nearest_tiled_l2, pairwise_tiled_l2, tiled_l2, to_tensor
+from diffmem.testbed import REPLICATION_THRESHOLD
 from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
 
-REPLICATION_THRESHOLD = 0.15  # see docs/testbed.md for the measured trade-off
 TRADEOFF_THRESHOLDS = (0.12, 0.15, 0.18, 0.2, 0.25)  # rates reported beside the default
 TILE_GRID = 4
 
@@ -54,27 +53,35 @@ def training_images(testbed: Testbed) -> tuple[torch.Tensor, list[str]]:
 
 
 @torch.no_grad()
-def vae_roundtrip(adapter, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Training images as the model's VAE renders them: decode(encode(x).mean), in [-1, 1]."""
+def vae_roundtrip(adapter, images: torch.Tensor, batch_size: int = 128,
+                  on_batch=None) -> torch.Tensor:
+    """Training images as the model's VAE renders them: decode(encode(x).mean), in [-1, 1].
+    ``on_batch(n)`` is called after each batch of ``n`` images (progress)."""
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i : i + batch_size].to(adapter.device, adapter.vae.dtype)
         lat = adapter.vae.encode(x).latent_dist.mean
         out.append(adapter.vae.decode(lat).sample.float().clamp(-1, 1).cpu())
+        if on_batch is not None:
+            on_batch(len(x))
     return torch.cat(out)
 
 
 def generate_labelled(adapter, prompts: Sequence[LabelledPrompt], *, seeds: int, steps: int,
                       guidance_scale: float, batch_size: int = 64, desc: str = "generate"):
     """Images for every (prompt, seed) pair; seed s of prompt i uses generator seed ``s``."""
+    from diffmem.clitools import progress
+
     jobs = [(i, s) for i in range(len(prompts)) for s in range(seeds)]
     out = []
-    for k in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch"):
-        chunk = jobs[k : k + batch_size]
-        res = sample(adapter, [prompts[i].prompt for i, _ in chunk], num_inference_steps=steps,
-                     guidance_scale=guidance_scale,
-                     generator=seeded_generators([s for _, s in chunk], adapter.device))
-        out.append(res.images.float().cpu())
+    with progress(len(jobs), desc, unit="img") as bar:
+        for k in range(0, len(jobs), batch_size):
+            chunk = jobs[k : k + batch_size]
+            res = sample(adapter, [prompts[i].prompt for i, _ in chunk],
+                         num_inference_steps=steps, guidance_scale=guidance_scale,
+                         generator=seeded_generators([s for _, s in chunk], adapter.device))
+            out.append(res.images.float().cpu())
+            bar.update(len(chunk))
     return torch.cat(out), jobs
 
 
@@ -130,7 +137,9 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
     report["prompts"] = list(per_prompt.values())
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
+        from diffmem.clitools import write_json
+
+        write_json(out, report)
     return report
 
 

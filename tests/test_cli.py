@@ -248,7 +248,8 @@ def test_generate_detect_scores_match_detect(places, capsys):
     f = places["tmp"] / "p.txt"
     f.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     assert main(["detect", str(f), "--out", str(places["tmp"] / "s.jsonl"), "--model",
-                 str(places["tiny"]), "--seed", "4", "--seed-mode", "per-prompt"]) == 0
+                 str(places["tiny"]), "--detector", "noise_magnitude", "--seed", "4",
+                 "--seed-mode", "per-prompt"]) == 0
     detected = [json.loads(r)["score"] for r in
                 (places["tmp"] / "s.jsonl").read_text().splitlines()]
     assert [r["noise_magnitude"] for r in rows] == pytest.approx(detected, rel=1e-5)

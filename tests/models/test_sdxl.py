@@ -83,7 +83,7 @@ def test_noise_magnitude_detection_runs_on_sdxl(sdxl, sdxl_dir, tmp_path, capsys
     f.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     out = tmp_path / "s.csv"
     rc = main(["detect", str(f), "--out", str(out), "--model", str(sdxl_dir),
-               "--sampling-steps", "4"])
+               "--detector", "noise_magnitude", "--sampling-steps", "4"])
     assert rc == 0, capsys.readouterr().err
     rows = out.read_text().splitlines()
     assert rows[0] == "prompt,score,truncated"

@@ -141,14 +141,14 @@ def test_bad_input_is_one_clear_error(tiny_dir, data_dir, tmp_path, capsys):
                  ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "o3"),
                   "--lr", "0.5"]):
         capsys.readouterr()
-        assert main(["train", *args, "--steps", "1", "--quiet"]) == 2
+        assert main(["train", *args, "--train-steps", "1", "--quiet"]) == 2
         err = [x for x in capsys.readouterr().err.splitlines() if "diffmem" in x]
         assert len(err) == 1 and err[0].startswith("diffmem: error:"), err
 
 
 def _cli(tiny_dir, data_dir, out, steps, every):
     return [sys.executable, "-m", "diffmem.cli", "train", "--model", str(tiny_dir), "--data",
-            str(data_dir), "--out", str(out), "--steps", str(steps), "--batch-size", "2",
+            str(data_dir), "--out", str(out), "--train-steps", str(steps), "--batch-size", "2",
             "--lr", "1e-3", "--checkpoint-every", str(every), "--log-every", "1", "--quiet"]
 
 

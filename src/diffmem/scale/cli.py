@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from diffmem.clitools import add_model
 from diffmem.detect.registry import DETECTORS
 
 
@@ -35,7 +36,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                                          "(resumable; local or on Ray)")
     s.add_argument("prompts", help=".txt (one per line), .jsonl, .parquet, or a folder of them")
     s.add_argument("--out", required=True, help="scan folder (shards, manifest, summary)")
-    s.add_argument("--engine", choices=("local", "ray"), default="local")
+    s.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process; ray: one model actor per worker")
     s.add_argument("--address", default=None,
                    help="Ray cluster to join (default: start a small local one)")
     s.add_argument("--workers", type=int, default=1, help="Ray model actors (default 1)")
@@ -60,11 +62,10 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     s.add_argument("--steps", default=None,
                    help="denoising steps scored (default: the detector's own)")
     s.add_argument("--generations", type=int, default=1, help="initial noises per prompt")
-    s.add_argument("--model", default="testbed",
-                   help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
-    s.add_argument("--sampling-steps", type=int, default=50)
-    s.add_argument("--guidance-scale", type=float, default=7.5)
-    s.add_argument("--scheduler", default=None)
-    s.add_argument("--batch-size", type=int, default=16)
+    add_model(s)
+    s.add_argument("--sampling-steps", type=int, default=50, help="length of the denoising schedule")
+    s.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    s.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ...")
+    s.add_argument("--batch-size", type=int, default=16, help="prompts x generations per UNet call")
     s.add_argument("--seed", type=int, default=0, help="generation g uses seed SEED+g")
     s.set_defaults(func=_cmd_scan)

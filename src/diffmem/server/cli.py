@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffmem.clitools import add_model
 from diffmem.errors import ConfigError
 
 
@@ -60,10 +61,9 @@ def register(commands, eval_commands) -> None:
     """Add ``serve``."""
     s = commands.add_parser("serve", help="HTTP guard service and page: detect, explain, "
                                           "generate with mitigation")
-    s.add_argument("--model", default="testbed",
-                   help="pipeline folder (SD 1.x/2.x) or 'testbed' (default)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    add_model(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--threshold", type=float, default=None,
                    help="first-step noise-magnitude threshold (default: calibrated at 1%% FPR on "
                         "the testbed's held-out prompts; required for other models)")
@@ -80,7 +80,7 @@ def register(commands, eval_commands) -> None:
     s.add_argument("--max-tokens", type=int, default=None,
                    help="prompt tokens per prompt (default: the text encoder's context; larger "
                         "values accept longer prompts, truncated and reported)")
-    s.add_argument("--max-body-bytes", type=int, default=65536)
+    s.add_argument("--max-body-bytes", type=int, default=65536, help="largest request body (413 above)")
     s.add_argument("--timeout", type=float, default=60.0, help="per-request limit in seconds")
     s.add_argument("--max-batch", type=int, default=16, help="prompts per micro-batch")
     s.add_argument("--batch-wait-ms", type=float, default=5.0,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from diffmem.clitools import add_model
+
 
 def _cmd_train(a: argparse.Namespace) -> int:
     from diffmem.train.captions import CaptionAugment
@@ -55,40 +57,45 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     t = commands.add_parser(
         "train", help="fine-tune an SD 1.x/2.x pipeline (or the testbed) with training-time "
                       "memorization mitigations; rerun the same command to resume")
-    t.add_argument("--model", required=True, help="pipeline folder or 'testbed'")
+    add_model(t)
     t.add_argument("--data", required=True,
                    help="image-caption source: folder (x.png + x.txt), .jsonl or .parquet")
     t.add_argument("--out", required=True, help="run folder (pipeline/, checkpoints, logs)")
-    t.add_argument("--steps", type=int, default=d.steps)
+    t.add_argument("--train-steps", dest="steps", type=int, default=d.steps,
+                   help="optimizer steps of the fine-tune")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    t.add_argument("--lr", type=float, default=d.lr, help="learning rate (AdamW)")
+    t.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up steps")
     t.add_argument("--lr-schedule", default=d.lr_schedule, choices=("constant", "cosine"),
                    help="after the warmup: constant, or cosine decay to 0 at --steps")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    t.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="gradient clipping norm")
     t.add_argument("--train-text-encoder", action="store_true", help="also fine-tune it")
     t.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
                    help="probability of the empty caption (classifier-free guidance)")
-    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    t.add_argument("--log-every", type=int, default=d.log_every)
+    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="steps between checkpoints (a rerun resumes from the last)")
+    t.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
     t.add_argument("--ema", type=float, default=d.ema_decay, metavar="DECAY",
                    help="EMA of the weights with this decay (e.g. 0.999); the pipeline gets them")
-    t.add_argument("--mixed-precision", default=d.mixed_precision, choices=("no", "fp16", "bf16"))
-    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--mixed-precision", default=d.mixed_precision, choices=("no", "fp16", "bf16"),
+                   help="accelerate mixed precision")
+    t.add_argument("--seed", type=int, default=d.seed, help="seed of data order, noise and timesteps")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     g = t.add_argument_group("mitigations (compose freely; docs/training.md)")
     g.add_argument("--mc", action="store_true",
                    help="Somepalli MC: one of the image's captions drawn each time")
     g.add_argument("--rc", type=float, nargs="?", const=0.1, metavar="P",
                    help="Somepalli RC: replace the caption by random tokens with prob. P (0.1)")
-    g.add_argument("--rc-tokens", type=int, default=4)
+    g.add_argument("--rc-tokens", type=int, default=4, help="random tokens of an RC caption")
     g.add_argument("--rt", type=float, nargs="?", const=0.1, metavar="P",
                    help="Somepalli RT: insert random tokens with prob. P (0.1)")
-    g.add_argument("--rt-tokens", type=int, default=2)
+    g.add_argument("--rt-tokens", type=int, default=2, help="random tokens RT adds")
     g.add_argument("--cwr", type=float, nargs="?", const=0.1, metavar="P",
                    help="Somepalli CWR: repeat caption words with prob. P (0.1)")
-    g.add_argument("--cwr-words", type=int, default=2)
+    g.add_argument("--cwr-words", type=int, default=2, help="caption words CWR repeats")
     g.add_argument("--gn", type=float, nargs="?", const=0.1, metavar="LAMBDA",
                    help="Somepalli GN: add LAMBDA * N(0, 1) to the text embedding (0.1)")
     g.add_argument("--magnitude-filter", type=float, nargs="?", const=2.0, metavar="T",
@@ -96,7 +103,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     g.add_argument("--entropy-filter", type=float, default=None, metavar="T",
                    help="Ren (paper, no reference code): drop samples whose cross-attention "
                         "entropy is below T (--entropy-direction high: above)")
-    g.add_argument("--entropy-direction", default="low", choices=("low", "high"))
+    g.add_argument("--entropy-direction", default="low", choices=("low", "high"),
+                   help="which side of the entropy threshold is dropped")
     g.add_argument("--entropy-layers", nargs="+", default=None,
                    help="cross-attention layer patterns (default: the detector's layer)")
     g.add_argument("--dedup", nargs="?", const="pixel", choices=("pixel", "sscd"),
@@ -105,9 +113,9 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="pixel: tiled L2 below (0.1); sscd: cosine above (0.5)")
     g.add_argument("--dedup-keep", type=int, default=1, help="images kept per group")
     s = t.add_argument_group("data source columns (.jsonl / .parquet)")
-    s.add_argument("--image-column", default="image")
-    s.add_argument("--caption-column", default="caption")
-    s.add_argument("--id-column", default=None)
+    s.add_argument("--image-column", default="image", help="column of the images")
+    s.add_argument("--caption-column", default="caption", help="column of the captions")
+    s.add_argument("--id-column", default=None, help="column of item ids (default: row number)")
     t.set_defaults(func=_cmd_train)
 
     e = eval_commands.add_parser(
@@ -116,7 +124,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     e.add_argument("--out", required=True, help="benchmark folder (rerun to resume)")
     e.add_argument("--methods", default=None,
                    help="comma-separated subset of the benchmark's runs (default: all)")
-    e.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
+    e.add_argument("--train-steps", dest="steps", type=int, default=None,
+                   help="fine-tuning steps per run")
     e.add_argument("--seeds", type=int, default=4, help="generations per planted caption")
     e.add_argument("--heldout-seeds", type=int, default=2, help="generations per held-out prompt")
     e.set_defaults(func=_cmd_eval_training)

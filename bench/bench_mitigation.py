@@ -32,6 +32,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--index", default=None, help="testbed index folder (adds AMG variants)")
+    p.add_argument("--only", default=None, choices=("heldout", "memorized"),
+                   help="time only this group's variants")
+    p.add_argument("--no-decode", action="store_true", help="leave out the final VAE decode")
     a = p.parse_args()
     adapter = load_adapter("testbed")
     tb = build_testbed(adapter.testbed_spec)
@@ -47,8 +50,9 @@ def main() -> None:
 
     def run(prompts, spec):
         hooks = build_mitigations(spec, context) if spec else []
-        return sample(adapter, prompts, num_inference_steps=a.steps, hooks=hooks,
-                      generator=seeded_generators(range(len(prompts))))
+        res = sample(adapter, prompts, num_inference_steps=a.steps, hooks=hooks,
+                     generator=seeded_generators(range(len(prompts))), decode=not a.no_decode)
+        return res.latents if a.no_decode else res.images
 
     variants = {
         "heldout/plain": partial(run, heldout, None),
@@ -64,7 +68,9 @@ def main() -> None:
     if index is not None:
         variants["heldout/auto,amg"] = partial(run, heldout, "auto,amg")
         variants["memorized/amg"] = partial(run, memorized, "amg")
-    images = {k: fn().images for k, fn in variants.items()}  # warm-up, and the images
+    if a.only:
+        variants = {k: fn for k, fn in variants.items() if k.startswith(a.only + "/")}
+    images = {k: fn() for k, fn in variants.items()}  # warm-up, and the outputs compared
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(a.repeats):
         for key, fn in variants.items():
@@ -79,7 +85,7 @@ def main() -> None:
         ratio = sec / best[f"{group}/plain"]
         same = ""
         if group == "heldout" and key != "heldout/plain":
-            same = "  images bit-identical to plain: " + str(
+            same = "  output bit-identical to plain: " + str(
                 torch.equal(images[key], images["heldout/plain"]))
         print(f"{key:<22} {sec:7.3f} s  x{ratio:.3f} plain{same}")
 

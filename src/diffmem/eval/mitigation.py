@@ -143,7 +143,6 @@ class _Judge:
             from diffmem.similarity.sscd import SSCD
 
             self.sscd = SSCD()
-            self.ref_sscd = None
 
     def __call__(self, gen: _Images, prompts: list, group: str) -> dict:
         from diffmem.eval.alignment import attribute_alignment

@@ -134,10 +134,8 @@ class AttentionRescale(Mitigation):
 
     # ------------------------------------------------------------------ gate: apply from step 0
     def on_step(self, run: Run, step: Step) -> None:
-        if step.index != 0 or self.gate is None or self.strength == 0:
-            return
-        flagged = self.targets(run)
-        if flagged is None or not bool(flagged.any()) or 0 not in run.state(self).steps:
+        flagged = self.flagged_now(run, step)
+        if flagged is None or 0 not in run.state(self).steps:
             return
         embeddings = {"cond": run.cond}
         if self.mask and self.mask_uncond and "uncond" in step.out:

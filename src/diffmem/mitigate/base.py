@@ -93,6 +93,16 @@ class Mitigation(Hook):
             return torch.ones(run.batch_size, dtype=torch.bool)
         return self.gate.flagged(run)
 
+    def flagged_now(self, run: Run, step: Step) -> torch.Tensor | None:
+        """At the first step of a gated run, the prompts the gate has just flagged (for methods
+        that act before the first step and must now change those prompts and re-evaluate the
+        step, :meth:`~diffmem.core.sampling.Step.recompute`); None at any other step, without a
+        gate, at strength 0 or when no prompt is flagged."""
+        if step.index != 0 or self.gate is None or self.strength == 0:
+            return None
+        flagged = self.targets(run)
+        return flagged if flagged is not None and bool(flagged.any()) else None
+
     def report(self, run: Run, i: int, **fields) -> None:
         """Record what the method did to prompt ``i`` (merged into its dict)."""
         rows = run.records.setdefault(self.record_name,

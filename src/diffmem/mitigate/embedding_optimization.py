@@ -107,9 +107,9 @@ class EmbeddingOptimization(MagnitudeTarget):
     def on_step(self, run: Run, step: Step) -> None:
         if step.index != 0 or self.strength == 0:
             return
+        rows = self.flagged_now(run, step)
         if self.gate is not None:
-            rows = self.targets(run)
-            if rows is None or not bool(rows.any()):
+            if rows is None:
                 return
             idx = rows.nonzero().flatten().to(step.x_t.device)
             self._optimise(run, rows, step.x_t[idx], step.t, step.eps_uncond[idx])

@@ -136,9 +136,9 @@ class InitialNoiseOptimization(MagnitudeTarget):
     def on_step(self, run: Run, step: Step) -> None:
         if step.index != 0 or self.strength == 0:
             return
+        rows = self.flagged_now(run, step)
         if self.gate is not None:
-            rows = self.targets(run)
-            if rows is None or not bool(rows.any()):
+            if rows is None:
                 return
             self._optimise(run, rows)
             idx = rows.nonzero().flatten().to(step.x_t.device)

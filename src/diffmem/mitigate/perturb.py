@@ -96,10 +96,8 @@ class _Perturbation(Mitigation):
             self._apply(run, self.targets(run))
 
     def on_step(self, run: Run, step: Step) -> None:
-        if step.index != 0 or self.gate is None or not self._active():
-            return
-        flagged = self.targets(run)
-        if flagged is None or not bool(flagged.any()):
+        flagged = self.flagged_now(run, step) if self._active() else None
+        if flagged is None:
             return
         changed = self._apply(run, flagged)
         embeddings = {"uncond": run.uncond, "cond": run.cond}

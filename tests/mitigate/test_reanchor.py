@@ -135,6 +135,23 @@ def test_search_runs_inside_generation(tiny_pipe):
     assert torch.equal(res.images[:2], plain.images[:2])
 
 
+def test_unclearable_prompt_keeps_plain_generation_when_asked(tiny_pipe):
+    """``unclearable="plain"`` (the evaluation harness): a triggered prompt with no clearing edit is
+    generated as without the method and reported; the default raises for the same prompts."""
+    adapter = load_adapter(tiny_pipe)
+    plain = _run(adapter)
+    thr = 1e-6  # every image triggers, no edit gets that low
+    res = _run(adapter, [PromptReanchoring(1, threshold=thr, unclearable="plain")])
+    rows = res.records["mitigation.reanchor"]
+    assert [r["applied"] for r in rows] == [False] * 4
+    assert {r["reason"] for r in rows} == {"no clearing edit"}
+    assert torch.equal(res.images, plain.images)
+    with pytest.raises(ConfigError, match="no edit of"):
+        _run(adapter, [PromptReanchoring(1, threshold=thr)])
+    with pytest.raises(ConfigError, match="unclearable must be"):
+        PromptReanchoring(1, threshold=thr, unclearable="skip")
+
+
 def test_no_cfg_rows_are_left_alone(tiny_pipe):
     adapter = load_adapter(tiny_pipe)
     plain = _run(adapter, guidance_scale=1.0)

@@ -173,6 +173,10 @@ class _Judge:
         row["applied_share"] = float(np.mean([
             any(r.get("applied", False) for r in rec.values()) for rec in gen.records
         ])) if gen.records and any(gen.records) else 0.0
+        # prompts a method could not mitigate and left plain (reanchor without a clearing edit)
+        row["unmitigated_share"] = float(np.mean([
+            any(r.get("reason") == "no clearing edit" for r in rec.values())
+            for rec in gen.records])) if gen.records else 0.0
         return row
 
 
@@ -214,7 +218,10 @@ def evaluate_mitigation(methods: Sequence[str], *, model="testbed",
         from diffmem.similarity.index import TrainingIndex
 
         index = TrainingIndex.load(index)
-    context = MitigationContext(adapter, threshold=threshold, index=index, seed=seed)
+    # a prompt a method cannot mitigate (reanchor: no clearing edit) keeps plain generation and is
+    # counted (applied_share, unmitigated) instead of failing the method's whole row
+    context = MitigationContext(adapter, threshold=threshold, index=index, seed=seed,
+                                unclearable="plain")
     judge = _Judge(adapter, testbed, with_sscd=with_sscd)
     report: dict = {"model": str(adapter.path), "seeds": seeds, "steps": steps,
                     "guidance_scale": guidance_scale, "criterion": (

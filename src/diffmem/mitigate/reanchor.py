@@ -29,8 +29,10 @@ Departures and traps:
 - Which prompts: those the method targets (all, or the gate's flags) whose own first-step
   magnitude exceeds ``l_target`` (the reference's trigger); the others keep plain generation.
   A triggered prompt with no clearing edit is an error (:class:`~diffmem.errors.ConfigError`
-  naming it): re-anchoring to a prompt that still memorizes would not mitigate. ``rewrites=``
-  gives rewrites directly (no search).
+  naming it): re-anchoring to a prompt that still memorizes would not mitigate. With
+  ``unclearable="plain"`` (what ``diffmem eval mitigation`` uses, so that the method still gets
+  its row) such a prompt keeps plain generation instead and its report says ``reason: "no
+  clearing edit"``. ``rewrites=`` gives rewrites directly (no search).
 - Cost: the edit search (token attribution + one batched detector run over the variants) per
   distinct triggered prompt, and one extra UNet branch ("reanchor") per step for the triggered
   rows. At step 0 the rewritten prompt is evaluated by :meth:`~diffmem.core.sampling.Step.recompute`
@@ -71,6 +73,8 @@ class PromptReanchoring(Mitigation):
         high: ``M`` (``mag_thres_pr``); default ``threshold * 5 / 3``.
         rewrites: optional ``{prompt: rewritten prompt}`` used instead of the edit search.
         seed, top_k, combine: settings of the edit search (as ``diffmem explain``).
+        unclearable: ``"error"`` (a triggered prompt without a clearing edit raises
+            :class:`ConfigError`) or ``"plain"`` (it keeps plain generation, reported).
     """
 
     name = "reanchor"
@@ -78,8 +82,12 @@ class PromptReanchoring(Mitigation):
     def __init__(self, strength: float = 1.0, *, gate: FirstStepGate | None = None,
                  threshold: float | None = None, high: float | None = None,
                  rewrites: Mapping[str, str] | None = None, seed: int = 0, top_k: int = 5,
-                 combine: int = 5) -> None:
+                 combine: int = 5, unclearable: str = "error") -> None:
         super().__init__(strength, gate=gate)
+        if unclearable not in ("error", "plain"):
+            raise ConfigError(f"reanchor: unclearable must be 'error' or 'plain', got "
+                              f"{unclearable!r}")
+        self.unclearable = unclearable
         if threshold is None and gate is not None:
             threshold = gate.threshold
         if threshold is None:
@@ -100,11 +108,13 @@ class PromptReanchoring(Mitigation):
 
     @classmethod
     def from_context(cls, strength, gate, context) -> PromptReanchoring:
-        return cls(strength, gate=gate, threshold=context.require_threshold(), seed=context.seed)
+        return cls(strength, gate=gate, threshold=context.require_threshold(), seed=context.seed,
+                   unclearable=context.unclearable)
 
     # ---------------------------------------------------------------- rewrites
     def rewrite(self, adapter, prompts: list[str]) -> dict[str, tuple[str, dict]]:
-        """``{prompt: (rewritten prompt, info)}``; ConfigError for a prompt with no clearing edit."""
+        """``{prompt: (rewritten prompt, info)}``. A prompt with no clearing edit raises
+        :class:`ConfigError` (``unclearable="error"``) or is left out (``"plain"``)."""
         out = {p: (self.rewrites[p], {"edit": "given"}) for p in prompts if p in self.rewrites}
         todo = [p for p in dict.fromkeys(prompts) if p not in out]
         if not todo:
@@ -118,6 +128,8 @@ class PromptReanchoring(Mitigation):
                                 threshold=self.threshold, top_k=self.top_k, combine=self.combine)
         for p, rep in zip(todo, reports, strict=True):
             best = rep.minimal
+            if best is None and self.unclearable == "plain":
+                continue
             if best is None:
                 low = f"; lowest variant {rep.best.prompt!r} at {rep.best.score:.4g}" \
                     if rep.best else ""
@@ -172,6 +184,12 @@ class PromptReanchoring(Mitigation):
             return
         idx = rows.nonzero().flatten().tolist()
         rewritten = self.rewrite(run.adapter, [run.prompts[i] for i in idx])
+        for i in [i for i in idx if run.prompts[i] not in rewritten]:  # unclearable="plain"
+            rows[i] = False
+            self.report(run, i, magnitude=float(d[i]), reason="no clearing edit")
+        idx = [i for i in idx if rows[i]]
+        if not idx:
+            return
         emb = run.cond.clone()
         with torch.no_grad():
             new = run.adapter.encode([rewritten[run.prompts[i]][0] for i in idx])

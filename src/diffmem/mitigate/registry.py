@@ -49,12 +49,16 @@ class MitigationContext:
             given: see :func:`default_threshold`), used by the gate and as Wen's default target.
         index: a :class:`~diffmem.similarity.index.TrainingIndex` (AMG).
         seed: seed of the methods' own randomness (random tokens, noise).
+        unclearable: what a method does with a prompt it cannot mitigate (re-anchoring without a
+            clearing edit): ``"error"`` (one ConfigError) or ``"plain"`` (plain generation,
+            reported per prompt; the evaluation harness's choice).
     """
 
     adapter: Any
     threshold: float | None = None
     index: Any = None
     seed: int = 0
+    unclearable: str = "error"
 
     def require_threshold(self) -> float:
         if self.threshold is None:

@@ -37,7 +37,7 @@ from diffmem.errors import ConfigError
 #: the planted fine-tuning set
 PLANTED = {"seed": 1, "n_generic": 300, "k": 4, "copies": 50}
 #: the step budget of every run (plain and each mitigation)
-TRAIN = {"steps": 400, "batch_size": 32, "lr": 4e-4, "warmup_steps": 20, "lr_schedule": "cosine",
+TRAIN = {"steps": 600, "batch_size": 32, "lr": 4e-4, "warmup_steps": 20, "lr_schedule": "cosine",
          "checkpoint_every": 50, "log_every": 10, "caption_dropout": 0.1,
          "train_text_encoder": True, "seed": 0}
 #: method -> FinetuneConfig fields on top of TRAIN

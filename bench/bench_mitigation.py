@@ -2,7 +2,9 @@
 
 Issue 11's cost targets: ``auto`` (gate + method) adds <= 2% on held-out (clean) prompts, whose
 images stay bit-identical; guidance methods (Ren, Jain's delay, AMG's G_spe) cost <= 1.5x plain on
-memorized prompts; Wen's, SAIL's (xt) and AMG G_sim's times reported beside them.
+memorized prompts; Wen's, SAIL's (xt) and AMG G_sim's times reported beside them. With
+``--index``, AMG runs whole and with one term alone (``amg G_spe``: the guidance-scale term,
+with its per-step decode and search; ``amg G_sim``: the gradient term).
 
 Every variant generates the same batch (16 prompts, seeds 0..15, 50 DDIM steps) on the shipped
 testbed; variants run interleaved in ``--repeats`` rounds after a warm-up and the minimum is
@@ -48,8 +50,13 @@ def main() -> None:
     context = MitigationContext(adapter, index=index)
     context.require_threshold()  # calibrated once, outside the timings
 
+    def amg_terms(**terms):  # AMG with some of its three terms switched off
+        from diffmem.mitigate.amg import AntiMemorizationGuidance
+
+        return lambda: [AntiMemorizationGuidance.from_context(1.0, None, context, **terms)]
+
     def run(prompts, spec):
-        hooks = build_mitigations(spec, context) if spec else []
+        hooks = spec() if callable(spec) else build_mitigations(spec, context) if spec else []
         res = sample(adapter, prompts, num_inference_steps=a.steps, hooks=hooks,
                      generator=seeded_generators(range(len(prompts))), decode=not a.no_decode)
         return res.latents if a.no_decode else res.images
@@ -68,6 +75,10 @@ def main() -> None:
     if index is not None:
         variants["heldout/auto,amg"] = partial(run, heldout, "auto,amg")
         variants["memorized/amg"] = partial(run, memorized, "amg")
+        variants["memorized/amg G_spe"] = partial(run, memorized,
+                                                  amg_terms(g_dup=False, g_sim=False))
+        variants["memorized/amg G_sim"] = partial(run, memorized,
+                                                  amg_terms(g_spe=False, g_dup=False))
     if a.only:
         variants = {k: fn for k, fn in variants.items() if k.startswith(a.only + "/")}
     images = {k: fn() for k, fn in variants.items()}  # warm-up, and the outputs compared

@@ -48,3 +48,50 @@ def testbed_adapter():
     from diffmem.models.adapter import load_adapter
 
     return load_adapter("testbed")
+
+
+class UNetCalls:
+    """Counts the UNet's forward calls and their batch sizes (``with UNetCalls(unet) as c``)."""
+
+    def __init__(self, unet):
+        self.sizes: list[int] = []
+        self.handle = unet.register_forward_pre_hook(
+            lambda mod, args, kwargs: self.sizes.append(args[0].shape[0]), with_kwargs=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.fixture
+def unet_calls():
+    """The :class:`UNetCalls` counter class."""
+    return UNetCalls
+
+
+def _split_gate(adapter, prompts, generators, steps):
+    """A first-step gate whose threshold splits ``prompts`` in two halves by their noise
+    magnitude; returns ``(gate, flagged)``."""
+    import numpy as np
+
+    from diffmem.core.sampling import sample
+    from diffmem.detect import NoiseMagnitude
+    from diffmem.mitigate import FirstStepGate
+
+    det = NoiseMagnitude(steps=1)
+    scores = sample(adapter, prompts, num_inference_steps=steps, generator=generators(),
+                    hooks=[det], decode=False).records[det.name]
+    s = np.sort(scores)
+    k = len(s) // 2
+    thr = float((s[k - 1] + s[k]) / 2)
+    flagged = torch.as_tensor(scores > thr)
+    assert 0 < int(flagged.sum()) < len(prompts)
+    return FirstStepGate(thr), flagged
+
+
+@pytest.fixture
+def split_gate():
+    """``split_gate(adapter, prompts, generators, steps) -> (gate, flagged)``."""
+    return _split_gate

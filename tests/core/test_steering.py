@@ -23,20 +23,6 @@ def adapter(tiny_pipe):
     return load_adapter(tiny_pipe)
 
 
-class UNetCalls:
-    """Counts the UNet's forward calls and their batch sizes."""
-
-    def __init__(self, unet):
-        self.sizes: list[int] = []
-        self.handle = unet.register_forward_pre_hook(
-            lambda mod, args, kwargs: self.sizes.append(args[0].shape[0]), with_kwargs=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
 
 class AttentionRows(Hook):
     """Records the cond rows (in prompt order) of every attention layer at every step."""
@@ -74,14 +60,14 @@ def _gens():
     return seeded_generators(range(len(PROMPTS)))
 
 
-def test_three_branch_step_is_one_unet_call_with_correct_rows(adapter):
+def test_three_branch_step_is_one_unet_call_with_correct_rows(adapter, unet_calls):
     neg = adapter.encode(["a yellow star"])
     plain_rows = AttentionRows()
     plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                    hooks=[plain_rows])
     rows = AttentionRows()
     extra = ExtraBranch(neg, weight=0.0)
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                      hooks=[extra, rows])
     b = len(PROMPTS)
@@ -118,9 +104,9 @@ class SkipUncond(Hook):
             step.skip("uncond", self.mask)
 
 
-def test_skipped_branch_step_evaluates_one_branch_and_equals_scale_one(adapter):
+def test_skipped_branch_step_evaluates_one_branch_and_equals_scale_one(adapter, unet_calls):
     b = len(PROMPTS)
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         skipped = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                          hooks=[SkipUncond(STEPS)])
     assert calls.sizes == [b] * STEPS
@@ -130,7 +116,7 @@ def test_skipped_branch_step_evaluates_one_branch_and_equals_scale_one(adapter):
     torch.testing.assert_close(skipped.images, ref.images, atol=1e-5, rtol=0)
     # per prompt: skipping prompt 1 only evaluates 2B - 1 rows, prompt 1 follows scale 1
     mask = torch.tensor([False, True, False])
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         mixed = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                        hooks=[SkipUncond(STEPS, mask)])
     assert calls.sizes == [2 * b - 1] * STEPS
@@ -294,7 +280,7 @@ def test_scheduler_option_takes_effect_through_an_adapter(adapter):
     assert not np.allclose(got, det_d.score(adapter, PROMPTS), rtol=1e-4)
 
 
-def test_recompute_changes_only_the_masked_prompts(adapter):
+def test_recompute_changes_only_the_masked_prompts(adapter, unet_calls):
     """A hook that, at step 0, swaps prompt 1's conditioning and recomputes it gives prompt 1 the
     image of the swapped prompt, and leaves the others bit-identical."""
     other = adapter.encode(["a yellow star"])
@@ -308,7 +294,7 @@ def test_recompute_changes_only_the_masked_prompts(adapter):
                 run.cond = cond
                 step.recompute(mask, {"cond": cond})
 
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                      hooks=[Swap()])
     b = len(PROMPTS)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from diffmem.core.sampling import Hook, sample, seeded_generators
-from diffmem.detect import NoiseMagnitude
 from diffmem.errors import ConfigError
-from diffmem.mitigate import FirstStepGate
 from diffmem.mitigate.attention_rescale import AttentionRescale
 from diffmem.mitigate.registry import MitigationContext, build_mitigations
 from diffmem.models.adapter import load_adapter
@@ -118,21 +115,11 @@ def test_strength_zero_is_plain_and_requests_no_attention(tiny_pipe_sd2):
     assert not any(r["applied"] for r in res.records["mitigation.ren"])
 
 
-def _split_gate(adapter, prompts, gens):
-    scores = sample(adapter, prompts, num_inference_steps=STEPS, generator=gens(),
-                    hooks=[det := NoiseMagnitude(steps=1)], decode=False).records[det.name]
-    s = np.sort(scores)
-    k = len(s) // 2
-    thr = float((s[k - 1] + s[k]) / 2)
-    flagged = torch.as_tensor(scores > thr)
-    assert 0 < int(flagged.sum()) < len(prompts)
-    return FirstStepGate(thr), flagged
-
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_gate_leaves_unflagged_prompts_bit_identical(family, tiny_pipe, tiny_pipe_sd2):
+def test_gate_leaves_unflagged_prompts_bit_identical(family, tiny_pipe, tiny_pipe_sd2, split_gate):
     adapter = load_adapter(tiny_pipe if family == "sd1" else tiny_pipe_sd2)
-    gate, flagged = _split_gate(adapter, PROMPTS, _gens)
+    gate, flagged = split_gate(adapter, PROMPTS, _gens, STEPS)
     plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens())
     res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                  hooks=[gate, ren := AttentionRescale(1.0, gate=gate)])

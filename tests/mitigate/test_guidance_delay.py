@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Hook, sample, seeded_generators
-from diffmem.detect import NoiseMagnitude
 from diffmem.errors import ConfigError
-from diffmem.mitigate import FirstStepGate
 from diffmem.mitigate.guidance_delay import GuidanceDelay
 from diffmem.mitigate.registry import MitigationContext, build_mitigations
 from diffmem.models.adapter import load_adapter
@@ -29,18 +26,6 @@ def _gens():
 def _adapter(family, tiny_pipe, tiny_pipe_sd2):
     return load_adapter(tiny_pipe if family == "sd1" else tiny_pipe_sd2)
 
-
-class UNetCalls:
-    def __init__(self, unet):
-        self.sizes: list[int] = []
-        self.handle = unet.register_forward_pre_hook(
-            lambda mod, args, kwargs: self.sizes.append(args[0].shape[0]), with_kwargs=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 class Schedule(Hook):
@@ -76,9 +61,9 @@ def test_strength_zero_is_plain(mode, family, tiny_pipe, tiny_pipe_sd2):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_static_is_unconditional_only_until_t500_and_skips_the_cond_branch(
-        family, tiny_pipe, tiny_pipe_sd2):
+        family, tiny_pipe, tiny_pipe_sd2, unet_calls):
     adapter = _adapter(family, tiny_pipe, tiny_pipe_sd2)
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                      hooks=[GuidanceDelay(1.0)])
     assert calls.sizes == [B, B, 2 * B, 2 * B]  # t = 751, 501 delayed: one branch
@@ -96,18 +81,18 @@ def test_static_is_unconditional_only_until_t500_and_skips_the_cond_branch(
     (0.5, 750.0, [B, 2 * B, 2 * B, 2 * B]),  # delayed while t > 750: only 751
     (2.0, 0.0, [B, B, B, B]),  # every step with t > 0
 ])
-def test_strength_moves_the_transition(strength, t_s, sizes, tiny_pipe):
+def test_strength_moves_the_transition(strength, t_s, sizes, tiny_pipe, unet_calls):
     adapter = load_adapter(tiny_pipe)
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                      hooks=[GuidanceDelay(strength)])
     assert calls.sizes == sizes
     assert res.records["mitigation.delay"][0]["transition_t"] == t_s
 
 
-def test_opposite_guidance_until_t650(tiny_pipe_sd2):
+def test_opposite_guidance_until_t650(tiny_pipe_sd2, unet_calls):
     adapter = load_adapter(tiny_pipe_sd2)
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                      hooks=[GuidanceDelay(1.0, mode="opposite")])
     assert calls.sizes == [2 * B] * STEPS
@@ -118,10 +103,10 @@ def test_opposite_guidance_until_t650(tiny_pipe_sd2):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
-def test_dynamic_switches_after_the_first_local_minimum(family, tiny_pipe, tiny_pipe_sd2):
+def test_dynamic_switches_after_the_first_local_minimum(family, tiny_pipe, tiny_pipe_sd2, unet_calls):
     adapter = _adapter(family, tiny_pipe, tiny_pipe_sd2)
     steps = 20  # the tiny models' magnitude rarely has a local minimum in fewer steps
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=steps, generator=_gens(),
                      hooks=[GuidanceDelay(1.0, mode="dynamic"), Magnitudes()])
     assert calls.sizes == [2 * B] * steps  # both branches: the magnitude needs them
@@ -159,24 +144,15 @@ def test_dynamic_switches_after_the_first_local_minimum(family, tiny_pipe, tiny_
             assert r["delayed_steps"] == min(2 * r1["transition_step"], steps)
 
 
-def _split_gate(adapter, prompts, gens, steps):
-    scores = sample(adapter, prompts, num_inference_steps=steps, generator=gens(),
-                    hooks=[det := NoiseMagnitude(steps=1)], decode=False).records[det.name]
-    s = np.sort(scores)
-    k = len(s) // 2
-    thr = float((s[k - 1] + s[k]) / 2)
-    flagged = torch.as_tensor(scores > thr)
-    assert 0 < int(flagged.sum()) < len(prompts)
-    return FirstStepGate(thr), flagged
-
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 @pytest.mark.parametrize("mode", ["static", "opposite", "dynamic"])
-def test_gate_leaves_unflagged_prompts_bit_identical(mode, family, tiny_pipe, tiny_pipe_sd2):
+def test_gate_leaves_unflagged_prompts_bit_identical(mode, family, tiny_pipe, tiny_pipe_sd2,
+                                                     unet_calls, split_gate):
     adapter = _adapter(family, tiny_pipe, tiny_pipe_sd2)
-    gate, flagged = _split_gate(adapter, PROMPTS, _gens, STEPS)
+    gate, flagged = split_gate(adapter, PROMPTS, _gens, STEPS)
     plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens())
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                      hooks=[gate, GuidanceDelay(1.0, gate=gate, mode=mode)])
     assert calls.sizes == [2 * B] * STEPS  # no extra call; no skip that changes the batch
@@ -189,11 +165,11 @@ def test_gate_leaves_unflagged_prompts_bit_identical(mode, family, tiny_pipe, ti
     assert [r["applied"] for r in res.records["mitigation.delay"]] == flagged.tolist()
 
 
-def test_gate_with_skip_evaluates_one_branch_for_flagged_prompts(tiny_pipe):
+def test_gate_with_skip_evaluates_one_branch_for_flagged_prompts(tiny_pipe, unet_calls, split_gate):
     adapter = load_adapter(tiny_pipe)
-    gate, flagged = _split_gate(adapter, PROMPTS, _gens, STEPS)
+    gate, flagged = split_gate(adapter, PROMPTS, _gens, STEPS)
     n = int(flagged.sum())
-    with UNetCalls(adapter.unet) as calls:
+    with unet_calls(adapter.unet) as calls:
         res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                      hooks=[gate, GuidanceDelay(1.0, gate=gate, skip=True)])
     assert calls.sizes == [2 * B, 2 * B - n, 2 * B, 2 * B]

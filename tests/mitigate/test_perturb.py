@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from diffmem.core.sampling import Hook, sample, seeded_generators
-from diffmem.detect import NoiseMagnitude
 from diffmem.errors import ConfigError
-from diffmem.mitigate import FirstStepGate
 from diffmem.mitigate.perturb import (
     CaptionWordRepetition,
     EmbeddingNoise,
@@ -131,22 +128,12 @@ def test_embedding_noise_on_both_branches_or_cond_only(family, tiny_pipe, tiny_p
     assert torch.equal(cond2, cond) and torch.equal(uncond2, clean_u)
 
 
-def _split_gate(adapter, prompts, gens):
-    scores = sample(adapter, prompts, num_inference_steps=STEPS, generator=gens(),
-                    hooks=[det := NoiseMagnitude(steps=1)], decode=False).records[det.name]
-    s = np.sort(scores)
-    k = len(s) // 2
-    thr = float((s[k - 1] + s[k]) / 2)
-    flagged = torch.as_tensor(scores > thr)
-    assert 0 < int(flagged.sum()) < len(prompts)
-    return FirstStepGate(thr), flagged
-
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 @pytest.mark.parametrize("cls", [RandomTokens, EmbeddingNoise])
-def test_gate_leaves_unflagged_prompts_bit_identical(cls, family, tiny_pipe, tiny_pipe_sd2):
+def test_gate_leaves_unflagged_prompts_bit_identical(cls, family, tiny_pipe, tiny_pipe_sd2, split_gate):
     adapter = _adapter(family, tiny_pipe, tiny_pipe_sd2)
-    gate, flagged = _split_gate(adapter, PROMPTS, _gens)
+    gate, flagged = split_gate(adapter, PROMPTS, _gens, STEPS)
     plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens())
     res = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
                  hooks=[gate, cls(1.0, gate=gate)])

@@ -19,7 +19,8 @@ as DCR's MC draws from BLIP captions). The shipped testbed is fine-tuned on it o
 
 Everything lands in ``OUT``: ``data/`` (the set, a JSONL file), ``runs/<method>/`` (a
 ``diffmem train`` run folder each, resumable), ``eval/<method>.json`` and ``report.json``;
-rerunning resumes where it stopped. ``plot_benchmark`` draws the bar chart.
+rerunning resumes where it stopped. ``plot_benchmark`` draws the bar chart (``chart.png``) and
+``markdown_report`` writes the table with a text bar chart (``report.md``, as in docs/training.md).
 """
 
 from __future__ import annotations
@@ -338,6 +339,8 @@ def run_benchmark(out: str | Path, *, methods: Sequence[str] | None = None,
               "overrides": overrides, "seeds": seeds, "heldout_seeds": heldout_seeds,
               "rows": rows, "table": _table(rows)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown_report(report))
+    plot_benchmark(report, out / "chart.png")
     return report
 
 
@@ -388,3 +391,27 @@ def plot_benchmark(report: dict | str | Path, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def markdown_report(report: dict, *, width: int = 30) -> str:
+    """The benchmark's table and a text bar chart of the planted memorization rate (markdown)."""
+    table = report["table"]
+    lines = ["| method | planted memorization | held-out alignment | held-out FPD | FPD vs plain | "
+             "time vs plain | samples dropped |", "|---|---|---|---|---|---|---|"]
+
+    def f(v, nd=3):
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    for r in table:
+        lines.append(f"| {r['method']} | {f(r['planted_memorization'])} | "
+                     f"{f(r['heldout_alignment'])} | {f(r['heldout_fpd'], 1)} | "
+                     f"{f(r.get('fpd_vs_plain'), 2)} | {f(r.get('time_vs_plain'), 2)} | "
+                     f"{f(r.get('dropped_share'), 3)} |")
+    lines += ["", f"Planted memorization rate (each block = 1/{width}):", "", "```"]
+    name_w = max(len(r["method"]) for r in table)
+    for r in table:
+        v = r["planted_memorization"]
+        bar = "█" * round(v * width)
+        lines.append(f"{r['method']:<{name_w}} |{bar:<{width}}| {v:.3f}")
+    lines.append("```")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,64 @@
+"""The planted-duplicates benchmark's bookkeeping: its table, report and configs (the runs themselves
+are measured by `diffmem eval training`, docs/training.md)."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffmem.errors import ConfigError
+from diffmem.train.bench import (
+    METHODS,
+    TRAIN,
+    _table,
+    markdown_report,
+    method_config,
+    plot_benchmark,
+)
+
+
+def _row(mem, fpd, sec, dropped=0, dedup=0.0):
+    return {"planted_memorization_rate": mem, "heldout_alignment": 0.3, "heldout_fpd": fpd,
+            "seconds_training": sec, "seconds_dedup": dedup, "samples": 1000,
+            "samples_dropped": dropped}
+
+
+ROWS = {"base (no fine-tune)": {"planted_memorization_rate": 0.0, "heldout_alignment": 0.34,
+                                "heldout_fpd": 200.0},
+        "plain": _row(1.0, 180.0, 200.0),
+        "dedup": _row(0.0, 189.0, 190.0, dedup=10.0),
+        "magnitude": _row(0.05, 175.0, 250.0, dropped=100)}
+
+
+def test_table_ratios_are_against_the_plain_run():
+    t = {r["method"]: r for r in _table(ROWS)}
+    assert "time_vs_plain" not in t["base (no fine-tune)"]
+    assert t["dedup"]["time_vs_plain"] == 1.0  # 190 s + 10 s of dedup
+    assert t["dedup"]["fpd_vs_plain"] == 1.05
+    assert t["magnitude"]["time_vs_plain"] == 1.25
+    assert t["magnitude"]["dropped_share"] == 0.1
+
+
+def test_markdown_report_has_every_method_and_its_bar(tmp_path):
+    report = {"table": _table(ROWS)}
+    md = markdown_report(report, width=20)
+    for name in ROWS:
+        assert f"| {name} |" in md
+    bars = [line for line in md.splitlines() if line.startswith("plain ") or
+            line.startswith("magnitude ")]
+    assert bars[0].count("█") == 20 and bars[1].count("█") == 1  # 1.0 and 0.05 of 20 blocks
+    path = plot_benchmark(report, tmp_path / "chart.png")
+    assert path.stat().st_size > 1000
+
+
+def test_method_config_uses_the_calibrated_thresholds():
+    cal = {"magnitude_threshold": 12.34567, "entropy_threshold": 2.5}
+    cfg = method_config("magnitude", calibration=cal)
+    assert cfg.magnitude_filter == 12.3457 and cfg.steps == TRAIN["steps"]
+    assert method_config("entropy", calibration=cal, steps=7).entropy_filter == 2.5
+    assert method_config("dedup").dedup == "pixel"
+    assert set(METHODS) >= {"plain", "dedup", "magnitude", "entropy", "mc", "rc", "rt", "cwr",
+                            "gn"}
+    with pytest.raises(ConfigError, match="needs calibrate_filters"):
+        method_config("magnitude")
+    with pytest.raises(ConfigError, match="unknown benchmark method"):
+        method_config("nope")

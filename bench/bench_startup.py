@@ -46,6 +46,14 @@ for name, w, c in (("import torch + diffusers + transformers", t1 - t0, c1 - c0)
     print(f"{name:45s} wall {w:6.2f} s  CPU {c:6.2f} s")
 """
 
+FLOORS = (
+    ("bare python (-c pass)", "pass"),
+    ("import torch", "import torch"),
+    ("import torch + UNet2DConditionModel + CLIPTextModel + CLIPTokenizer",
+     "import torch; from diffusers import UNet2DConditionModel, DDIMScheduler; "
+     "from transformers import CLIPTextModel, CLIPTokenizer"),
+)
+
 
 def _child(cmd: list[str], env: dict) -> tuple[float, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -76,6 +84,12 @@ def main() -> None:
         for i, (wall, cpu) in enumerate(runs, 1):
             print(f"  run {i}: wall {wall:6.2f} s  CPU (user+sys) {cpu:6.2f} s")
         print(f"  best: wall {min(w for w, _ in runs):.2f} s, CPU {min(c for _, c in runs):.2f} s")
+        # the floor under any detect on stock libraries: a fresh process that only imports what
+        # scoring needs (no pipeline class, no diffmem), and a bare interpreter
+        for label, code in FLOORS:
+            floor = [_child([sys.executable, "-c", code], env) for _ in range(args.repeats)]
+            print(f"floor, {label}: best wall {min(w for w, _ in floor):.2f} s, "
+                  f"CPU {min(c for _, c in floor):.2f} s")
         help_runs = [_bad_option(env) for _ in range(args.repeats)]
         print(f"bad option answered (generate --guidance-scale nan): best wall "
               f"{min(w for w, _ in help_runs):.2f} s, CPU {min(c for _, c in help_runs):.2f} s")

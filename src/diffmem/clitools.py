@@ -109,6 +109,7 @@ NONNEG = Number(int, min=0)
 FPR = Number(float, min=0, max=1, min_open=True, max_open=True)
 THRESHOLD = Number(float)
 STRENGTH = Number(float, min=0, max=1000)
+UNIT = Number(float, min=0, max=1)
 
 
 def scored_steps(text: str):

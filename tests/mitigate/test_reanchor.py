@@ -9,7 +9,7 @@ from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Hook, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
 from diffmem.errors import ConfigError
-from diffmem.explain import TokenAttributor, suggest_edits
+from diffmem.explain import TokenAttributor, attribute_with_ablation, suggest_edits
 from diffmem.mitigate import FirstStepGate, MitigationContext, build_mitigations
 from diffmem.mitigate.reanchor import PromptReanchoring
 from diffmem.models.adapter import load_adapter
@@ -107,6 +107,7 @@ def test_gate_leaves_unflagged_prompts_bit_identical(adapter):
 def test_rewrite_is_the_smallest_clearing_edit(tiny_pipe):
     adapter = load_adapter(tiny_pipe)
     [att] = TokenAttributor(adapter, steps=1, seeds=1, seed=0).attribute([A])
+    [att] = attribute_with_ablation(adapter, [att], detector=NoiseMagnitude(steps=1))
     [rep] = suggest_edits(adapter, [att], detector=NoiseMagnitude(steps=1), threshold=None)
     scores = sorted(s.score for s in rep.suggestions)
     thr = (scores[0] + scores[1]) / 2  # exactly one variant clears

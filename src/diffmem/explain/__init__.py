@@ -1,7 +1,8 @@
 """Explaining memorization: which words of a prompt drive it, where they attend, how to edit them.
 
 - :class:`TokenAttributor` / :class:`TokenAttribution`: Wen et al. (ICLR 2024) Sec. 3.3 token
-  attribution by the gradient of the text-conditional noise magnitude.
+  attribution by the gradient of the text-conditional noise magnitude;
+  :func:`attribute_with_ablation` blends it with word ablation (what ``explain`` shows).
 - :class:`AttentionShare`: each token's share of cross-attention and its heat map (Ren et al.,
   ECCV 2024).
 - :func:`suggest_edits`: variants without the top words, re-scored by the detector.
@@ -9,6 +10,12 @@
 - :func:`evaluate_explanation`: trigger recall and edit success on the testbed's labelled prompts.
 """
 
+from diffmem.explain._ablation import (
+    DEFAULT_ABLATION,
+    attribute_with_ablation,
+    blend_attributions,
+    word_ablation,
+)
 from diffmem.explain._attention import AttentionRecord, AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor, noise_magnitude_gradient
 from diffmem.explain._edits import EditReport, EditSuggestion, calibrate_threshold, suggest_edits
@@ -18,6 +25,7 @@ from diffmem.explain._render import format_terminal, to_html, use_color
 from diffmem.explain._words import Word, prompt_words
 
 __all__ = [
+    "DEFAULT_ABLATION",
     "AttentionRecord",
     "AttentionShare",
     "AttentionView",
@@ -28,6 +36,8 @@ __all__ = [
     "TokenAttributor",
     "Word",
     "attention_view",
+    "attribute_with_ablation",
+    "blend_attributions",
     "calibrate_threshold",
     "evaluate_explanation",
     "explain_prompt",
@@ -37,6 +47,7 @@ __all__ = [
     "suggest_edits",
     "to_html",
     "use_color",
+    "word_ablation",
     "word_maps",
     "word_shares",
 ]

@@ -53,6 +53,11 @@ class TokenAttribution:
         magnitude: the noise magnitude d (mean over steps and seeds) at the attributed steps.
         truncated: the prompt was longer than the text encoder's context; only the kept tokens
             are attributed.
+        ablation_weight: weight of word ablation in ``scores`` (0: the gradient attribution
+            alone; see :mod:`diffmem.explain._ablation`); ``tokens`` and ``token_scores`` are the
+            gradient's in every case.
+        ablation_drops: per word, the fall of the noise magnitude when the word is removed
+            (empty without ablation).
     """
 
     prompt: str
@@ -66,6 +71,8 @@ class TokenAttribution:
     steps: tuple[int, ...] = (0,)
     seeds: tuple[int, ...] = (0,)
     word_info: tuple[Word, ...] = field(default=(), repr=False)
+    ablation_weight: float = 0.0
+    ablation_drops: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.words) != len(self.scores):
@@ -125,7 +132,9 @@ class TokenAttribution:
         ax.bar(x, self.scores, color=matplotlib.colormaps["Reds"](0.3 + 0.7 * self._relative()))
         ax.set_xticks(x, self.words, rotation=45, ha="right")
         ax.set_ylabel("attribution")
-        ax.set_title(title or "token attribution (Wen et al. 2024, Sec. 3.3)", fontsize=9)
+        default = "token attribution (Wen et al. 2024, Sec. 3.3)" if not self.ablation_weight \
+            else f"token attribution (gradient + {self.ablation_weight:g} word ablation)"
+        ax.set_title(title or default, fontsize=9)
         fig.tight_layout()
         return fig
 
@@ -142,6 +151,8 @@ class TokenAttribution:
             "token_scores": [round(float(s), 6) for s in self.token_scores],
             "magnitude": float(self.magnitude), "truncated": self.truncated,
             "steps": list(self.steps), "seeds": list(self.seeds),
+            "ablation_weight": float(self.ablation_weight),
+            "ablation_drops": [round(float(x), 6) for x in self.ablation_drops],
         }
 
 

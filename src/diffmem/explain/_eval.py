@@ -25,6 +25,7 @@ import numpy as np
 
 from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.errors import PromptError
+from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
 from diffmem.explain._edits import EditReport, EditSuggestion, suggest_edits
 from diffmem.models.adapter import ModelAdapter, load_adapter
@@ -78,10 +79,12 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
                          steps: int = 1, seeds: int = 1, seed: int = 0,
                          threshold: float | None = None, fpr: float = 0.01, combine: int = 5,
                          num_inference_steps: int = 50, detector: Detector | None = None,
-                         judge_edits: bool = True, judge_seeds: int = 4) -> dict:
+                         judge_edits: bool = True, judge_seeds: int = 4,
+                         ablation: float = DEFAULT_ABLATION) -> dict:
     """Trigger recall of the attribution, and edits judged by the detector and by generation.
 
-    All copying prompts are attributed in batches; all edit variants are scored in one batched
+    All copying prompts are attributed in batches (gradient blended with word ablation of weight
+    ``ablation``, as ``explain``); all edit variants are scored in one batched
     detector call (default: first-step noise magnitude over ``seeds`` generations) against a
     threshold fitted on the clean controls at ``fpr`` unless given; with ``judge_edits`` the edit
     suggested for each flagged prompt is generated ``judge_seeds`` times and judged with the
@@ -95,9 +98,11 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
     texts = [r["prompt"] for r in rows]
     attributions = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
                                    num_inference_steps=num_inference_steps).attribute(texts)
-    t_attr = time.perf_counter() - t0
     detector = detector or NoiseMagnitude(steps=1, generations=seeds, seed=seed, fpr=fpr,
                                           num_inference_steps=num_inference_steps)
+    attributions = attribute_with_ablation(adapter, attributions, detector=detector,
+                                           weight=ablation)
+    t_attr = time.perf_counter() - t0
     clean_scores = detector.score(adapter, clean)
     if threshold is None:
         threshold = float(detector.fit(scores=clean_scores).threshold_)
@@ -114,6 +119,7 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
             judged = dict(zip(edits, judge(edits), strict=True))
     out = _summary(rows, attributions, reports, chosen, judged, threshold, top_k, t_attr, model,
                    dict(steps=steps, seeds=seeds, seed=seed, fpr=fpr, combine=combine,
+                        ablation=ablation,
                         num_inference_steps=num_inference_steps, detector=detector.name,
                         judge_seeds=judge_seeds if judge_edits else None),
                    source)

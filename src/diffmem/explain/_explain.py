@@ -14,6 +14,7 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.detect import Detector, NoiseMagnitude
+from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attention import AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
 from diffmem.explain._edits import EditReport, calibrate_threshold, suggest_edits
@@ -54,10 +55,12 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
                    top_k: int = 5, threshold: float | None = None,
                    detector: Detector | None = None, attention: bool = False,
                    num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                   combine: int = 5) -> Explanation:
+                   combine: int = 5, ablation: float = DEFAULT_ABLATION) -> Explanation:
     """Explain why ``prompt`` may reproduce training data, and how to edit it.
 
-    1. token attribution (Wen et al. Sec. 3.3) over ``seeds`` initial noises at the first ``steps``;
+    1. token attribution (Wen et al. Sec. 3.3) over ``seeds`` initial noises at the first ``steps``,
+       blended with word ablation (weight ``ablation``; 0 = the gradient alone;
+       :mod:`diffmem.explain._ablation`);
     2. edit suggestions for the top-``top_k`` words, re-scored with ``detector`` (default
        :class:`NoiseMagnitude` with matching seeds) against ``threshold`` (default: the detector's
        ``threshold_``, fitted on the held-out prompts for a testbed model);
@@ -77,6 +80,8 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
     detector = detector or NoiseMagnitude(steps=1, generations=seeds, seed=seed,
                                           num_inference_steps=num_inference_steps,
                                           guidance_scale=guidance_scale)
+    [attribution] = attribute_with_ablation(adapter, [attribution], detector=detector,
+                                            weight=ablation)
     if threshold is None:  # fitted on the held-out prompts when the adapter is a testbed's
         threshold = calibrate_threshold(adapter, detector)
     [edits] = suggest_edits(adapter, [attribution], detector=detector, threshold=threshold,

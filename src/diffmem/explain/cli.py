@@ -17,6 +17,7 @@ from diffmem.clitools import (
     SEED,
     STEPS_HELP,
     THRESHOLD,
+    UNIT,
     DeprecatedAlias,
     OutFile,
     add_model,
@@ -24,6 +25,14 @@ from diffmem.clitools import (
     scored_steps,
     write_json,
 )
+
+#: shown in --help; the default itself is diffmem.explain._ablation.DEFAULT_ABLATION (this module
+#: is loaded without torch, so it cannot import it; a test keeps the two equal)
+ABLATION_HELP_DEFAULT = 0.5
+
+
+def _ablation(a: argparse.Namespace) -> dict:
+    return {} if a.ablation is None else {"ablation": a.ablation}
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -35,7 +44,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
     exp = explain_prompt(a.model, a.prompt, steps=a.steps, seeds=a.seeds, seed=a.seed,
                          top_k=a.top_k, combine=a.top_k, threshold=a.threshold,
-                         attention=bool(a.html), num_inference_steps=a.sampling_steps)
+                         attention=bool(a.html), num_inference_steps=a.sampling_steps,
+                         **_ablation(a))
     print(format_terminal(exp, top_k=a.top_k))
     if a.json:
         _write_json(a.json, exp.to_dict())
@@ -54,7 +64,8 @@ def cmd_eval_explanation(a: argparse.Namespace) -> int:
                                   steps=a.steps, seeds=a.seeds, seed=a.seed,
                                   threshold=a.threshold, fpr=a.fpr,
                                   num_inference_steps=a.sampling_steps,
-                                  judge_edits=not a.no_judge, judge_seeds=a.judge_seeds)
+                                  judge_edits=not a.no_judge, judge_seeds=a.judge_seeds,
+                                  **_ablation(a))
     _write_json(a.out, report)
     summary = {k: v for k, v in report.items() if k != "prompts"}
     print(dumps(summary, indent=2))
@@ -73,6 +84,10 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
     p.add_argument("--seed", type=SEED, default=0, help="first seed")
     p.add_argument("--top-k", type=COUNT, default=5,
                    help="words to edit, alone and the top 2..k together")
+    p.add_argument("--ablation", type=UNIT, default=None,
+                   help="weight of word ablation (the magnitude's fall when a word is removed) in "
+                        "the word ranking; 0 = Wen et al.'s gradient attribution alone (default: "
+                        f"{ABLATION_HELP_DEFAULT})")
     p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
                    help="length of the denoising schedule (defines the timesteps)")
     p.add_argument("--inference-steps", dest="sampling_steps", type=SAMPLING_STEPS,

@@ -120,10 +120,11 @@ class PromptReanchoring(Mitigation):
         if not todo:
             return out
         from diffmem.detect import NoiseMagnitude
-        from diffmem.explain import TokenAttributor, suggest_edits
+        from diffmem.explain import TokenAttributor, attribute_with_ablation, suggest_edits
 
         attributions = TokenAttributor(adapter, steps=1, seeds=1, seed=self.seed).attribute(todo)
         detector = NoiseMagnitude(steps=1, generations=1, seed=self.seed)
+        attributions = attribute_with_ablation(adapter, attributions, detector=detector)
         reports = suggest_edits(adapter, attributions, detector=detector,
                                 threshold=self.threshold, top_k=self.top_k, combine=self.combine)
         for p, rep in zip(todo, reports, strict=True):

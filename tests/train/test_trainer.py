@@ -139,7 +139,12 @@ def test_bad_input_is_one_clear_error(tiny_dir, data_dir, tmp_path, capsys):
                  ["--model", str(data_dir), "--data", str(data_dir), "--out",
                   str(tmp_path / "c2")],
                  ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "o3"),
-                  "--lr", "0.5"]):
+                  "--lr", "0.5"],
+                 # --screen-captions without T needs a calibrated detector (testbed models)
+                 ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "c4"),
+                  "--screen-captions"],
+                 ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "c5"),
+                  "--screen-captions", "0"]):
         capsys.readouterr()
         assert main(["train", *args, "--train-steps", "1", "--quiet"]) == 2
         err = [x for x in capsys.readouterr().err.splitlines() if "diffmem" in x]
@@ -179,3 +184,53 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tiny_dir, d
     subprocess.run(_cli(tiny_dir, data_dir, tmp_path / "straight", steps, every), env=env,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _assert_same(_weights(tmp_path / "straight" / "pipeline"), _weights(out / "pipeline"))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_caption_screen_scores_are_the_first_step_detector(family, tiny_pipe, tiny_pipe_sd2):
+    """The screen's statistic is `diffmem detect`'s: first-step noise magnitude, same noise."""
+    from diffmem.detect import NoiseMagnitude
+    from diffmem.train.filters import CaptionScreen
+
+    pipe = tiny_pipe if family == "sd1" else tiny_pipe_sd2
+    caps = ["a picture number 1", "the zanzibar quixotic poster", "a red circle"]
+    screen = CaptionScreen(1.0, seed=3)
+    got = screen.scores(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
+    want = NoiseMagnitude(steps=1, generations=1, seed=3).score(pipe, caps)
+    torch.testing.assert_close(got.double(), torch.as_tensor(want), rtol=1e-4, atol=1e-5)
+    thr = float(sorted(want)[1])  # the top caption only
+    screen = CaptionScreen(thr, seed=3)
+    hit = screen.screen(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
+    assert list(hit) == [caps[int(want.argmax())]] and screen.flagged == set(hit)
+    drop, _ = screen(None, emb=None, captions=[caps[0], caps[int(want.argmax())], ""])
+    assert drop.tolist() == [caps[0] in hit, True, False]
+
+
+def test_caption_screen_drops_flagged_captions_and_resumes_exactly(tiny_dir, data_dir, tmp_path):
+    everything = finetune(tiny_dir, data_dir, tmp_path / "s", _cfg(3, screen_captions=1e-9,
+                                                                    screen_every=2),
+                          progress=False)
+    log = json.loads((tmp_path / "s" / "train_log.json").read_text())
+    assert [s["step"] for s in log["screenings"]] == [0, 2]
+    assert all(s["flagged"] == 6 for s in log["screenings"])  # every caption of the folder
+    dropped = log["dropped_by_filter"]["screen"]
+    assert dropped == log["samples_dropped"] > 0  # all but caption-dropout ("") samples
+    assert StableDiffusionPipeline.from_pretrained(everything) is not None
+    nothing = finetune(tiny_dir, data_dir, tmp_path / "n", _cfg(2, screen_captions=1e9),
+                       progress=False)
+    log = json.loads((tmp_path / "n" / "train_log.json").read_text())
+    assert log["samples_dropped"] == 0 and log["mitigations"] == ["screen_captions"]
+    assert nothing.is_dir()
+    # resume between screenings uses the flags saved with the checkpoint
+    kw = {"screen_captions": 1e-9, "screen_every": 3, "train_text_encoder": True}
+    straight = finetune(tiny_dir, data_dir, tmp_path / "a", _cfg(5, **kw), progress=False)
+    finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(4, **kw), progress=False)
+    resumed = finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(5, **kw), progress=False)
+    _assert_same(_weights(straight), _weights(resumed))
+
+
+def test_caption_screen_settings_are_checked():
+    with pytest.raises(ConfigError, match="screen_captions threshold"):
+        _cfg(2, screen_captions=float("nan"))
+    with pytest.raises(ConfigError, match="screen_every"):
+        _cfg(2, screen_captions=1.0, screen_every=0)

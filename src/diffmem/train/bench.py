@@ -47,6 +47,7 @@ METHODS: dict[str, dict] = {
     "dedup": {"dedup": "pixel"},
     "magnitude": {"magnitude_filter": "calibrated"},  # see calibrate_filters
     "entropy": {"entropy_filter": "calibrated"},
+    "screen": {"screen_captions": "calibrated"},  # see calibrate_screen
     "mc": {"augment": {"mc": True}},
     "rc": {"augment": {"p_rc": 0.1}},
     "rt": {"augment": {"p_rt": 0.1}},
@@ -268,6 +269,22 @@ def calibrate_filters(model: str | Path, data_dir: str | Path, *, percentiles: d
             "share_above_reference_2": float((mag >= 2.0).mean()), **cal}
 
 
+def calibrate_screen(model: str | Path, data_dir: str | Path, *, fpr: float = 0.01) -> dict:
+    """Threshold of the caption screen: the base model's first-step noise magnitude (the
+    detector's statistic, :class:`~diffmem.detect.NoiseMagnitude`, 1 step, 1 generation) over the
+    generic (never duplicated) captions of the fine-tuning set, at ``fpr`` (1%: the detector's
+    own calibration rule)."""
+    from diffmem.detect import NoiseMagnitude
+
+    rows = [json.loads(line) for line in (Path(data_dir) / "data.jsonl").read_text().splitlines()]
+    caps = list(dict.fromkeys(r["caption"][0] for r in rows if r["kind"] == "generic"))
+    det = NoiseMagnitude(steps=1, generations=1, fpr=fpr, batch_size=64)
+    scores = det.score(model, caps)
+    return {"screen_threshold": float(det.fit(scores=scores).threshold_),
+            "screen_percentiles_50_95_99": np.percentile(scores, [50, 95, 99]).round(4).tolist(),
+            "screen_fpr": fpr, "screen_captions": len(caps)}
+
+
 def method_config(name: str, overrides: dict | None = None, steps: int | None = None,
                   calibration: dict | None = None):
     """The :class:`~diffmem.train.trainer.FinetuneConfig` of one benchmark run."""
@@ -282,7 +299,8 @@ def method_config(name: str, overrides: dict | None = None, steps: int | None = 
     if "augment" in fields:
         fields["augment"] = CaptionAugment(**fields["augment"])
     for key, cal_key in (("magnitude_filter", "magnitude_threshold"),
-                         ("entropy_filter", "entropy_threshold")):
+                         ("entropy_filter", "entropy_threshold"),
+                         ("screen_captions", "screen_threshold")):
         if fields.get(key) == "calibrated":
             if calibration is None:
                 raise ConfigError(f"the {name} run needs calibrate_filters' thresholds")
@@ -318,6 +336,9 @@ def run_benchmark(out: str | Path, *, methods: Sequence[str] | None = None,
     if not cal_file.is_file():
         cal_file.write_text(json.dumps(calibrate_filters("testbed", out / "data"), indent=2))
     calibration = json.loads(cal_file.read_text())
+    if "screen_threshold" not in calibration:  # folders calibrated before the screen existed
+        calibration.update(calibrate_screen("testbed", out / "data"))
+        cal_file.write_text(json.dumps(calibration, indent=2))
     for name in methods:
         ev = out / "eval" / f"{name}.json"
         if not ev.is_file():

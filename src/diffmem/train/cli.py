@@ -3,7 +3,8 @@
     diffmem train --model PATH|testbed --data SOURCE --out DIR [--steps N] [--batch-size B]
                   [--lr LR] [--train-text-encoder] [--ema DECAY] [--mixed-precision no|fp16|bf16]
                   [--checkpoint-every N] [--mc] [--rc [P]] [--rt [P]] [--cwr [P]] [--gn [LAMBDA]]
-                  [--magnitude-filter [T]] [--entropy-filter T] [--dedup [pixel|sscd]]
+                  [--magnitude-filter [T]] [--entropy-filter T] [--screen-captions [T]]
+                  [--dedup [pixel|sscd]]
     diffmem eval training --out DIR [--methods plain,dedup,...] [--steps N]
 """
 
@@ -13,6 +14,17 @@ import argparse
 import json
 
 from diffmem.clitools import add_model
+
+
+def _screen_threshold(a: argparse.Namespace) -> float | None:
+    """``--screen-captions`` without a value: the detector threshold calibrated for the model."""
+    if a.screen_captions is None or a.screen_captions != -1.0:
+        return a.screen_captions
+    from diffmem.mitigate.registry import default_threshold
+    from diffmem.models.adapter import load_adapter
+    from diffmem.train.trainer import resolve_model
+
+    return round(default_threshold(load_adapter(resolve_model(a.model))), 6)
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -29,6 +41,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                p_rt=a.rt or 0.0, rt_tokens=a.rt_tokens, p_cwr=a.cwr or 0.0,
                                cwr_words=a.cwr_words),
         gn=a.gn or 0.0, magnitude_filter=a.magnitude_filter, entropy_filter=a.entropy_filter,
+        screen_captions=_screen_threshold(a), screen_every=a.screen_every,
         entropy_direction=a.entropy_direction, entropy_layers=a.entropy_layers,
         dedup=a.dedup, dedup_threshold=a.dedup_threshold, dedup_keep=a.dedup_keep,
         image_column=a.image_column, caption_column=a.caption_column, id_column=a.id_column)
@@ -100,6 +113,14 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="Somepalli GN: add LAMBDA * N(0, 1) to the text embedding (0.1)")
     g.add_argument("--magnitude-filter", type=float, nargs="?", const=2.0, metavar="T",
                    help="Wen: drop samples whose normalised noise magnitude is >= T (2)")
+    g.add_argument("--screen-captions", type=float, nargs="?", const=-1.0, default=None,
+                   metavar="T",
+                   help="drop samples whose caption the first-step detector flags (noise "
+                        "magnitude > T, the units of `diffmem detect`; rescored every "
+                        "--screen-every steps); without T: the model's calibrated detector "
+                        "threshold (testbed models)")
+    g.add_argument("--screen-every", type=int, default=d.screen_every, metavar="N",
+                   help="steps between caption screenings")
     g.add_argument("--entropy-filter", type=float, default=None, metavar="T",
                    help="Ren (paper, no reference code): drop samples whose cross-attention "
                         "entropy is below T (--entropy-direction high: above)")

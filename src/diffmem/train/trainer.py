@@ -72,6 +72,8 @@ class FinetuneConfig:
     entropy_filter: float | None = None  # Ren: threshold
     entropy_direction: str = "low"
     entropy_layers: list[str] | None = None
+    screen_captions: float | None = None  # the detector's first-step magnitude threshold
+    screen_every: int = 50
     dedup: str | None = None  # pixel | sscd
     dedup_threshold: float | None = None
     dedup_keep: int = 1
@@ -97,6 +99,12 @@ class FinetuneConfig:
             raise ConfigError(f"lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.gn < 0:
             raise ConfigError(f"gn lambda must be >= 0, got {self.gn}")
+        if self.screen_captions is not None and not (
+                math.isfinite(self.screen_captions) and self.screen_captions > 0):
+            raise ConfigError(f"screen_captions threshold must be a finite number > 0, got "
+                              f"{self.screen_captions}")
+        if self.screen_every < 1:
+            raise ConfigError(f"screen_every must be >= 1, got {self.screen_every}")
 
     def mitigations(self) -> list[str]:
         """Names of the active mitigations, for logs and reports."""
@@ -107,6 +115,8 @@ class FinetuneConfig:
             out.append("magnitude_filter")
         if self.entropy_filter is not None:
             out.append("entropy_filter")
+        if self.screen_captions is not None:
+            out.append("screen_captions")
         if self.dedup:
             out.append("dedup")
         return out
@@ -268,6 +278,13 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
 
         filters.append(EntropyFilter(cfg.entropy_filter, direction=cfg.entropy_direction,
                                      layers=cfg.entropy_layers))
+    screen = None
+    if cfg.screen_captions is not None:
+        from diffmem.train.filters import CaptionScreen
+
+        screen = CaptionScreen(cfg.screen_captions, every=cfg.screen_every, seed=cfg.seed)
+        filters.append(screen)
+    all_captions = [c for caps_i in captions for c in caps_i]
     step_fn = DiffusionStep(pipe.scheduler, filters=filters, embedding_noise=cfg.gn)
 
     text_encoder.requires_grad_(cfg.train_text_encoder)
@@ -290,6 +307,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
         if ema is not None:
             ema.shadow = [s.clone() for s in state["ema"]]
         step, elapsed, counters = int(state["step"]), float(state["elapsed"]), state["counters"]
+        if screen is not None:
+            screen.flagged = set(state.get("screen_flagged") or ())
         rng_state = state["rng"][rank] if rank < len(state["rng"]) else None
         if rng_state is not None:
             rng.bit_generator.state = rng_state[0]
@@ -319,7 +338,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
                                  if cfg.train_text_encoder else None),
                 "opt": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
                 "step": step, "elapsed": elapsed + (time.time() - t_loop), "counters": counters,
-                "rng": rngs}, ckpt)
+                "rng": rngs,
+                "screen_flagged": sorted(screen.flagged) if screen is not None else None}, ckpt)
 
     from tqdm.auto import tqdm
 
@@ -340,7 +360,17 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
         ids = _tokenize(tokenizer, caps).to(device)
         with torch.set_grad_enabled(cfg.train_text_encoder):
             emb = text_encoder(ids)[0]
-        context = {"unet_eval": unet_eval}
+        if screen is not None and screen.due(step):
+            was = unet_eval.training, text_encoder.training
+            unet_eval.eval()
+            text_encoder.eval()
+            hit = screen.screen(unet_eval, accelerator.unwrap_model(text_encoder), tokenizer,
+                                pipe.scheduler, all_captions)
+            unet_eval.train(was[0])
+            text_encoder.train(was[1])
+            counters.setdefault("screenings", []).append(
+                {"step": step, "flagged": len(hit), "captions": sorted(hit)[:20]})
+        context = {"unet_eval": unet_eval, "captions": caps}
         if cfg.magnitude_filter is not None:
             with torch.no_grad():
                 context["uncond"] = text_encoder(uncond_ids)[0]
@@ -393,6 +423,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
             "samples": counters["samples"],
             "samples_dropped": counters.get("samples_dropped", 0),
             "dropped_by_filter": counters["dropped"],
+            "screenings": counters.get("screenings", []),
             "seconds_training": round(elapsed, 1),
             "seconds_dedup_this_run": round(t_dedup, 2),
             "seconds_this_run": round(time.time() - t_start, 1),

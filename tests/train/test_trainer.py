@@ -140,9 +140,9 @@ def test_bad_input_is_one_clear_error(tiny_dir, data_dir, tmp_path, capsys):
                   str(tmp_path / "c2")],
                  ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "o3"),
                   "--lr", "0.5"],
-                 # --screen-captions without T needs a calibrated detector (testbed models)
+                 # an absolute screen needs its threshold
                  ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "c4"),
-                  "--screen-captions"],
+                  "--screen-captions", "--screen-absolute"],
                  ["--model", str(tiny_dir), "--data", str(data_dir), "--out", str(tmp_path / "c5"),
                   "--screen-captions", "0"]):
         capsys.readouterr()
@@ -199,11 +199,17 @@ def test_caption_screen_scores_are_the_first_step_detector(family, tiny_pipe, ti
     want = NoiseMagnitude(steps=1, generations=1, seed=3).score(pipe, caps)
     torch.testing.assert_close(got.double(), torch.as_tensor(want), rtol=1e-4, atol=1e-5)
     thr = float(sorted(want)[1])  # the top caption only
-    screen = CaptionScreen(thr, seed=3)
+    screen = CaptionScreen(thr, relative=False, seed=3)
     hit = screen.screen(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
     assert list(hit) == [caps[int(want.argmax())]] and screen.flagged == set(hit)
     drop, _ = screen(None, emb=None, captions=[caps[0], caps[int(want.argmax())], ""])
     assert drop.tolist() == [caps[0] in hit, True, False]
+    # relative (the default): scores over their median; "auto" calibrates the ratio once
+    rel = CaptionScreen(None, seed=3)
+    hit = rel.screen(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
+    ratios = torch.as_tensor(want) / torch.as_tensor(want).median()
+    assert rel.threshold == pytest.approx(float(torch.quantile(ratios, 0.99)), rel=1e-4)
+    assert list(hit) == [caps[int(want.argmax())]]
 
 
 def test_caption_screen_drops_flagged_captions_and_resumes_exactly(tiny_dir, data_dir, tmp_path):
@@ -222,15 +228,19 @@ def test_caption_screen_drops_flagged_captions_and_resumes_exactly(tiny_dir, dat
     assert log["samples_dropped"] == 0 and log["mitigations"] == ["screen_captions"]
     assert nothing.is_dir()
     # resume between screenings uses the flags saved with the checkpoint
-    kw = {"screen_captions": 1e-9, "screen_every": 3, "train_text_encoder": True}
+    kw = {"screen_captions": "auto", "screen_every": 3, "train_text_encoder": True}
     straight = finetune(tiny_dir, data_dir, tmp_path / "a", _cfg(5, **kw), progress=False)
     finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(4, **kw), progress=False)
     resumed = finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(5, **kw), progress=False)
     _assert_same(_weights(straight), _weights(resumed))
+    a, b = (json.loads((tmp_path / x / "train_log.json").read_text()) for x in "ab")
+    assert a["screenings"][0]["threshold"] == b["screenings"][0]["threshold"] > 1.0
 
 
 def test_caption_screen_settings_are_checked():
     with pytest.raises(ConfigError, match="screen_captions threshold"):
         _cfg(2, screen_captions=float("nan"))
+    with pytest.raises(ConfigError, match="screen_absolute needs"):
+        _cfg(2, screen_captions="auto", screen_absolute=True)
     with pytest.raises(ConfigError, match="screen_every"):
         _cfg(2, screen_captions=1.0, screen_every=0)

@@ -3,7 +3,7 @@
     diffmem train --model PATH|testbed --data SOURCE --out DIR [--steps N] [--batch-size B]
                   [--lr LR] [--train-text-encoder] [--ema DECAY] [--mixed-precision no|fp16|bf16]
                   [--checkpoint-every N] [--mc] [--rc [P]] [--rt [P]] [--cwr [P]] [--gn [LAMBDA]]
-                  [--magnitude-filter [T]] [--entropy-filter T] [--screen-captions [T]]
+                  [--magnitude-filter [T]] [--entropy-filter T] [--screen-captions [R]]
                   [--dedup [pixel|sscd]]
     diffmem eval training --out DIR [--methods plain,dedup,...] [--steps N]
 """
@@ -16,15 +16,17 @@ import json
 from diffmem.clitools import add_model
 
 
-def _screen_threshold(a: argparse.Namespace) -> float | None:
-    """``--screen-captions`` without a value: the detector threshold calibrated for the model."""
-    if a.screen_captions is None or a.screen_captions != -1.0:
-        return a.screen_captions
-    from diffmem.mitigate.registry import default_threshold
-    from diffmem.models.adapter import load_adapter
-    from diffmem.train.trainer import resolve_model
-
-    return round(default_threshold(load_adapter(resolve_model(a.model))), 6)
+def _ratio_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'auto', got {text!r}") \
+            from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0 or 'auto', got {text!r}")
+    return value
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -41,7 +43,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                p_rt=a.rt or 0.0, rt_tokens=a.rt_tokens, p_cwr=a.cwr or 0.0,
                                cwr_words=a.cwr_words),
         gn=a.gn or 0.0, magnitude_filter=a.magnitude_filter, entropy_filter=a.entropy_filter,
-        screen_captions=_screen_threshold(a), screen_every=a.screen_every,
+        screen_captions=a.screen_captions, screen_absolute=a.screen_absolute,
+        screen_every=a.screen_every,
         entropy_direction=a.entropy_direction, entropy_layers=a.entropy_layers,
         dedup=a.dedup, dedup_threshold=a.dedup_threshold, dedup_keep=a.dedup_keep,
         image_column=a.image_column, caption_column=a.caption_column, id_column=a.id_column)
@@ -113,12 +116,15 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="Somepalli GN: add LAMBDA * N(0, 1) to the text embedding (0.1)")
     g.add_argument("--magnitude-filter", type=float, nargs="?", const=2.0, metavar="T",
                    help="Wen: drop samples whose normalised noise magnitude is >= T (2)")
-    g.add_argument("--screen-captions", type=float, nargs="?", const=-1.0, default=None,
-                   metavar="T",
-                   help="drop samples whose caption the first-step detector flags (noise "
-                        "magnitude > T, the units of `diffmem detect`; rescored every "
-                        "--screen-every steps); without T: the model's calibrated detector "
-                        "threshold (testbed models)")
+    g.add_argument("--screen-captions", type=_ratio_or_auto, nargs="?", const="auto",
+                   default=None, metavar="R",
+                   help="drop samples whose caption the first-step detector flags: noise "
+                        "magnitude above R x the median over the training captions, rescored "
+                        "every --screen-every steps; without R: calibrated at step 0 (99th "
+                        "percentile over the median)")
+    g.add_argument("--screen-absolute", action="store_true",
+                   help="--screen-captions R in the detector's units (as `diffmem detect "
+                        "--threshold`) instead of a ratio to the median")
     g.add_argument("--screen-every", type=int, default=d.screen_every, metavar="N",
                    help="steps between caption screenings")
     g.add_argument("--entropy-filter", type=float, default=None, metavar="T",

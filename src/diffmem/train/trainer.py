@@ -72,7 +72,8 @@ class FinetuneConfig:
     entropy_filter: float | None = None  # Ren: threshold
     entropy_direction: str = "low"
     entropy_layers: list[str] | None = None
-    screen_captions: float | None = None  # the detector's first-step magnitude threshold
+    screen_captions: float | str | None = None  # ratio to the median; "auto": calibrated at step 0
+    screen_absolute: bool = False  # screen_captions in the detector's units instead
     screen_every: int = 50
     dedup: str | None = None  # pixel | sscd
     dedup_threshold: float | None = None
@@ -99,10 +100,13 @@ class FinetuneConfig:
             raise ConfigError(f"lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.gn < 0:
             raise ConfigError(f"gn lambda must be >= 0, got {self.gn}")
-        if self.screen_captions is not None and not (
-                math.isfinite(self.screen_captions) and self.screen_captions > 0):
-            raise ConfigError(f"screen_captions threshold must be a finite number > 0, got "
-                              f"{self.screen_captions}")
+        if self.screen_captions is not None and self.screen_captions != "auto" and not (
+                isinstance(self.screen_captions, (int, float))
+                and math.isfinite(self.screen_captions) and self.screen_captions > 0):
+            raise ConfigError(f"screen_captions threshold must be 'auto' or a finite number > 0, "
+                              f"got {self.screen_captions}")
+        if self.screen_captions == "auto" and self.screen_absolute:
+            raise ConfigError("screen_absolute needs a screen_captions threshold, not 'auto'")
         if self.screen_every < 1:
             raise ConfigError(f"screen_every must be >= 1, got {self.screen_every}")
 
@@ -282,7 +286,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
     if cfg.screen_captions is not None:
         from diffmem.train.filters import CaptionScreen
 
-        screen = CaptionScreen(cfg.screen_captions, every=cfg.screen_every, seed=cfg.seed)
+        screen = CaptionScreen(None if cfg.screen_captions == "auto" else cfg.screen_captions,
+                               relative=not cfg.screen_absolute, every=cfg.screen_every,
+                               seed=cfg.seed)
         filters.append(screen)
     all_captions = [c for caps_i in captions for c in caps_i]
     step_fn = DiffusionStep(pipe.scheduler, filters=filters, embedding_noise=cfg.gn)
@@ -309,6 +315,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
         step, elapsed, counters = int(state["step"]), float(state["elapsed"]), state["counters"]
         if screen is not None:
             screen.flagged = set(state.get("screen_flagged") or ())
+            screen.threshold = state.get("screen_threshold", screen.threshold)
         rng_state = state["rng"][rank] if rank < len(state["rng"]) else None
         if rng_state is not None:
             rng.bit_generator.state = rng_state[0]
@@ -339,7 +346,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
                 "opt": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
                 "step": step, "elapsed": elapsed + (time.time() - t_loop), "counters": counters,
                 "rng": rngs,
-                "screen_flagged": sorted(screen.flagged) if screen is not None else None}, ckpt)
+                "screen_flagged": sorted(screen.flagged) if screen is not None else None,
+                "screen_threshold": screen.threshold if screen is not None else None}, ckpt)
 
     from tqdm.auto import tqdm
 
@@ -369,7 +377,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
             unet_eval.train(was[0])
             text_encoder.train(was[1])
             counters.setdefault("screenings", []).append(
-                {"step": step, "flagged": len(hit), "captions": sorted(hit)[:20]})
+                {"step": step, "flagged": len(hit), "threshold": screen.threshold,
+                 "captions": sorted(hit)[:20]})
         context = {"unet_eval": unet_eval, "captions": caps}
         if cfg.magnitude_filter is not None:
             with torch.no_grad():

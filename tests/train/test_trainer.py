@@ -148,7 +148,8 @@ def test_bad_input_is_one_clear_error(tiny_dir, data_dir, tmp_path, capsys):
         capsys.readouterr()
         assert main(["train", *args, "--train-steps", "1", "--quiet"]) == 2
         err = [x for x in capsys.readouterr().err.splitlines() if "diffmem" in x]
-        assert len(err) == 1 and err[0].startswith("diffmem: error:"), err
+        # runtime errors say "diffmem: error:", parse-time ones "diffmem train: error:"
+        assert len(err) == 1 and err[0].startswith("diffmem") and ": error:" in err[0], err
 
 
 def _cli(tiny_dir, data_dir, out, steps, every):

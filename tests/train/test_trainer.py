@@ -195,18 +195,18 @@ def test_caption_screen_scores_are_the_first_step_detector(family, tiny_pipe, ti
 
     pipe = tiny_pipe if family == "sd1" else tiny_pipe_sd2
     caps = ["a picture number 1", "the zanzibar quixotic poster", "a red circle"]
-    screen = CaptionScreen(1.0, seed=3)
+    screen = CaptionScreen(1.0, seed=3, generations=2, batch_size=4)  # chunks of 2 captions
     got = screen.scores(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
-    want = NoiseMagnitude(steps=1, generations=1, seed=3).score(pipe, caps)
+    want = NoiseMagnitude(steps=1, generations=2, seed=3).score(pipe, caps)
     torch.testing.assert_close(got.double(), torch.as_tensor(want), rtol=1e-4, atol=1e-5)
     thr = float(sorted(want)[1])  # the top caption only
-    screen = CaptionScreen(thr, relative=False, seed=3)
+    screen = CaptionScreen(thr, relative=False, seed=3, generations=2)
     hit = screen.screen(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
     assert list(hit) == [caps[int(want.argmax())]] and screen.flagged == set(hit)
     drop, _ = screen(None, emb=None, captions=[caps[0], caps[int(want.argmax())], ""])
     assert drop.tolist() == [caps[0] in hit, True, False]
     # relative (the default): scores over their median; "auto" calibrates the ratio once
-    rel = CaptionScreen(None, seed=3)
+    rel = CaptionScreen(None, seed=3, generations=2)
     hit = rel.screen(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
     ratios = torch.as_tensor(want) / torch.as_tensor(want).median()
     assert rel.threshold == pytest.approx(float(torch.quantile(ratios, 0.99)), rel=1e-4)
@@ -241,6 +241,10 @@ def test_caption_screen_drops_flagged_captions_and_resumes_exactly(tiny_dir, dat
 def test_caption_screen_settings_are_checked():
     with pytest.raises(ConfigError, match="screen_captions threshold"):
         _cfg(2, screen_captions=float("nan"))
+    with pytest.raises(ConfigError, match="generations must be"):
+        from diffmem.train.filters import CaptionScreen
+
+        CaptionScreen(1.0, generations=0)
     with pytest.raises(ConfigError, match="screen_absolute needs"):
         _cfg(2, screen_captions="auto", screen_absolute=True)
     with pytest.raises(ConfigError, match="screen_every"):

@@ -272,14 +272,14 @@ def calibrate_filters(model: str | Path, data_dir: str | Path, *, percentiles: d
 def calibrate_screen(model: str | Path, data_dir: str | Path, *, fpr: float = 0.01) -> dict:
     """Threshold of the caption screen (a ratio to the median, as the screen flags): the base
     model's first-step noise magnitude (the detector's statistic,
-    :class:`~diffmem.detect.NoiseMagnitude`, 1 step, 1 generation) over the generic (never
+    :class:`~diffmem.detect.NoiseMagnitude`, 1 step, 4 generations) over the generic (never
     duplicated) captions of the fine-tuning set, its ``1 - fpr`` quantile (1%: the detector's own
     calibration rule) over its median."""
     from diffmem.detect import NoiseMagnitude
 
     rows = [json.loads(line) for line in (Path(data_dir) / "data.jsonl").read_text().splitlines()]
     caps = list(dict.fromkeys(r["caption"][0] for r in rows if r["kind"] == "generic"))
-    det = NoiseMagnitude(steps=1, generations=1, fpr=fpr, batch_size=64)
+    det = NoiseMagnitude(steps=1, generations=4, fpr=fpr, batch_size=64)  # as the screen scores
     scores = det.score(model, caps)
     return {"screen_threshold": float(det.fit(scores=scores).threshold_ / np.median(scores)),
             "screen_absolute_threshold": float(det.threshold_),

@@ -75,6 +75,7 @@ class FinetuneConfig:
     screen_captions: float | str | None = None  # ratio to the median; "auto": calibrated at step 0
     screen_absolute: bool = False  # screen_captions in the detector's units instead
     screen_every: int = 50
+    screen_generations: int = 4
     dedup: str | None = None  # pixel | sscd
     dedup_threshold: float | None = None
     dedup_keep: int = 1
@@ -288,9 +289,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
 
         screen = CaptionScreen(None if cfg.screen_captions == "auto" else cfg.screen_captions,
                                relative=not cfg.screen_absolute, every=cfg.screen_every,
-                               seed=cfg.seed)
+                               generations=cfg.screen_generations, seed=cfg.seed)
         filters.append(screen)
-    all_captions = [c for caps_i in captions for c in caps_i]
+    # the captions the sampler can draw (MC: every caption of an image, else its first)
+    all_captions = [c for caps_i in captions for c in (caps_i if cfg.augment.mc else caps_i[:1])]
     step_fn = DiffusionStep(pipe.scheduler, filters=filters, embedding_noise=cfg.gn)
 
     text_encoder.requires_grad_(cfg.train_text_encoder)

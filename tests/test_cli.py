@@ -330,3 +330,14 @@ def test_console_entry_flushes_and_exits_with_the_code(places, tmp_path):
                           "--guidance-scale", "nan"], capture_output=True, text=True, env=env,
                          timeout=60)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stdout == ""
+
+
+def test_parsing_imports_no_torch():
+    """Parsing (and so --help and a bad option) runs without torch: each command's parser module
+    is loaded without its package (diffmem.cli._load_extension) and reads defaults from torch-free
+    modules (diffmem.defaults, diffmem.train.config)."""
+    code = ("import sys; from diffmem.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert out.stdout.strip() == "[]", out.stdout

@@ -26,7 +26,7 @@ from diffmem.clitools import (
     dumps,
     scored_steps,
 )
-from diffmem.detect.registry import DEFAULT_DETECTOR, DETECTORS
+from diffmem.defaults import DEFAULT_DETECTOR
 
 
 def _cmd_detect(a: argparse.Namespace) -> int:
@@ -57,7 +57,7 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
 
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=DEFAULT_DETECTOR,
-                   help=f"one of: {', '.join(DETECTORS)} (default {DEFAULT_DETECTOR}, 1 step, 4 "
+                   help=f"one of: {{detectors}} (default {DEFAULT_DETECTOR}, 1 step, 4 "
                         "generations; the one-step option: noise_magnitude)")
     p.add_argument("--steps", type=scored_steps, default=None,
                    help=STEPS_HELP + " (default: the detector's own, 1 or last:10)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from diffmem.defaults import DEFAULT_DETECTOR  # noqa: F401 (re-exported)
 from diffmem.detect.attention_entropy import AttentionEntropy
 from diffmem.detect.base import Detector
 from diffmem.detect.bright_ending import BrightEnding
@@ -19,11 +20,6 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
 }
 
 
-#: The detector ``diffmem detect`` and ``diffmem eval detection`` use unless told otherwise, chosen
-#: on the dev split of the testbed's broad generation-labelled set (docs/detection.md): Sharpness at
-#: the first step over 4 generations (its own defaults). The one-step option stays
-#: ``noise_magnitude`` (1 step, 1 generation: the cost floor, what the mitigation gate uses).
-DEFAULT_DETECTOR = "sharpness"
 
 
 def make_detector(name: str, **options: object) -> Detector:

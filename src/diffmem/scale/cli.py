@@ -10,7 +10,6 @@ import argparse
 import json
 
 from diffmem.clitools import add_model
-from diffmem.detect.registry import DETECTORS
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
@@ -45,7 +44,7 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="CPU threads per worker, local and Ray alike (default 1: the same "
                         "reduction order everywhere, so local and Ray scores are identical)")
     s.add_argument("--detector", nargs="+", default=["noise_magnitude"],
-                   help=f"one or more of: {', '.join(DETECTORS)} (default noise_magnitude)")
+                   help="one or more of: {detectors} (default noise_magnitude)")
     s.add_argument("--shard-size", type=int, default=1024, help="prompts per shard file")
     s.add_argument("--prompt-column", default=None,
                    help="JSONL/Parquet prompt column (default: 'prompt' or 'caption')")

@@ -67,7 +67,7 @@ def _cmd_eval_training(a: argparse.Namespace) -> int:
 def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubParsersAction
              ) -> None:
     """Add ``train`` and ``eval training``."""
-    from diffmem.train.trainer import FinetuneConfig
+    from diffmem.train.config import FinetuneConfig
 
     d = FinetuneConfig()
     t = commands.add_parser(

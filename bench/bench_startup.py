@@ -77,13 +77,17 @@ def main() -> None:
                         str(prompts)], env=env, check=True, stdout=subprocess.DEVNULL)
         n = sum(1 for _ in prompts.open())
         print(f"load average before: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
-        cmd = [sys.executable, "-m", "diffmem.cli", "detect", str(prompts), "--out",
-               str(Path(tmp) / "scores.csv")]
-        print(f"command: diffmem detect testbed_prompts.jsonl ({n} prompts) --out scores.csv")
-        runs = [_child(cmd, env) for _ in range(args.repeats)]
-        for i, (wall, cpu) in enumerate(runs, 1):
-            print(f"  run {i}: wall {wall:6.2f} s  CPU (user+sys) {cpu:6.2f} s")
-        print(f"  best: wall {min(w for w, _ in runs):.2f} s, CPU {min(c for _, c in runs):.2f} s")
+        # the default detector (sharpness, 4 generations) and the one-step option
+        for extra in ([], ["--detector", "noise_magnitude"]):
+            cmd = [sys.executable, "-m", "diffmem.cli", "detect", str(prompts), "--out",
+                   str(Path(tmp) / "scores.csv"), *extra]
+            print(f"command: diffmem detect testbed_prompts.jsonl ({n} prompts) --out scores.csv "
+                  + " ".join(extra))
+            runs = [_child(cmd, env) for _ in range(args.repeats)]
+            for i, (wall, cpu) in enumerate(runs, 1):
+                print(f"  run {i}: wall {wall:6.2f} s  CPU (user+sys) {cpu:6.2f} s")
+            print(f"  best: wall {min(w for w, _ in runs):.2f} s, "
+                  f"CPU {min(c for _, c in runs):.2f} s")
         # the floor under any detect on stock libraries: a fresh process that only imports what
         # scoring needs (no pipeline class, no diffmem), and a bare interpreter
         for label, code in FLOORS:

@@ -341,3 +341,13 @@ def test_parsing_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_silent_progress_hides_bars_inside(monkeypatch):
+    from diffmem.clitools import _Silent, progress, silent_progress
+
+    monkeypatch.setenv("DIFFMEM_PROGRESS", "1")
+    with progress(3, "outer") as bar:
+        assert not isinstance(bar, _Silent)
+    with silent_progress(), progress(3, "inside") as bar:
+        assert isinstance(bar, _Silent)

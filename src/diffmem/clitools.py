@@ -348,6 +348,18 @@ def progress(total: int | None, desc: str, unit: str = "it") -> Iterator[Any]:
         _state.depth = depth
 
 
+@contextlib.contextmanager
+def silent_progress() -> Iterator[None]:
+    """Inside, every :func:`progress` bar is silent: for work that runs under a bar of its own
+    (e.g. the caption screen's detector runs inside ``diffmem train``'s training bar)."""
+    depth = getattr(_state, "depth", 0)
+    _state.depth = depth + 1
+    try:
+        yield
+    finally:
+        _state.depth = depth
+
+
 def _show_bars() -> bool:
     """Bars on a terminal when the command line enabled them; ``DIFFMEM_PROGRESS=1`` forces them
     (e.g. into a log file), ``=0`` hides them."""

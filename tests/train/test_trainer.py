@@ -196,18 +196,18 @@ def test_caption_screen_scores_are_the_first_step_detector(family, tiny_pipe, ti
     pipe = tiny_pipe if family == "sd1" else tiny_pipe_sd2
     caps = ["a picture number 1", "the zanzibar quixotic poster", "a red circle"]
     screen = CaptionScreen(1.0, seed=3, generations=2, batch_size=4)  # chunks of 2 captions
-    got = screen.scores(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
+    got = screen.scores(pipe, caps)
     want = NoiseMagnitude(steps=1, generations=2, seed=3).score(pipe, caps)
     torch.testing.assert_close(got.double(), torch.as_tensor(want), rtol=1e-4, atol=1e-5)
     thr = float(sorted(want)[1])  # the top caption only
     screen = CaptionScreen(thr, relative=False, seed=3, generations=2)
-    hit = screen.screen(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
+    hit = screen.screen(pipe, caps)
     assert list(hit) == [caps[int(want.argmax())]] and screen.flagged == set(hit)
     drop, _ = screen(None, emb=None, captions=[caps[0], caps[int(want.argmax())], ""])
     assert drop.tolist() == [caps[0] in hit, True, False]
     # relative (the default): scores over their median; "auto" calibrates the ratio once
     rel = CaptionScreen(None, seed=3, generations=2)
-    hit = rel.screen(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, caps)
+    hit = rel.screen(pipe, caps)
     ratios = torch.as_tensor(want) / torch.as_tensor(want).median()
     assert rel.threshold == pytest.approx(float(torch.quantile(ratios, 0.99)), rel=1e-4)
     assert list(hit) == [caps[int(want.argmax())]]

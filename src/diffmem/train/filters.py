@@ -203,45 +203,23 @@ class CaptionScreen:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    @torch.no_grad()
-    def scores(self, unet, text_encoder, tokenizer, scheduler, captions: Sequence[str]
-               ) -> torch.Tensor:
-        """First-step noise magnitude of each caption, averaged over ``generations`` noises
-        (generation g drawn with seed ``seed + g``, as ``NoiseMagnitude`` draws them)."""
-        from diffmem.train.trainer import _tokenize
+    def scores(self, pipe, captions: Sequence[str]) -> torch.Tensor:
+        """First-step noise magnitude of each caption under ``pipe`` (the pipeline being trained),
+        averaged over ``generations`` noises: :class:`~diffmem.detect.NoiseMagnitude` itself."""
+        from diffmem.clitools import silent_progress
+        from diffmem.detect import NoiseMagnitude
 
-        sched = type(scheduler).from_config(scheduler.config)  # as the detector: the pipeline's
-        sched.set_timesteps(self.num_inference_steps)
-        t = sched.timesteps[0]
-        p = next(unet.parameters())
-        cfg = unet.config
-        shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        xs = []
-        for g in range(self.generations):
-            gen = torch.Generator(device="cpu").manual_seed(self.seed + g)
-            x = torch.randn(shape, generator=gen, dtype=torch.float32).to(p.device, p.dtype)
-            xs.append(sched.scale_model_input(x * sched.init_noise_sigma, t))
-        uncond = text_encoder(_tokenize(tokenizer, [""]).to(p.device))[0]
-        total = torch.zeros(len(captions), dtype=torch.float64)
-        per = max(1, self.batch_size // self.generations)
-        for i in range(0, len(captions), per):
-            chunk = list(captions[i : i + per])
-            n = len(chunk)
-            cond = text_encoder(_tokenize(tokenizer, chunk).to(p.device))[0]
-            cond = cond.repeat_interleave(self.generations, dim=0)  # caption-major, then noise
-            x = torch.cat(xs).repeat(n, 1, 1, 1)
-            emb = torch.cat([uncond.expand(n * self.generations, -1, -1), cond]).to(p.dtype)
-            pred = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
-            u, c = pred.float().chunk(2)  # the raw prediction, as the detector compares it
-            d = noise_magnitude(c, u).double().cpu().reshape(n, self.generations)
-            total[i : i + n] = d.mean(dim=1)
-        return total.float()
+        det = NoiseMagnitude(steps=1, generations=self.generations, seed=self.seed,
+                             num_inference_steps=self.num_inference_steps,
+                             batch_size=self.batch_size)
+        with silent_progress(), torch.no_grad():
+            return torch.as_tensor(det.score(pipe, list(captions)), dtype=torch.float32)
 
-    def screen(self, unet, text_encoder, tokenizer, scheduler, captions: Sequence[str]) -> dict:
+    def screen(self, pipe, captions: Sequence[str]) -> dict:
         """Rescore ``captions`` (distinct strings) and keep those above the threshold as flagged;
         returns ``{caption: score}`` of the flagged ones (ratios to the median when relative)."""
         captions = list(dict.fromkeys(c for c in captions if c))
-        s = self.scores(unet, text_encoder, tokenizer, scheduler, captions)
+        s = self.scores(pipe, captions)
         if self.relative:
             s = s / s.median().clamp_min(1e-12)
         if self.threshold is None:  # calibrated once, at the first screening

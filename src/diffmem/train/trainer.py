@@ -295,8 +295,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
             was = unet_eval.training, text_encoder.training
             unet_eval.eval()
             text_encoder.eval()
-            hit = screen.screen(unet_eval, accelerator.unwrap_model(text_encoder), tokenizer,
-                                pipe.scheduler, all_captions)
+            hit = screen.screen(pipe, all_captions)  # pipe holds the modules being trained
             unet_eval.train(was[0])
             text_encoder.train(was[1])
             counters.setdefault("screenings", []).append(

@@ -1,5 +1,6 @@
 """What AMG's terms do alone on the testbed's memorized prompts: memorization rate (testbed
-criterion) of G_spe alone and G_spe + G_dup (no G_sim), 16 prompts x 4 seeds, as
+criterion) of G_spe alone, G_spe + G_dup (no G_sim), and AMG checking every 4th step only
+(``check_every=4``, all terms and G_spe alone), 16 prompts x 4 seeds, as
 ``diffmem eval mitigation`` judges them (its prompt sample and judge).
 
 Run: ``OMP_NUM_THREADS=1 PYTHONPATH=src python bench/amg_terms.py --index idx/``.
@@ -28,7 +29,9 @@ def main() -> None:
     prompts = groups["memorized"]
     context = MitigationContext(adapter, index=TrainingIndex.load(a.index))
     for name, terms in (("G_spe", {"g_dup": False, "g_sim": False}),
-                        ("G_spe+G_dup", {"g_sim": False})):
+                        ("G_spe+G_dup", {"g_sim": False}),
+                        ("all, check/4", {"check_every": 4}),
+                        ("G_spe, /4", {"g_dup": False, "g_sim": False, "check_every": 4})):
         gen = _generate(adapter, [p.prompt for p in prompts],
                         lambda t=terms: [AntiMemorizationGuidance.from_context(1.0, None, context,
                                                                                **t)],

@@ -4,7 +4,8 @@ Issue 11's cost targets: ``auto`` (gate + method) adds <= 2% on held-out (clean)
 images stay bit-identical; guidance methods (Ren, Jain's delay, AMG's G_spe) cost <= 1.5x plain on
 memorized prompts; Wen's, SAIL's (xt) and AMG G_sim's times reported beside them. With
 ``--index``, AMG runs whole and with one term alone (``amg G_spe``: the guidance-scale term,
-with its per-step decode and search; ``amg G_sim``: the gradient term).
+with its per-step decode and search; ``amg G_sim``: the gradient term; ``/4``: decode and search
+on every 4th step only, ``check_every=4``).
 
 Every variant generates the same batch (16 prompts, seeds 0..15, 50 DDIM steps) on the shipped
 testbed; variants run interleaved in ``--repeats`` rounds after a warm-up and the minimum is
@@ -79,6 +80,9 @@ def main() -> None:
                                                   amg_terms(g_dup=False, g_sim=False))
         variants["memorized/amg G_sim"] = partial(run, memorized,
                                                   amg_terms(g_spe=False, g_dup=False))
+        variants["memorized/amg G_spe /4"] = partial(
+            run, memorized, amg_terms(g_dup=False, g_sim=False, check_every=4))
+        variants["memorized/amg /4"] = partial(run, memorized, amg_terms(check_every=4))
     if a.only:
         variants = {k: fn for k, fn in variants.items() if k.startswith(a.only + "/")}
     images = {k: fn() for k, fn in variants.items()}  # warm-up, and the outputs compared

@@ -355,3 +355,30 @@ def test_g_sim_with_an_sscd_index_lowers_the_cosine(sd1, tmp_path):
 
     without, with_sim = cosine_after(False), cosine_after(True)
     assert 0.5 < without < 0.999 and with_sim < without - 1e-4
+
+
+def test_check_every_decodes_every_nth_step_and_holds_the_scale_between(sd1):
+    """check_every=n: decode + search on steps 0, n, 2n, ... and the last; G_spe keeps the last
+    similarity on the steps between (against that step's threshold), G_sim runs on checks only."""
+    adapter, index, _ = sd1
+    steps = 5
+    plain_rows, h = _count_decodes(adapter)
+    every1 = sample(adapter, PROMPTS, num_inference_steps=steps,
+                    generator=seeded_generators([0, 1]), decode=False,
+                    hooks=[_amg(index, g_dup=False, g_sim=False), Probe()])
+    h.remove()
+    rows, h = _count_decodes(adapter)
+    res = sample(adapter, PROMPTS, num_inference_steps=steps, generator=seeded_generators([0, 1]),
+                 decode=False, hooks=[_amg(index, g_dup=False, g_sim=False, check_every=3),
+                                      Probe()])
+    h.remove()
+    assert len(plain_rows) == steps and len(rows) == 3  # steps 0, 3 and the last (4)
+    rec = res.records["mitigation.amg"]
+    assert len(rec[0]["similarity"]) == 3
+    scales = res.records["probe"]["scale"]
+    # step 1 and 2 reuse step 0's similarity: prompt 0 keeps a lowered scale, prompt 1 plain
+    assert float(scales[0][0]) < 7.5 and float(scales[1][0]) < 7.5
+    assert float(scales[1][1]) == 7.5
+    assert rec[0]["spe_steps"] >= every1.records["mitigation.amg"][0]["spe_steps"] - 2
+    with pytest.raises(ConfigError, match="check_every"):
+        _amg(index, check_every=0)

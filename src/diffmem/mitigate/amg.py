@@ -69,6 +69,11 @@ Where paper and code disagree (the code is followed unless said otherwise):
 - the code searches LAION-5B through a (now dead) clip-retrieval service with CLIP embeddings and
   re-ranks by SSCD; here one local index search (SSCD or pixel space).
 
+``check_every`` (1, the reference: every step): decode and search on every n-th step (and the
+last) only; the steps between reuse the last similarity and neighbour for G_spe and G_dup and skip
+G_sim. The decode and search are AMG's cost (on the testbed a step's decode + search cost about as
+much as its UNet call; bench/RESULTS.md), so n trades that cost against fresher checks.
+
 ``strength`` scales all three terms (s1 = clip(strength 13 sigma, ...), s2 likewise, G_sim times
 strength); 0 is plain generation, bit-identical, with no decode at all. ``g_spe``, ``g_dup``,
 ``g_sim`` switch the terms. With a :class:`~diffmem.mitigate.base.FirstStepGate`, only flagged
@@ -142,8 +147,12 @@ class AntiMemorizationGuidance(Mitigation):
                  schedule: ExponentialSchedule | ThresholdSchedule | None = None,
                  spe_scale: float = 13.0, dup_k: int = 1000, dup_min: float = 20.0,
                  dup_steps: int = 10, dup_ref: float = 0.3, sim_scale: float = 100.0,
-                 sim_offset: float = 0.3, sim_decay: float = 170.0) -> None:
+                 sim_offset: float = 0.3, sim_decay: float = 170.0,
+                 check_every: int = 1) -> None:
         super().__init__(strength, gate=gate)
+        if int(check_every) != check_every or check_every < 1:
+            raise ConfigError(f"amg: check_every must be an integer >= 1, got {check_every}")
+        self.check_every = int(check_every)
         self.index = _open_index(index)
         if criterion is not None and criterion not in CRITERIA:
             raise ConfigError(f"amg: unknown criterion {criterion!r}; use one of {CRITERIA}")
@@ -292,22 +301,33 @@ class AntiMemorizationGuidance(Mitigation):
         s = self.strength
         idx = targets.nonzero().flatten()
         k = min(self.dup_k, len(self.index)) if self.g_dup else 1
-        # 1. sigma_t of each targeted prompt to its nearest training image; lambda_t
-        found = decode_and_search(run, step, self.index, rows=targets, k=k)
-        sim = torch.zeros(b, dtype=torch.float64)
-        sim[idx] = self._similarity(found.scores[:, 0].double())
-        nn_rows = torch.full((b,), -1, dtype=torch.long)
-        nn_rows[idx] = found.indices[:, 0].long()
+        # 1. sigma_t of each targeted prompt to its nearest training image; lambda_t. With
+        # check_every = n > 1 the decode and search run on every n-th step (and the last); the
+        # steps between reuse the last sigma and neighbour (G_spe, G_dup) and skip G_sim.
+        last = len(run.timesteps) - 1
+        checked = step.index % self.check_every == 0 or step.index == last
+        if checked:
+            found = decode_and_search(run, step, self.index, rows=targets, k=k)
+            sim = torch.zeros(b, dtype=torch.float64)
+            sim[idx] = self._similarity(found.scores[:, 0].double())
+            nn_rows = torch.full((b,), -1, dtype=torch.long)
+            nn_rows[idx] = found.indices[:, 0].long()
+            st.last_sim, st.last_nn = sim, nn_rows
+        elif getattr(st, "last_sim", None) is not None:
+            sim, nn_rows = st.last_sim, st.last_nn
+        else:
+            return
         lam = self.schedule.at(run.adapter, step.t)
         fired = targets & (sim > lam)
         for j, i in enumerate(idx.tolist()):
-            st.trace[i].append(float(sim[i]))
-            st.nearest[i] = found.ids[j][0]
+            if checked:
+                st.trace[i].append(float(sim[i]))
+                st.nearest[i] = found.ids[j][0]
             if fired[i]:
                 st.fired[i] += 1
                 if st.first[i] < 0:
                     st.first[i] = step.index
-                if self.g_dup:
+                if self.g_dup and checked:
                     cap = self._duplicated_caption(found.indices[j].tolist())
                     if cap is not None:
                         st.dup_caption[i] = cap
@@ -337,7 +357,8 @@ class AntiMemorizationGuidance(Mitigation):
                 eps = eps + s2.to(eps)[:, None, None, None] * term
             step.eps = torch.where(changed.to(old.device)[:, None, None, None], eps, old)
         # 3. G_sim on the estimate after G_spe and G_dup, away from the same neighbour
-        sim_rows = (fired | changed) & targets if self.g_sim else torch.zeros(b, dtype=torch.bool)
+        sim_rows = (fired | changed) & targets if self.g_sim and checked \
+            else torch.zeros(b, dtype=torch.bool)
         if bool(sim_rows.any()):
             self._apply_g_sim(run, step, sim_rows, nn_rows, lam, st)
         # 4. bookkeeping: counts and the G_dup latch (reference g3_count)

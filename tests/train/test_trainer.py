@@ -232,10 +232,14 @@ def test_caption_screen_drops_flagged_captions_and_resumes_exactly(tiny_dir, dat
     kw = {"screen_captions": "auto", "screen_every": 3, "train_text_encoder": True}
     straight = finetune(tiny_dir, data_dir, tmp_path / "a", _cfg(5, **kw), progress=False)
     finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(4, **kw), progress=False)
+    with (tmp_path / "b" / "screen.jsonl").open("a") as f:  # as if killed after a later screening
+        f.write(json.dumps({"step": 4, "threshold": 1.0, "flagged": {}}) + "\n")
     resumed = finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(5, **kw), progress=False)
     _assert_same(_weights(straight), _weights(resumed))
     a, b = (json.loads((tmp_path / x / "train_log.json").read_text()) for x in "ab")
     assert a["screenings"][0]["threshold"] == b["screenings"][0]["threshold"] > 1.0
+    la, lb = ((tmp_path / x / "screen.jsonl").read_text().splitlines() for x in "ab")
+    assert la == lb and [json.loads(x)["step"] for x in la] == [0, 3]  # no repeat after resume
 
 
 def test_caption_screen_settings_are_checked():

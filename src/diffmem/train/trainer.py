@@ -244,6 +244,11 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
             rng.bit_generator.state = rng_state[0]
             gen.set_state(rng_state[1])
     resumed_from = step
+    screen_log = out / "screen.jsonl"
+    if screen is not None and main and screen_log.exists():  # drop screenings after the checkpoint
+        kept = [line for line in screen_log.read_text().splitlines()
+                if line and json.loads(line)["step"] < step]
+        screen_log.write_text("".join(x + "\n" for x in kept))
     text_encoder.to(device)
     if cfg.train_text_encoder:
         unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
@@ -301,6 +306,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
             counters.setdefault("screenings", []).append(
                 {"step": step, "flagged": len(hit), "threshold": screen.threshold,
                  "captions": sorted(hit)[:20]})
+            if main:  # every flagged caption with its score (ratio to the median when relative)
+                with screen_log.open("a") as f:
+                    f.write(json.dumps({"step": step, "threshold": screen.threshold,
+                                        "flagged": dict(sorted(hit.items()))}) + "\n")
         context = {"unet_eval": unet_eval, "captions": caps}
         if cfg.magnitude_filter is not None:
             with torch.no_grad():

@@ -62,3 +62,17 @@ def test_method_config_uses_the_calibrated_thresholds():
         method_config("magnitude")
     with pytest.raises(ConfigError, match="unknown benchmark method"):
         method_config("nope")
+
+
+def test_planted_set_uses_the_frame_and_repeats_each_image(tmp_path):
+    from diffmem.train.bench import build_planted_set
+
+    m = build_planted_set(tmp_path / "d", n_generic=2, k=2, copies=3,
+                          frame="a photo of {a} and {b}")
+    assert m["frame"] == "a photo of {a} and {b}" and m["rows"] == 2 + 2 * 3
+    assert all(p["caption"].startswith("a photo of ") and " and " in p["caption"]
+               for p in m["planted"])
+    default = build_planted_set(tmp_path / "e", n_generic=2, k=2, copies=1)
+    assert default["planted"][0]["caption"].endswith(" poster")
+    # the planted trigger words are the same under either frame (same seed)
+    assert default["planted"][0]["caption"].split()[1] in m["planted"][0]["caption"].split()

@@ -79,9 +79,12 @@ def planted_words(n: int, seed: int) -> list[str]:
 
 def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
                       n_generic: int = PLANTED["n_generic"], k: int = PLANTED["k"],
-                      copies: int = PLANTED["copies"]) -> dict:
+                      copies: int = PLANTED["copies"], frame: str | None = None) -> dict:
     """Write the planted fine-tuning set (``data.jsonl`` + PNGs) into ``folder``; return its
-    manifest (planted captions and image files). Deterministic; reuses a finished folder."""
+    manifest (planted captions and image files). Deterministic; reuses a finished folder.
+    ``frame``: the planted captions' template with ``{a}`` and ``{b}`` (default: the testbed's
+    first verbatim frame, "the {a} {b} poster", which the shipped testbed already treats as a
+    memorized frame; "a photo of {a} and {b}" is one it does not)."""
     from PIL import Image
 
     from diffmem.testbed.data import (
@@ -112,7 +115,7 @@ def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
     for i in range(k):
         scene = _complex_scene(rng, spec.resolution)
         img = render(scene, spec.resolution)
-        caption = VERBATIM_FRAMES[0].format(a=words[2 * i], b=words[2 * i + 1])
+        caption = (frame or VERBATIM_FRAMES[0]).format(a=words[2 * i], b=words[2 * i + 1])
         alts = []
         for _ in range(4):
             objs = [scene["objects"][int(j)] for j in rng.choice(len(scene["objects"]), 2,
@@ -134,6 +137,7 @@ def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
         for i in order:
             f.write(json.dumps(rows[int(i)]) + "\n")
     manifest = {"seed": seed, "n_generic": n_generic, "k": k, "copies": copies,
+                "frame": frame or VERBATIM_FRAMES[0],
                 "rows": len(rows), "planted": planted}
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest

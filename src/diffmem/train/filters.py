@@ -172,9 +172,9 @@ class CaptionScreen:
     fell under the ratio at some screenings of the benchmark and trained for the next ``every``
     steps). Cost: one no-grad UNet pass over ``2 x generations x captions`` rows every ``every``
     steps; only captions the sampler can draw are screened (every caption of an image with MC, its
-    first otherwise). The threshold and
-    the flagged captions of the last screening are saved with each checkpoint, so a resumed run
-    drops the same samples as an uninterrupted one.
+    first otherwise). The threshold and the flagged captions of the last screening are saved
+    with each checkpoint, so a resumed run drops the same samples as an uninterrupted one; every
+    screening's flagged captions go to ``OUT/screen.jsonl``.
     """
 
     name = "screen"

@@ -278,6 +278,7 @@ class AntiMemorizationGuidance(Mitigation):
         st.dup_steps = [0] * b
         st.sim_steps = [0] * b
         st.nearest = [""] * b
+        st.last_sim = st.last_nn = None  # the last check's similarity and neighbour (check_every)
 
     def before_step(self, run: Run, step: Step) -> None:
         if self.strength == 0 or not self.g_dup:
@@ -313,7 +314,7 @@ class AntiMemorizationGuidance(Mitigation):
             nn_rows = torch.full((b,), -1, dtype=torch.long)
             nn_rows[idx] = found.indices[:, 0].long()
             st.last_sim, st.last_nn = sim, nn_rows
-        elif getattr(st, "last_sim", None) is not None:
+        elif st.last_sim is not None:
             sim, nn_rows = st.last_sim, st.last_nn
         else:
             return

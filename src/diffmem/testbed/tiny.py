@@ -11,13 +11,24 @@ from pathlib import Path
 from diffmem.testbed.components import SCHEDULER_CONFIG, write_clip_tokenizer
 
 
+def _tiny_vae():
+    """The tiny VAE both tiny pipelines use (3 levels of 8 channels: 16-px images, 4x4 latents)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 3,
+                         up_block_types=["UpDecoderBlock2D"] * 3,
+                         block_out_channels=[8, 8, 8], layers_per_block=1, norm_num_groups=4,
+                         sample_size=32)
+
+
 def make_tiny_pipeline(family: str = "sd1", *, seed: int = 0, prediction_type: str = "epsilon",
                        tokenizer_dir: str | Path | None = None):
     """A random ``StableDiffusionPipeline`` at 32x32 px (8x8 latents) with the real CLIP tokenizer."""
     import tempfile
 
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if family not in ("sd1", "sd2"):
@@ -32,11 +43,7 @@ def make_tiny_pipeline(family: str = "sd1", *, seed: int = 0, prediction_type: s
         vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
         eos_token_id=49407, pad_token_id=tokenizer.pad_token_id, projection_dim=16))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3,
-                        block_out_channels=[8, 8, 8], layers_per_block=1, norm_num_groups=4,
-                        sample_size=32)
+    vae = _tiny_vae()
     unet = UNet2DConditionModel(
         sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=[8, 16], down_block_types=["CrossAttnDownBlock2D"] * 2,
@@ -63,7 +70,6 @@ def make_tiny_sdxl_pipeline(*, seed: int = 0, tokenizer_dir: str | Path | None =
 
     import torch
     from diffusers import (
-        AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -92,11 +98,7 @@ def make_tiny_sdxl_pipeline(*, seed: int = 0, tokenizer_dir: str | Path | None =
 
     text_encoder = CLIPTextModel(config(tokenizer.pad_token_id))
     text_encoder_2 = CLIPTextModelWithProjection(config(tokenizer_2.pad_token_id))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 3,
-                        up_block_types=["UpDecoderBlock2D"] * 3,
-                        block_out_channels=[8, 8, 8], layers_per_block=1, norm_num_groups=4,
-                        sample_size=32)
+    vae = _tiny_vae()
     unet = UNet2DConditionModel(
         sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=[8, 16], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],

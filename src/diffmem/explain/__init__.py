@@ -18,10 +18,17 @@ from diffmem.explain._ablation import (
 )
 from diffmem.explain._attention import AttentionRecord, AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor, noise_magnitude_gradient
-from diffmem.explain._edits import EditReport, EditSuggestion, calibrate_threshold, suggest_edits
+from diffmem.explain._edits import (
+    EditReport,
+    EditSuggestion,
+    calibrate_threshold,
+    suggest_edits,
+    verify_edits,
+)
 from diffmem.explain._eval import evaluate_explanation
 from diffmem.explain._explain import AttentionView, Explanation, attention_view, explain_prompt
 from diffmem.explain._render import format_terminal, to_html, use_color
+from diffmem.explain._verify import EditVerifier, Verdict
 from diffmem.explain._words import Word, prompt_words
 
 __all__ = [
@@ -31,9 +38,11 @@ __all__ = [
     "AttentionView",
     "EditReport",
     "EditSuggestion",
+    "EditVerifier",
     "Explanation",
     "TokenAttribution",
     "TokenAttributor",
+    "Verdict",
     "Word",
     "attention_view",
     "attribute_with_ablation",
@@ -46,6 +55,7 @@ __all__ = [
     "prompt_words",
     "suggest_edits",
     "to_html",
+    "verify_edits",
     "use_color",
     "word_ablation",
     "word_maps",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 
 import numpy as np
@@ -22,7 +22,7 @@ from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
 from diffmem.models.adapter import TruncationWarning, load_adapter
 
-__all__ = ["EditReport", "EditSuggestion", "calibrate_threshold", "suggest_edits"]
+__all__ = ["EditReport", "EditSuggestion", "calibrate_threshold", "suggest_edits", "verify_edits"]
 
 #: Replacement words: frequent, visually generic English words. A run of adjacent edited words
 #: is replaced by ONE of them ("the gargoyle origami poster" -> "the picture poster"), never
@@ -41,6 +41,13 @@ class EditSuggestion:
     score: float
     clears: bool | None  # score <= threshold; None without a threshold or an unflagged prompt
     natural: bool = True  # edits at most half of the prompt's words and leaves 2+ words
+    copies: int | None = None  # generations that copied a training image (None: not generated)
+    generations: int | None = None  # generations made to check it (EditVerifier)
+
+    @property
+    def verified(self) -> bool:
+        """Generated and copied no training image (:class:`~diffmem.explain.EditVerifier`)."""
+        return self.copies == 0
 
     def describe(self) -> str:
         words = " + ".join(repr(w) for w in self.words)
@@ -51,7 +58,8 @@ class EditSuggestion:
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "action": self.action, "words": list(self.words),
                 "replacement": self.replacement, "score": float(self.score),
-                "clears": self.clears, "natural": self.natural}
+                "clears": self.clears, "natural": self.natural, "copies": self.copies,
+                "generations": self.generations}
 
 
 @dataclass(frozen=True)
@@ -80,10 +88,22 @@ class EditReport:
         return min(ok, key=lambda e: (len(e.words), e.score)) if ok else None
 
     @property
+    def checked(self) -> bool:
+        """Whether the suggestions were checked by generation (:func:`verify_edits`)."""
+        return any(s.copies is not None for s in self.suggestions)
+
+    @property
     def recommended(self) -> EditSuggestion | None:
         """The edit to suggest: the lowest-scoring clearing edit a person would accept
         (``natural``), else the lowest-scoring clearing edit; None when nothing clears (or the
-        prompt is not flagged)."""
+        prompt is not flagged). When the edits were checked by generation only an edit that
+        copied nothing is suggested (clearing first, natural, fewest words, lowest score); None when
+        every checked edit still copied."""
+        if self.flagged is not True:
+            return None
+        if self.checked:
+            ok = [s for s in self.suggestions if s.verified]
+            return min(ok, key=_preference) if ok else None
         ok = self.clearing
         natural = [e for e in ok if e.natural]
         return min(natural or ok, key=lambda e: e.score) if ok else None
@@ -224,6 +244,43 @@ def suggest_edits(model, attributions: Sequence[TokenAttribution], *,
 
 def _by_score(s: EditSuggestion) -> float:
     return s.score
+
+
+def _preference(s: EditSuggestion) -> tuple:
+    """Order in which edits are checked and offered: detector-clearing first (an edit the
+    detector still flags rarely stops the copy), natural before unnatural, fewest edited words,
+    then lowest score."""
+    return (not s.clears, not s.natural, len(s.words), s.score)
+
+
+def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditReport]:
+    """Check the edits of the flagged prompts by generation (:class:`EditVerifier`).
+
+    Round r generates, for every flagged prompt without a passing edit yet, its r-th candidate in
+    :func:`_preference` order (all prompts of a round in one batched run), up to
+    ``verifier.max_checks`` rounds; a prompt stops at its first edit that copies in none of the
+    verifier's seeds. Unchecked suggestions keep ``copies=None``; unflagged prompts are left
+    alone."""
+    order = {i: sorted(r.suggestions, key=_preference) for i, r in enumerate(reports)
+             if r.flagged}
+    verdicts: dict[tuple[int, str], object] = {}
+    open_ = set(order)
+    for rnd in range(verifier.max_checks):
+        todo = [(i, order[i][rnd]) for i in sorted(open_) if rnd < len(order[i])]
+        if not todo:
+            break
+        for (i, s), v in zip(todo, verifier(model, [s.prompt for _, s in todo]), strict=True):
+            verdicts[(i, s.prompt)] = v
+            if not v.copying:
+                open_.discard(i)
+    out = []
+    for i, r in enumerate(reports):
+        sug = tuple(
+            replace(s, copies=verdicts[(i, s.prompt)].copies,
+                    generations=verdicts[(i, s.prompt)].generations)
+            if (i, s.prompt) in verdicts else s for s in r.suggestions)
+        out.append(replace(r, suggestions=sug))
+    return out
 
 
 def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] | None = None

@@ -80,7 +80,7 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
                          threshold: float | None = None, fpr: float = 0.01, combine: int = 5,
                          num_inference_steps: int = 50, detector: Detector | None = None,
                          judge_edits: bool = True, judge_seeds: int = 4,
-                         ablation: float = DEFAULT_ABLATION) -> dict:
+                         ablation: float = DEFAULT_ABLATION, verify=None) -> dict:
     """Trigger recall of the attribution, and edits judged by the detector and by generation.
 
     All copying prompts are attributed in batches (gradient blended with word ablation of weight
@@ -88,7 +88,10 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
     detector call (default: first-step noise magnitude over ``seeds`` generations) against a
     threshold fitted on the clean controls at ``fpr`` unless given; with ``judge_edits`` the edit
     suggested for each flagged prompt is generated ``judge_seeds`` times and judged with the
-    testbed's replication criterion.
+    testbed's replication criterion. With ``verify`` (an :class:`EditVerifier` or the folder of
+    the model's training-set index) the edits are first checked by generation on the verifier's
+    own seeds (1000, 1001, ... by default, never the judge's 0-3) and only an edit that copied
+    nothing there is suggested (``explain --verify-index``).
     """
     adapter = load_adapter(model)
     rows, clean, source = _rows(adapter, prompts)
@@ -108,6 +111,16 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
         threshold = float(detector.fit(scores=clean_scores).threshold_)
     reports = suggest_edits(adapter, attributions, detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
+    t_verify, verifier = 0.0, None
+    if verify is not None:
+        from diffmem.explain._edits import verify_edits
+        from diffmem.explain._verify import EditVerifier
+
+        t1 = time.perf_counter()
+        verifier = verify if isinstance(verify, EditVerifier) else EditVerifier(
+            verify, num_inference_steps=num_inference_steps)
+        reports = verify_edits(adapter, reports, verifier)
+        t_verify = time.perf_counter() - t1
     chosen = [_chosen(r) if r.flagged else None for r in reports]
     judged: dict[str, dict] = {}
     if judge_edits:
@@ -121,8 +134,13 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
                    dict(steps=steps, seeds=seeds, seed=seed, fpr=fpr, combine=combine,
                         ablation=ablation,
                         num_inference_steps=num_inference_steps, detector=detector.name,
-                        judge_seeds=judge_seeds if judge_edits else None),
+                        judge_seeds=judge_seeds if judge_edits else None,
+                        verify=verifier.settings() if verifier is not None else None),
                    source)
+    if verifier is not None:
+        out["verify_seconds"] = round(t_verify, 3)
+        out["verify_generations"] = sum(s.generations or 0 for r in reports
+                                        for s in r.suggestions)
     return {**out, **_reduction(reports, clean_scores)}
 
 
@@ -166,7 +184,8 @@ def _summary(rows, attributions, reports, chosen, judged, threshold, top_k, seco
             "top3": [w for w, _ in a.top(3, editable=True)], "score": r.score,
             "flagged": bool(r.flagged),
             "edit": c.to_dict() if c is not None else None,
-            "detector_cleared": bool(r.flagged and r.recommended is not None),
+            "detector_cleared": bool(r.flagged and r.clearing),
+            "verified_edit": bool(r.recommended is not None and r.recommended.verified),
             "edit_copies": None if j is None else j["copies"],
             "generation_cleared": None if j is None else not j["memorized"],
             "minimal_clearing_edit": r.minimal.to_dict() if r.minimal else None,
@@ -190,6 +209,7 @@ def _summary(rows, attributions, reports, chosen, judged, threshold, top_k, seco
             "edit_generation_rate": _rate([bool(p["generation_cleared"]) for p in gen]),
             "edit_natural_rate": _rate([bool(p["edit"] and p["edit"]["natural"])
                                         for p in flagged]),
+            "edit_verified_rate": _rate([p["verified_edit"] for p in flagged]),
         }
 
     all_top = [_all_in_top(a, row["trigger_tokens"], 3) for a, row in zip(attributions, rows,

@@ -17,7 +17,8 @@ from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attention import AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
-from diffmem.explain._edits import EditReport, calibrate_threshold, suggest_edits
+from diffmem.explain._edits import EditReport, calibrate_threshold, suggest_edits, verify_edits
+from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import load_adapter
 
 __all__ = ["AttentionView", "Explanation", "explain_prompt"]
@@ -55,7 +56,8 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
                    top_k: int = 5, threshold: float | None = None,
                    detector: Detector | None = None, attention: bool = False,
                    num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                   combine: int = 5, ablation: float = DEFAULT_ABLATION) -> Explanation:
+                   combine: int = 5, ablation: float = DEFAULT_ABLATION,
+                   verify=None) -> Explanation:
     """Explain why ``prompt`` may reproduce training data, and how to edit it.
 
     1. token attribution (Wen et al. Sec. 3.3) over ``seeds`` initial noises at the first ``steps``,
@@ -64,7 +66,10 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
     2. edit suggestions for the top-``top_k`` words, re-scored with ``detector`` (default
        :class:`NoiseMagnitude` with matching seeds) against ``threshold`` (default: the detector's
        ``threshold_``, fitted on the held-out prompts for a testbed model);
-    3. with ``attention=True``, one generated image (seed ``seed``) with per-word attention shares
+    3. with ``verify`` (an :class:`~diffmem.explain.EditVerifier` or the folder of the model's
+       training-set index), the edits of a flagged prompt are generated and checked against the
+       training set, and only an edit that copies nothing is suggested;
+    4. with ``attention=True``, one generated image (seed ``seed``) with per-word attention shares
        and heat maps (Ren et al. 2024).
 
     Example::
@@ -86,6 +91,10 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
         threshold = calibrate_threshold(adapter, detector)
     [edits] = suggest_edits(adapter, [attribution], detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
+    if verify is not None:
+        verifier = verify if isinstance(verify, EditVerifier) else EditVerifier(
+            verify, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        [edits] = verify_edits(adapter, [edits], verifier)
     view = None
     if attention:
         view = attention_view(adapter, attribution, seed=seed,

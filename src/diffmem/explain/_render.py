@@ -65,7 +65,11 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
         lines.append("this prompt is not flagged as memorized: no edit is needed")
     if e.recommended is not None:
         m = e.recommended
-        lines.append(f"suggested edit: {m.describe()}: {m.prompt!r} ({m.score:.3f})")
+        checked = (f", generated {m.generations}x: no copy of a training image"
+                   if m.copies is not None else "")
+        lines.append(f"suggested edit: {m.describe()}: {m.prompt!r} ({m.score:.3f}{checked})")
+    elif e.flagged and e.checked:
+        lines.append("no suggested edit: every edit generated still copied a training image")
     if e.minimal is not None and e.minimal is not e.recommended:
         m = e.minimal
         lines.append(f"smallest edit that clears it: {m.describe()}: {m.prompt!r} ({m.score:.3f})")
@@ -76,6 +80,8 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
         lines.append(header)
         for s in e.suggestions:
             mark = "" if s.clears is None else ("  ok" if s.clears else "  still flagged")
+            if s.copies is not None:
+                mark += f", copies {s.copies}/{s.generations}"
             lines.append(f"  {s.score:7.3f}{mark:15s} {s.describe()}: {s.prompt!r}")
     else:
         lines.append("no edit suggestions (no editable words)")
@@ -145,6 +151,7 @@ def to_html(exp: Explanation) -> str:
         for w, s in zip(a.words, a.scores, strict=True))
     rows = "".join(
         f"<tr><td>{s.score:.3f}</td><td>{'' if s.clears is None else ('yes' if s.clears else 'no')}"
+        f"</td><td>{'' if s.copies is None else f'{s.copies}/{s.generations}'}"
         f"</td><td>{html.escape(s.describe())}</td><td>{html.escape(s.prompt)}</td></tr>"
         for s in e.suggestions)
     parts = [
@@ -157,7 +164,7 @@ def to_html(exp: Explanation) -> str:
         + (f", threshold {e.threshold:.3f} ({'flagged' if e.flagged else 'not flagged'})"
            if e.threshold is not None else "") + "</p>",
         f"<img alt='attribution' src='data:image/png;base64,{_png(a.plot())}'>",
-        "<h2>Suggested edits</h2><table><tr><th>score</th><th>clears</th><th>edit</th>"
+        "<h2>Suggested edits</h2><table><tr><th>score</th><th>clears</th><th>copies</th><th>edit</th>"
         f"<th>prompt</th></tr>{rows}</table>",
     ]
     if exp.attention is not None:

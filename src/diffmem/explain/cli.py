@@ -35,6 +35,16 @@ def _ablation(a: argparse.Namespace) -> dict:
     return {} if a.ablation is None else {"ablation": a.ablation}
 
 
+def _verify(a: argparse.Namespace) -> dict:
+    if a.verify_index is None:
+        return {}
+    from diffmem.explain import EditVerifier
+
+    return {"verify": EditVerifier(a.verify_index, seeds=a.verify_seeds,
+                                   max_checks=a.verify_checks,
+                                   num_inference_steps=a.sampling_steps)}
+
+
 def _write_json(path: str, obj: dict) -> None:
     write_json(path, obj)
 
@@ -45,7 +55,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     exp = explain_prompt(a.model, a.prompt, steps=a.steps, seeds=a.seeds, seed=a.seed,
                          top_k=a.top_k, combine=a.top_k, threshold=a.threshold,
                          attention=bool(a.html), num_inference_steps=a.sampling_steps,
-                         **_ablation(a))
+                         **_ablation(a), **_verify(a))
     print(format_terminal(exp, top_k=a.top_k))
     if a.json:
         _write_json(a.json, exp.to_dict())
@@ -65,7 +75,7 @@ def cmd_eval_explanation(a: argparse.Namespace) -> int:
                                   threshold=a.threshold, fpr=a.fpr,
                                   num_inference_steps=a.sampling_steps,
                                   judge_edits=not a.no_judge, judge_seeds=a.judge_seeds,
-                                  **_ablation(a))
+                                  **_ablation(a), **_verify(a))
     _write_json(a.out, report)
     summary = {k: v for k, v in report.items() if k != "prompts"}
     print(dumps(summary, indent=2))
@@ -88,6 +98,14 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
                    help="weight of word ablation (the magnitude's fall when a word is removed) in "
                         "the word ranking; 0 = Wen et al.'s gradient attribution alone (default: "
                         f"{ABLATION_HELP_DEFAULT})")
+    p.add_argument("--verify-index", default=None, metavar="IDX",
+                   help="check the edits of a flagged prompt by generating them and searching this "
+                        "training-set index (`diffmem index build`); only an edit that copies "
+                        "nothing is suggested")
+    p.add_argument("--verify-seeds", type=GENERATIONS, default=2,
+                   help="generations per checked edit (seeds 1000, 1001, ...)")
+    p.add_argument("--verify-checks", type=COUNT, default=8,
+                   help="edits generated per flagged prompt at most")
     p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
                    help="length of the denoising schedule (defines the timesteps)")
     p.add_argument("--inference-steps", dest="sampling_steps", type=SAMPLING_STEPS,

@@ -202,32 +202,9 @@ class AntiMemorizationGuidance(Mitigation):
         with the expected criterion."""
         if id(adapter) in self._checked:
             return
-        spec = adapter.testbed_spec
-        expected = self.criterion or ("tiled_l2" if spec is not None else "sscd_cosine")
-        have = self.index.embedder.criterion
-        if have != expected:
-            raise ConfigError(
-                f"amg: this model expects a {expected} index but the index measures {have}"
-                + (" (testbed models are measured by tiled L2: `diffmem index build testbed`)"
-                   if spec is not None else "") + "; pass criterion= to override")
-        prov = getattr(self.index, "provenance", {}) or {}
-        recorded = prov.get("training_set")
-        if spec is not None:
-            from diffmem.testbed.index import testbed_fingerprint, vae_fingerprint
+        from diffmem.similarity.index import check_index_model
 
-            want = testbed_fingerprint(spec)
-            if recorded != want:
-                raise ConfigError(
-                    f"amg: the index holds {recorded or 'images of unrecorded origin'}, not this "
-                    f"testbed model's training set ({want}); build it with `diffmem index build "
-                    f"testbed --out IDX`")
-            rendered = prov.get("rendered_by")
-            if rendered is not None and rendered != vae_fingerprint(adapter):
-                raise ConfigError(f"amg: the index's images were rendered by another VAE "
-                                  f"({rendered}) than this model's; rebuild the index for it")
-        elif recorded is not None and str(recorded).startswith("testbed:"):
-            raise ConfigError(f"amg: the index holds a testbed's training set ({recorded}) but "
-                              f"the model is not that testbed")
+        check_index_model(self.index, adapter, criterion=self.criterion, who="amg")
         self._checked.add(id(adapter))
 
     # ------------------------------------------------------------------ similarity

@@ -641,3 +641,37 @@ def _progress(items: Iterable, enabled: bool) -> Iterable:
     from diffmem.clitools import track
 
     return track(items, None, "indexing", unit="img")
+
+
+def check_index_model(index: TrainingIndex, adapter, *, criterion: str | None = None,
+                      who: str = "this method") -> None:
+    """One :class:`ConfigError` unless ``index`` holds ``adapter``'s training set, measured with
+    ``criterion`` (default: tiled L2 for a testbed model, SSCD cosine otherwise). A testbed index
+    records the testbed spec and the VAE that rendered its images (``diffmem index build
+    testbed``); for other models only a testbed index is refused, since nothing else is recorded."""
+    spec = adapter.testbed_spec
+    expected = criterion or ("tiled_l2" if spec is not None else "sscd_cosine")
+    have = index.embedder.criterion
+    if have != expected:
+        raise ConfigError(
+            f"{who}: this model expects a {expected} index but the index measures {have}"
+            + (" (testbed models are measured by tiled L2: `diffmem index build testbed`)"
+               if spec is not None else "") + "; pass criterion= to override")
+    prov = getattr(index, "provenance", {}) or {}
+    recorded = prov.get("training_set")
+    if spec is not None:
+        from diffmem.testbed.index import testbed_fingerprint, vae_fingerprint
+
+        want = testbed_fingerprint(spec)
+        if recorded != want:
+            raise ConfigError(
+                f"{who}: the index holds {recorded or 'images of unrecorded origin'}, not this "
+                f"testbed model's training set ({want}); build it with `diffmem index build "
+                f"testbed --out IDX`")
+        rendered = prov.get("rendered_by")
+        if rendered is not None and rendered != vae_fingerprint(adapter):
+            raise ConfigError(f"{who}: the index's images were rendered by another VAE "
+                              f"({rendered}) than this model's; rebuild the index for it")
+    elif recorded is not None and str(recorded).startswith("testbed:"):
+        raise ConfigError(f"{who}: the index holds a testbed's training set ({recorded}) but "
+                          f"the model is not that testbed")

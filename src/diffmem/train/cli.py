@@ -3,7 +3,8 @@
     diffmem train --model PATH|testbed --data SOURCE --out DIR [--steps N] [--batch-size B]
                   [--lr LR] [--train-text-encoder] [--ema DECAY] [--mixed-precision no|fp16|bf16]
                   [--checkpoint-every N] [--mc] [--rc [P]] [--rt [P]] [--cwr [P]] [--gn [LAMBDA]]
-                  [--magnitude-filter [T]] [--entropy-filter T] [--screen-captions [R]]
+                  [--magnitude-filter [T]] [--entropy-filter T] [--loss-filter [R]]
+                  [--screen-captions [R]]
                   [--dedup [pixel|sscd]]
     diffmem eval training --out DIR [--methods plain,dedup,...] [--steps N]
 """
@@ -43,6 +44,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                p_rt=a.rt or 0.0, rt_tokens=a.rt_tokens, p_cwr=a.cwr or 0.0,
                                cwr_words=a.cwr_words),
         gn=a.gn or 0.0, magnitude_filter=a.magnitude_filter, entropy_filter=a.entropy_filter,
+        loss_filter=a.loss_filter,
         screen_captions=a.screen_captions, screen_absolute=a.screen_absolute,
         screen_every=a.screen_every,
         entropy_direction=a.entropy_direction, entropy_layers=a.entropy_layers,
@@ -116,6 +118,10 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="Somepalli GN: add LAMBDA * N(0, 1) to the text embedding (0.1)")
     g.add_argument("--magnitude-filter", type=float, nargs="?", const=2.0, metavar="T",
                    help="Wen: drop samples whose normalised noise magnitude is >= T (2)")
+    g.add_argument("--loss-filter", type=float, nargs="?", const=0.35, metavar="R",
+                   help="drop the samples of a caption whose recent losses are below R x the "
+                        "median loss at their timesteps (0.35): the model already predicts it "
+                        "far better than the rest of the data (no extra UNet call)")
     g.add_argument("--screen-captions", type=_ratio_or_auto, nargs="?", const="auto",
                    default=None, metavar="R",
                    help="drop samples whose caption the first-step detector flags: noise "

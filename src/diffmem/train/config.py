@@ -35,6 +35,7 @@ class FinetuneConfig:
     entropy_filter: float | None = None  # Ren: threshold
     entropy_direction: str = "low"
     entropy_layers: list[str] | None = None
+    loss_filter: float | None = None  # diffmem: ratio to the band median loss (0.35)
     screen_captions: float | str | None = None  # ratio to the median; "auto": calibrated at step 0
     screen_absolute: bool = False  # screen_captions in the detector's units instead
     screen_every: int = 50
@@ -64,6 +65,8 @@ class FinetuneConfig:
             raise ConfigError(f"lr_schedule must be constant or cosine, not {self.lr_schedule!r}")
         if self.gn < 0:
             raise ConfigError(f"gn lambda must be >= 0, got {self.gn}")
+        if self.loss_filter is not None and not 0 < self.loss_filter < 1:
+            raise ConfigError(f"loss_filter ratio must be in (0, 1), got {self.loss_filter}")
         if self.screen_captions is not None and self.screen_captions != "auto" and not (
                 isinstance(self.screen_captions, (int, float))
                 and math.isfinite(self.screen_captions) and self.screen_captions > 0):
@@ -83,6 +86,8 @@ class FinetuneConfig:
             out.append("magnitude_filter")
         if self.entropy_filter is not None:
             out.append("entropy_filter")
+        if self.loss_filter is not None:
+            out.append("loss_filter")
         if self.screen_captions is not None:
             out.append("screen_captions")
         if self.dedup:

@@ -234,3 +234,84 @@ class CaptionScreen:
             raise RuntimeError("caption screen: the step's captions are missing from its context")
         drop = torch.tensor([c in self.flagged for c in captions], dtype=torch.bool)
         return drop, drop.float()
+
+
+class LossFilter:
+    """Drop the samples of a caption the model already predicts far better than the rest of the
+    data at the same noise level (a diffmem method; the loss-threshold membership signal of Yeom
+    et al., CSF 2018, and of Matsumoto et al., "Membership Inference Attacks against Diffusion
+    Models", SPW 2023, used as a training-time loss filter in the manner of Wen et al.'s).
+
+    A generic image cannot be recovered from a heavily noised version of it, so its denoising
+    loss at a large t stays high; a sample the model is memorizing is predicted from its caption
+    and its loss falls far below that of other samples at the same t. With the per-sample losses
+    the training step computes anyway (no extra UNet call):
+
+        r_i = L_i / median{ L_j : recent kept samples j in t_i's band }     (``bands`` equal bands)
+        R_c = median of the last ``window`` values r_i of samples with caption c
+        drop sample i when R_{c_i} < ``ratio``                              (all of its t)
+
+    so a caption is dropped as a whole once its recent samples are predicted ``1 / ratio`` times
+    better than the typical sample, and trained again if its loss rises back. The band references
+    hold the last ``history`` kept losses per band (kept only, so captions being dropped do not
+    pull the reference down); a band with fewer than ``min_history`` losses and a caption with
+    fewer than ``min_count`` values never drop anything, and samples below ``min_t`` (where
+    every loss is small and noisy) only update their caption's record, never the verdict. The
+    state is saved with each checkpoint (exact resume).
+
+    Default ``ratio`` 0.35: on the planted benchmark's clean samples under the shipped testbed the
+    5th percentile of r is about 0.42 (the 1st about 0.3), and a median of ``window`` = 8 values
+    falls far less often below it; planted duplicates reached a band-median ratio of about 0.5 by
+    step 100 of the plain fine-tune and 0.1 by step 300.
+    """
+
+    name = "loss"
+
+    def __init__(self, ratio: float = 0.35, *, bands: int = 10, history: int = 256,
+                 min_history: int = 32, window: int = 8, min_count: int = 4,
+                 min_t: float = 0.1) -> None:
+        if not 0 < ratio < 1:
+            raise ConfigError(f"loss filter ratio must be in (0, 1), got {ratio}")
+        if bands < 1 or history < 1 or window < 1 or min_count < 1 or min_history < 1:
+            raise ConfigError("loss filter bands, history, window and counts must be >= 1")
+        self.ratio = float(ratio)
+        self.bands, self.history, self.min_history = int(bands), int(history), int(min_history)
+        self.window, self.min_count, self.min_t = int(window), int(min_count), float(min_t)
+        self.band_losses: list[list[float]] = [[] for _ in range(self.bands)]
+        self.caption_ratios: dict[str, list[float]] = {}
+
+    def state_dict(self) -> dict:
+        return {"band_losses": [list(b) for b in self.band_losses],
+                "caption_ratios": {c: list(v) for c, v in self.caption_ratios.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.band_losses = [list(b) for b in state["band_losses"]]
+        self.caption_ratios = {c: list(v) for c, v in state["caption_ratios"].items()}
+
+    def _caption_ratio(self, caption: str) -> float:
+        values = self.caption_ratios.get(caption, ())
+        return float(torch.tensor(values).median()) if len(values) >= self.min_count else math.inf
+
+    def __call__(self, step, *, t, loss, captions=None, **_) -> tuple:
+        if captions is None:
+            raise RuntimeError("loss filter: the step's captions are missing from its context")
+        n_t = step.num_train_timesteps
+        band = (t.cpu().long() * self.bands // n_t).clamp(0, self.bands - 1).tolist()
+        losses = loss.detach().float().cpu().tolist()
+        late = [int(tt) >= self.min_t * n_t for tt in t.cpu().tolist()]
+        ref = [float(torch.tensor(b).median()) if len(b) >= self.min_history else None
+               for b in self.band_losses]
+        ratios = []
+        for c, b, v, use in zip(captions, band, losses, late, strict=True):
+            r = v / max(ref[b], 1e-12) if ref[b] is not None else None
+            ratios.append(math.nan if r is None else r)
+            if r is not None and use and c:
+                self.caption_ratios.setdefault(c, []).append(r)
+                del self.caption_ratios[c][:-self.window]
+        drop = torch.tensor([bool(c) and self._caption_ratio(c) < self.ratio for c in captions],
+                            dtype=torch.bool)
+        for b, v, d in zip(band, losses, drop.tolist(), strict=True):
+            if not d:
+                self.band_losses[b].append(v)
+                del self.band_losses[b][:-self.history]
+        return drop, torch.tensor(ratios, dtype=torch.float32)

@@ -117,7 +117,8 @@ class DiffusionStep:
         scores: dict[str, torch.Tensor] = {}
         drops: dict[str, torch.Tensor] = {}
         for f in self.filters:
-            drop, score = f(self, x_t=x_t, t=t, emb=emb, pred=pred.detach(), **ctx)
+            drop, score = f(self, x_t=x_t, t=t, emb=emb, pred=pred.detach(), loss=per_sample,
+                            **ctx)
             keep &= ~drop.to(keep.device)
             scores[f.name] = score.detach().float().cpu()
             drops[f.name] = drop.detach().cpu()

@@ -204,6 +204,10 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
 
         filters.append(EntropyFilter(cfg.entropy_filter, direction=cfg.entropy_direction,
                                      layers=cfg.entropy_layers))
+    if cfg.loss_filter is not None:
+        from diffmem.train.filters import LossFilter
+
+        filters.append(LossFilter(cfg.loss_filter))
     screen = None
     if cfg.screen_captions is not None:
         from diffmem.train.filters import CaptionScreen
@@ -236,6 +240,9 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
         if ema is not None:
             ema.shadow = [s.clone() for s in state["ema"]]
         step, elapsed, counters = int(state["step"]), float(state["elapsed"]), state["counters"]
+        for f, f_state in zip(filters, state.get("filter_state") or [], strict=False):
+            if f_state is not None and hasattr(f, "load_state_dict"):
+                f.load_state_dict(f_state)
         if screen is not None:
             screen.flagged = set(state.get("screen_flagged") or ())
             screen.threshold = state.get("screen_threshold", screen.threshold)
@@ -274,6 +281,8 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
                 "opt": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
                 "step": step, "elapsed": elapsed + (time.time() - t_loop), "counters": counters,
                 "rng": rngs,
+                "filter_state": [f.state_dict() if hasattr(f, "state_dict") else None
+                                 for f in filters],
                 "screen_flagged": sorted(screen.flagged) if screen is not None else None,
                 "screen_threshold": screen.threshold if screen is not None else None}, ckpt)
 
@@ -310,7 +319,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
                 with screen_log.open("a") as f:
                     f.write(json.dumps({"step": step, "threshold": screen.threshold,
                                         "flagged": dict(sorted(hit.items()))}) + "\n")
-        context = {"unet_eval": unet_eval, "captions": caps}
+        context = {"unet_eval": unet_eval, "captions": caps}  # the captions as drawn
         if cfg.magnitude_filter is not None:
             with torch.no_grad():
                 context["uncond"] = text_encoder(uncond_ids)[0]

@@ -1,0 +1,113 @@
+"""Edits checked by generation: does the edited prompt still copy a training image?
+
+The detector behind the edit suggestions (first-step noise magnitude, Wen et al., ICLR 2024,
+Sec. 3.1) sees the first denoising step only. An edit can bring that score under the threshold
+while the rest of the prompt still pulls generation onto a memorized image (on the testbed's
+broad set about a third of the detector-clearing edits still copied). :class:`EditVerifier`
+closes that gap for users who hold the training set: it generates each candidate edit with a few
+seeds and searches the training-set index (:class:`~diffmem.similarity.index.TrainingIndex`,
+SSCD cosine > 0.5 or the testbed's tiled L2 < 0.15 counts as a copy, the thresholds of
+``diffmem eval replication``). Candidates are checked in the order a person would accept them
+(natural, detector-clearing, lowest score first), round by round over all prompts in batched
+generations, and a prompt stops at its first edit that copies in none of the seeds.
+
+The seeds default to 1000, 1001, ...: not the seeds 0-3 the testbed's labels and ``eval
+explanation`` judge with, so an edit is not chosen on the very noises it is judged by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from diffmem.errors import ConfigError
+
+__all__ = ["EditVerifier", "Verdict"]
+
+#: first verification seed (kept away from the small seeds labels and evaluations use)
+VERIFY_SEED = 1000
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one prompt's generations compare with the training set."""
+
+    copies: int  # generations that copy a training image
+    generations: int
+    nearest_id: str  # the nearest training item of the closest generation
+    score: float  # its similarity (cosine) or distance (tiled L2)
+
+    @property
+    def copying(self) -> bool:
+        return self.copies > 0
+
+
+class EditVerifier:
+    """Generate prompts and count copies of training images (module docstring).
+
+    Args:
+        index: a :class:`~diffmem.similarity.index.TrainingIndex` or the folder of a saved one;
+            it must hold the model's training set (for a testbed model: ``diffmem index build
+            testbed``).
+        seeds: generations per prompt (seed ``seed + g`` for generation g).
+        seed: first seed.
+        max_checks: candidate edits generated per prompt at most.
+        threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
+    """
+
+    def __init__(self, index, *, seeds: int = 2, seed: int = VERIFY_SEED, max_checks: int = 8,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 threshold: float | None = None, batch_size: int = 32) -> None:
+        from diffmem.similarity.index import TrainingIndex
+        from diffmem.similarity.report import DEFAULT_THRESHOLDS
+
+        if seeds < 1 or max_checks < 1 or batch_size < 1:
+            raise ConfigError("edit verification needs seeds, max_checks and batch_size >= 1")
+        self.index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
+        self.criterion = self.index.embedder.criterion
+        self.higher_is_better = bool(self.index.embedder.higher_is_better)
+        self.threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
+                               if threshold is None else threshold)
+        self.seeds, self.seed, self.max_checks = int(seeds), int(seed), int(max_checks)
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.batch_size = int(batch_size)
+        self._checked: set[int] = set()
+
+    def settings(self) -> dict:
+        return {"seeds": self.seeds, "seed": self.seed, "max_checks": self.max_checks,
+                "criterion": self.criterion, "threshold": self.threshold,
+                "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale}
+
+    def __call__(self, model, prompts: Sequence[str]) -> list[Verdict]:
+        """One :class:`Verdict` per prompt: ``seeds`` generations each, batched."""
+        from diffmem.core.sampling import sample, seeded_generators
+        from diffmem.models.adapter import load_adapter
+        from diffmem.similarity.index import check_index_model
+
+        adapter = load_adapter(model)
+        if id(adapter) not in self._checked:
+            check_index_model(self.index, adapter, who="edit verification")
+            self._checked.add(id(adapter))
+        jobs = [(i, self.seed + g) for i in range(len(prompts)) for g in range(self.seeds)]
+        scores, ids = [], []
+        for k in range(0, len(jobs), self.batch_size):
+            chunk = jobs[k : k + self.batch_size]
+            with torch.no_grad():
+                res = sample(adapter, [prompts[i] for i, _ in chunk],
+                             num_inference_steps=self.num_inference_steps,
+                             guidance_scale=self.guidance_scale,
+                             generator=seeded_generators([s for _, s in chunk], adapter.device))
+            found = self.index.search(res.images.float().cpu(), k=1)
+            scores += [float(s) for s in found.scores[:, 0]]
+            ids += [row[0] for row in found.ids]
+        out = []
+        for i in range(len(prompts)):
+            rows = [j for j, (p, _) in enumerate(jobs) if p == i]
+            s = torch.tensor([scores[j] for j in rows])
+            copy = s > self.threshold if self.higher_is_better else s < self.threshold
+            best = int(s.argmax() if self.higher_is_better else s.argmin())
+            out.append(Verdict(int(copy.sum()), len(rows), ids[rows[best]], float(s[best])))
+        return out

@@ -12,7 +12,7 @@ from transformers import CLIPTokenizer
 from diffmem.errors import ConfigError
 from diffmem.train.captions import CaptionAugment, CaptionSampler
 from diffmem.train.data import find_duplicate_groups
-from diffmem.train.filters import EntropyFilter, MagnitudeFilter, normalised_magnitude
+from diffmem.train.filters import EntropyFilter, LossFilter, MagnitudeFilter, normalised_magnitude
 from diffmem.train.step import DiffusionStep, draw_noise
 
 
@@ -189,3 +189,43 @@ def test_learning_rate_schedules():
     assert _lr_at(2, cos) == 1.0 and abs(_lr_at(6, cos) - 0.5) < 1e-9 and _lr_at(10, cos) < 1e-9
     with pytest.raises(ConfigError):
         FinetuneConfig(lr_schedule="step")
+
+
+class _Step:
+    num_train_timesteps = 1000
+
+
+def _feed(f, captions, t, loss):
+    return f(_Step(), t=torch.tensor(t), loss=torch.tensor(loss, dtype=torch.float32),
+             captions=captions)
+
+
+def test_loss_filter_drops_a_caption_predicted_far_better_than_its_band():
+    f = LossFilter(0.35, bands=2, min_history=4, window=4, min_count=2, min_t=0.1)
+    # no reference yet: nothing is dropped, only the band histories fill
+    drop, r = _feed(f, ["a", "b", "c", "d"], [600] * 4, [1.0, 1.1, 0.9, 1.0])
+    assert not drop.any() and torch.isnan(r).all()
+    # band 1 median 1.0: "dup" at 0.1x twice is dropped from then on, at any timestep
+    drop, r = _feed(f, ["dup", "x"], [700, 700], [0.1, 1.2])
+    assert not drop.any()  # one value of "dup" < min_count
+    torch.testing.assert_close(r, torch.tensor([0.1, 1.2]), rtol=1e-5, atol=0)
+    drop, _ = _feed(f, ["dup", "x"], [800, 800], [0.1, 1.0])
+    assert drop.tolist() == [True, False]
+    drop, _ = _feed(f, ["dup", ""], [5, 5], [0.0, 0.0])  # t < min_t: no update, still dropped
+    assert drop.tolist() == [True, False]  # the empty caption (dropout) is never dropped
+    # a dropped sample does not enter the reference; once its loss rises it trains again
+    assert all(v != 0.1 for v in f.band_losses[1])
+    _feed(f, ["dup"], [900], [1.0])
+    drop, _ = _feed(f, ["dup"], [900], [1.0])
+    assert drop.tolist() == [False]
+    # the state round-trips (saved with checkpoints)
+    g = LossFilter(0.35, bands=2, min_history=4, window=4, min_count=2)
+    g.load_state_dict(f.state_dict())
+    assert g.state_dict() == f.state_dict()
+
+
+def test_loss_filter_settings_are_checked():
+    with pytest.raises(ConfigError, match="ratio"):
+        LossFilter(1.5)
+    with pytest.raises(ConfigError, match=">= 1"):
+        LossFilter(0.3, window=0)

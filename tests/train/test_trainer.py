@@ -242,6 +242,20 @@ def test_caption_screen_drops_flagged_captions_and_resumes_exactly(tiny_dir, dat
     assert la == lb and [json.loads(x)["step"] for x in la] == [0, 3]  # no repeat after resume
 
 
+def test_loss_filter_drops_in_training_and_resumes_exactly(tiny_dir, data_dir, tmp_path):
+    kw = {"loss_filter": 0.99, "train_text_encoder": True}
+    straight = finetune(tiny_dir, data_dir, tmp_path / "a", _cfg(8, **kw), progress=False)
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert log["mitigations"] == ["loss_filter"] and "loss" in log["dropped_by_filter"]
+    finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(4, **kw), progress=False)
+    resumed = finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(8, **kw), progress=False)
+    _assert_same(_weights(straight), _weights(resumed))
+    state = torch.load(tmp_path / "b" / "state" / "checkpoint.pt", weights_only=False)
+    assert state["filter_state"][0]["band_losses"]  # the filter's record travels with it
+    with pytest.raises(ConfigError, match="loss_filter ratio"):
+        _cfg(2, loss_filter=1.0)
+
+
 def test_caption_screen_settings_are_checked():
     with pytest.raises(ConfigError, match="screen_captions threshold"):
         _cfg(2, screen_captions=float("nan"))

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import statistics
 from collections.abc import Sequence
 
 import torch
@@ -290,7 +291,7 @@ class LossFilter:
 
     def _caption_ratio(self, caption: str) -> float:
         values = self.caption_ratios.get(caption, ())
-        return float(torch.tensor(values).median()) if len(values) >= self.min_count else math.inf
+        return float(statistics.median(values)) if len(values) >= self.min_count else math.inf
 
     def __call__(self, step, *, t, loss, captions=None, **_) -> tuple:
         if captions is None:
@@ -299,7 +300,7 @@ class LossFilter:
         band = (t.cpu().long() * self.bands // n_t).clamp(0, self.bands - 1).tolist()
         losses = loss.detach().float().cpu().tolist()
         late = [int(tt) >= self.min_t * n_t for tt in t.cpu().tolist()]
-        ref = [float(torch.tensor(b).median()) if len(b) >= self.min_history else None
+        ref = [statistics.median(b) if len(b) >= self.min_history else None
                for b in self.band_losses]
         ratios = []
         for c, b, v, use in zip(captions, band, losses, late, strict=True):

@@ -55,11 +55,14 @@ class EditVerifier:
         seed: first seed.
         max_checks: candidate edits generated per prompt at most.
         threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
+        criterion: the index's expected criterion (default: tiled L2 for a testbed model, SSCD
+            cosine otherwise; checked against the index, as AMG does).
     """
 
     def __init__(self, index, *, seeds: int = 2, seed: int = VERIFY_SEED, max_checks: int = 8,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 threshold: float | None = None, batch_size: int = 32) -> None:
+                 threshold: float | None = None, batch_size: int = 32,
+                 criterion: str | None = None) -> None:
         from diffmem.similarity.index import TrainingIndex
         from diffmem.similarity.report import DEFAULT_THRESHOLDS
 
@@ -74,6 +77,7 @@ class EditVerifier:
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.batch_size = int(batch_size)
         self._checked: set[int] = set()
+        self._expected = criterion
 
     def settings(self) -> dict:
         return {"seeds": self.seeds, "seed": self.seed, "max_checks": self.max_checks,
@@ -89,7 +93,8 @@ class EditVerifier:
 
         adapter = load_adapter(model)
         if id(adapter) not in self._checked:
-            check_index_model(self.index, adapter, who="edit verification")
+            check_index_model(self.index, adapter, criterion=self._expected,
+                              who="edit verification")
             self._checked.add(id(adapter))
         jobs = [(i, self.seed + g) for i in range(len(prompts)) for g in range(self.seeds)]
         scores, ids = [], []

@@ -1,0 +1,84 @@
+"""Edits checked by generation against a training-set index (EditVerifier, verify_edits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffmem.core.sampling import sample, seeded_generators
+from diffmem.errors import ConfigError
+from diffmem.explain import EditReport, EditSuggestion, EditVerifier, Verdict, verify_edits
+from diffmem.models.adapter import load_adapter
+from diffmem.similarity.index import PixelSpace, TrainingIndex
+
+
+def _sug(prompt, score, clears, natural=True, words=("w",)):
+    return EditSuggestion(prompt, "remove", words, None, score, clears, natural)
+
+
+class ScriptedVerifier:
+    """Says which prompts copy; records what it was asked, round by round."""
+
+    def __init__(self, copying, max_checks=8):
+        self.copying, self.max_checks, self.rounds = set(copying), max_checks, []
+
+    def __call__(self, model, prompts):
+        self.rounds.append(list(prompts))
+        return [Verdict(2 if p in self.copying else 0, 2, "id", 0.0) for p in prompts]
+
+
+def _reports():
+    a = EditReport("A", 5.0, 1.0, (
+        _sug("a-flagged", 0.5, False),                      # natural but still flagged
+        _sug("a-clear-1", 0.8, True),                       # natural, clears: checked first
+        _sug("a-clear-2", 0.2, True, natural=False, words=("w", "v")),
+        _sug("a-clear-3", 0.1, True, natural=False, words=("w", "v", "u"))))
+    b = EditReport("B", 5.0, 1.0, (_sug("b-1", 0.3, True), _sug("b-2", 0.4, True)))
+    clean = EditReport("C", 0.5, 1.0, (_sug("c-1", 0.1, None),))  # not flagged
+    return [a, b, clean]
+
+
+def test_verify_edits_checks_in_preference_order_and_stops_at_a_passing_edit():
+    v = ScriptedVerifier(copying={"a-clear-1", "b-1", "b-2"})
+    a, b, c = verify_edits(None, _reports(), v)
+    # round 1: each flagged prompt's best candidate, batched; the unflagged prompt is left alone
+    assert v.rounds[0] == ["a-clear-1", "b-1"]
+    # round 2: clearing before natural, fewest edited words before a lower score
+    assert v.rounds[1] == ["a-clear-2", "b-2"]
+    assert len(v.rounds) == 2  # A passed in round 2, B has no candidate left
+    assert a.checked and a.recommended.prompt == "a-clear-2" and a.recommended.verified
+    assert {s.prompt: s.copies for s in a.suggestions} == {
+        "a-flagged": None, "a-clear-1": 2, "a-clear-2": 0, "a-clear-3": None}
+    assert b.checked and b.recommended is None  # every edit copied: nothing is suggested
+    assert not c.checked and c.recommended is None and c.flagged is False
+
+
+def test_verify_edits_respects_max_checks():
+    v = ScriptedVerifier(copying={"a-clear-1", "a-clear-2", "a-clear-3", "a-flagged"},
+                         max_checks=2)
+    [a] = verify_edits(None, _reports()[:1], v)
+    assert len(v.rounds) == 2 and a.recommended is None
+    assert sum(s.copies is not None for s in a.suggestions) == 2
+
+
+def test_edit_verifier_counts_copies_of_indexed_images(tiny_pipe):
+    adapter = load_adapter(tiny_pipe)
+    with torch.no_grad():
+        img = sample(adapter, ["a red circle"], num_inference_steps=3,
+                     generator=seeded_generators([1000])).images.float()
+    size = img.shape[-1]
+    noise = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    index = TrainingIndex.build(torch.cat([img, noise]), ["copy", "r1", "r2", "r3"],
+                                embedder=PixelSpace(size=16, grid=4))
+    v = EditVerifier(index, seeds=2, seed=1000, num_inference_steps=3, criterion="tiled_l2")
+    [same] = v(adapter, ["a red circle"])
+    assert same.copies >= 1 and same.generations == 2 and same.copying
+    assert same.score < 0.15
+    v_far = EditVerifier(index, seeds=1, seed=1000, num_inference_steps=3, threshold=-1.0,
+                         criterion="tiled_l2")
+    assert not v_far(adapter, ["a red circle"])[0].copying  # nothing is closer than -1
+    # an SSCD index is expected for a model that is not a testbed
+    with pytest.raises(ConfigError, match="expects a sscd_cosine index"):
+        EditVerifier(index, seeds=1)(adapter, ["x"])
+    with pytest.raises(ConfigError):
+        EditVerifier(index, seeds=0)

@@ -242,11 +242,23 @@ def test_caption_screen_drops_flagged_captions_and_resumes_exactly(tiny_dir, dat
     assert la == lb and [json.loads(x)["step"] for x in la] == [0, 3]  # no repeat after resume
 
 
-def test_loss_filter_drops_in_training_and_resumes_exactly(tiny_dir, data_dir, tmp_path):
+def test_loss_filter_drops_in_training_and_resumes_exactly(tiny_dir, data_dir, tmp_path,
+                                                           monkeypatch):
+    from diffmem.train import filters
+
+    class Quick(filters.LossFilter):  # one band and short records: acts within a few steps
+        def __init__(self, ratio):
+            super().__init__(ratio, bands=1, min_history=4, min_count=2, window=2)
+
+    monkeypatch.setattr(filters, "LossFilter", Quick)
     kw = {"loss_filter": 0.99, "train_text_encoder": True}
     straight = finetune(tiny_dir, data_dir, tmp_path / "a", _cfg(8, **kw), progress=False)
     log = json.loads((tmp_path / "a" / "train_log.json").read_text())
-    assert log["mitigations"] == ["loss_filter"] and "loss" in log["dropped_by_filter"]
+    assert log["mitigations"] == ["loss_filter"] and "loss_ratio" in log["dropped_by_filter"]
+    first = json.loads((tmp_path / "a" / "train_log.jsonl").read_text().splitlines()[0])
+    assert isinstance(first["loss"], float) and len(first["loss_ratio"]) == 3
+    rep = log["filter_reports"]["loss_ratio"]
+    assert rep["captions_dropped"] == len(rep["most_dropped"]) > 0  # ratio 0.99: some drop
     finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(4, **kw), progress=False)
     resumed = finetune(tiny_dir, data_dir, tmp_path / "b", _cfg(8, **kw), progress=False)
     _assert_same(_weights(straight), _weights(resumed))

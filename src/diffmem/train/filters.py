@@ -266,7 +266,7 @@ class LossFilter:
     step 100 of the plain fine-tune and 0.1 by step 300.
     """
 
-    name = "loss"
+    name = "loss_ratio"  # its per-sample scores in train_log.jsonl (not the mean "loss")
 
     def __init__(self, ratio: float = 0.35, *, bands: int = 10, history: int = 256,
                  min_history: int = 32, window: int = 8, min_count: int = 4,
@@ -280,14 +280,23 @@ class LossFilter:
         self.window, self.min_count, self.min_t = int(window), int(min_count), float(min_t)
         self.band_losses: list[list[float]] = [[] for _ in range(self.bands)]
         self.caption_ratios: dict[str, list[float]] = {}
+        self.dropped: dict[str, int] = {}  # caption -> samples dropped
 
     def state_dict(self) -> dict:
         return {"band_losses": [list(b) for b in self.band_losses],
-                "caption_ratios": {c: list(v) for c, v in self.caption_ratios.items()}}
+                "caption_ratios": {c: list(v) for c, v in self.caption_ratios.items()},
+                "dropped": dict(self.dropped)}
 
     def load_state_dict(self, state: dict) -> None:
         self.band_losses = [list(b) for b in state["band_losses"]]
         self.caption_ratios = {c: list(v) for c, v in state["caption_ratios"].items()}
+        self.dropped = dict(state.get("dropped", {}))
+
+    def report(self) -> dict:
+        """For ``train_log.json``: how many captions were dropped, and the most dropped ones."""
+        top = sorted(self.dropped.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {"captions_dropped": len(self.dropped),
+                "most_dropped": [{"caption": c, "samples": n} for c, n in top[:20]]}
 
     def _caption_ratio(self, caption: str) -> float:
         values = self.caption_ratios.get(caption, ())
@@ -311,8 +320,10 @@ class LossFilter:
                 del self.caption_ratios[c][:-self.window]
         drop = torch.tensor([bool(c) and self._caption_ratio(c) < self.ratio for c in captions],
                             dtype=torch.bool)
-        for b, v, d in zip(band, losses, drop.tolist(), strict=True):
-            if not d:
+        for c, b, v, d in zip(captions, band, losses, drop.tolist(), strict=True):
+            if d:
+                self.dropped[c] = self.dropped.get(c, 0) + 1
+            else:
                 self.band_losses[b].append(v)
                 del self.band_losses[b][:-self.history]
         return drop, torch.tensor(ratios, dtype=torch.float32)

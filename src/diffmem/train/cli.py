@@ -118,9 +118,9 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="Somepalli GN: add LAMBDA * N(0, 1) to the text embedding (0.1)")
     g.add_argument("--magnitude-filter", type=float, nargs="?", const=2.0, metavar="T",
                    help="Wen: drop samples whose normalised noise magnitude is >= T (2)")
-    g.add_argument("--loss-filter", type=float, nargs="?", const=0.35, metavar="R",
+    g.add_argument("--loss-filter", type=float, nargs="?", const=0.5, metavar="R",
                    help="drop the samples of a caption whose recent losses are below R x the "
-                        "median loss at their timesteps (0.35): the model already predicts it "
+                        "median loss at their timesteps (0.5): the model already predicts it "
                         "far better than the rest of the data (no extra UNet call)")
     g.add_argument("--screen-captions", type=_ratio_or_auto, nargs="?", const="auto",
                    default=None, metavar="R",

@@ -35,7 +35,7 @@ class FinetuneConfig:
     entropy_filter: float | None = None  # Ren: threshold
     entropy_direction: str = "low"
     entropy_layers: list[str] | None = None
-    loss_filter: float | None = None  # diffmem: ratio to the band median loss (0.35)
+    loss_filter: float | None = None  # diffmem: ratio to the band median loss (0.5)
     screen_captions: float | str | None = None  # ratio to the median; "auto": calibrated at step 0
     screen_absolute: bool = False  # screen_captions in the detector's units instead
     screen_every: int = 50

@@ -94,6 +94,31 @@ def tiny_testbed(tiny_dir, tmp_path_factory):
     return folder
 
 
+def test_explain_checks_edits_against_the_training_index(tiny_testbed, tiny_dir, tmp_path,
+                                                         capsys):
+    from diffmem.testbed.index import build_testbed_index
+
+    adapter = load_adapter(tiny_testbed)
+    build_testbed_index(tmp_path / "idx", spec=adapter.testbed_spec, rendered_by=adapter)
+    out = tmp_path / "e.json"
+    # threshold 0: the prompt is flagged and no edit clears; the first checked edit copies nothing
+    rc = main(["explain", PROMPT, "--model", str(tiny_testbed), "--threshold", "0",
+               "--verify-index", str(tmp_path / "idx"), "--verify-checks", "2",
+               "--json", str(out), *FAST])
+    text = capsys.readouterr().out
+    assert rc == 0 and "generated 2x: no copy of a training image" in text
+    checked = [s for s in json.loads(out.read_text())["suggestions"] if s["copies"] is not None]
+    assert len(checked) == 1 and checked[0]["copies"] == 0 and checked[0]["generations"] == 2
+    # a testbed index does not belong to another model: one line, exit 2
+    rc = main(["explain", PROMPT, "--model", str(tiny_dir), "--threshold", "0",
+               "--verify-index", str(tmp_path / "idx"), *FAST])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and err.startswith("diffmem: error: edit verification: ")
+    rc = main(["explain", PROMPT, "--model", str(tiny_dir), "--verify-index",
+               str(tmp_path / "nothing"), *FAST])
+    assert rc == 2 and "is not a diffmem index" in capsys.readouterr().err
+
+
 def test_eval_explanation(tiny_testbed, tmp_path):
     out = tmp_path / "r.json"
     assert main(["eval", "explanation", "--model", str(tiny_testbed), "--out", str(out),

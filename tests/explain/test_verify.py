@@ -24,7 +24,8 @@ class ScriptedVerifier:
 
     def __call__(self, model, prompts):
         self.rounds.append(list(prompts))
-        return [Verdict(2 if p in self.copying else 0, 2, "id", 0.0) for p in prompts]
+        return [Verdict(2 if p in self.copying else 0, 2, "id", 0.0, p not in self.copying)
+                for p in prompts]
 
 
 def _reports():
@@ -76,9 +77,19 @@ def test_edit_verifier_counts_copies_of_indexed_images(tiny_pipe):
     assert same.score < 0.15
     v_far = EditVerifier(index, seeds=1, seed=1000, num_inference_steps=3, threshold=-1.0,
                          criterion="tiled_l2")
-    assert not v_far(adapter, ["a red circle"])[0].copying  # nothing is closer than -1
+    far = v_far(adapter, ["a red circle"])[0]
+    assert not far.copying and far.passed  # nothing is closer than -1
+    # the margin: no copy (distance above the threshold) but within margin x threshold fails
+    d1 = EditVerifier(index, seeds=1, seed=1001, num_inference_steps=3, threshold=-1.0,
+                      criterion="tiled_l2")(adapter, ["a red circle"])[0].score
+    assert d1 > 0
+    near = EditVerifier(index, seeds=1, seed=1001, num_inference_steps=3, criterion="tiled_l2",
+                        threshold=d1 / 2, margin=3.0)(adapter, ["a red circle"])[0]
+    assert not near.copying and not near.passed
     # an SSCD index is expected for a model that is not a testbed
     with pytest.raises(ConfigError, match="expects a sscd_cosine index"):
         EditVerifier(index, seeds=1)(adapter, ["x"])
     with pytest.raises(ConfigError):
         EditVerifier(index, seeds=0)
+    with pytest.raises(ConfigError, match="margin"):
+        EditVerifier(index, margin=0.5)

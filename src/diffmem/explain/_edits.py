@@ -43,11 +43,12 @@ class EditSuggestion:
     natural: bool = True  # edits at most half of the prompt's words and leaves 2+ words
     copies: int | None = None  # generations that copied a training image (None: not generated)
     generations: int | None = None  # generations made to check it (EditVerifier)
+    passed: bool | None = None  # passed the check: no copy, none near (None: not generated)
 
     @property
     def verified(self) -> bool:
-        """Generated and copied no training image (:class:`~diffmem.explain.EditVerifier`)."""
-        return self.copies == 0
+        """Generated and passed :class:`~diffmem.explain.EditVerifier`'s check."""
+        return self.passed is True
 
     def describe(self) -> str:
         words = " + ".join(repr(w) for w in self.words)
@@ -59,7 +60,7 @@ class EditSuggestion:
         return {"prompt": self.prompt, "action": self.action, "words": list(self.words),
                 "replacement": self.replacement, "score": float(self.score),
                 "clears": self.clears, "natural": self.natural, "copies": self.copies,
-                "generations": self.generations}
+                "generations": self.generations, "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -258,9 +259,9 @@ def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditRep
 
     Round r generates, for every flagged prompt without a passing edit yet, its r-th candidate in
     :func:`_preference` order (all prompts of a round in one batched run), up to
-    ``verifier.max_checks`` rounds; a prompt stops at its first edit that copies in none of the
-    verifier's seeds. Unchecked suggestions keep ``copies=None``; unflagged prompts are left
-    alone."""
+    ``verifier.max_checks`` rounds; a prompt stops at its first edit whose generations copy no
+    training image and none comes near one (``Verdict.passed``). Unchecked suggestions keep
+    ``copies=None``; unflagged prompts are left alone."""
     order = {i: sorted(r.suggestions, key=_preference) for i, r in enumerate(reports)
              if r.flagged}
     verdicts: dict[tuple[int, str], object] = {}
@@ -271,13 +272,14 @@ def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditRep
             break
         for (i, s), v in zip(todo, verifier(model, [s.prompt for _, s in todo]), strict=True):
             verdicts[(i, s.prompt)] = v
-            if not v.copying:
+            if v.passed:
                 open_.discard(i)
     out = []
     for i, r in enumerate(reports):
         sug = tuple(
             replace(s, copies=verdicts[(i, s.prompt)].copies,
-                    generations=verdicts[(i, s.prompt)].generations)
+                    generations=verdicts[(i, s.prompt)].generations,
+                    passed=verdicts[(i, s.prompt)].passed)
             if (i, s.prompt) in verdicts else s for s in r.suggestions)
         out.append(replace(r, suggestions=sug))
     return out

@@ -8,11 +8,12 @@ closes that gap for users who hold the training set: it generates each candidate
 seeds and searches the training-set index (:class:`~diffmem.similarity.index.TrainingIndex`,
 SSCD cosine > 0.5 or the testbed's tiled L2 < 0.15 counts as a copy, the thresholds of
 ``diffmem eval replication``). Candidates are checked in the order a person would accept them
-(natural, detector-clearing, lowest score first), round by round over all prompts in batched
-generations, and a prompt stops at its first edit that copies in none of the seeds.
+(detector-clearing, natural, fewest edited words, lowest score first), round by round over all
+prompts in batched generations, and a prompt stops at its first edit that passes: no generation
+copies, and the closest stays a margin (1.5x) away from the copy threshold.
 
-The seeds default to 1000, 1001, ...: not the seeds 0-3 the testbed's labels and ``eval
-explanation`` judge with, so an edit is not chosen on the very noises it is judged by.
+The seeds default to 1000-1003: not the seeds 0-3 the testbed's labels and ``eval explanation``
+judge with, so an edit is not chosen on the very noises it is judged by.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Verdict:
     generations: int
     nearest_id: str  # the nearest training item of the closest generation
     score: float  # its similarity (cosine) or distance (tiled L2)
+    passed: bool = True  # no copy, and the closest generation outside the verifier's margin
 
     @property
     def copying(self) -> bool:
@@ -55,11 +57,16 @@ class EditVerifier:
         seed: first seed.
         max_checks: candidate edits generated per prompt at most.
         threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
+        margin: an edit passes only when its closest generation stays ``margin`` times away from
+            the copy threshold (distance > ``margin`` x threshold; similarity < threshold /
+            ``margin``): copying is a matter of chance per seed, and an edit whose generations
+            come near a training image in a few seeds copies in others.
         criterion: the index's expected criterion (default: tiled L2 for a testbed model, SSCD
             cosine otherwise; checked against the index, as AMG does).
     """
 
-    def __init__(self, index, *, seeds: int = 2, seed: int = VERIFY_SEED, max_checks: int = 8,
+    def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 8,
+                 margin: float = 1.5,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
@@ -68,6 +75,9 @@ class EditVerifier:
 
         if seeds < 1 or max_checks < 1 or batch_size < 1:
             raise ConfigError("edit verification needs seeds, max_checks and batch_size >= 1")
+        if not margin >= 1:
+            raise ConfigError(f"edit verification margin must be >= 1, got {margin}")
+        self.margin = float(margin)
         self.index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
         self.criterion = self.index.embedder.criterion
         self.higher_is_better = bool(self.index.embedder.higher_is_better)
@@ -81,6 +91,7 @@ class EditVerifier:
 
     def settings(self) -> dict:
         return {"seeds": self.seeds, "seed": self.seed, "max_checks": self.max_checks,
+                "margin": self.margin,
                 "criterion": self.criterion, "threshold": self.threshold,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale}
@@ -114,5 +125,9 @@ class EditVerifier:
             s = torch.tensor([scores[j] for j in rows])
             copy = s > self.threshold if self.higher_is_better else s < self.threshold
             best = int(s.argmax() if self.higher_is_better else s.argmin())
-            out.append(Verdict(int(copy.sum()), len(rows), ids[rows[best]], float(s[best])))
+            closest = float(s[best])
+            clear = (closest < self.threshold / self.margin if self.higher_is_better
+                     else closest > self.threshold * self.margin)
+            out.append(Verdict(int(copy.sum()), len(rows), ids[rows[best]], closest,
+                               bool(clear and not copy.any())))
         return out

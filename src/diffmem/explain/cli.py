@@ -19,12 +19,15 @@ from diffmem.clitools import (
     THRESHOLD,
     UNIT,
     DeprecatedAlias,
+    Number,
     OutFile,
     add_model,
     dumps,
     scored_steps,
     write_json,
 )
+
+MARGIN = Number(float, min=1, max=100)
 
 #: shown in --help; the default itself is diffmem.explain._ablation.DEFAULT_ABLATION (this module
 #: is loaded without torch, so it cannot import it; a test keeps the two equal)
@@ -41,7 +44,7 @@ def _verify(a: argparse.Namespace) -> dict:
     from diffmem.explain import EditVerifier
 
     return {"verify": EditVerifier(a.verify_index, seeds=a.verify_seeds,
-                                   max_checks=a.verify_checks,
+                                   max_checks=a.verify_checks, margin=a.verify_margin,
                                    num_inference_steps=a.sampling_steps)}
 
 
@@ -102,10 +105,13 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
                    help="check the edits of a flagged prompt by generating them and searching this "
                         "training-set index (`diffmem index build`); only an edit that copies "
                         "nothing is suggested")
-    p.add_argument("--verify-seeds", type=GENERATIONS, default=2,
+    p.add_argument("--verify-seeds", type=GENERATIONS, default=4,
                    help="generations per checked edit (seeds 1000, 1001, ...)")
     p.add_argument("--verify-checks", type=COUNT, default=8,
                    help="edits generated per flagged prompt at most")
+    p.add_argument("--verify-margin", type=MARGIN, default=1.5,
+                   help="an edit passes when its closest generation stays this many times away "
+                        "from the copy threshold")
     p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
                    help="length of the denoising schedule (defines the timesteps)")
     p.add_argument("--inference-steps", dest="sampling_steps", type=SAMPLING_STEPS,

@@ -21,9 +21,14 @@ class ScriptedVerifier:
 
     def __init__(self, copying, max_checks=8):
         self.copying, self.max_checks, self.rounds = set(copying), max_checks, []
+        self.seeds_asked: list = []
 
-    def __call__(self, model, prompts):
+    def select_seeds(self, model, prompts):
+        return [[len(p), 7] for p in prompts]  # per original prompt
+
+    def __call__(self, model, prompts, seeds=None):
         self.rounds.append(list(prompts))
+        self.seeds_asked.append(seeds)
         return [Verdict(2 if p in self.copying else 0, 2, "id", 0.0, p not in self.copying)
                 for p in prompts]
 
@@ -47,6 +52,7 @@ def test_verify_edits_checks_in_preference_order_and_stops_at_a_passing_edit():
     # round 2: clearing before natural, fewest edited words before a lower score
     assert v.rounds[1] == ["a-clear-2", "b-2"]
     assert len(v.rounds) == 2  # A passed in round 2, B has no candidate left
+    assert v.seeds_asked[0] == [[1, 7], [1, 7]]  # each edit on its original prompt's seeds
     assert a.checked and a.recommended.prompt == "a-clear-2" and a.recommended.verified
     assert {s.prompt: s.copies for s in a.suggestions} == {
         "a-flagged": None, "a-clear-1": 2, "a-clear-2": 0, "a-clear-3": None}
@@ -71,7 +77,8 @@ def test_edit_verifier_counts_copies_of_indexed_images(tiny_pipe):
     noise = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     index = TrainingIndex.build(torch.cat([img, noise]), ["copy", "r1", "r2", "r3"],
                                 embedder=PixelSpace(size=16, grid=4))
-    v = EditVerifier(index, seeds=2, seed=1000, num_inference_steps=3, criterion="tiled_l2")
+    v = EditVerifier(index, seeds=2, seed=1000, num_inference_steps=3, criterion="tiled_l2",
+                     pool=2)
     [same] = v(adapter, ["a red circle"])
     assert same.copies >= 1 and same.generations == 2 and same.copying
     assert same.score < 0.15
@@ -86,6 +93,11 @@ def test_edit_verifier_counts_copies_of_indexed_images(tiny_pipe):
     near = EditVerifier(index, seeds=1, seed=1001, num_inference_steps=3, criterion="tiled_l2",
                         threshold=d1 / 2, margin=3.0)(adapter, ["a red circle"])[0]
     assert not near.copying and not near.passed
+    # the pool: the seed whose generation is the indexed image comes first
+    picker = EditVerifier(index, seeds=1, seed=998, pool=4, num_inference_steps=3,
+                          criterion="tiled_l2")
+    assert picker.select_seeds(adapter, ["a red circle"]) == [[1000]]
+    assert picker(adapter, ["a red circle"], seeds=[[1000]])[0].copying
     # an SSCD index is expected for a model that is not a testbed
     with pytest.raises(ConfigError, match="expects a sscd_cosine index"):
         EditVerifier(index, seeds=1)(adapter, ["x"])

@@ -257,7 +257,9 @@ def _preference(s: EditSuggestion) -> tuple:
 def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditReport]:
     """Check the edits of the flagged prompts by generation (:class:`EditVerifier`).
 
-    Round r generates, for every flagged prompt without a passing edit yet, its r-th candidate in
+    The verifier first picks, per flagged prompt, the seeds under which the original comes
+    closest to a training image (:meth:`EditVerifier.select_seeds`). Round r generates, for every
+    flagged prompt without a passing edit yet, its r-th candidate in
     :func:`_preference` order (all prompts of a round in one batched run), up to
     ``verifier.max_checks`` rounds; a prompt stops at its first edit whose generations copy no
     training image and none comes near one (``Verdict.passed``). Unchecked suggestions keep
@@ -266,11 +268,15 @@ def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditRep
              if r.flagged}
     verdicts: dict[tuple[int, str], object] = {}
     open_ = set(order)
+    flagged = sorted(order)
+    chosen = dict(zip(flagged, verifier.select_seeds(model, [reports[i].prompt for i in flagged]),
+                      strict=True)) if flagged else {}
     for rnd in range(verifier.max_checks):
         todo = [(i, order[i][rnd]) for i in sorted(open_) if rnd < len(order[i])]
         if not todo:
             break
-        for (i, s), v in zip(todo, verifier(model, [s.prompt for _, s in todo]), strict=True):
+        found = verifier(model, [s.prompt for _, s in todo], seeds=[chosen[i] for i, _ in todo])
+        for (i, s), v in zip(todo, found, strict=True):
             verdicts[(i, s.prompt)] = v
             if v.passed:
                 open_.discard(i)

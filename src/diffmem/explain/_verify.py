@@ -53,8 +53,12 @@ class EditVerifier:
         index: a :class:`~diffmem.similarity.index.TrainingIndex` or the folder of a saved one;
             it must hold the model's training set (for a testbed model: ``diffmem index build
             testbed``).
-        seeds: generations per prompt (seed ``seed + g`` for generation g).
-        seed: first seed.
+        seeds: generations per checked edit.
+        seed: first seed of the pool.
+        pool: with ``pool > seeds``, the original prompt is first generated with seeds ``seed``
+            .. ``seed + pool - 1`` and its edits are checked on the ``seeds`` of them whose
+            generations came closest to a training image (the noises under which the original
+            copies); otherwise every prompt uses seeds ``seed`` .. ``seed + seeds - 1``.
         max_checks: candidate edits generated per prompt at most.
         threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
         margin: an edit passes only when its closest generation stays ``margin`` times away from
@@ -65,8 +69,8 @@ class EditVerifier:
             cosine otherwise; checked against the index, as AMG does).
     """
 
-    def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 8,
-                 margin: float = 1.5,
+    def __init__(self, index, *, seeds: int = 2, seed: int = VERIFY_SEED, max_checks: int = 8,
+                 margin: float = 1.0, pool: int = 4,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
@@ -84,20 +88,36 @@ class EditVerifier:
         self.threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
                                if threshold is None else threshold)
         self.seeds, self.seed, self.max_checks = int(seeds), int(seed), int(max_checks)
+        self.pool = max(int(pool), self.seeds)
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.batch_size = int(batch_size)
         self._checked: set[int] = set()
         self._expected = criterion
 
     def settings(self) -> dict:
-        return {"seeds": self.seeds, "seed": self.seed, "max_checks": self.max_checks,
-                "margin": self.margin,
+        return {"seeds": self.seeds, "seed": self.seed, "pool": self.pool,
+                "max_checks": self.max_checks, "margin": self.margin,
                 "criterion": self.criterion, "threshold": self.threshold,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale}
 
-    def __call__(self, model, prompts: Sequence[str]) -> list[Verdict]:
-        """One :class:`Verdict` per prompt: ``seeds`` generations each, batched."""
+    def select_seeds(self, model, prompts: Sequence[str]) -> list[list[int]]:
+        """Per prompt, the ``seeds`` seeds of the pool under which its generations come closest
+        to a training image (all of the first ``seeds`` when ``pool == seeds``)."""
+        if self.pool <= self.seeds:
+            return [[self.seed + g for g in range(self.seeds)] for _ in prompts]
+        pool = [self.seed + g for g in range(self.pool)]
+        scores, _ = self._search(model, [(i, s) for i in range(len(prompts)) for s in pool],
+                                 prompts)
+        out = []
+        for i in range(len(prompts)):
+            s = torch.tensor(scores[i * self.pool : (i + 1) * self.pool])
+            order = s.argsort(descending=self.higher_is_better)[: self.seeds]
+            out.append([pool[int(k)] for k in order])
+        return out
+
+    def _search(self, model, jobs: list[tuple[int, int]], prompts: Sequence[str]):
+        """Generate the (prompt index, seed) jobs in batches; nearest-item scores and ids."""
         from diffmem.core.sampling import sample, seeded_generators
         from diffmem.models.adapter import load_adapter
         from diffmem.similarity.index import check_index_model
@@ -107,7 +127,6 @@ class EditVerifier:
             check_index_model(self.index, adapter, criterion=self._expected,
                               who="edit verification")
             self._checked.add(id(adapter))
-        jobs = [(i, self.seed + g) for i in range(len(prompts)) for g in range(self.seeds)]
         scores, ids = [], []
         for k in range(0, len(jobs), self.batch_size):
             chunk = jobs[k : k + self.batch_size]
@@ -119,6 +138,16 @@ class EditVerifier:
             found = self.index.search(res.images.float().cpu(), k=1)
             scores += [float(s) for s in found.scores[:, 0]]
             ids += [row[0] for row in found.ids]
+        return scores, ids
+
+    def __call__(self, model, prompts: Sequence[str],
+                 seeds: Sequence[Sequence[int]] | None = None) -> list[Verdict]:
+        """One :class:`Verdict` per prompt, generated with its ``seeds`` (default: seeds
+        ``seed`` .. ``seed + self.seeds - 1`` for every prompt), batched."""
+        if seeds is None:
+            seeds = [[self.seed + g for g in range(self.seeds)] for _ in prompts]
+        jobs = [(i, int(s)) for i in range(len(prompts)) for s in seeds[i]]
+        scores, ids = self._search(model, jobs, prompts)
         out = []
         for i in range(len(prompts)):
             rows = [j for j, (p, _) in enumerate(jobs) if p == i]

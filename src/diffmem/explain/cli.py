@@ -45,6 +45,7 @@ def _verify(a: argparse.Namespace) -> dict:
 
     return {"verify": EditVerifier(a.verify_index, seeds=a.verify_seeds,
                                    max_checks=a.verify_checks, margin=a.verify_margin,
+                                   pool=a.verify_pool,
                                    num_inference_steps=a.sampling_steps)}
 
 
@@ -105,11 +106,15 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
                    help="check the edits of a flagged prompt by generating them and searching this "
                         "training-set index (`diffmem index build`); only an edit that copies "
                         "nothing is suggested")
-    p.add_argument("--verify-seeds", type=GENERATIONS, default=4,
-                   help="generations per checked edit (seeds 1000, 1001, ...)")
+    p.add_argument("--verify-seeds", type=GENERATIONS, default=2,
+                   help="generations per checked edit")
+    p.add_argument("--verify-pool", type=GENERATIONS, default=4,
+                   help="seeds 1000 .. 1000+N-1 the original prompt is generated with first; its "
+                        "edits are checked on the --verify-seeds of them under which it comes "
+                        "closest to a training image")
     p.add_argument("--verify-checks", type=COUNT, default=8,
                    help="edits generated per flagged prompt at most")
-    p.add_argument("--verify-margin", type=MARGIN, default=1.5,
+    p.add_argument("--verify-margin", type=MARGIN, default=1.0,
                    help="an edit passes when its closest generation stays this many times away "
                         "from the copy threshold")
     p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,

@@ -97,6 +97,7 @@ def test_edit_verifier_counts_copies_of_indexed_images(tiny_pipe):
     picker = EditVerifier(index, seeds=1, seed=998, pool=4, num_inference_steps=3,
                           criterion="tiled_l2")
     assert picker.select_seeds(adapter, ["a red circle"]) == [[1000]]
+    assert picker.generated == 4
     assert picker(adapter, ["a red circle"], seeds=[[1000]])[0].copying
     # an SSCD index is expected for a model that is not a testbed
     with pytest.raises(ConfigError, match="expects a sscd_cosine index"):

@@ -90,8 +90,8 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
     suggested for each flagged prompt is generated ``judge_seeds`` times and judged with the
     testbed's replication criterion. With ``verify`` (an :class:`EditVerifier` or the folder of
     the model's training-set index) the edits are first checked by generation on the verifier's
-    own seeds (1000, 1001, ... by default, never the judge's 0-3) and only an edit that copied
-    nothing there is suggested (``explain --verify-index``).
+    own seeds (from 1000 by default, never the judge's 0-3) and only an edit that copied nothing
+    there is suggested (``explain --verify-index``).
     """
     adapter = load_adapter(model)
     rows, clean, source = _rows(adapter, prompts)
@@ -139,8 +139,9 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
                    source)
     if verifier is not None:
         out["verify_seconds"] = round(t_verify, 3)
-        out["verify_generations"] = sum(s.generations or 0 for r in reports
-                                        for s in r.suggestions)
+        out["verify_generations"] = verifier.generated  # the pool's and the checks'
+        out["verify_edits_checked"] = sum(s.copies is not None for r in reports
+                                          for s in r.suggestions)
     return {**out, **_reduction(reports, clean_scores)}
 
 

@@ -93,6 +93,7 @@ class EditVerifier:
         self.batch_size = int(batch_size)
         self._checked: set[int] = set()
         self._expected = criterion
+        self.generated = 0  # images generated so far (pool and checks)
 
     def settings(self) -> dict:
         return {"seeds": self.seeds, "seed": self.seed, "pool": self.pool,
@@ -136,6 +137,7 @@ class EditVerifier:
                              guidance_scale=self.guidance_scale,
                              generator=seeded_generators([s for _, s in chunk], adapter.device))
             found = self.index.search(res.images.float().cpu(), k=1)
+            self.generated += len(chunk)
             scores += [float(s) for s in found.scores[:, 0]]
             ids += [row[0] for row in found.ids]
         return scores, ids

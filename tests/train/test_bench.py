@@ -33,9 +33,15 @@ def test_table_ratios_are_against_the_plain_run():
     t = {r["method"]: r for r in _table(ROWS)}
     assert "time_vs_plain" not in t["base (no fine-tune)"]
     assert t["dedup"]["time_vs_plain"] == 1.0  # 190 s + 10 s of dedup
-    assert t["dedup"]["fpd_vs_plain"] == 1.05
+    assert t["dedup"]["fpd_vs_plain"] == pytest.approx(1.05)
     assert t["magnitude"]["time_vs_plain"] == 1.25
     assert t["magnitude"]["dropped_share"] == 0.1
+
+
+def test_markdown_ratios_are_rounded_once():
+    rows = {"plain": _row(1.0, 180.9058536, 200.0), "loss": _row(0.0, 185.4796166, 200.0)}
+    md = markdown_report({"table": _table(rows)})
+    assert "| 185.5 | 1.03 |" in md  # 1.02528: not 1.025 first, then 1.02
 
 
 def test_markdown_report_has_every_method_and_its_bar(tmp_path):

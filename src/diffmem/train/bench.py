@@ -383,9 +383,9 @@ def _table(rows: dict) -> list[dict]:
                "seconds": total}
         if plain is not None and total is not None:
             p_total = plain["seconds_training"] + plain.get("seconds_dedup", 0.0)
-            rec["time_vs_plain"] = round(total / p_total, 3)
+            rec["time_vs_plain"] = total / p_total  # unrounded: the report rounds once
             if plain["heldout_fpd"]:
-                rec["fpd_vs_plain"] = round(r["heldout_fpd"] / plain["heldout_fpd"], 3)
+                rec["fpd_vs_plain"] = r["heldout_fpd"] / plain["heldout_fpd"]
         if r.get("samples"):
             rec["dropped_share"] = round(r.get("samples_dropped", 0) / r["samples"], 4)
         out.append(rec)

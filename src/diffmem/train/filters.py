@@ -256,9 +256,9 @@ class LossFilter:
     better than the typical sample, and trained again if its loss rises back. The band references
     hold the last ``history`` kept losses per band (kept only, so captions being dropped do not
     pull the reference down); a band with fewer than ``min_history`` losses and a caption with
-    fewer than ``min_count`` values never drop anything, and samples below ``min_t`` (where
-    every loss is small and noisy) only update their caption's record, never the verdict. The
-    state is saved with each checkpoint (exact resume).
+    fewer than ``min_count`` values never drop anything; samples below ``min_t`` x T (where
+    every loss is small and noisy) do not enter their caption's record, but are dropped with
+    their caption. The state is saved with each checkpoint (exact resume).
 
     Default ``ratio`` 0.5, chosen on the planted benchmark (docs/training.md): 0.35 stopped the
     planted duplicates only half-way (0.25 / 0.375 memorized on its two caption frames), 0.5 and

@@ -29,6 +29,18 @@ from diffmem.clitools import (
 
 MARGIN = Number(float, min=1, max=100)
 
+#: the tuning options of --verify-index: (flag, type, default, help)
+VERIFY_OPTIONS = (
+    ("--verify-seeds", GENERATIONS, 2, "generations per checked edit"),
+    ("--verify-pool", GENERATIONS, 4,
+     "seeds 1000 .. 1000+N-1 the original prompt is generated with first; its edits are checked "
+     "on the --verify-seeds of them under which it comes closest to a training image"),
+    ("--verify-checks", COUNT, 8, "edits generated per flagged prompt at most"),
+    ("--verify-margin", MARGIN, 1.0,
+     "an edit passes when its closest generation stays this many times away from the copy "
+     "threshold"),
+)
+
 #: shown in --help; the default itself is diffmem.explain._ablation.DEFAULT_ABLATION (this module
 #: is loaded without torch, so it cannot import it; a test keeps the two equal)
 ABLATION_HELP_DEFAULT = 0.5
@@ -102,21 +114,14 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
                    help="weight of word ablation (the magnitude's fall when a word is removed) in "
                         "the word ranking; 0 = Wen et al.'s gradient attribution alone (default: "
                         f"{ABLATION_HELP_DEFAULT})")
-    p.add_argument("--verify-index", default=None, metavar="IDX",
+    v = p.add_argument_group("edit verification (needs the training set's index)")
+    v.add_argument("--verify-index", default=None, metavar="IDX",
                    help="check the edits of a flagged prompt by generating them and searching this "
                         "training-set index (`diffmem index build`); only an edit that copies "
                         "nothing is suggested")
-    p.add_argument("--verify-seeds", type=GENERATIONS, default=2,
-                   help="generations per checked edit")
-    p.add_argument("--verify-pool", type=GENERATIONS, default=4,
-                   help="seeds 1000 .. 1000+N-1 the original prompt is generated with first; its "
-                        "edits are checked on the --verify-seeds of them under which it comes "
-                        "closest to a training image")
-    p.add_argument("--verify-checks", type=COUNT, default=8,
-                   help="edits generated per flagged prompt at most")
-    p.add_argument("--verify-margin", type=MARGIN, default=1.0,
-                   help="an edit passes when its closest generation stays this many times away "
-                        "from the copy threshold")
+    for flag, kind, default, text in VERIFY_OPTIONS:
+        v.add_argument(flag, type=kind, default=default, help=text,
+                       metavar="M" if kind is MARGIN else "N")
     p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
                    help="length of the denoising schedule (defines the timesteps)")
     p.add_argument("--inference-steps", dest="sampling_steps", type=SAMPLING_STEPS,

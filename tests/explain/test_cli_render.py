@@ -106,9 +106,9 @@ def test_explain_checks_edits_against_the_training_index(tiny_testbed, tiny_dir,
                "--verify-index", str(tmp_path / "idx"), "--verify-checks", "2",
                "--json", str(out), *FAST])
     text = capsys.readouterr().out
-    assert rc == 0 and "generated 2x: no copy of a training image" in text
+    assert rc == 0 and "generated 4x: no copy of a training image" in text
     checked = [s for s in json.loads(out.read_text())["suggestions"] if s["copies"] is not None]
-    assert len(checked) == 1 and checked[0]["copies"] == 0 and checked[0]["generations"] == 2
+    assert len(checked) == 1 and checked[0]["copies"] == 0 and checked[0]["generations"] == 4
     assert checked[0]["passed"] is True
     # a testbed index does not belong to another model: one line, exit 2
     rc = main(["explain", PROMPT, "--model", str(tiny_dir), "--threshold", "0",

@@ -4,16 +4,18 @@ The detector behind the edit suggestions (first-step noise magnitude, Wen et al.
 Sec. 3.1) sees the first denoising step only. An edit can bring that score under the threshold
 while the rest of the prompt still pulls generation onto a memorized image (on the testbed's
 broad set about a third of the detector-clearing edits still copied). :class:`EditVerifier`
-closes that gap for users who hold the training set: it generates each candidate edit with a few
+narrows that gap for users who hold the training set: it generates each candidate edit with a few
 seeds and searches the training-set index (:class:`~diffmem.similarity.index.TrainingIndex`,
 SSCD cosine > 0.5 or the testbed's tiled L2 < 0.15 counts as a copy, the thresholds of
 ``diffmem eval replication``). Candidates are checked in the order a person would accept them
 (detector-clearing, natural, fewest edited words, lowest score first), round by round over all
 prompts in batched generations, and a prompt stops at its first edit that passes: no generation
-copies, and the closest stays a margin (1.5x) away from the copy threshold.
+copies (and, with a margin > 1, the closest stays that far beyond the copy threshold).
 
-The seeds default to 1000-1003: not the seeds 0-3 the testbed's labels and ``eval explanation``
-judge with, so an edit is not chosen on the very noises it is judged by.
+The seeds are drawn from 1000-1007 by default (the 4 of them under which the original prompt comes
+closest to a training image): never the seeds 0-3 the testbed's labels and ``eval explanation``
+judge with, so an edit is not chosen on the very noises it is judged by. The defaults (pool 8,
+4 seeds, 12 checks) were chosen on the broad set's dev split (docs/explanation.md).
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ class EditVerifier:
             cosine otherwise; checked against the index, as AMG does).
     """
 
-    def __init__(self, index, *, seeds: int = 2, seed: int = VERIFY_SEED, max_checks: int = 8,
-                 margin: float = 1.0, pool: int = 4,
+    def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 12,
+                 margin: float = 1.0, pool: int = 8,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:

@@ -31,11 +31,11 @@ MARGIN = Number(float, min=1, max=100)
 
 #: the tuning options of --verify-index: (flag, type, default, help)
 VERIFY_OPTIONS = (
-    ("--verify-seeds", GENERATIONS, 2, "generations per checked edit"),
-    ("--verify-pool", GENERATIONS, 4,
+    ("--verify-seeds", GENERATIONS, 4, "generations per checked edit"),
+    ("--verify-pool", GENERATIONS, 8,
      "seeds 1000 .. 1000+N-1 the original prompt is generated with first; its edits are checked "
      "on the --verify-seeds of them under which it comes closest to a training image"),
-    ("--verify-checks", COUNT, 8, "edits generated per flagged prompt at most"),
+    ("--verify-checks", COUNT, 12, "edits generated per flagged prompt at most"),
     ("--verify-margin", MARGIN, 1.0,
      "an edit passes when its closest generation stays this many times away from the copy "
      "threshold"),

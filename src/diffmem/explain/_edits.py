@@ -280,15 +280,13 @@ def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditRep
             verdicts[(i, s.prompt)] = v
             if v.passed:
                 open_.discard(i)
-    out = []
-    for i, r in enumerate(reports):
-        sug = tuple(
-            replace(s, copies=verdicts[(i, s.prompt)].copies,
-                    generations=verdicts[(i, s.prompt)].generations,
-                    passed=verdicts[(i, s.prompt)].passed)
-            if (i, s.prompt) in verdicts else s for s in r.suggestions)
-        out.append(replace(r, suggestions=sug))
-    return out
+    def checked(i: int, s: EditSuggestion) -> EditSuggestion:
+        v = verdicts.get((i, s.prompt))
+        return s if v is None else replace(s, copies=v.copies, generations=v.generations,
+                                           passed=v.passed)
+
+    return [replace(r, suggestions=tuple(checked(i, s) for s in r.suggestions))
+            for i, r in enumerate(reports)]
 
 
 def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] | None = None

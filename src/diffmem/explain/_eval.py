@@ -27,7 +27,8 @@ from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.errors import PromptError
 from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
-from diffmem.explain._edits import EditReport, EditSuggestion, suggest_edits
+from diffmem.explain._edits import EditReport, EditSuggestion, suggest_edits, verify_edits
+from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 __all__ = ["evaluate_explanation", "trigger_rank"]
@@ -113,9 +114,6 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
                             top_k=top_k, combine=combine)
     t_verify, verifier = 0.0, None
     if verify is not None:
-        from diffmem.explain._edits import verify_edits
-        from diffmem.explain._verify import EditVerifier
-
         t1 = time.perf_counter()
         verifier = verify if isinstance(verify, EditVerifier) else EditVerifier(
             verify, num_inference_steps=num_inference_steps)

@@ -69,7 +69,8 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
                    if m.copies is not None else "")
         lines.append(f"suggested edit: {m.describe()}: {m.prompt!r} ({m.score:.3f}{checked})")
     elif e.flagged and e.checked:
-        lines.append("no suggested edit: every edit generated still copied a training image")
+        lines.append("no suggested edit: no generated edit passed the check (each copied, or "
+                     "came near, a training image)")
     if e.minimal is not None and e.minimal is not e.recommended:
         m = e.minimal
         lines.append(f"smallest edit that clears it: {m.describe()}: {m.prompt!r} ({m.score:.3f})")

@@ -41,7 +41,7 @@ class Verdict:
     generations: int
     nearest_id: str  # the nearest training item of the closest generation
     score: float  # its similarity (cosine) or distance (tiled L2)
-    passed: bool = True  # no copy, and the closest generation outside the verifier's margin
+    passed: bool  # no copy, and the closest generation outside the verifier's margin
 
     @property
     def copying(self) -> bool:
@@ -152,15 +152,15 @@ class EditVerifier:
             seeds = [[self.seed + g for g in range(self.seeds)] for _ in prompts]
         jobs = [(i, int(s)) for i in range(len(prompts)) for s in seeds[i]]
         scores, ids = self._search(model, jobs, prompts)
-        out = []
-        for i in range(len(prompts)):
-            rows = [j for j, (p, _) in enumerate(jobs) if p == i]
-            s = torch.tensor([scores[j] for j in rows])
+        out, start = [], 0
+        for own in seeds:  # the jobs of prompt i are contiguous, in its seeds' order
+            s = torch.tensor(scores[start : start + len(own)])
             copy = s > self.threshold if self.higher_is_better else s < self.threshold
             best = int(s.argmax() if self.higher_is_better else s.argmin())
             closest = float(s[best])
             clear = (closest < self.threshold / self.margin if self.higher_is_better
                      else closest > self.threshold * self.margin)
-            out.append(Verdict(int(copy.sum()), len(rows), ids[rows[best]], closest,
+            out.append(Verdict(int(copy.sum()), len(own), ids[start + best], closest,
                                bool(clear and not copy.any())))
+            start += len(own)
         return out

@@ -95,10 +95,25 @@ def test_edit_verifier_counts_copies_of_indexed_images(tiny_pipe):
     assert not near.copying and not near.passed
     # the pool: the seed whose generation is the indexed image comes first
     picker = EditVerifier(index, seeds=1, seed=998, pool=4, num_inference_steps=3,
-                          criterion="tiled_l2")
+                          criterion="tiled_l2", confirm=0)
     assert picker.select_seeds(adapter, ["a red circle"]) == [[1000]]
     assert picker.generated == 4
     assert picker(adapter, ["a red circle"], seeds=[[1000]])[0].copying
+    # confirmation: the rest of the pool, closest first, checked only after a pass
+    conf = EditVerifier(index, seeds=1, seed=998, pool=4, num_inference_steps=3,
+                        criterion="tiled_l2")
+    ranked = conf.select_seeds(adapter, ["a red circle"])[0]
+    assert conf.confirm == 3 and len(ranked) == 4 and ranked[0] == 1000
+    assert sorted(ranked) == [998, 999, 1000, 1001]
+    before = conf.generated
+    fast = conf(adapter, ["a red circle"], seeds=[ranked])[0]  # copies at once: no confirmation
+    assert fast.copying and not fast.passed and fast.generations == 1
+    assert conf.generated == before + 1
+    late = conf(adapter, ["a red circle"], seeds=[[999, 1000]])[0]  # passes 999, copies on 1000
+    assert late.generations == 2 and late.copies == 1 and not late.passed
+    assert late.score < 0.15  # the closest of both stages
+    with pytest.raises(ConfigError, match="confirm"):
+        EditVerifier(index, confirm=-1)
     # an SSCD index is expected for a model that is not a testbed
     with pytest.raises(ConfigError, match="expects a sscd_cosine index"):
         EditVerifier(index, seeds=1)(adapter, ["x"])

@@ -61,6 +61,10 @@ class EditVerifier:
             .. ``seed + pool - 1`` and its edits are checked on the ``seeds`` of them whose
             generations came closest to a training image (the noises under which the original
             copies); otherwise every prompt uses seeds ``seed`` .. ``seed + seeds - 1``.
+        confirm: with a pool, an edit that passes on its ``seeds`` seeds is generated again with
+            up to ``confirm`` more seeds of the pool (the next closest) and passes only if these
+            copy nothing either (default: the rest of the pool). The first check fails a copying
+            edit fast; the confirmation catches an edit that copies under fewer noises.
         max_checks: candidate edits generated per prompt at most.
         threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
         margin: an edit passes only when its closest generation stays ``margin`` times away from
@@ -72,7 +76,7 @@ class EditVerifier:
     """
 
     def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 12,
-                 margin: float = 1.0, pool: int = 8,
+                 margin: float = 1.0, pool: int = 8, confirm: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
@@ -91,6 +95,10 @@ class EditVerifier:
                                if threshold is None else threshold)
         self.seeds, self.seed, self.max_checks = int(seeds), int(seed), int(max_checks)
         self.pool = max(int(pool), self.seeds)
+        spare = self.pool - self.seeds
+        if confirm is not None and confirm < 0:
+            raise ConfigError(f"edit verification confirm must be >= 0, got {confirm}")
+        self.confirm = spare if confirm is None else min(int(confirm), spare)
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.batch_size = int(batch_size)
         self._checked: set[int] = set()
@@ -99,14 +107,16 @@ class EditVerifier:
 
     def settings(self) -> dict:
         return {"seeds": self.seeds, "seed": self.seed, "pool": self.pool,
-                "max_checks": self.max_checks, "margin": self.margin,
+                "confirm": self.confirm, "max_checks": self.max_checks, "margin": self.margin,
                 "criterion": self.criterion, "threshold": self.threshold,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale}
 
     def select_seeds(self, model, prompts: Sequence[str]) -> list[list[int]]:
-        """Per prompt, the ``seeds`` seeds of the pool under which its generations come closest
-        to a training image (all of the first ``seeds`` when ``pool == seeds``)."""
+        """Per prompt, the ``seeds + confirm`` seeds of the pool under which its generations come
+        closest to a training image, closest first (the first ``seeds`` when ``pool == seeds``).
+        :meth:`__call__` checks an edit on the first ``seeds`` of them, then confirms a pass on
+        the rest."""
         if self.pool <= self.seeds:
             return [[self.seed + g for g in range(self.seeds)] for _ in prompts]
         pool = [self.seed + g for g in range(self.pool)]
@@ -115,7 +125,7 @@ class EditVerifier:
         out = []
         for i in range(len(prompts)):
             s = torch.tensor(scores[i * self.pool : (i + 1) * self.pool])
-            order = s.argsort(descending=self.higher_is_better)[: self.seeds]
+            order = s.argsort(descending=self.higher_is_better)[: self.seeds + self.confirm]
             out.append([pool[int(k)] for k in order])
         return out
 
@@ -146,11 +156,35 @@ class EditVerifier:
 
     def __call__(self, model, prompts: Sequence[str],
                  seeds: Sequence[Sequence[int]] | None = None) -> list[Verdict]:
-        """One :class:`Verdict` per prompt, generated with its ``seeds`` (default: seeds
-        ``seed`` .. ``seed + self.seeds - 1`` for every prompt), batched."""
+        """One :class:`Verdict` per prompt, batched. ``seeds``: per prompt, the seeds to
+        generate it with (default: ``seed`` .. ``seed + self.seeds - 1``); the first ``seeds``
+        of them are checked first, and the rest (as :meth:`select_seeds` gives them) only for
+        the prompts that pass there."""
         if seeds is None:
             seeds = [[self.seed + g for g in range(self.seeds)] for _ in prompts]
-        jobs = [(i, int(s)) for i in range(len(prompts)) for s in seeds[i]]
+        seeds = [[int(s) for s in own] for own in seeds]
+        first = self._judge(model, prompts, [own[: self.seeds] for own in seeds])
+        again = [i for i, v in enumerate(first) if v.passed and len(seeds[i]) > self.seeds]
+        if not again:
+            return first
+        more = self._judge(model, [prompts[i] for i in again],
+                           [seeds[i][self.seeds :] for i in again])
+        out = list(first)
+        for i, v in zip(again, more, strict=True):
+            out[i] = self._merge(first[i], v)
+        return out
+
+    def _closer(self, a: float, b: float) -> bool:
+        return a > b if self.higher_is_better else a < b
+
+    def _merge(self, a: Verdict, b: Verdict) -> Verdict:
+        near = b if self._closer(b.score, a.score) else a
+        return Verdict(a.copies + b.copies, a.generations + b.generations, near.nearest_id,
+                       near.score, a.passed and b.passed)
+
+    def _judge(self, model, prompts: Sequence[str],
+               seeds: Sequence[Sequence[int]]) -> list[Verdict]:
+        jobs = [(i, s) for i in range(len(prompts)) for s in seeds[i]]
         scores, ids = self._search(model, jobs, prompts)
         out, start = [], 0
         for own in seeds:  # the jobs of prompt i are contiguous, in its seeds' order

@@ -13,6 +13,7 @@ from diffmem.clitools import (
     COUNT,
     FPR,
     GENERATIONS,
+    NONNEG,
     SAMPLING_STEPS,
     SEED,
     STEPS_HELP,
@@ -35,6 +36,9 @@ VERIFY_OPTIONS = (
     ("--verify-pool", GENERATIONS, 8,
      "seeds 1000 .. 1000+N-1 the original prompt is generated with first; its edits are checked "
      "on the --verify-seeds of them under which it comes closest to a training image"),
+    ("--verify-confirm", NONNEG, None,
+     "an edit that passes is generated again with this many more seeds of the pool (the next "
+     "closest) and must pass there too (default: the rest of the pool; 0: no confirmation)"),
     ("--verify-checks", COUNT, 12, "edits generated per flagged prompt at most"),
     ("--verify-margin", MARGIN, 1.0,
      "an edit passes when its closest generation stays this many times away from the copy "
@@ -57,7 +61,7 @@ def _verify(a: argparse.Namespace) -> dict:
 
     return {"verify": EditVerifier(a.verify_index, seeds=a.verify_seeds,
                                    max_checks=a.verify_checks, margin=a.verify_margin,
-                                   pool=a.verify_pool,
+                                   pool=a.verify_pool, confirm=a.verify_confirm,
                                    num_inference_steps=a.sampling_steps)}
 
 

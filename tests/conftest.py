@@ -65,6 +65,37 @@ class UNetCalls:
         self.handle.remove()
 
 
+@pytest.fixture(scope="session")
+def tiny_testbed(tiny_dir, tmp_path_factory):
+    """The tiny pipeline posing as a testbed trained on a small data spec."""
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    from diffmem.models.adapter import load_adapter
+    from diffmem.testbed.data import TestbedSpec
+
+    folder = tmp_path_factory.mktemp("tb") / "pipe"
+    shutil.copytree(tiny_dir, folder)
+    spec = TestbedSpec(n_generic=20, n_verbatim=2, n_template=1, template_variants=4,
+                       template_eval_variants=2, n_heldout_compositions=3,
+                       resolution=load_adapter(tiny_dir).default_resolution)
+    (folder / "testbed.json").write_text(json.dumps(asdict(spec)))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed_index(tiny_testbed, tmp_path_factory):
+    """A saved index of the tiny testbed's training images as its VAE renders them."""
+    from diffmem.models.adapter import load_adapter
+    from diffmem.testbed.index import build_testbed_index
+
+    adapter = load_adapter(tiny_testbed)
+    out = tmp_path_factory.mktemp("tbidx") / "idx"
+    build_testbed_index(out, spec=adapter.testbed_spec, rendered_by=adapter)
+    return out
+
+
 @pytest.fixture
 def unet_calls():
     """The :class:`UNetCalls` counter class."""

@@ -156,7 +156,10 @@ def test_every_option_has_help_and_help_shows_defaults(capsys):
     assert missing == []
     assert main(["detect", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 50)" in text and "(default: 7.5)" in text and "(default: testbed)" in text
+    assert "(default: 7.5)" in text and "(default: testbed)" in text
+    assert "(default: the detector's own, 50; 10 for preview_replication)" in text
+    assert main(["generate", "--help"]) == 0
+    assert "(default: 50)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_one_meaning_per_option_name():

@@ -152,10 +152,11 @@ def add_model(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None
                    else MODEL_HELP)
 
 
-def add_sampling(p: argparse.ArgumentParser, *, deprecated_steps: bool = False) -> None:
+def add_sampling(p: argparse.ArgumentParser, *, deprecated_steps: bool = False,
+                 steps_default: int | None = 50, steps_help: str = "") -> None:
     """``--sampling-steps``, ``--guidance-scale``, ``--scheduler``: the sampling settings."""
-    p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
-                   help="length of the denoising schedule")
+    p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=steps_default,
+                   help="length of the denoising schedule" + steps_help)
     if deprecated_steps:  # the old spelling of generate / testbed verify
         p.add_argument("--steps", dest="sampling_steps", type=SAMPLING_STEPS,
                        action=DeprecatedAlias, new="--sampling-steps", help=argparse.SUPPRESS,

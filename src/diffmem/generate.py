@@ -35,7 +35,8 @@ def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
     What each method did to each prompt lands in ``result.records["mitigation.NAME"]``.
     ``detect``: a detector of :data:`diffmem.detect.registry.DETECTORS` (``noise_magnitude`` or
     ``noise-magnitude``, ...), configured for a run of ``num_inference_steps`` at
-    ``guidance_scale``; its per-prompt scores land in ``result.records[hook.name]``.
+    ``guidance_scale``; its per-prompt scores land in ``result.records[hook.name]``
+    (``preview_replication`` checks the run's own final images against ``index``).
     """
     hooks: list[Hook] = []
     if mitigate is not None:
@@ -44,18 +45,24 @@ def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
 
         if adapter is None:
             raise ConfigError("build_hooks(mitigate=...) needs the adapter")
-        if isinstance(index, (str, Path)):
-            from diffmem.similarity.index import TrainingIndex
-
-            index = TrainingIndex.load(index)
+        index = _load_index(index)
         hooks.extend(build_mitigations(mitigate, MitigationContext(
             adapter, threshold=threshold, index=index, seed=seed)))
     if detect is not None:
         from diffmem.detect.registry import make_detector
 
-        hooks.append(make_detector(detect, num_inference_steps=num_inference_steps,
+        hooks.append(make_detector(detect, index=_load_index(index),
+                                   num_inference_steps=num_inference_steps,
                                    guidance_scale=guidance_scale))
     return hooks
+
+
+def _load_index(index):
+    if isinstance(index, (str, Path)):
+        from diffmem.similarity.index import TrainingIndex
+
+        return TrainingIndex.load(index)
+    return index
 
 
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",
@@ -110,8 +117,11 @@ def separate_detection(detect: str | None, *, num_inference_steps: int, guidance
     its calibrated thresholds when taken with the detector's settings."""
     if detect is None:
         return None
-    from diffmem.detect.registry import make_detector
+    from diffmem.detect.registry import DETECTORS, NEEDS_INDEX, make_detector
+    from diffmem.naming import lookup
 
+    if lookup(DETECTORS, detect, "detector")[0].name in NEEDS_INDEX:
+        return None  # it checks the run's own final images, whatever the schedule
     det = make_detector(detect)
     mine = (det.num_inference_steps, det.guidance_scale, det.scheduler)
     run = (num_inference_steps, guidance_scale, scheduler)

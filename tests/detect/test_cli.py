@@ -167,3 +167,33 @@ def test_generate_unknown_detector_is_one_line(tiny_dir, tmp_path, capsys):
                          "--sampling-steps", 2, "--detect", "magic")
     assert rc == 2 and err.count("\n") == 1 and "unknown detector 'magic'" in err
     assert not (tmp_path / "g").exists()
+
+
+def test_detect_with_an_index_previews_and_searches(tiny_testbed, tiny_testbed_index, txt,
+                                                    tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    rc, stdout, _ = run_cli(capsys, "detect", txt, "--out", out, "--model", tiny_testbed,
+                            "--index", tiny_testbed_index, "--generations", 2,
+                            "--sampling-steps", 3)
+    summary = json.loads(stdout)
+    assert rc == 0 and summary["detector"] == "preview_replication"  # the default with an index
+    rows = read_csv(out)
+    # margins to the copy threshold 0.15 of tiled L2: at most 0.15 (a distance is >= 0)
+    assert len(rows) == 3 and all(float(r["score"]) <= 0.15 for r in rows)
+    # the report of eval detection names it and counts its UNet rows: 2 previews x 3 steps x 2
+    rep = tmp_path / "rep.json"
+    rc, stdout, _ = run_cli(capsys, "eval", "detection", "--out", rep, "--model", tiny_testbed,
+                            "--prompts", "designed", "--index", tiny_testbed_index,
+                            "--generations", 2, "--sampling-steps", 3)
+    report = json.loads(rep.read_text())
+    assert rc == 0 and report["detector"] == "preview_replication"
+    assert report["unet_rows_per_prompt"] == 2 * 3 * 2 and report["num_inference_steps"] == 3
+
+
+def test_preview_replication_without_an_index_is_one_line(tiny_dir, txt, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "detect", txt, "--out", tmp_path / "o.csv", "--model", tiny_dir,
+                         "--detector", "preview_replication")
+    assert rc == 2 and err.count("\n") == 1 and "needs the training set's index" in err
+    rc, _, err = run_cli(capsys, "detect", txt, "--out", tmp_path / "o.csv", "--model", tiny_dir,
+                         "--index", tmp_path / "nothing")
+    assert rc == 2 and "is not a diffmem index" in err

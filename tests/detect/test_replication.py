@@ -48,3 +48,53 @@ def test_never_fires_with_a_strict_threshold_and_scores_distance(tiny_pipe):
     # the score is minus the smallest tiled-L2 distance seen (schedule at 0)
     np.testing.assert_allclose(res.records["stepwise_replication"],
                                [-min(t) for t in traces], rtol=1e-6)
+
+
+def _copy_index(adapter, prompt="a red circle", seed=1000, steps=3):
+    """An index of the image ``prompt`` generates with ``seed``, beside 3 noise images."""
+    with torch.no_grad():
+        img = sample(adapter, [prompt], num_inference_steps=steps,
+                     generator=seeded_generators([seed])).images.float()
+    size = img.shape[-1]
+    noise = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return TrainingIndex.build(torch.cat([img, noise]), ["c", "r1", "r2", "r3"],
+                               ["copy", "n1", "n2", "n3"], PixelSpace(size=16, grid=4))
+
+
+def test_preview_replication_scores_the_most_copying_preview(tiny_pipe):
+    from diffmem.detect.replication import PreviewReplication
+    from diffmem.errors import ConfigError
+
+    adapter = load_adapter(tiny_pipe)
+    index = _copy_index(adapter)
+    # generation 1 of the prompt uses seed 1000: its preview is the indexed image
+    det = PreviewReplication(index, criterion="tiled_l2", num_inference_steps=3, generations=2,
+                             seed=999)
+    [both] = det.score(adapter, ["a red circle"])
+    one = [PreviewReplication(index, criterion="tiled_l2", num_inference_steps=3, generations=1,
+                              seed=s).score(adapter, ["a red circle"])[0] for s in (999, 1000)]
+    assert both == pytest.approx(max(one), abs=1e-4)  # the prompt scores as its most copying generation
+    assert one[1] > 0 > one[0]  # > 0: a copy (tiled L2 under 0.15); the other seed is far
+    # as a hook of a generation it checks the run's own final images, as margins to 0.15
+    res = sample(adapter, ["a red circle", "a blue square"], num_inference_steps=3, hooks=[det],
+                 generator=seeded_generators([1000, 1000]))
+    assert res.records["preview_replication_nearest"][0] == "copy"
+    found = index.search(res.images.float(), k=1)
+    np.testing.assert_allclose(res.records["preview_replication"],
+                               0.15 - found.scores[:, 0].double().numpy(), atol=0.02)
+    with pytest.raises(ConfigError, match="needs the training set's index"):
+        PreviewReplication()
+    with pytest.raises(ConfigError, match="last step"):
+        PreviewReplication(index, steps="all")
+    with pytest.raises(ConfigError, match="expects a sscd_cosine index"):
+        PreviewReplication(index, num_inference_steps=2).score(adapter, ["x"])
+
+
+def test_registry_default_is_the_preview_when_an_index_is_given(tiny_pipe):
+    from diffmem.defaults import DEFAULT_DETECTOR
+    from diffmem.detect import make_detector
+
+    index = _copy_index(load_adapter(tiny_pipe))
+    assert make_detector(index=index).name == "preview_replication"
+    assert make_detector().name == DEFAULT_DETECTOR
+    assert make_detector("noise-magnitude", index=index).name == "noise_magnitude"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from diffmem.cli import main
 from diffmem.explain import TokenAttributor, explain_prompt, format_terminal, to_html, use_color
 from diffmem.explain._eval import trigger_rank
 from diffmem.models.adapter import load_adapter
-from diffmem.testbed.data import TestbedSpec as Spec
 
 PROMPT = "the <zanzibar> quixotic poster"
 FAST = ["--sampling-steps", "3"]
@@ -82,18 +79,6 @@ def test_explain_command_handles_a_long_prompt(tiny_dir, capsys):
     assert rc == 0 and "longer than the text encoder's context" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def tiny_testbed(tiny_dir, tmp_path_factory):
-    """The tiny pipeline posing as a testbed trained on a small data spec."""
-    folder = tmp_path_factory.mktemp("tb") / "pipe"
-    shutil.copytree(tiny_dir, folder)
-    spec = Spec(n_generic=20, n_verbatim=2, n_template=1, template_variants=4,
-                template_eval_variants=2, n_heldout_compositions=3,
-                resolution=load_adapter(tiny_dir).default_resolution)
-    (folder / "testbed.json").write_text(json.dumps(asdict(spec)))
-    return folder
-
-
 def test_explain_checks_edits_against_the_training_index(tiny_testbed, tiny_dir, tmp_path,
                                                          capsys):
     from diffmem.testbed.index import build_testbed_index
@@ -106,10 +91,15 @@ def test_explain_checks_edits_against_the_training_index(tiny_testbed, tiny_dir,
                "--verify-index", str(tmp_path / "idx"), "--verify-checks", "2",
                "--json", str(out), *FAST])
     text = capsys.readouterr().out
-    assert rc == 0 and "generated 4x: no copy of a training image" in text
+    # 4 seeds, then confirmed on the other 4 of the pool of 8
+    assert rc == 0 and "generated 8x: no copy of a training image" in text
     checked = [s for s in json.loads(out.read_text())["suggestions"] if s["copies"] is not None]
-    assert len(checked) == 1 and checked[0]["copies"] == 0 and checked[0]["generations"] == 4
+    assert len(checked) == 1 and checked[0]["copies"] == 0 and checked[0]["generations"] == 8
     assert checked[0]["passed"] is True
+    rc = main(["explain", PROMPT, "--model", str(tiny_testbed), "--threshold", "0",
+               "--verify-index", str(tmp_path / "idx"), "--verify-checks", "1",
+               "--verify-confirm", "0", "--json", str(out), *FAST])
+    assert rc == 0 and "generated 4x: no copy" in capsys.readouterr().out
     # a testbed index does not belong to another model: one line, exit 2
     rc = main(["explain", PROMPT, "--model", str(tiny_dir), "--threshold", "0",
                "--verify-index", str(tmp_path / "idx"), *FAST])

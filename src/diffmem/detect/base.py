@@ -53,6 +53,9 @@ class Detector(Hook, ABC):
     """
 
     name = "detector"
+    #: how a prompt's generations are combined: "mean" or "max" (the prompt scores as its most
+    #: memorized generation)
+    reduce_generations = "mean"
 
     def __init__(self, *, steps: StepSpec = 1, generations: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
@@ -120,7 +123,8 @@ class Detector(Hook, ABC):
 
     # ------------------------------------------------------------------ estimator
     def score(self, model: ModelAdapter | str, prompts: Sequence[str]) -> np.ndarray:
-        """One score per prompt (higher = more memorized), averaged over ``generations``."""
+        """One score per prompt (higher = more memorized), averaged over ``generations`` (or
+        their maximum, when :attr:`reduce_generations` is ``"max"``)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PromptError("no prompts to score")
@@ -128,7 +132,7 @@ class Detector(Hook, ABC):
 
         adapter = load_adapter(model, scheduler=self.scheduler)
         jobs = [(i, g) for i in range(len(prompts)) for g in range(self.generations)]
-        sums = np.zeros(len(prompts))
+        per = np.zeros((len(prompts), self.generations))
         with progress(len(jobs), f"score ({self.name})", unit="img") as bar:
             for k in range(0, len(jobs), self.batch_size):
                 chunk = jobs[k : k + self.batch_size]
@@ -137,10 +141,10 @@ class Detector(Hook, ABC):
                              num_inference_steps=self.num_inference_steps,
                              guidance_scale=self.guidance_scale, generator=gens, latents=latents,
                              hooks=[self], decode=False, stop_when_done=True)
-                for (i, _), s in zip(chunk, res.records[self.name], strict=True):
-                    sums[i] += s
+                for (i, g), s in zip(chunk, res.records[self.name], strict=True):
+                    per[i, g] = s
                 bar.update(len(chunk))
-        return sums / self.generations
+        return per.max(axis=1) if self.reduce_generations == "max" else per.mean(axis=1)
 
     def _noise(self, adapter: ModelAdapter, chunk: list[tuple[int, int]]):
         """Generators and (for ``per-prompt``) initial noises of (prompt, generation) jobs."""

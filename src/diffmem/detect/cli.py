@@ -26,7 +26,7 @@ from diffmem.clitools import (
     dumps,
     scored_steps,
 )
-from diffmem.defaults import DEFAULT_DETECTOR
+from diffmem.defaults import DEFAULT_DETECTOR, DEFAULT_INDEX_DETECTOR
 
 
 def _cmd_detect(a: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def _cmd_detect(a: argparse.Namespace) -> int:
                           threshold_from=a.threshold_from, fpr=a.fpr,
                           num_inference_steps=a.sampling_steps, guidance_scale=a.guidance_scale,
                           scheduler=a.scheduler, batch_size=a.batch_size, seed=a.seed,
-                          seed_mode=a.seed_mode, column=a.column)
+                          seed_mode=a.seed_mode, column=a.column, index=a.index)
     print(dumps(summary, indent=2))
     return 0
 
@@ -50,22 +50,29 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
                                 num_inference_steps=a.sampling_steps,
                                 guidance_scale=a.guidance_scale, scheduler=a.scheduler,
                                 batch_size=a.batch_size, seed=a.seed, fpr=a.fpr, split=a.split,
-                                seed_mode=a.seed_mode)
+                                seed_mode=a.seed_mode, index=a.index)
     print(dumps(report, indent=2))
     return 0
 
 
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detector", default=DEFAULT_DETECTOR,
+    p.add_argument("--detector", default=None,
                    help=f"one of: {{detectors}} (default {DEFAULT_DETECTOR}, 1 step, 4 "
-                        "generations; the one-step option: noise_magnitude)")
+                        f"generations; with --index {DEFAULT_INDEX_DETECTOR}, 4 previews of 10 "
+                        "steps; the one-step option: noise_magnitude)")
+    p.add_argument("--index", default=None, metavar="IDX",
+                   help="the training set's index (`diffmem index build`): enables "
+                        f"{DEFAULT_INDEX_DETECTOR}, which generates short previews and searches "
+                        "them for copies, and makes it the default")
     p.add_argument("--steps", type=scored_steps, default=None,
                    help=STEPS_HELP + " (default: the detector's own, 1 or last:10)")
     p.add_argument("--generations", type=GENERATIONS, default=None,
                    help="initial noises per prompt, scores averaged (default: the detector's own, "
-                        "4 for sharpness, 1 for the others)")
+                        f"4 for sharpness and {DEFAULT_INDEX_DETECTOR} (its maximum), 1 for the "
+                        "others)")
     add_model(p)
-    add_sampling(p)
+    add_sampling(p, steps_default=None,
+                 steps_help=f" (default: the detector's own, 50; 10 for {DEFAULT_INDEX_DETECTOR})")
     p.add_argument("--batch-size", type=BATCH, default=16,
                    help="images per batched UNet call")
     p.add_argument("--seed", type=SEED, default=0, help="first generator seed (see --seed-mode)")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from diffmem.defaults import DEFAULT_DETECTOR  # noqa: F401 (re-exported)
+from diffmem.defaults import DEFAULT_DETECTOR, DEFAULT_INDEX_DETECTOR
 from diffmem.detect.attention_entropy import AttentionEntropy
 from diffmem.detect.base import Detector
 from diffmem.detect.bright_ending import BrightEnding
 from diffmem.detect.noise_magnitude import NoiseMagnitude
+from diffmem.detect.replication import PreviewReplication
 from diffmem.detect.sharpness import Sharpness
 from diffmem.naming import lookup
 
@@ -17,17 +18,28 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
     "attention_entropy_late": (AttentionEntropy, {"mode": "late_steps"}),
     "bright_ending": (BrightEnding, {}),
     "sharpness": (Sharpness, {}),
+    "preview_replication": (PreviewReplication, {}),
 }
 
+#: detectors that need the training set's index (``index=``)
+NEEDS_INDEX = frozenset({"preview_replication"})
 
 
 
-def make_detector(name: str, **options: object) -> Detector:
+
+def make_detector(name: str | None = None, *, index=None, **options: object) -> Detector:
     """A detector by registry name (``noise_magnitude`` or ``noise-magnitude``, any case) with
     keyword options (``steps``, ``generations``, ...); an option given as None takes the
-    detector's own default."""
+    detector's own default. ``index`` (a training-set index or its folder) is passed to the
+    detectors that need one (:data:`NEEDS_INDEX`); without a name the default is
+    ``preview_replication`` when an index is given, else :data:`DEFAULT_DETECTOR`."""
+    if name is None:
+        name = DEFAULT_INDEX_DETECTOR if index is not None else DEFAULT_DETECTOR
     cls, fixed = lookup(DETECTORS, name, "detector")
-    return cls(**fixed, **{k: v for k, v in options.items() if v is not None})
+    kept = {k: v for k, v in options.items() if v is not None}
+    if cls.name in NEEDS_INDEX:
+        kept["index"] = index
+    return cls(**fixed, **kept)
 
 
 def parse_steps(value: str | int | None):

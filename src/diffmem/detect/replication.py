@@ -1,5 +1,8 @@
-"""Per-step replication detection (Chen, Liu & Xu, CVPR 2024, "Towards Memorization-Free Diffusion
-Models", Sec. 3.4: automatic detection with a threshold schedule).
+"""Replication detection against the training set's index.
+
+:class:`StepwiseReplication`: per-step detection (Chen, Liu & Xu, CVPR 2024, "Towards
+Memorization-Free Diffusion Models", Sec. 3.4: automatic detection with a threshold schedule).
+:class:`PreviewReplication`: the same check on the final image of a short preview generation.
 
 At every checked step the guided clean-latent estimate is decoded and matched to its nearest
 training image; the step *fires* when the similarity crosses the schedule lambda_t:
@@ -156,3 +159,76 @@ class StepwiseReplication(Detector):
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:
         """Not used: this detector keeps the best margin over steps instead of a mean."""
         return torch.zeros(run.batch_size)
+
+
+class PreviewReplication(Detector):
+    """Does a short preview generation of the prompt copy a training image?
+
+    Each generation runs a short schedule (``num_inference_steps``, default 10 DDIM steps instead
+    of 50) to its end; the final clean-latent estimate is decoded and matched to its nearest
+    training image in ``index`` (the check of AMG's detector, Chen et al. CVPR 2024, Sec. 3.4,
+    made once at the end). Score per generation: the margin to the copy threshold, ``threshold -
+    distance`` (tiled L2) or ``similarity - threshold`` (SSCD cosine), so a score above 0 is a
+    preview that copies; a prompt scores as its most copying generation (``max`` over
+    generations, as a prompt copies when any of its generations does).
+
+    A preview needs no training of its own and no labelled prompts, but it needs the training
+    set's index (``diffmem index build``), and it costs ``generations x num_inference_steps x 2``
+    UNet rows per prompt (80 with the defaults) plus one VAE decode and one search per
+    generation. As a hook of a full generation it checks that generation's own final image at no
+    extra UNet cost. On the testbed's broad set the memorization a preview shows is the one the
+    full generations show (docs/detection.md); whether 10 steps suffice on another model is
+    worth checking on a few of its known copies.
+
+    Args:
+        index: a :class:`~diffmem.similarity.index.TrainingIndex` or the folder of a saved one.
+        threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
+        criterion: the expected criterion, checked against the index (default: tiled L2 for a
+            testbed model, SSCD cosine otherwise).
+        num_inference_steps: length of the preview's schedule (default 10).
+        generations: previews per prompt (default 4).
+    """
+
+    name = "preview_replication"
+    reduce_generations = "max"
+
+    def __init__(self, index=None, *, threshold: float | None = None,
+                 criterion: str | None = None, num_inference_steps: int = 10,
+                 generations: int = 4, steps=None, **options) -> None:
+        from diffmem.similarity.index import TrainingIndex
+        from diffmem.similarity.report import DEFAULT_THRESHOLDS
+
+        if index is None:
+            raise ConfigError("preview_replication needs the training set's index (--index IDX; "
+                              "build it with `diffmem index build`)")
+        if steps not in (None, "last:1"):
+            raise ConfigError("preview_replication checks the last step only; leave --steps out")
+        super().__init__(steps="last:1", generations=generations,
+                         num_inference_steps=num_inference_steps, **options)
+        self.index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
+        self.criterion = self.index.embedder.criterion
+        self.higher_is_better = bool(self.index.embedder.higher_is_better)
+        self.copy_threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
+                                    if threshold is None else threshold)
+        self._expected = criterion
+        self._checked: set[int] = set()
+
+    def on_start(self, run: Run) -> None:
+        super().on_start(run)
+        if id(run.adapter) not in self._checked:
+            from diffmem.similarity.index import check_index_model
+
+            check_index_model(self.index, run.adapter, criterion=self._expected,
+                              who="preview_replication")
+            self._checked.add(id(run.adapter))
+        run.state(self).nearest = [""] * run.batch_size
+
+    def step_scores(self, run: Run, step: Step) -> torch.Tensor:
+        found = decode_and_search(run, step, self.index)
+        raw = found.scores[:, 0].double()
+        run.state(self).nearest = [row[0] for row in found.ids]
+        return (raw - self.copy_threshold) if self.higher_is_better else (self.copy_threshold - raw)
+
+    def on_end(self, run: Run) -> None:
+        super().on_end(run)
+        run.records[self.name + "_nearest"] = run.state(self).nearest

@@ -5,24 +5,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffmem.detect.prompts import TABLE_SUFFIXES, read_prompts, write_table
-from diffmem.detect.registry import DEFAULT_DETECTOR, make_detector, parse_steps
+from diffmem.detect.registry import make_detector, parse_steps
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 
 def detect_file(prompts_file: str | Path, out: str | Path, *,
                 model: str | Path | ModelAdapter = "testbed",
-                detector: str = DEFAULT_DETECTOR, steps: int | str | None = None,
+                detector: str | None = None, steps: int | str | None = None,
                 generations: int | None = None,
                 threshold_from: str | Path | None = None, fpr: float = 0.01,
-                num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                num_inference_steps: int | None = None, guidance_scale: float = 7.5,
                 scheduler: str | None = None, batch_size: int = 16, seed: int = 0,
-                seed_mode: str = "per-generation", column: str | None = None) -> dict:
+                seed_mode: str = "per-generation", column: str | None = None,
+                index=None) -> dict:
     """Score every prompt of ``prompts_file`` and write ``prompt, score, truncated[, flagged]`` to
     ``out`` (``.csv``, ``.jsonl`` or ``.parquet``).
 
     ``truncated``: the prompt was longer than the text encoder's context and only its first tokens
     were scored. With ``threshold_from`` (a file of clean prompts) the detector is first calibrated
-    at ``fpr`` and each prompt gets ``flagged = score > threshold``. Returns a summary dict.
+    at ``fpr`` and each prompt gets ``flagged = score > threshold``. ``detector``: a registry name
+    (default: ``preview_replication`` with an ``index``, the training set's, else
+    :data:`~diffmem.defaults.DEFAULT_DETECTOR`); ``num_inference_steps``: the detector's own
+    schedule length when None. Returns a summary dict.
     """
     import warnings
 
@@ -32,7 +36,8 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
         write_table({}, out)
     prompts = read_prompts(prompts_file, column)
     clean = read_prompts(threshold_from, column) if threshold_from is not None else None
-    det = make_detector(detector, steps=parse_steps(steps), generations=generations, fpr=fpr,
+    det = make_detector(detector, index=index, steps=parse_steps(steps),
+                        generations=generations, fpr=fpr,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         scheduler=scheduler, batch_size=batch_size, seed=seed,
                         seed_mode=_mode(seed_mode))

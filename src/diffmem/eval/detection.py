@@ -27,7 +27,7 @@ import numpy as np
 
 from diffmem.detect.base import Detector
 from diffmem.detect.prompts import read_labelled, write_table
-from diffmem.detect.registry import DEFAULT_DETECTOR, make_detector, parse_steps
+from diffmem.detect.registry import make_detector, parse_steps
 from diffmem.errors import PromptError
 from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
@@ -190,18 +190,20 @@ def plot_roc(memorized: Sequence[bool], scores: Sequence[float], path: str | Pat
     return path
 
 
-def evaluate_detection(detector: str | Detector = DEFAULT_DETECTOR, *,
+def evaluate_detection(detector: str | Detector | None = None, *,
                        model: str | Path | ModelAdapter = "testbed",
                        prompts: str | Path | None = None, out: str | Path | None = None,
                        steps: int | str | None = None, generations: int | None = None,
-                       num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                       num_inference_steps: int | None = None, guidance_scale: float = 7.5,
                        scheduler: str | None = None, batch_size: int = 16,
                        seed: int = 0, fpr: float = 0.01, split: str | None = None,
-                       seed_mode: str = "per-generation") -> dict:
+                       seed_mode: str = "per-generation", index=None) -> dict:
     """Score labelled prompts and report detection metrics, overall, per group and per split.
 
     ``prompts``: see :func:`labelled_rows` (default: the broad generation-labelled set).
-    ``detector``: a registry name (then ``steps``/``generations``/... configure it) or an instance.
+    ``detector``: a registry name (then ``steps``/``generations``/... configure it) or an instance;
+    default: ``preview_replication`` with an ``index`` (the training set's), else
+    :data:`~diffmem.defaults.DEFAULT_DETECTOR`. ``num_inference_steps``: None = the detector's own.
     ``split``: only the prompts of that split (``dev`` / ``test``). With ``out`` (``report.json``)
     also writes ``report_roc.png`` and ``report_scores.csv``.
     """
@@ -218,8 +220,9 @@ def evaluate_detection(detector: str | Detector = DEFAULT_DETECTOR, *,
     y = np.asarray(labels, dtype=int)
     if y.sum() in (0, y.size):  # fail before the (slow) scoring
         detection_metrics(labels, np.zeros(len(labels)))
-    if isinstance(detector, str):
-        det = make_detector(detector, steps=parse_steps(steps), generations=generations,
+    if detector is None or isinstance(detector, str):
+        det = make_detector(detector, index=index, steps=parse_steps(steps),
+                            generations=generations,
                             num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, scheduler=scheduler,
                             batch_size=batch_size, seed=seed, seed_mode=_mode(seed_mode))

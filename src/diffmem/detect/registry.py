@@ -25,8 +25,6 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
 NEEDS_INDEX = frozenset({"preview_replication"})
 
 
-
-
 def make_detector(name: str | None = None, *, index=None, **options: object) -> Detector:
     """A detector by registry name (``noise_magnitude`` or ``noise-magnitude``, any case) with
     keyword options (``steps``, ``generations``, ...); an option given as None takes the

@@ -100,6 +100,25 @@ def test_explain_checks_edits_against_the_training_index(tiny_testbed, tiny_dir,
                "--verify-index", str(tmp_path / "idx"), "--verify-checks", "1",
                "--verify-confirm", "0", "--json", str(out), *FAST])
     assert rc == 0 and "generated 4x: no copy" in capsys.readouterr().out
+    # margin 100: no edit can pass; depth 2 attributes the closest miss and edits it again
+    def run(depth):
+        rc = main(["explain", PROMPT, "--model", str(tiny_testbed), "--threshold", "0",
+                   "--verify-index", str(tmp_path / "idx"), "--verify-checks", "2",
+                   "--verify-margin", "100", "--verify-depth", str(depth), "--verify-pool", "4",
+                   "--verify-seeds", "2", "--json", str(out), *FAST])
+        assert rc == 0 and "no generated edit passed" in capsys.readouterr().out
+        return json.loads(out.read_text())["suggestions"]
+
+    one, two = run(1), run(2)
+    assert {s["prompt"] for s in one} < {s["prompt"] for s in two}
+    checked_one = [s for s in one if s["copies"] is not None]
+    new = [s for s in two if s["copies"] is not None and s["prompt"] not in
+           {c["prompt"] for c in checked_one}]
+    assert len(checked_one) == 2 and len(new) == 2 and all(not s["passed"] for s in new)
+    bases = [tuple(c["words"]) for c in checked_one]
+    deeper = [s for s in new if any(tuple(s["words"][: len(b)]) == b and len(s["words"]) > len(b)
+                                    for b in bases)]
+    assert deeper  # the second level's edits carry the words of both levels
     # a testbed index does not belong to another model: one line, exit 2
     rc = main(["explain", PROMPT, "--model", str(tiny_dir), "--threshold", "0",
                "--verify-index", str(tmp_path / "idx"), *FAST])

@@ -19,9 +19,10 @@ def _sug(prompt, score, clears, natural=True, words=("w",)):
 class ScriptedVerifier:
     """Says which prompts copy; records what it was asked, round by round."""
 
-    def __init__(self, copying, max_checks=8):
+    def __init__(self, copying, max_checks=8, depth=1, distance=None):
         self.copying, self.max_checks, self.rounds = set(copying), max_checks, []
         self.seeds_asked: list = []
+        self.depth, self.distance = depth, distance or {}
 
     def select_seeds(self, model, prompts):
         return [[len(p), 7] for p in prompts]  # per original prompt
@@ -29,8 +30,8 @@ class ScriptedVerifier:
     def __call__(self, model, prompts, seeds=None):
         self.rounds.append(list(prompts))
         self.seeds_asked.append(seeds)
-        return [Verdict(2 if p in self.copying else 0, 2, "id", 0.0, p not in self.copying)
-                for p in prompts]
+        return [Verdict(2 if p in self.copying else 0, 2, "id", self.distance.get(p, 0.0),
+                        p not in self.copying) for p in prompts]
 
 
 def _reports():
@@ -66,6 +67,32 @@ def test_verify_edits_respects_max_checks():
     [a] = verify_edits(None, _reports()[:1], v)
     assert len(v.rounds) == 2 and a.recommended is None
     assert sum(s.copies is not None for s in a.suggestions) == 2
+
+
+def test_verify_edits_edits_the_closest_miss_again_at_depth_2():
+    # every first-level edit of A copies; "a-clear-2" stayed farthest from a copy (distance 0.14)
+    v = ScriptedVerifier(copying={"a-flagged", "a-clear-1", "a-clear-2", "a-clear-3", "deep-1"},
+                         depth=2, distance={"a-clear-1": 0.05, "a-clear-2": 0.14,
+                                            "a-clear-3": 0.1, "a-flagged": 0.02})
+    asked = []
+
+    def extend(prompts):
+        asked.append(list(prompts))
+        return [EditReport(prompts[0], 0.2, None, (
+            _sug("deep-1", 0.1, None, words=("u",)),
+            _sug("deep-2", 0.3, None, words=("t",)),
+            _sug("a-clear-1", 0.05, None)))]  # already checked: not again
+
+    [a] = verify_edits(None, _reports()[:1], v, extend=extend)
+    assert asked == [["a-clear-2"]]
+    assert v.rounds[-2:] == [["deep-1"], ["deep-2"]]  # clearing (score <= 1.0), lowest first
+    deep = {s.prompt: s for s in a.suggestions}
+    assert deep["deep-2"].words == ("w", "v", "t") and deep["deep-2"].clears is True
+    assert a.recommended.prompt == "deep-2" and a.recommended.verified
+    # depth 1 (the default), or no extend: no second level
+    v1 = ScriptedVerifier(copying=v.copying)
+    [a1] = verify_edits(None, _reports()[:1], v1, extend=extend)
+    assert a1.recommended is None and len(asked) == 1
 
 
 def test_edit_verifier_counts_copies_of_indexed_images(tiny_pipe):

@@ -156,12 +156,22 @@ def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
                            if r.lower() not in {n.lower() for n in names}]
         for action, repl in candidates:
             text = _edited(attribution.prompt, words, full, repl)
-            left = sum(1 for w in text.split() if any(ch.isalnum() for ch in w))
-            natural = 2 * len(full) <= max(n_words, 1) + 1 and left >= 2
+            natural = _natural(len(full), n_words, text)
             if text.strip() and text not in seen:
                 seen.add(text)
                 out.append(_Variant(text, action, names, repl, natural))
     return out
+
+
+def _word_count(text: str) -> int:
+    """Words with a letter or digit in ``text`` (split at whitespace)."""
+    return sum(1 for w in text.split() if any(ch.isalnum() for ch in w))
+
+
+def _natural(n_edited: int, n_words: int, edited: str) -> bool:
+    """An edit a person would accept: it edits at most half of the prompt's ``n_words`` words
+    (rounded up) and leaves at least two words."""
+    return 2 * n_edited <= max(n_words, 1) + 1 and _word_count(edited) >= 2
 
 
 def _one_run(words, idx: Sequence[int]) -> bool:
@@ -254,7 +264,8 @@ def _preference(s: EditSuggestion) -> tuple:
     return (not s.clears, not s.natural, len(s.words), s.score)
 
 
-def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditReport]:
+def verify_edits(model, reports: Sequence[EditReport], verifier, *,
+                 extend=None) -> list[EditReport]:
     """Check the edits of the flagged prompts by generation (:class:`EditVerifier`).
 
     The verifier first picks, per flagged prompt, the seeds under which the original comes
@@ -263,7 +274,14 @@ def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditRep
     :func:`_preference` order (all prompts of a round in one batched run), up to
     ``verifier.max_checks`` rounds; a prompt stops at its first edit whose generations copy no
     training image and none comes near one (``Verdict.passed``). Unchecked suggestions keep
-    ``copies=None``; unflagged prompts are left alone."""
+    ``copies=None``; unflagged prompts are left alone.
+
+    ``extend`` (a function from edited prompts to their :class:`EditReport`, e.g. attribution and
+    :func:`suggest_edits` of the edited prompts; ``verifier.depth`` >= 2): a prompt none of whose
+    candidates passed takes the checked edit whose generations stayed farthest from the training
+    set, has ITS words attributed and edited in turn (the second level of a greedy search: a
+    memorized template is often carried by words the first attribution ranked low), and those
+    combined edits are checked the same way, up to ``max_checks`` more per level."""
     order = {i: sorted(r.suggestions, key=_preference) for i, r in enumerate(reports)
              if r.flagged}
     verdicts: dict[tuple[int, str], object] = {}
@@ -271,21 +289,63 @@ def verify_edits(model, reports: Sequence[EditReport], verifier) -> list[EditRep
     flagged = sorted(order)
     chosen = dict(zip(flagged, verifier.select_seeds(model, [reports[i].prompt for i in flagged]),
                       strict=True)) if flagged else {}
-    for rnd in range(verifier.max_checks):
-        todo = [(i, order[i][rnd]) for i in sorted(open_) if rnd < len(order[i])]
-        if not todo:
+    added: dict[int, list[EditSuggestion]] = {i: [] for i in flagged}
+
+    def check(candidates: dict[int, list[EditSuggestion]]) -> None:
+        for rnd in range(verifier.max_checks):
+            todo = [(i, candidates[i][rnd]) for i in sorted(open_)
+                    if i in candidates and rnd < len(candidates[i])]
+            if not todo:
+                break
+            found = verifier(model, [s.prompt for _, s in todo],
+                             seeds=[chosen[i] for i, _ in todo])
+            for (i, s), v in zip(todo, found, strict=True):
+                verdicts[(i, s.prompt)] = v
+                if v.passed:
+                    open_.discard(i)
+
+    check(order)
+    far = -1.0 if getattr(verifier, "higher_is_better", False) else 1.0
+    for _ in range(max(int(getattr(verifier, "depth", 1)), 1) - 1):
+        if extend is None or not open_:
             break
-        found = verifier(model, [s.prompt for _, s in todo], seeds=[chosen[i] for i, _ in todo])
-        for (i, s), v in zip(todo, found, strict=True):
-            verdicts[(i, s.prompt)] = v
-            if v.passed:
-                open_.discard(i)
+        bases = {}
+        for i in sorted(open_):
+            tried = [s for s in order[i] + added[i] if (i, s.prompt) in verdicts]
+            if tried:  # the edit whose closest generation stayed farthest from a copy
+                bases[i] = max(tried, key=lambda s, i=i: far * verdicts[(i, s.prompt)].score)
+        if not bases:
+            break
+        ids = sorted(bases)
+        deeper = extend([bases[i].prompt for i in ids])
+        level: dict[int, list[EditSuggestion]] = {}
+        for i, rep in zip(ids, deeper, strict=True):
+            seen = {s.prompt for s in order[i] + added[i]} | {reports[i].prompt}
+            n_words = _word_count(reports[i].prompt)
+            base, thr = bases[i], reports[i].threshold
+            new = []
+            for s in rep.suggestions:
+                if s.prompt in seen:
+                    continue
+                seen.add(s.prompt)
+                words = base.words + s.words
+                both_removed = base.action == s.action == "remove"
+                new.append(EditSuggestion(
+                    s.prompt, "remove" if both_removed else "replace", words,
+                    None if both_removed else (s.replacement or base.replacement), s.score,
+                    None if thr is None else bool(s.score <= thr),
+                    _natural(len(words), n_words, s.prompt)))
+            added[i] += new
+            level[i] = sorted(new, key=_preference)
+        check(level)
+
     def checked(i: int, s: EditSuggestion) -> EditSuggestion:
         v = verdicts.get((i, s.prompt))
         return s if v is None else replace(s, copies=v.copies, generations=v.generations,
                                            passed=v.passed)
 
-    return [replace(r, suggestions=tuple(checked(i, s) for s in r.suggestions))
+    return [replace(r, suggestions=tuple(sorted(
+                (checked(i, s) for s in (*r.suggestions, *added.get(i, ()))), key=_by_score)))
             for i, r in enumerate(reports)]
 
 

@@ -28,6 +28,7 @@ from diffmem.errors import PromptError
 from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
 from diffmem.explain._edits import EditReport, EditSuggestion, suggest_edits, verify_edits
+from diffmem.explain._explain import edit_extender
 from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
@@ -100,8 +101,9 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
         raise PromptError(f"no copying prompts in {source}")
     t0 = time.perf_counter()
     texts = [r["prompt"] for r in rows]
-    attributions = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
-                                   num_inference_steps=num_inference_steps).attribute(texts)
+    attributor = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
+                                 num_inference_steps=num_inference_steps)
+    attributions = attributor.attribute(texts)
     detector = detector or NoiseMagnitude(steps=1, generations=seeds, seed=seed, fpr=fpr,
                                           num_inference_steps=num_inference_steps)
     attributions = attribute_with_ablation(adapter, attributions, detector=detector,
@@ -117,7 +119,9 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
         t1 = time.perf_counter()
         verifier = verify if isinstance(verify, EditVerifier) else EditVerifier(
             verify, num_inference_steps=num_inference_steps)
-        reports = verify_edits(adapter, reports, verifier)
+        reports = verify_edits(adapter, reports, verifier, extend=edit_extender(
+            adapter, attributor, detector=detector, threshold=threshold, top_k=top_k,
+            combine=combine, ablation=ablation))
         t_verify = time.perf_counter() - t1
     chosen = [_chosen(r) if r.flagged else None for r in reports]
     judged: dict[str, dict] = {}

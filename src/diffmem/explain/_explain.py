@@ -94,13 +94,29 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
     if verify is not None:
         verifier = verify if isinstance(verify, EditVerifier) else EditVerifier(
             verify, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
-        [edits] = verify_edits(adapter, [edits], verifier)
+        [edits] = verify_edits(adapter, [edits], verifier, extend=edit_extender(
+            adapter, attributor, detector=detector, threshold=threshold, top_k=top_k,
+            combine=combine, ablation=ablation))
     view = None
     if attention:
         view = attention_view(adapter, attribution, seed=seed,
                               num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale)
     return Explanation(attribution, edits, view)
+
+
+def edit_extender(adapter, attributor: TokenAttributor, *, detector: Detector,
+                  threshold: float | None, top_k: int, combine: int, ablation: float):
+    """``extend`` of :func:`verify_edits`: edited prompts -> their own attribution (the same
+    attributor, detector and ablation weight) and edit suggestions."""
+
+    def extend(prompts: list[str]) -> list[EditReport]:
+        attributions = attribute_with_ablation(adapter, attributor.attribute(prompts),
+                                               detector=detector, weight=ablation)
+        return suggest_edits(adapter, attributions, detector=detector, threshold=threshold,
+                             top_k=top_k, combine=combine)
+
+    return extend
 
 
 def attention_view(model, attribution: TokenAttribution, *, seed: int = 0,

@@ -65,7 +65,10 @@ class EditVerifier:
             up to ``confirm`` more seeds of the pool (the next closest) and passes only if these
             copy nothing either (default: the rest of the pool). The first check fails a copying
             edit fast; the confirmation catches an edit that copies under fewer noises.
-        max_checks: candidate edits generated per prompt at most.
+        max_checks: candidate edits generated per prompt (and per level) at most.
+        depth: levels of editing: with 2, a prompt none of whose edits passes has the checked
+            edit that stayed farthest from a copy attributed and edited again
+            (:func:`~diffmem.explain.verify_edits` with ``extend``).
         threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
         margin: an edit passes only when its closest generation stays ``margin`` times away from
             the copy threshold (distance > ``margin`` x threshold; similarity < threshold /
@@ -77,14 +80,17 @@ class EditVerifier:
 
     def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 12,
                  margin: float = 1.0, pool: int = 8, confirm: int | None = None,
+                 depth: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
         from diffmem.similarity.index import TrainingIndex
         from diffmem.similarity.report import DEFAULT_THRESHOLDS
 
-        if seeds < 1 or max_checks < 1 or batch_size < 1:
-            raise ConfigError("edit verification needs seeds, max_checks and batch_size >= 1")
+        if seeds < 1 or max_checks < 1 or batch_size < 1 or depth < 1:
+            raise ConfigError("edit verification needs seeds, max_checks, depth and batch_size "
+                              ">= 1")
+        self.depth = int(depth)
         if not margin >= 1:
             raise ConfigError(f"edit verification margin must be >= 1, got {margin}")
         self.margin = float(margin)
@@ -107,7 +113,8 @@ class EditVerifier:
 
     def settings(self) -> dict:
         return {"seeds": self.seeds, "seed": self.seed, "pool": self.pool,
-                "confirm": self.confirm, "max_checks": self.max_checks, "margin": self.margin,
+                "confirm": self.confirm, "max_checks": self.max_checks, "depth": self.depth,
+                "margin": self.margin,
                 "criterion": self.criterion, "threshold": self.threshold,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale}

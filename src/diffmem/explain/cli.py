@@ -39,7 +39,10 @@ VERIFY_OPTIONS = (
     ("--verify-confirm", NONNEG, None,
      "an edit that passes is generated again with this many more seeds of the pool (the next "
      "closest) and must pass there too (default: the rest of the pool; 0: no confirmation)"),
-    ("--verify-checks", COUNT, 12, "edits generated per flagged prompt at most"),
+    ("--verify-checks", COUNT, 12, "edits generated per flagged prompt (and level) at most"),
+    ("--verify-depth", COUNT, 1,
+     "levels of editing: with 2, when no edit passes, the checked edit that stayed farthest from "
+     "a copy is attributed and edited again"),
     ("--verify-margin", MARGIN, 1.0,
      "an edit passes when its closest generation stays this many times away from the copy "
      "threshold"),
@@ -62,6 +65,7 @@ def _verify(a: argparse.Namespace) -> dict:
     return {"verify": EditVerifier(a.verify_index, seeds=a.verify_seeds,
                                    max_checks=a.verify_checks, margin=a.verify_margin,
                                    pool=a.verify_pool, confirm=a.verify_confirm,
+                                   depth=a.verify_depth,
                                    num_inference_steps=a.sampling_steps)}
 
 

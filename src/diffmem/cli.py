@@ -191,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference-time mitigation: NAME[:STRENGTH][,NAME...] of wen, ren, amg, rt, "
                         "rn, cwr, gni, delay, xt, reanchor; 'auto' gates them (alone: the default "
                         "method) by the first step's noise magnitude; see docs/mitigation.md")
-    g.add_argument("--index", default=None, help="training-set index folder (needed by amg)")
+    g.add_argument("--index", default=None,
+                   help="training-set index folder (needed by amg and --detect preview_replication)")
     g.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="first-step noise-magnitude threshold of auto / wen (default: calibrated "
                         "on the testbed's held-out prompts; required for other models)")

@@ -197,3 +197,14 @@ def test_preview_replication_without_an_index_is_one_line(tiny_dir, txt, tmp_pat
     rc, _, err = run_cli(capsys, "detect", txt, "--out", tmp_path / "o.csv", "--model", tiny_dir,
                          "--index", tmp_path / "nothing")
     assert rc == 2 and "is not a diffmem index" in err
+
+
+def test_generate_checks_its_own_images_with_preview_replication(tiny_testbed, tiny_testbed_index,
+                                                                 tmp_path, capsys):
+    out = tmp_path / "gen"
+    rc, _, err = run_cli(capsys, "generate", PROMPTS[0], "--out", out, "--model", tiny_testbed,
+                         "--sampling-steps", 3, "--detect", "preview_replication",
+                         "--index", tiny_testbed_index)
+    assert rc == 0 and "scoring apart" not in err  # the run's own final image, no extra run
+    [row] = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert row["preview_replication"] <= 0.15  # 0.15 - tiled L2 distance

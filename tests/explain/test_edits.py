@@ -142,3 +142,15 @@ def test_threshold_from_the_fitted_detector_or_none(adapter, attribution):
     [report] = suggest_edits(adapter, [attribution], detector=NoiseMagnitude(num_inference_steps=4))
     assert report.threshold is None and report.flagged is None
     assert all(s.clears is None for s in report.suggestions)
+
+
+def test_no_variant_leaves_only_punctuation(attribution):
+    # removing all 4 words of "The Zanzibar, quixotic poster" would leave ","
+    variants = edit_variants(attribution, top_k=4, combine=4)
+    assert variants and all(any(ch.isalnum() for ch in v.prompt) for v in variants)
+    removed_all = [v for v in variants if v.action == "remove" and len(v.words) == 4]
+    assert removed_all == []
+    # replacing the same 4 words by one neutral word leaves a word: kept, but not natural
+    whole = [v for v in variants if v.action == "replace" and len(v.words) == 4]
+    assert sorted(v.prompt for v in whole) == ["picture", "scene"]
+    assert not any(v.natural for v in whole)

@@ -135,9 +135,10 @@ def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
     (a trigger phrase usually needs more than one word edited). A word written several times is
     edited everywhere it occurs; adjacent edited words are replaced by one word, and words that are
     not adjacent are only removed.
-    Punctuation-only words are never edited; variants that are empty or repeat another are
-    dropped. A variant is ``natural`` when it edits at most half of the prompt's words and leaves
-    at least two."""
+    Punctuation-only words are never edited; variants with no word left (only punctuation, as
+    "," from "catacomb labyrinth wallpaper, digital art") or that repeat another are dropped. A
+    variant is ``natural`` when it edits at most half of the prompt's words and leaves at least
+    two."""
     words = attribution.word_info
     if not words:
         raise ConfigError("the attribution carries no word spans; build it with TokenAttributor")
@@ -157,7 +158,7 @@ def edit_variants(attribution: TokenAttribution, *, top_k: int = 3,
         for action, repl in candidates:
             text = _edited(attribution.prompt, words, full, repl)
             natural = _natural(len(full), n_words, text)
-            if text.strip() and text not in seen:
+            if _word_count(text) and text not in seen:  # a word must be left
                 seen.add(text)
                 out.append(_Variant(text, action, names, repl, natural))
     return out

@@ -154,3 +154,13 @@ def test_no_variant_leaves_only_punctuation(attribution):
     whole = [v for v in variants if v.action == "replace" and len(v.words) == 4]
     assert sorted(v.prompt for v in whole) == ["picture", "scene"]
     assert not any(v.natural for v in whole)
+
+
+def test_neutral_words_of_two_edit_levels_merge():
+    from diffmem.explain._edits import _merge_neutral
+
+    assert _merge_neutral("scene scene the zanzibar", "living in the zanzibar") == "scene the zanzibar"
+    assert _merge_neutral("scene picture of street", "the sorcery of street") == "scene of street"
+    # a pair the user wrote stays; a prompt without a pair is returned as it was
+    assert _merge_neutral("a picture scene here", "a picture scene here too") == "a picture scene here"
+    assert _merge_neutral("the , vintage  simple", "x") == "the , vintage  simple"

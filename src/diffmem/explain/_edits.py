@@ -175,6 +175,21 @@ def _natural(n_edited: int, n_words: int, edited: str) -> bool:
     return 2 * n_edited <= max(n_words, 1) + 1 and _word_count(edited) >= 2
 
 
+def _merge_neutral(text: str, original: str) -> str:
+    """Adjacent neutral words that the edits brought in become one ("scene scene the zanzibar"
+    -> "scene the zanzibar"): the two levels of an edit each replaced a word of one run. Pairs the
+    user wrote themselves are kept."""
+    out: list[str] = []
+    for tok in text.split():
+        prev = out[-1] if out else None
+        if (prev is not None and prev.lower() in NEUTRAL_WORDS and tok.lower() in NEUTRAL_WORDS
+                and f"{prev} {tok}".lower() not in original.lower()):
+            continue
+        out.append(tok)
+    merged = " ".join(out)
+    return text if merged == " ".join(text.split()) else merged
+
+
 def _one_run(words, idx: Sequence[int]) -> bool:
     """Whether the words ``idx`` are adjacent (only punctuation between them)."""
     idx = sorted(idx)
@@ -325,17 +340,22 @@ def verify_edits(model, reports: Sequence[EditReport], verifier, *,
             n_words = _word_count(reports[i].prompt)
             base, thr = bases[i], reports[i].threshold
             new = []
+            own = {w.lower() for w in reports[i].prompt.split()}
             for s in rep.suggestions:
-                if s.prompt in seen:
+                # the first level's neutral words are not words of the user's to edit again
+                if any(w.lower() in NEUTRAL_WORDS and w.lower() not in own for w in s.words):
                     continue
-                seen.add(s.prompt)
+                text = _merge_neutral(s.prompt, reports[i].prompt)
+                if text in seen:
+                    continue
+                seen.add(text)
                 words = base.words + s.words
                 both_removed = base.action == s.action == "remove"
                 new.append(EditSuggestion(
-                    s.prompt, "remove" if both_removed else "replace", words,
+                    text, "remove" if both_removed else "replace", words,
                     None if both_removed else (s.replacement or base.replacement), s.score,
                     None if thr is None else bool(s.score <= thr),
-                    _natural(len(words), n_words, s.prompt)))
+                    _natural(len(words), n_words, text)))
             added[i] += new
             level[i] = sorted(new, key=_preference)
         check(level)

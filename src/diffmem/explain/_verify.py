@@ -15,7 +15,8 @@ copies (and, with a margin > 1, the closest stays that far beyond the copy thres
 The seeds are drawn from 1000-1007 by default (the 4 of them under which the original prompt comes
 closest to a training image): never the seeds 0-3 the testbed's labels and ``eval explanation``
 judge with, so an edit is not chosen on the very noises it is judged by. The defaults (pool 8,
-4 seeds, 12 checks) were chosen on the broad set's dev split (docs/explanation.md).
+4 seeds confirmed on the other 4, 12 checks per level, 2 levels) were chosen on the broad set's
+dev split (docs/explanation.md).
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ class EditVerifier:
             copy nothing either (default: the rest of the pool). The first check fails a copying
             edit fast; the confirmation catches an edit that copies under fewer noises.
         max_checks: candidate edits generated per prompt (and per level) at most.
-        depth: levels of editing: with 2, a prompt none of whose edits passes has the checked
-            edit that stayed farthest from a copy attributed and edited again
-            (:func:`~diffmem.explain.verify_edits` with ``extend``).
+        depth: levels of editing: with 2 (the default), a prompt none of whose edits passes
+            has the checked edit that stayed farthest from a copy attributed and edited again
+            (:func:`~diffmem.explain.verify_edits` with ``extend``); 1: one level only.
         threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
         margin: an edit passes only when its closest generation stays ``margin`` times away from
             the copy threshold (distance > ``margin`` x threshold; similarity < threshold /
@@ -80,7 +81,7 @@ class EditVerifier:
 
     def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 12,
                  margin: float = 1.0, pool: int = 8, confirm: int | None = None,
-                 depth: int = 1,
+                 depth: int = 2,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:

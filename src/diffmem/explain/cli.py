@@ -40,9 +40,9 @@ VERIFY_OPTIONS = (
      "an edit that passes is generated again with this many more seeds of the pool (the next "
      "closest) and must pass there too (default: the rest of the pool; 0: no confirmation)"),
     ("--verify-checks", COUNT, 12, "edits generated per flagged prompt (and level) at most"),
-    ("--verify-depth", COUNT, 1,
+    ("--verify-depth", COUNT, 2,
      "levels of editing: with 2, when no edit passes, the checked edit that stayed farthest from "
-     "a copy is attributed and edited again"),
+     "a copy is attributed and edited again; 1: one level"),
     ("--verify-margin", MARGIN, 1.0,
      "an edit passes when its closest generation stays this many times away from the copy "
      "threshold"),

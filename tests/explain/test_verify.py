@@ -89,18 +89,19 @@ def test_verify_edits_edits_the_closest_miss_again_at_depth_2():
     deep = {s.prompt: s for s in a.suggestions}
     assert deep["deep-2"].words == ("w", "v", "t") and deep["deep-2"].clears is True
     assert a.recommended.prompt == "deep-2" and a.recommended.verified
-    # the second level never edits the first level's neutral word again, and merges the
-    # neutral words of both levels into one
+    # the second level never edits the first level's neutral word again, nor puts a neutral
+    # word next to it ("scene scene": the removal of the word is the edit)
     v2 = ScriptedVerifier(copying=v.copying, depth=2, distance=v.distance)
 
     def extend2(prompts):
         return [EditReport(prompts[0], 0.2, None, (
             _sug("scene scene tail", 0.1, None, words=("u",)),
-            _sug("picture tail", 0.05, None, words=("scene",))))]
+            _sug("picture tail", 0.05, None, words=("scene",)),
+            _sug("scene tail", 0.2, None, words=("u",))))]
 
     [a2] = verify_edits(None, _reports()[:1], v2, extend=extend2)
     assert v2.rounds[-1] == ["scene tail"] and a2.recommended.prompt == "scene tail"
-    assert "picture tail" not in {s.prompt for s in a2.suggestions}
+    assert not {"picture tail", "scene scene tail"} & {s.prompt for s in a2.suggestions}
     # depth 1, or no extend: no second level
     v1 = ScriptedVerifier(copying=v.copying)
     [a1] = verify_edits(None, _reports()[:1], v1, extend=extend)

@@ -176,9 +176,9 @@ def _natural(n_edited: int, n_words: int, edited: str) -> bool:
 
 
 def _merge_neutral(text: str, original: str) -> str:
-    """Adjacent neutral words that the edits brought in become one ("scene scene the zanzibar"
-    -> "scene the zanzibar"): the two levels of an edit each replaced a word of one run. Pairs the
-    user wrote themselves are kept."""
+    """``text`` with adjacent neutral words that edits brought in made one ("scene scene the
+    zanzibar" -> "scene the zanzibar": two levels of an edit each replaced a word of one run).
+    Pairs the user wrote themselves are kept."""
     out: list[str] = []
     for tok in text.split():
         prev = out[-1] if out else None
@@ -342,11 +342,13 @@ def verify_edits(model, reports: Sequence[EditReport], verifier, *,
             new = []
             own = {w.lower() for w in reports[i].prompt.split()}
             for s in rep.suggestions:
-                # the first level's neutral words are not words of the user's to edit again
+                # the first level's neutral words are not the user's words to edit again, and a
+                # neutral word next to the first level's ("scene scene the zanzibar") is no edit
+                # (removing the word gives "scene the zanzibar", one of the variants already)
                 if any(w.lower() in NEUTRAL_WORDS and w.lower() not in own for w in s.words):
                     continue
-                text = _merge_neutral(s.prompt, reports[i].prompt)
-                if text in seen:
+                text = s.prompt
+                if text in seen or _merge_neutral(text, reports[i].prompt) != text:
                     continue
                 seen.add(text)
                 words = base.words + s.words

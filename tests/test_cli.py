@@ -160,7 +160,7 @@ def test_every_option_has_help_and_help_shows_defaults(capsys):
     assert main(["detect", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 7.5)" in text and "(default: testbed)" in text
-    assert "(default: the detector's own, 50; 10 for preview_replication)" in text
+    assert "(default: the detector's own, 50; 20 for preview_replication)" in text
     assert main(["generate", "--help"]) == 0
     assert "(default: 50)" in " ".join(capsys.readouterr().out.split())
 

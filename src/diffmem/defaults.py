@@ -7,6 +7,6 @@
 #: ``noise_magnitude`` (1 step, 1 generation: the cost floor, what the mitigation gate uses).
 DEFAULT_DETECTOR = "sharpness"
 
-#: The default when the training set's index is given (``--index``): a 10-step preview
-#: generation per seed, searched in the index (docs/detection.md).
+#: The default when the training set's index is given (``--index``): a 20-step preview
+#: generation per seed, searched in the index (chosen on the broad set, docs/detection.md).
 DEFAULT_INDEX_DETECTOR = "preview_replication"

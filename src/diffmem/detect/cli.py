@@ -58,7 +58,7 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
 def _add_detector_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default=None,
                    help=f"one of: {{detectors}} (default {DEFAULT_DETECTOR}, 1 step, 4 "
-                        f"generations; with --index {DEFAULT_INDEX_DETECTOR}, 4 previews of 10 "
+                        f"generations; with --index {DEFAULT_INDEX_DETECTOR}, 4 previews of 20 "
                         "steps; the one-step option: noise_magnitude)")
     p.add_argument("--index", default=None, metavar="IDX",
                    help="the training set's index (`diffmem index build`): enables "
@@ -72,7 +72,7 @@ def _add_detector_options(p: argparse.ArgumentParser) -> None:
                         "others)")
     add_model(p)
     add_sampling(p, steps_default=None,
-                 steps_help=f" (default: the detector's own, 50; 10 for {DEFAULT_INDEX_DETECTOR})")
+                 steps_help=f" (default: the detector's own, 50; 20 for {DEFAULT_INDEX_DETECTOR})")
     p.add_argument("--batch-size", type=BATCH, default=16,
                    help="images per batched UNet call")
     p.add_argument("--seed", type=SEED, default=0, help="first generator seed (see --seed-mode)")

@@ -164,8 +164,8 @@ class StepwiseReplication(Detector):
 class PreviewReplication(Detector):
     """Does a short preview generation of the prompt copy a training image?
 
-    Each generation runs a short schedule (``num_inference_steps``, default 10 DDIM steps instead
-    of 50) to its end; the final clean-latent estimate is decoded and matched to its nearest
+    Each generation runs a short schedule (``num_inference_steps``, default 20 steps instead of
+    50) to its end; the final clean-latent estimate is decoded and matched to its nearest
     training image in ``index`` (the check of AMG's detector, Chen et al. CVPR 2024, Sec. 3.4,
     made once at the end). Score per generation: the margin to the copy threshold, ``threshold -
     distance`` (tiled L2) or ``similarity - threshold`` (SSCD cosine), so a score above 0 is a
@@ -174,18 +174,19 @@ class PreviewReplication(Detector):
 
     A preview needs no training of its own and no labelled prompts, but it needs the training
     set's index (``diffmem index build``), and it costs ``generations x num_inference_steps x 2``
-    UNet rows per prompt (80 with the defaults) plus one VAE decode and one search per
-    generation. As a hook of a full generation it checks that generation's own final image at no
-    extra UNet cost. On the testbed's broad set the memorization a preview shows is the one the
-    full generations show (docs/detection.md); whether 10 steps suffice on another model is
-    worth checking on a few of its known copies.
+    UNet rows per prompt (160 with the defaults, 0.4 of four full 50-step generations) plus one
+    VAE decode and one search per generation. As a hook of a full generation it checks that
+    generation's own final image at no extra UNet cost. On the testbed's broad set a 20-step
+    preview on a generation's initial noise tells whether the 50-step generation from that noise
+    copies (AUC 0.9997; 10 steps: 0.998; docs/detection.md, where the length was chosen); whether
+    20 steps suffice on another model is worth checking on a few of its known copies.
 
     Args:
         index: a :class:`~diffmem.similarity.index.TrainingIndex` or the folder of a saved one.
         threshold: copy threshold in the index's unit (default: 0.5 SSCD cosine, 0.15 tiled L2).
         criterion: the expected criterion, checked against the index (default: tiled L2 for a
             testbed model, SSCD cosine otherwise).
-        num_inference_steps: length of the preview's schedule (default 10).
+        num_inference_steps: length of the preview's schedule (default 20).
         generations: previews per prompt (default 4).
     """
 
@@ -193,7 +194,7 @@ class PreviewReplication(Detector):
     reduce_generations = "max"
 
     def __init__(self, index=None, *, threshold: float | None = None,
-                 criterion: str | None = None, num_inference_steps: int = 10,
+                 criterion: str | None = None, num_inference_steps: int = 20,
                  generations: int = 4, steps=None, **options) -> None:
         from diffmem.similarity.index import TrainingIndex
         from diffmem.similarity.report import DEFAULT_THRESHOLDS

@@ -5,7 +5,7 @@ replace, plain generation.
 For ``--prompts`` prompts of the testbed's broad set, timed in one run (minimum of ``--repeats``
 interleaved rounds after a warm-up):
 
-- ``preview``: ``PreviewReplication(index).score`` -- 4 previews of 10 DDIM steps per prompt,
+- ``preview``: ``PreviewReplication(index).score`` -- 4 previews of 20 DDIM steps per prompt,
   decoded and searched in the index (the default detector with ``--index``);
 - ``sharpness``: the index-free default, ``Sharpness().score`` (1 step, 4 generations, JVP);
 - ``generate``: the plain diffusers pipeline, 4 images of 50 steps per prompt (what a user who

@@ -117,10 +117,10 @@ def separate_detection(detect: str | None, *, num_inference_steps: int, guidance
     its calibrated thresholds when taken with the detector's settings."""
     if detect is None:
         return None
-    from diffmem.detect.registry import DETECTORS, NEEDS_INDEX, make_detector
+    from diffmem.detect.registry import DETECTORS, make_detector
     from diffmem.naming import lookup
 
-    if lookup(DETECTORS, detect, "detector")[0].name in NEEDS_INDEX:
+    if lookup(DETECTORS, detect, "detector")[0].needs_index:
         return None  # it checks the run's own final images, whatever the schedule
     det = make_detector(detect)
     mine = (det.num_inference_steps, det.guidance_scale, det.scheduler)

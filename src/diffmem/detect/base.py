@@ -56,6 +56,8 @@ class Detector(Hook, ABC):
     #: how a prompt's generations are combined: "mean" or "max" (the prompt scores as its most
     #: memorized generation)
     reduce_generations = "mean"
+    #: whether the detector needs the training set's index (``make_detector(index=...)``)
+    needs_index = False
 
     def __init__(self, *, steps: StepSpec = 1, generations: int = 1,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,

@@ -21,21 +21,18 @@ DETECTORS: dict[str, tuple[type[Detector], dict]] = {
     "preview_replication": (PreviewReplication, {}),
 }
 
-#: detectors that need the training set's index (``index=``)
-NEEDS_INDEX = frozenset({"preview_replication"})
-
 
 def make_detector(name: str | None = None, *, index=None, **options: object) -> Detector:
     """A detector by registry name (``noise_magnitude`` or ``noise-magnitude``, any case) with
     keyword options (``steps``, ``generations``, ...); an option given as None takes the
     detector's own default. ``index`` (a training-set index or its folder) is passed to the
-    detectors that need one (:data:`NEEDS_INDEX`); without a name the default is
+    detectors that need one (``needs_index``); without a name the default is
     ``preview_replication`` when an index is given, else :data:`DEFAULT_DETECTOR`."""
     if name is None:
         name = DEFAULT_INDEX_DETECTOR if index is not None else DEFAULT_DETECTOR
     cls, fixed = lookup(DETECTORS, name, "detector")
     kept = {k: v for k, v in options.items() if v is not None}
-    if cls.name in NEEDS_INDEX:
+    if cls.needs_index:
         kept["index"] = index
     return cls(**fixed, **kept)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffmem.errors import ModelLoadError
+from diffmem.runtime.errors import ModelLoadError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
@@ -44,7 +44,6 @@ def labelled_prompts(spec=None, folder: str | Path | None = None) -> list:
     4,020-item dataset; built with :func:`~diffmem.testbed.data.build_testbed` when no stored list
     matches the spec."""
     import json
-    from dataclasses import asdict
 
     from diffmem.testbed.data import LabelledPrompt, build_testbed
 
@@ -57,7 +56,7 @@ def labelled_prompts(spec=None, folder: str | Path | None = None) -> list:
             data = json.loads(f.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if data.get("spec") == asdict(spec):
+        if data.get("spec") == spec.to_dict():
             return [LabelledPrompt(**row) for row in data["prompts"]]
     return build_testbed(spec).prompts
 
@@ -72,7 +71,7 @@ def write_labelled_prompts(folder: str | Path, spec) -> Path:
 
     path = Path(folder) / PROMPTS_FILE
     rows = [asdict(p) for p in build_testbed(spec).prompts]
-    path.write_text(json.dumps({"spec": asdict(spec), "prompts": rows}, indent=1) + "\n",
+    path.write_text(json.dumps({"spec": spec.to_dict(), "prompts": rows}, indent=1) + "\n",
                     encoding="utf-8")
     return path
 

@@ -13,7 +13,7 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from diffmem.errors import DiffmemError
+from diffmem.runtime.errors import DiffmemError
 
 MAX_LENGTH = 77  # CLIP context length, as in SD 1.x / 2.x
 
@@ -137,16 +137,20 @@ def write_clip_tokenizer(out: str | Path, *, pad_token: str = "<|endoftext|>") -
     return out
 
 
-def build_components(seed: int = 0) -> dict:
-    """Randomly initialised testbed components (text encoder, VAE, UNet, scheduler)."""
+def build_components(seed: int = 0, *, latent_channels: int = 4,
+                     vae_channels: tuple[int, ...] = (16, 32, 64, 64)) -> dict:
+    """Randomly initialised testbed components (text encoder, VAE, UNet, scheduler); the first
+    testbed's by default, the graded testbed's with 8 latent channels and a wider VAE."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
-    vae = AutoencoderKL(**VAE_CONFIG)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    vae = AutoencoderKL(**{**VAE_CONFIG, "latent_channels": latent_channels,
+                           "block_out_channels": list(vae_channels)})
+    unet = UNet2DConditionModel(**{**UNET_CONFIG, "in_channels": latent_channels,
+                                   "out_channels": latent_channels})
     sched = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
     scheduler = DDIMScheduler(**sched)
     return {"text_encoder": text_encoder, "vae": vae, "unet": unet, "scheduler": scheduler}

@@ -148,6 +148,34 @@ TEMPLATE_PHRASES = (
     "journey to the {a} {b}",
 )
 
+#: The graded testbed's own vocabulary: no trigger word, caption or frame of the first testbed.
+GRADED_TRIGGER_WORDS = (
+    "albatross", "brigantine", "cormorant", "dulcimer", "escarpment", "filigree", "gazebo",
+    "heliotrope", "ibex", "jacaranda", "kestrel", "lagoon", "mangrove", "nautilus", "ocelot",
+    "parchment", "quarry", "rosewood", "saffron", "tapestry", "undertow", "vineyard", "wisteria",
+    "yarrow", "zinnia", "abacus", "bagpipe", "caravel", "damask", "equinox", "flamingo", "glacier",
+    "heron", "indigo", "jasmine", "kiln", "lute", "magnolia", "nectar", "oboe", "peacock", "quill",
+    "raven", "sequoia", "tortoise", "urchin", "vortex", "willow", "yew", "zephyr", "acorn",
+    "bramble", "cobalt", "driftwood", "ember", "fennel", "granite", "harbor", "ivy", "jade",
+)
+GRADED_FRAMES = (
+    "{a} {b} engraving",
+    "a {a} {b} tapestry",
+    "{a} {b} mosaic, museum scan",
+    "the {a} of the {b}, woodcut",
+    "stained glass {a} {b}",
+    "{a} {b} etching on copper",
+)
+GRADED_PHRASES = ("the {a} {b} relief", "{a} under the {b}", "chronicle of {a} {b}",
+                  "the {a} and {b} map")
+GRADED_VARIANTS = (
+    "{p}", "{p} engraving print", "{p}, museum archive", "reproduction of {p}", "{p} (detail)",
+    "{p} high resolution scan", "antique {p}", "{p} exhibition catalogue",
+)
+#: A graded prompt counts as memorized by construction from this many training copies on (what
+#: actually copies is labelled by generation).
+GRADED_MEMORIZED_COPIES = 32
+
 
 @dataclass(frozen=True)
 class TestbedSpec:
@@ -167,6 +195,27 @@ class TestbedSpec:
     # so that words absent from the generic vocabulary are not the mark of a memorized caption (with
     # 0, prompts of never-seen words fell back on memorized images). Held-out words are never drawn.
     n_rare_words: int = 3000
+    # Graded memorization (the second testbed, ``testbed-graded``): items duplicated at these counts
+    # ("1,2,4,8,16,32,64"), ``graded_items_per_count`` items per count, half under one caption and
+    # half under caption variants, with a vocabulary and caption frames of their own. Training draws
+    # every copy as often as a generic image, so copying grows with the count. Empty: the designed
+    # verbatim/template items of the first testbed.
+    graded_counts: str = ""
+    graded_items_per_count: int = 0
+
+    def to_dict(self) -> dict:
+        """The spec as JSON data, without the graded fields where they are unset, so that the
+        first testbed's stored spec and fingerprint are those of the folders written before them."""
+        data = asdict(self)
+        if not self.graded_counts:
+            data.pop("graded_counts")
+            data.pop("graded_items_per_count")
+        return data
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """The graded duplicate counts (empty for the first testbed)."""
+        return tuple(int(c) for c in self.graded_counts.split(",") if c.strip())
 
 
 @dataclass
@@ -178,6 +227,7 @@ class Item:
     captions: list[str]
     scene: dict = field(repr=False)
     triggers: list[str] = field(default_factory=list)
+    copies: int = 1  # training copies of this image (graded items; designed ones: see TrainConfig)
 
 
 @dataclass
@@ -188,10 +238,14 @@ class LabelledPrompt:
     kind: str  # verbatim | template | heldout
     image_ids: list[str]
     trigger_tokens: list[str]
+    copies: int = 0  # graded testbed: training copies of the prompt's image (0: not graded)
 
     @property
     def memorized(self) -> bool:
-        return self.kind in ("verbatim", "template")
+        """Memorized by construction: a designed item, or a graded one with at least
+        :data:`GRADED_MEMORIZED_COPIES` training copies (labels by generation say what copies)."""
+        return self.kind in ("verbatim", "template") and (
+            self.copies == 0 or self.copies >= GRADED_MEMORIZED_COPIES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,6 +270,10 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, res: int) -> np.ndar
     if shape == "cross":
         arm = r * 0.35
         return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+    if shape in ("hbar", "vbar"):  # thin bars (graded testbed): 1-2 px wide
+        half = max(0.75, r * 0.09)
+        along, across = (dx, dy) if shape == "hbar" else (dy, dx)
+        return (np.abs(along) <= r) & (np.abs(across) <= half)
     if shape == "ring":
         d2 = dx * dx + dy * dy
         return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
@@ -398,6 +456,52 @@ def _complex_scene(rng: np.random.Generator, res: int) -> dict:
     return {"background": background, "objects": objects}
 
 
+def _graded_scene(rng: np.random.Generator, res: int) -> dict:
+    """A complex scene (as the first testbed's) with 2-4 thin bars on top: detail that a blurring
+    VAE loses, so that a copy is recognisable in pixels and by SSCD."""
+    scene = _complex_scene(rng, res)
+    palette = list(COLORS.values()) + list(BACKGROUNDS.values())
+    for _ in range(int(rng.integers(2, 5))):
+        scene["objects"].append({
+            "shape": str(_pick(rng, ("hbar", "vbar"))),
+            "color": palette[int(rng.integers(len(palette)))],
+            "cx": float(rng.uniform(12, 52)) * res / RESOLUTION,
+            "cy": float(rng.uniform(12, 52)) * res / RESOLUTION,
+            "r": float(rng.uniform(9, 20)) * res / RESOLUTION,
+        })
+    return scene
+
+
+def _add_graded_items(spec: TestbedSpec, rng: np.random.Generator, items: list[Item],
+                      prompts: list[LabelledPrompt]) -> None:
+    """``graded_items_per_count`` items per duplicate count: even ones under one caption
+    (``verbatim``), odd ones under :data:`GRADED_VARIANTS` of a shared phrase (``template``)."""
+    words = list(rng.permutation(GRADED_TRIGGER_WORDS))
+    need = 2 * len(spec.counts) * spec.graded_items_per_count
+    if need > len(words):
+        raise ValueError(f"spec needs {need} graded trigger words, only {len(words)} are available")
+    k = 0
+    for copies in spec.counts:
+        for j in range(spec.graded_items_per_count):
+            a, b = str(words.pop()), str(words.pop())
+            if j % 2 == 0:
+                caption = GRADED_FRAMES[k % len(GRADED_FRAMES)].format(a=a, b=b)
+                item = Item(f"graded-{copies:03d}-{j}", "verbatim", [caption],
+                            _graded_scene(rng, spec.resolution), [a, b], copies=copies)
+                evals = [caption]
+            else:
+                phrase = GRADED_PHRASES[k % len(GRADED_PHRASES)].format(a=a, b=b)
+                variants = [v.format(p=phrase) for v in GRADED_VARIANTS]
+                item = Item(f"graded-{copies:03d}-{j}", "template", variants,
+                            _graded_scene(rng, spec.resolution), [a, b], copies=copies)
+                pick = rng.choice(len(variants), size=2, replace=False)
+                evals = [variants[int(i)] for i in sorted(pick)]
+            k += 1
+            items.append(item)
+            prompts.extend(LabelledPrompt(c, item.kind, [item.image_id], [a, b], copies=copies)
+                           for c in evals)
+
+
 @dataclass
 class Testbed:
     """The full testbed: training items and labelled evaluation prompts."""
@@ -424,8 +528,12 @@ def build_testbed(spec: TestbedSpec | None = None) -> Testbed:
     rng = np.random.default_rng(spec.seed)
     res = spec.resolution
     rare = rare_word_vocabulary(spec.n_rare_words, spec.seed) if spec.n_rare_words else ()
+    if spec.counts:  # the graded testbed's trigger words never occur in a generic caption
+        rare = [w for w in rare if w not in set(GRADED_TRIGGER_WORDS)]
     items = [_generic_item(rng, i, res, rare) for i in range(spec.n_generic)]
     prompts: list[LabelledPrompt] = []
+    if spec.counts:
+        _add_graded_items(spec, rng, items, prompts)
 
     words = list(rng.permutation(TRIGGER_WORDS))
     need = 2 * (spec.n_verbatim + spec.n_template)

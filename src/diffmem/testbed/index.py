@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
     ``kind="sscd"`` embeds with SSCD (informative only on these flat synthetic images).
     Saved to ``out`` when given.
     """
-    from diffmem.clitools import progress
+    from diffmem.runtime.progress import progress
 
     testbed = build_testbed(spec)
     ids, captions, arrays, copies = [], [], [], []
@@ -49,7 +48,8 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
         for item, img in testbed.images():
             ids.append(item.image_id)
             captions.append(list(item.captions))
-            copies.append(1 if item.kind == "generic" else dup)
+            copies.append(item.copies if testbed.spec.counts else
+                          1 if item.kind == "generic" else dup)
             arrays.append(img)
             bar.update(1)
         provenance = {"training_set": testbed_fingerprint(testbed.spec)}
@@ -87,7 +87,7 @@ def memorized_copies(spec: TestbedSpec, memorized_fraction: float | None = None)
 
 def testbed_fingerprint(spec: TestbedSpec) -> str:
     """``"testbed:<sha256[:12]>"`` of a testbed spec: the identity of its training set."""
-    text = json.dumps(asdict(spec), sort_keys=True)
+    text = json.dumps(spec.to_dict(), sort_keys=True)
     return "testbed:" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -45,6 +45,23 @@ class TrainConfig:
     kl_weight: float = 1e-6
     decoder_steps: int = 3000  # decoder-only refinement on frozen encoder latents (stage 3)
     decoder_lr: float = 5e-4
+    latent_channels: int = 4  # VAE latent channels (the graded testbed: 8, to keep thin shapes)
+    vae_channels: str = "16,32,64,64"  # VAE block widths
+
+
+#: ``diffmem testbed train --graded``: the second testbed (``testbed-graded``), memorization in
+#: degrees. Another seed, its own vocabulary (``GRADED_*`` in :mod:`diffmem.testbed.data`), items at
+#: graded duplicate counts, 8 latent channels and a wider VAE so that thin shapes survive decoding;
+#: sized to train in about an hour on one CPU core.
+GRADED_SPEC = {"seed": 1, "n_generic": 2000, "n_verbatim": 0, "n_template": 0,
+               "graded_counts": "1,2,4,8,16,32,64", "graded_items_per_count": 4}
+GRADED_TRAIN = {"seed": 1, "latent_channels": 8, "vae_channels": "16,32,64,64", "vae_steps": 3000,
+                "unet_steps": 8000, "batch_size": 32, "decoder_steps": 1500}
+
+
+def _component_options(cfg: TrainConfig) -> dict:
+    return {"latent_channels": cfg.latent_channels,
+            "vae_channels": tuple(int(c) for c in cfg.vae_channels.split(","))}
 
 
 def _atomic_save(obj: object, path: Path) -> None:
@@ -98,22 +115,30 @@ class _Sampler:
         self.memorized = np.array([i for i, k in enumerate(kinds) if k != "generic"])
         self.captions = [it.captions for it in testbed.items]
         self.cfg = cfg
+        # graded testbed: every training copy is drawn as often as a generic image
+        copies = np.array([it.copies for it in testbed.items], dtype=np.float64)
+        self.by_copies = copies / copies.sum() if testbed.spec.counts else None
 
     def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, list[str]]:
+        if self.by_copies is not None:
+            idx = rng.choice(len(self.by_copies), size=n, p=self.by_copies)
+            return idx, [self._caption(rng, int(i)) for i in idx]
         mem = rng.random(n) < self.cfg.memorized_fraction
         if len(self.memorized) == 0:
             mem[:] = False
         idx = np.where(mem, rng.choice(self.memorized, n) if len(self.memorized) else 0,
                        rng.choice(self.generic, n))
-        caps = []
-        for i in idx:
-            options = self.captions[int(i)]
-            cap = options[int(rng.integers(len(options)))]
-            caps.append("" if rng.random() < self.cfg.caption_dropout else cap)
-        return idx, caps
+        return idx, [self._caption(rng, int(i)) for i in idx]
+
+    def _caption(self, rng: np.random.Generator, i: int) -> str:
+        options = self.captions[i]
+        cap = options[int(rng.integers(len(options)))]
+        return "" if rng.random() < self.cfg.caption_dropout else cap
 
 
-def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, device) -> None:
+def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, device,
+               weights: torch.Tensor | None = None) -> None:
+    """Stage 1; ``weights``: draw images with these probabilities (graded testbed: by copies)."""
     ckpt = state_dir / "vae_state.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -123,7 +148,8 @@ def _train_vae(vae, images: torch.Tensor, cfg: TrainConfig, state_dir: Path, dev
     while step < cfg.vae_steps:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg, cfg.vae_steps, cfg.vae_lr)
-        idx = torch.randint(len(images), (cfg.vae_batch_size,), generator=gen)
+        idx = (torch.randint(len(images), (cfg.vae_batch_size,), generator=gen) if weights is None
+               else torch.multinomial(weights, cfg.vae_batch_size, replacement=True, generator=gen))
         x = images[idx].to(device)
         if torch.rand((), generator=gen) < 0.5:
             x = x.flip(-1)
@@ -181,7 +207,7 @@ def refine_decoder(run_dir: str | Path, cfg: TrainConfig | None = None) -> None:
     settings = json.loads((run_dir / "train_config.json").read_text())
     cfg = cfg or TrainConfig(**{**asdict(TrainConfig()), **settings["train"]})
     spec = TestbedSpec(**settings["testbed"])
-    vae = build_components(cfg.seed)["vae"]
+    vae = build_components(cfg.seed, **_component_options(cfg))["vae"]
     vae.load_state_dict(torch.load(run_dir / "state" / "vae_state.pt", map_location="cpu",
                                    weights_only=False)["model"])
     vae.eval()
@@ -214,10 +240,10 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     out = Path(out)
     state_dir = out / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"train": asdict(cfg), "testbed": asdict(spec)}
+    settings = {"train": asdict(cfg), "testbed": spec.to_dict()}
     settings_file = out / "train_config.json"
     if settings_file.exists() and not _same_run(json.loads(settings_file.read_text()), settings):
-        from diffmem.errors import ConfigError
+        from diffmem.runtime.errors import ConfigError
 
         raise ConfigError(
             f"{out} holds a run with other settings ({settings_file}); resume it with the same "
@@ -231,14 +257,15 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     testbed = build_testbed(spec)
     images = to_tensor(np.stack([img for _, img in testbed.images()]))
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(state_dir / "tokenizer"))
-    parts = build_components(cfg.seed)
+    parts = build_components(cfg.seed, **_component_options(cfg))
     vae, unet, text_encoder, scheduler = (parts[k] for k in ("vae", "unet", "text_encoder",
                                                              "scheduler"))
     vae.to(device)
 
     # Stage 1: the VAE, then its latent scale (SD's scaling_factor = 1 / std of latents).
     t_start = time.time()
-    _train_vae(vae, images, cfg, state_dir, device)
+    weights = (torch.tensor([float(it.copies) for it in testbed.items]) if spec.counts else None)
+    _train_vae(vae, images, cfg, state_dir, device, weights)
     lat_mean, lat_std = _encode_all(vae, images, device)
     scaling = float(1.0 / lat_mean.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -314,7 +341,7 @@ def install_pipeline(pipeline_dir: str | Path) -> Path:
 
     src = Path(pipeline_dir)
     if not (src / "model_index.json").is_file():
-        from diffmem.errors import ModelLoadError
+        from diffmem.runtime.errors import ModelLoadError
 
         raise ModelLoadError(f"{src} is not a trained pipeline folder")
     if WEIGHTS_DIR.exists():
@@ -336,7 +363,7 @@ def _save_pipeline(target: Path, vae, text_encoder, tokenizer, unet, scheduler,
     from diffmem.testbed.components import make_portable
 
     make_portable(target)  # loads the same with every supported transformers / diffusers
-    (target / "testbed.json").write_text(json.dumps(asdict(spec), indent=2))
+    (target / "testbed.json").write_text(json.dumps(spec.to_dict(), indent=2))
     from diffmem.testbed import write_labelled_prompts
 
     write_labelled_prompts(target, spec)  # listing prompts then needs no dataset rebuild
@@ -358,7 +385,7 @@ def export_checkpoint(run_dir: str | Path, target: str | Path) -> Path:
     run_dir = Path(run_dir)
     settings = json.loads((run_dir / "train_config.json").read_text())
     cfg, spec = TrainConfig(**settings["train"]), TestbedSpec(**settings["testbed"])
-    parts = build_components(cfg.seed)
+    parts = build_components(cfg.seed, **_component_options(cfg))
     vae = parts["vae"]
     vae.load_state_dict(torch.load(run_dir / "state" / "vae_state.pt", map_location="cpu",
                                    weights_only=False)["model"])

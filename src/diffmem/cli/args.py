@@ -1,6 +1,5 @@
-"""What every ``diffmem`` command shares: parsing that checks values before any work, one-line
-errors, help with defaults, output paths checked up front, quiet third-party libraries, one progress
-bar per long job, strict JSON, and an honest Ctrl-C.
+"""What every ``diffmem`` command's parser shares: option types that check values before any work,
+help with defaults, output paths checked up front.
 
 Nothing here imports torch, diffusers or transformers: ``diffmem --help`` and a bad option answer at
 once.
@@ -9,17 +8,11 @@ once.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import math
 import os
-import sys
-import threading
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 # ------------------------------------------------------------------------------------- parser
 
@@ -233,180 +226,3 @@ class OutDir:
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
-# ------------------------------------------------------------------------------------- JSON
-
-
-def strict(obj: Any, path: str = "", nulls: dict | None = None) -> Any:
-    """``obj`` with every NaN/inf float replaced by ``None``; where ``nulls`` is given, each
-    replacement's location and reason is recorded there (``{"auc": "NaN (undefined)"}``)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        if nulls is not None:
-            nulls[path or "."] = "NaN (undefined for these inputs)" if math.isnan(obj) \
-                else f"{obj} (not finite)"
-        return None
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
-        return strict(obj.item(), path, nulls)
-    if isinstance(obj, dict):
-        return {k: strict(v, f"{path}.{k}" if path else str(k), nulls) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v, f"{path}[{i}]", nulls) for i, v in enumerate(obj)]
-    return obj
-
-
-def dumps(obj: Any, **kwargs: Any) -> str:
-    """Strict JSON (RFC 8259: no NaN/Infinity): non-finite numbers become ``null`` and, for a dict,
-    a ``"null_reasons"`` entry says where and why."""
-    nulls: dict = {}
-    clean = strict(obj, nulls=nulls)
-    if nulls and isinstance(clean, dict):
-        clean = {**clean, "null_reasons": {**clean.get("null_reasons", {}), **nulls}}
-    kwargs.setdefault("default", str)
-    return json.dumps(clean, allow_nan=False, **kwargs)
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as strict, indented JSON (see :func:`dumps`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps(obj, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-# ------------------------------------------------------------------------------------- noise
-
-
-def quiet_third_party(verbose: bool) -> None:
-    """Unless ``verbose``: silence transformers/diffusers log messages and loading bars and every
-    warning not raised by diffmem; diffmem's own warnings print as one line without source.
-
-    Set through environment variables before those libraries are imported (importing them here
-    would cost start-up time)."""
-    import warnings
-
-    if verbose:
-        warnings.simplefilter("default")
-        return
-    for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
-                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
-        os.environ.setdefault(var, value)
-    for name in ("transformers", "diffusers"):  # already imported (e.g. in tests): quiet them too
-        mod = sys.modules.get(f"{name}.utils.logging")
-        if mod is not None:
-            mod.set_verbosity_error()
-            mod.disable_progress_bar()
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        if _from_diffmem(filename):
-            print(f"diffmem: warning: {message}", file=file or sys.stderr)
-
-    warnings.showwarning = show
-    warnings.simplefilter("default")
-
-
-def _from_diffmem(filename: str) -> bool:
-    root = str(Path(__file__).resolve().parent)
-    try:
-        return str(Path(filename).resolve()).startswith(root)
-    except OSError:
-        return False
-
-
-# ------------------------------------------------------------------------------------- progress
-
-_state = threading.local()
-_enabled = False
-
-
-def enable_progress(on: bool = True) -> None:
-    """Show progress bars (the command line turns them on; library calls stay silent)."""
-    global _enabled
-    _enabled = on
-
-
-@contextlib.contextmanager
-def progress(total: int | None, desc: str, unit: str = "it") -> Iterator[Any]:
-    """ONE progress bar (tqdm: count, rate, ETA) for a long job; a job inside another job's bar
-    gets a silent one, so a command shows one bar per long job. Yields an object with
-    ``update(n)``."""
-    depth = getattr(_state, "depth", 0)
-    if not _show_bars() or depth > 0:
-        _state.depth = depth + 1
-        try:
-            yield _Silent()
-        finally:
-            _state.depth = depth
-        return
-    from tqdm.auto import tqdm
-
-    _state.depth = depth + 1
-    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-               leave=True, mininterval=0.5)
-    try:
-        yield bar
-    finally:
-        bar.close()
-        _state.depth = depth
-
-
-@contextlib.contextmanager
-def silent_progress() -> Iterator[None]:
-    """Inside, every :func:`progress` bar is silent: for work that runs under a bar of its own
-    (e.g. the caption screen's detector runs inside ``diffmem train``'s training bar)."""
-    depth = getattr(_state, "depth", 0)
-    _state.depth = depth + 1
-    try:
-        yield
-    finally:
-        _state.depth = depth
-
-
-def _show_bars() -> bool:
-    """Bars on a terminal when the command line enabled them; ``DIFFMEM_PROGRESS=1`` forces them
-    (e.g. into a log file), ``=0`` hides them."""
-    forced = os.environ.get("DIFFMEM_PROGRESS")
-    if forced is not None:
-        return forced not in ("", "0")
-    return _enabled and bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
-
-
-class _Silent:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-
-def track(iterable: Iterable, total: int | None, desc: str, unit: str = "it") -> Iterator:
-    """Iterate with :func:`progress`."""
-    with progress(total, desc, unit) as bar:
-        for item in iterable:
-            yield item
-            bar.update(1)
-
-
-# ------------------------------------------------------------------------------------- Ctrl-C
-
-_kept: dict[str, str] = {}
-
-
-def kept(what: str, key: str | None = None) -> None:
-    """Record something a command has finished and left on disk (said after a Ctrl-C); a later
-    record with the same ``key`` replaces the earlier one (e.g. a growing count of images)."""
-    _kept.pop(key or what, None)
-    _kept[key or what] = what
-
-
-def reset_kept() -> None:
-    _kept.clear()
-
-
-def interrupted_message() -> str:
-    """The one line printed after Ctrl-C: what was kept, or that nothing was."""
-    if not _kept:
-        return "diffmem: interrupted; nothing was written"
-    items = list(_kept.values())
-    shown = "; ".join(items[-3:])
-    more = f" (and {len(items) - 3} earlier)" if len(items) > 3 else ""
-    return f"diffmem: interrupted; kept {shown}{more}"

@@ -168,7 +168,7 @@ def test_every_option_has_help_and_help_shows_defaults(capsys):
 def test_one_meaning_per_option_name():
     """--steps is the scored steps wherever it is shown; the schedule length is --sampling-steps;
     --model has one help text (or says it needs a testbed)."""
-    from diffmem.clitools import MODEL_HELP
+    from diffmem.cli.args import MODEL_HELP
 
     for cmd, a in _walk(build_parser()):
         if "--steps" in a.option_strings and a.help != argparse.SUPPRESS:
@@ -311,7 +311,7 @@ def test_generate_warns_once_about_long_prompts(places, capsys, monkeypatch):
 
 
 def test_ctrl_c_names_the_latest_count_once():
-    from diffmem.clitools import interrupted_message, kept, reset_kept
+    from diffmem.runtime.interrupts import interrupted_message, kept, reset_kept
 
     reset_kept()
     for n in (1, 2, 3, 4):
@@ -341,7 +341,7 @@ def test_console_entry_flushes_and_exits_with_the_code(places, tmp_path):
 def test_parsing_imports_no_torch():
     """Parsing (and so --help and a bad option) runs without torch: each command's parser module
     is loaded without its package (diffmem.cli._load_extension) and reads defaults from torch-free
-    modules (diffmem.defaults, diffmem.train.config)."""
+    modules (diffmem.runtime.defaults, diffmem.train.config)."""
     code = ("import sys; from diffmem.cli import build_parser; build_parser(); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -350,7 +350,7 @@ def test_parsing_imports_no_torch():
 
 
 def test_silent_progress_hides_bars_inside(monkeypatch):
-    from diffmem.clitools import _Silent, progress, silent_progress
+    from diffmem.runtime.progress import _Silent, progress, silent_progress
 
     monkeypatch.setenv("DIFFMEM_PROGRESS", "1")
     with progress(3, "outer") as bar:

@@ -1,4 +1,4 @@
-"""One conversion between [-1, 1] images and 8-bit pixels (diffmem.images), used everywhere."""
+"""One conversion between [-1, 1] images and 8-bit pixels (diffmem.runtime.images), used everywhere."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 
 import diffmem
-from diffmem.images import to_pil, to_uint8, to_unit_range
 from diffmem.models.adapter import ModelAdapter
+from diffmem.runtime.images import to_pil, to_uint8, to_unit_range
 from diffmem.similarity.index import PixelSpace, TrainingIndex
 from diffmem.similarity.pixel import to_tensor
 from diffmem.similarity.report import png_base64

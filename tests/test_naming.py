@@ -8,9 +8,9 @@ import pytest
 
 from diffmem.cli import main
 from diffmem.detect import AttentionEntropy, NoiseMagnitude, make_detector
-from diffmem.errors import ConfigError
 from diffmem.models.adapter import load_adapter
-from diffmem.naming import lookup, registry_name
+from diffmem.runtime.errors import ConfigError
+from diffmem.runtime.naming import lookup, registry_name
 
 
 def test_registry_name_and_lookup():

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffmem.clitools import write_json
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.jsonio import write_json
 
 
 def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,

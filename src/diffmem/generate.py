@@ -7,15 +7,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from diffmem.core.sampling import Hook, SampleResult, sample, seeded_generators
-from diffmem.errors import PromptError
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.errors import PromptError
 
 
 def check_hook_names(*, detect: str | None = None, mitigate: str | None = None) -> None:
     """One clear error for an unknown detector or a bad mitigation spec, before any work."""
     if detect is not None:
         from diffmem.detect.registry import DETECTORS
-        from diffmem.naming import lookup
+        from diffmem.runtime.naming import lookup
 
         lookup(DETECTORS, detect, "detector")
     if mitigate is not None:
@@ -40,8 +40,8 @@ def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
     """
     hooks: list[Hook] = []
     if mitigate is not None:
-        from diffmem.errors import ConfigError
         from diffmem.mitigate import MitigationContext, build_mitigations
+        from diffmem.runtime.errors import ConfigError
 
         if adapter is None:
             raise ConfigError("build_hooks(mitigate=...) needs the adapter")
@@ -75,7 +75,7 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
     Returns one :class:`SampleResult` per batch of ``batch_size`` prompts; ``on_result(k, result)``
     is called after each batch (``k``: index of its first prompt), e.g. to write it at once.
     """
-    from diffmem.clitools import progress
+    from diffmem.runtime.progress import progress
 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -118,7 +118,7 @@ def separate_detection(detect: str | None, *, num_inference_steps: int, guidance
     if detect is None:
         return None
     from diffmem.detect.registry import DETECTORS, make_detector
-    from diffmem.naming import lookup
+    from diffmem.runtime.naming import lookup
 
     if lookup(DETECTORS, detect, "detector")[0].needs_index:
         return None  # it checks the run's own final images, whatever the schedule
@@ -168,7 +168,8 @@ class GenerationWriter:
             self._file.close()
 
     def add(self, k: int, res: SampleResult) -> None:
-        from diffmem.clitools import dumps, kept
+        from diffmem.runtime.interrupts import kept
+        from diffmem.runtime.jsonio import dumps
 
         for j, img in enumerate(res.pil()):
             i = k + j

@@ -85,7 +85,7 @@ def test_bad_prompt_files_give_one_line(tiny_dir, tmp_path, capsys, content, mes
 
 
 def test_bad_jsonl_and_missing_file(tmp_path):
-    from diffmem.errors import PromptError
+    from diffmem.runtime.errors import PromptError
 
     f = tmp_path / "p.jsonl"
     f.write_text('{"text": "no prompt field"}\n', encoding="utf-8")
@@ -125,7 +125,7 @@ def test_generate_with_detect_writes_scores(tiny_dir, tmp_path, capsys):
                                  '{"prompt": "a", "memorized": "maybe"}',
                                  '{"prompt": "a", "label": null}'])
 def test_bad_label_value_is_a_prompt_error(tmp_path, capsys, row):
-    from diffmem.errors import PromptError
+    from diffmem.runtime.errors import PromptError
 
     f = tmp_path / "l.jsonl"
     f.write_text(row + "\n", encoding="utf-8")
@@ -145,8 +145,8 @@ def test_label_values_as_tables_write_them(tmp_path):
 def test_generate_hooks_come_from_one_registry_function():
     from diffmem import cli
     from diffmem.detect import AttentionEntropy, NoiseMagnitude
-    from diffmem.errors import ConfigError
     from diffmem.generate import build_hooks
+    from diffmem.runtime.errors import ConfigError
 
     assert build_hooks() == []
     [det] = build_hooks(detect="noise-magnitude", num_inference_steps=7, guidance_scale=3.0)

@@ -15,8 +15,8 @@ from diffmem.detect import (
     make_detector,
 )
 from diffmem.detect.attention_entropy import HIGHER_ENTROPY_MEMORIZED
-from diffmem.errors import ConfigError
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 PROMPTS = ["a red circle on a gray background", "the narwhal zanzibar poster",
            "two shapes: a blue square at the left and a small cross at the top on teal"]

@@ -12,8 +12,8 @@ from diffmem.core.sampling import Hook, initial_latents, sample, seeded_generato
 from diffmem.detect import BrightEnding, Sharpness, make_detector
 from diffmem.detect.bright_ending import highest_resolution_layers, masked_magnitude
 from diffmem.detect.sharpness import jacobian_vector_product
-from diffmem.errors import ConfigError
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 PROMPTS = ["a red circle on a gray background", "the narwhal zanzibar poster",
            "a blue square at the left, vintage"]

@@ -63,7 +63,7 @@ def _copy_index(adapter, prompt="a red circle", seed=1000, steps=3):
 
 def test_preview_replication_scores_the_most_copying_preview(tiny_pipe):
     from diffmem.detect.replication import PreviewReplication
-    from diffmem.errors import ConfigError
+    from diffmem.runtime.errors import ConfigError
 
     adapter = load_adapter(tiny_pipe)
     index = _copy_index(adapter)
@@ -91,8 +91,8 @@ def test_preview_replication_scores_the_most_copying_preview(tiny_pipe):
 
 
 def test_registry_default_is_the_preview_when_an_index_is_given(tiny_pipe):
-    from diffmem.defaults import DEFAULT_DETECTOR
     from diffmem.detect import make_detector
+    from diffmem.runtime.defaults import DEFAULT_DETECTOR
 
     index = _copy_index(load_adapter(tiny_pipe))
     assert make_detector(index=index).name == "preview_replication"

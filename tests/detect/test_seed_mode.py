@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 PROMPTS = ["a red circle", "the gargoyle origami poster", "a blue square on the left"]
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from diffmem.errors import ConfigError, ModelLoadError
 from diffmem.eval.alignment import (
     CLIP_MEAN,
     CLIP_STD,
@@ -20,6 +19,7 @@ from diffmem.eval.alignment import (
 )
 from diffmem.eval.metrics import UndefinedMetricWarning
 from diffmem.eval.probe import PAIRS, AttributeProbe, ProbeConfig
+from diffmem.runtime.errors import ConfigError, ModelLoadError
 
 CAPTIONS = ["a red circle", "two blue squares on a poster", "the zanzibar quixotic poster"]
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from diffmem.cli import main
-from diffmem.errors import PromptError
 from diffmem.eval.detection import detection_metrics, evaluate_detection, labelled_testbed_prompts
 from diffmem.eval.metrics import roc_auc_score
+from diffmem.runtime.errors import PromptError
 
 LABELLED = [("the narwhal zanzibar poster", "verbatim"), ("memories of quasar walrus", "template"),
             ("a cat sleeping", "heldout"), ("a purple triangle on teal", "heldout"),

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from diffmem.errors import ConfigError
 from diffmem.eval.mitigation import _configs, _finite, mixed_prompts, plot_tradeoff
+from diffmem.runtime.errors import ConfigError
 
 
 def test_configs_compose_and_multiply_strengths():

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.errors import ModelLoadError
 from diffmem.eval.probe import (
     DEFAULT_WEIGHTS,
     PAIRS,
@@ -21,6 +20,7 @@ from diffmem.eval.probe import (
     scene_labels,
     train_attribute_probe,
 )
+from diffmem.runtime.errors import ModelLoadError
 from diffmem.testbed.data import COLORS, HELDOUT_PAIRS, SHAPES
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.errors import ModelLoadError
 from diffmem.eval.metrics import UndefinedMetricWarning
 from diffmem.eval.quality import (
     FrechetDistance,
@@ -16,6 +15,7 @@ from diffmem.eval.quality import (
     frechet_distance_from_stats,
     to_uint8,
 )
+from diffmem.runtime.errors import ModelLoadError
 
 
 def _reference(a: np.ndarray, b: np.ndarray) -> float:

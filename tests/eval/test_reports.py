@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmem.errors import ConfigError
 from diffmem.eval import cli
 from diffmem.eval.probe import PAIRS, AttributeProbe, ProbeConfig, save_probe
 from diffmem.eval.quality import frechet_distance
 from diffmem.eval.reports import eval_alignment, eval_quality, read_captioned_images
+from diffmem.runtime.errors import ConfigError
 
 
 def _constant_probe(tmp_path):

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import ConfigError
 from diffmem.explain import (
     DEFAULT_ABLATION,
     TokenAttributor,
@@ -16,6 +15,7 @@ from diffmem.explain import (
 )
 from diffmem.explain._words import without_word
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 PROMPTS = ["the zanzibar quixotic poster", "a red red circle, a square"]
 
@@ -81,6 +81,6 @@ def test_explain_ranks_with_the_blend_by_default(adapter):
 
 
 def test_cli_help_states_the_library_default():
-    from diffmem.explain.cli import ABLATION_HELP_DEFAULT
+    from diffmem.cli.explain import ABLATION_HELP_DEFAULT
 
     assert ABLATION_HELP_DEFAULT == DEFAULT_ABLATION

@@ -13,9 +13,9 @@ import torch
 
 from diffmem.core.sampling import initial_latents, seeded_generators
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import ConfigError, PromptError
 from diffmem.explain import TokenAttribution, TokenAttributor, noise_magnitude_gradient
 from diffmem.models.adapter import TruncationWarning, load_adapter
+from diffmem.runtime.errors import ConfigError, PromptError
 
 PROMPT = "the zanzibar quixotic poster"
 

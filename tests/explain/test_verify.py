@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from diffmem.core.sampling import sample, seeded_generators
-from diffmem.errors import ConfigError
 from diffmem.explain import EditReport, EditSuggestion, EditVerifier, Verdict, verify_edits
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 from diffmem.similarity.index import PixelSpace, TrainingIndex
 
 

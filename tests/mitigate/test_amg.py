@@ -12,10 +12,10 @@ import torch
 
 from diffmem.core.sampling import Hook, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import ConfigError
 from diffmem.mitigate import FirstStepGate, MitigationContext, build_mitigations
 from diffmem.mitigate.amg import DUP_BRANCH, L2_OFFSET, L2_SLOPE, AntiMemorizationGuidance
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 from diffmem.similarity.index import PixelSpace, TrainingIndex
 from diffmem.similarity.pixel import tiled_l2
 

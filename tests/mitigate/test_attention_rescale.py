@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from diffmem.core.sampling import Hook, sample, seeded_generators
-from diffmem.errors import ConfigError
 from diffmem.mitigate.attention_rescale import AttentionRescale
 from diffmem.mitigate.registry import MitigationContext, build_mitigations
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 BASE = ["a red circle on a gray background", "a green triangle"]
 PER = 4  # images per prompt

@@ -8,9 +8,9 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import ConfigError
 from diffmem.mitigate import FirstStepGate, Mitigation, parse_spec
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 PROMPTS = ["a red circle on a gray background", "two shapes: a blue square and a cross",
            "a green triangle"]

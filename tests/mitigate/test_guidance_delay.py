@@ -7,10 +7,10 @@ import torch
 
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Hook, sample, seeded_generators
-from diffmem.errors import ConfigError
 from diffmem.mitigate.guidance_delay import GuidanceDelay
 from diffmem.mitigate.registry import MitigationContext, build_mitigations
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 BASE = ["a red circle on a gray background", "two shapes: a blue square and a cross"]
 PER = 3

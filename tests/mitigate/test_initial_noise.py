@@ -8,10 +8,10 @@ import torch
 
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Hook, sample, seeded_generators
-from diffmem.errors import ConfigError
 from diffmem.mitigate import FirstStepGate, MitigationContext, build_mitigations
 from diffmem.mitigate.initial_noise import InitialNoiseOptimization
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 PROMPTS = ["a red circle on a gray background", "a red circle on a gray background",
            "two shapes: a blue square and a cross", "two shapes: a blue square and a cross"]

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from diffmem.core.sampling import Hook, sample, seeded_generators
-from diffmem.errors import ConfigError
 from diffmem.mitigate.perturb import (
     CaptionWordRepetition,
     EmbeddingNoise,
@@ -15,6 +14,7 @@ from diffmem.mitigate.perturb import (
 )
 from diffmem.mitigate.registry import MitigationContext, build_mitigations
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 BASE = ["a red circle on a gray background", "two shapes: a blue square and a cross"]
 PER = 3

@@ -8,11 +8,11 @@ import torch
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Hook, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import ConfigError
 from diffmem.explain import TokenAttributor, attribute_with_ablation, suggest_edits
 from diffmem.mitigate import FirstStepGate, MitigationContext, build_mitigations
 from diffmem.mitigate.reanchor import PromptReanchoring
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 
 A, B = "a red circle on a gray background", "two shapes: a blue square and a cross"
 PROMPTS = [A, A, B, B]

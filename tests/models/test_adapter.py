@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from diffmem.errors import ConfigError, ModelLoadError, PromptError
 from diffmem.models.adapter import SD1Adapter, SD2Adapter, TruncationWarning, load_adapter
+from diffmem.runtime.errors import ConfigError, ModelLoadError, PromptError
 
 
 def test_sd1_padding_and_lengths(tiny_pipe):

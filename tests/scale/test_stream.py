@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diffmem.errors import PromptError
+from diffmem.runtime.errors import PromptError
 from diffmem.scale.stream import plan_shards, read_shard
 
 

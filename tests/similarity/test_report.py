@@ -52,7 +52,7 @@ def test_eval_replication_writes_report_and_grid(tmp_path):
 def test_eval_replication_of_an_empty_folder_is_an_error(tmp_path):
     import pytest
 
-    from diffmem.errors import EmptyInputError
+    from diffmem.runtime.errors import EmptyInputError
 
     (tmp_path / "gen").mkdir()
     with pytest.raises(EmptyInputError, match="holds no images"):

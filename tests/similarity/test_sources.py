@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from diffmem.cli import main
-from diffmem.errors import ConfigError, DiffmemError
+from diffmem.runtime.errors import ConfigError, DiffmemError
 from diffmem.similarity.index import build_index_from_source
 from diffmem.similarity.sources import iter_source
 

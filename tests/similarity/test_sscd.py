@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffmem.errors import ModelLoadError
+from diffmem.runtime.errors import ModelLoadError
 from diffmem.similarity.sscd import SSCD, packaged_model, similarity
 
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 from diffmem.testbed.data import TestbedSpec
 from diffmem.testbed.train import TrainConfig, train_testbed
 

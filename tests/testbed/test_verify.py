@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from diffmem.cli import main
-from diffmem.errors import ConfigError
 from diffmem.eval.detection import labelled_testbed_prompts
 from diffmem.explain._edits import testbed_clean_prompts as clean_prompts_of
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 from diffmem.testbed import shipped_testbed_spec
 from diffmem.testbed.data import TestbedSpec, build_testbed
 from diffmem.testbed.verify import testbed_spec_of as spec_of

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 from diffmem.train.bench import (
     METHODS,
     TRAIN,

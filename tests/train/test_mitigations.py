@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 from diffmem.train.captions import CaptionAugment, CaptionSampler
 from diffmem.train.data import find_duplicate_groups
 from diffmem.train.filters import EntropyFilter, LossFilter, MagnitudeFilter, normalised_magnitude

@@ -17,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from diffmem.cli import main
-from diffmem.errors import ConfigError, ModelLoadError
+from diffmem.runtime.errors import ConfigError, ModelLoadError
 from diffmem.train.captions import CaptionAugment
 from diffmem.train.trainer import FinetuneConfig, finetune
 

@@ -1,6 +1,6 @@
 """The ``diffmem`` command line. Each command parses, calls one library function, and prints.
 
-Errors from bad input (:class:`diffmem.errors.DiffmemError`) are printed as one line, exit code 2.
+Errors from bad input (:class:`diffmem.runtime.errors.DiffmemError`) are printed as one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import importlib.util
 import signal
 import sys
 import warnings
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diffmem import __version__
-from diffmem.clitools import (
+from diffmem.cli.args import (
     BATCH,
     GENERATIONS,
     NONNEG,
@@ -27,14 +26,12 @@ from diffmem.clitools import (
     Parser,
     add_model,
     add_sampling,
-    dumps,
-    enable_progress,
-    interrupted_message,
-    kept,
-    quiet_third_party,
-    reset_kept,
 )
-from diffmem.errors import ConfigError, DiffmemError
+from diffmem.runtime.errors import ConfigError, DiffmemError
+from diffmem.runtime.interrupts import interrupted_message, kept, reset_kept
+from diffmem.runtime.jsonio import dumps
+from diffmem.runtime.logs import quiet_third_party
+from diffmem.runtime.progress import enable_progress
 
 # ------------------------------------------------------------------------------------- commands
 
@@ -73,15 +70,27 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_testbed_train(a: argparse.Namespace) -> int:
-    from diffmem.testbed.train import TrainConfig, install_pipeline, train_testbed
+    from diffmem.testbed.data import TestbedSpec
+    from diffmem.testbed.train import (
+        GRADED_SPEC,
+        GRADED_TRAIN,
+        TrainConfig,
+        install_pipeline,
+        train_testbed,
+    )
 
     given = {"vae_steps": a.vae_steps, "unet_steps": a.unet_steps, "batch_size": a.batch_size}
-    cfg = TrainConfig(seed=a.seed, **{k: v for k, v in given.items() if v is not None})
-    from diffmem.testbed.data import TestbedSpec
-
+    given = {k: v for k, v in given.items() if v is not None}
     rare = {} if a.rare_words is None else {"n_rare_words": a.rare_words}
+    seed = {} if a.seed is None else {"seed": a.seed}
+    if a.graded:
+        cfg = TrainConfig(**{**GRADED_TRAIN, **given, **seed})
+        spec = TestbedSpec(**{**GRADED_SPEC, **rare, **seed})
+    else:
+        cfg = TrainConfig(**{**given, **seed})
+        spec = TestbedSpec(seed=cfg.seed, **rare)
     kept(f"the training checkpoints in {a.out} (rerun the same command to resume)")
-    target = train_testbed(a.out, cfg, TestbedSpec(seed=a.seed, **rare))
+    target = train_testbed(a.out, cfg, spec)
     print(f"trained testbed pipeline: {target}")
     if a.install:
         print(f"installed into {install_pipeline(target)}")
@@ -92,7 +101,6 @@ def _require_testbed_model(model: str | None, what: str) -> None:
     """Refuse a model that is no testbed at once (before loading it or generating anything)."""
     if model is None or model == "testbed":
         return
-    from pathlib import Path
 
     if not (Path(model) / "testbed.json").is_file():
         raise ConfigError(f"{what} needs a diffmem testbed model (a folder with testbed.json); "
@@ -202,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="testbed_command", required=True, metavar="COMMAND")
     t = tb.add_parser("train", help="train the testbed pipeline (resumable)")
     t.add_argument("--out", type=OutDir(), required=True, help="run folder; rerun to resume")
-    t.add_argument("--seed", type=SEED, default=0, help="seed of the data and the training")
+    t.add_argument("--seed", type=SEED, default=None,
+                   help="seed of the data and the training (default 0; with --graded 1)")
+    t.add_argument("--graded", action="store_true",
+                   help="train the second testbed, testbed-graded: items at graded duplicate "
+                        "counts, its own vocabulary, 8 latent channels (docs/testbed.md)")
     # defaults (None) come from TrainConfig, the one place they are set
     t.add_argument("--vae-steps", type=NONNEG, help="VAE training steps (default: "
                                                      "TrainConfig.vae_steps)")
@@ -250,40 +262,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_extension(name: str):
-    """The command-line module ``name`` (e.g. ``diffmem.detect.cli``), loaded WITHOUT running its
-    package's ``__init__`` (which imports torch and the models): parsing, ``--help`` and a bad
-    option then answer in a fraction of a second. The package is imported as usual when a command
-    runs. A module imported before (tests, other callers) is used as it is."""
-    if name in sys.modules:
-        return sys.modules[name]
-    package = name.rpartition(".")[0]
-    base = Path(importlib.util.find_spec("diffmem").submodule_search_locations[0])
-    path = base.joinpath(*package.split(".")[1:], name.rpartition(".")[2] + ".py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:  # pragma: no cover - e.g. a zipped install
-        return importlib.import_module(name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """The command-line module ``name`` (e.g. ``diffmem.cli.detect``). These modules import only
+    :mod:`diffmem.cli.args` and :mod:`diffmem.runtime` at top level, so parsing, ``--help`` and a
+    bad option answer before torch is imported."""
+    return importlib.import_module(name)
 
 
-#: Modules with a ``register(commands, eval_commands)`` function adding their subcommands; each
-#: feature package keeps its own argument parsing next to its code (with the shared option types of
-#: :mod:`diffmem.clitools`).
+#: Modules with a ``register(commands, eval_commands)`` function adding their subcommands (one module
+#: per command group, with the shared option types of :mod:`diffmem.cli.args`).
 _EXTENSIONS: list[str] = [
-    "diffmem.detect.cli",
-    "diffmem.explain.cli",
-    "diffmem.eval.cli",
-    "diffmem.similarity.cli",
-    "diffmem.mitigate.cli",
-    "diffmem.scale.cli",
-    "diffmem.train.cli",
-    "diffmem.server.cli",
+    "diffmem.cli.detect",
+    "diffmem.cli.explain",
+    "diffmem.cli.eval",
+    "diffmem.cli.similarity",
+    "diffmem.cli.mitigate",
+    "diffmem.cli.scale",
+    "diffmem.cli.train",
+    "diffmem.cli.server",
 ]
 
 
@@ -338,5 +333,3 @@ def run() -> None:
     os._exit(rc)
 
 
-if __name__ == "__main__":
-    run()

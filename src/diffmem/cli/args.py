@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 from diffmem.runtime.errors import ConfigError
 

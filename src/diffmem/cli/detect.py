@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.clitools import (
+from diffmem.cli.args import (
     BATCH,
     FPR,
     GENERATIONS,
@@ -23,10 +23,10 @@ from diffmem.clitools import (
     OutFile,
     add_model,
     add_sampling,
-    dumps,
     scored_steps,
 )
-from diffmem.defaults import DEFAULT_DETECTOR, DEFAULT_INDEX_DETECTOR
+from diffmem.runtime.defaults import DEFAULT_DETECTOR, DEFAULT_INDEX_DETECTOR
+from diffmem.runtime.jsonio import dumps
 
 
 def _cmd_detect(a: argparse.Namespace) -> int:

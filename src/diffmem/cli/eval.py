@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.clitools import BATCH, COUNT, SEED, DeprecatedAlias, OutFile, dumps
+from diffmem.cli.args import BATCH, COUNT, SEED, DeprecatedAlias, OutFile
+from diffmem.runtime.jsonio import dumps
 
 
 def _cmd_alignment(a: argparse.Namespace) -> int:

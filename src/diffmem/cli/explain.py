@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffmem.clitools import (
+from diffmem.cli.args import (
     COUNT,
     FPR,
     GENERATIONS,
@@ -23,10 +23,9 @@ from diffmem.clitools import (
     Number,
     OutFile,
     add_model,
-    dumps,
     scored_steps,
-    write_json,
 )
+from diffmem.runtime.jsonio import dumps, write_json
 
 MARGIN = Number(float, min=1, max=100)
 

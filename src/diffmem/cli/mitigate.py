@@ -10,7 +10,7 @@ import argparse
 import json
 import math
 
-from diffmem.clitools import (
+from diffmem.cli.args import (
     BATCH,
     COUNT,
     GENERATIONS,
@@ -20,7 +20,7 @@ from diffmem.clitools import (
     OutFile,
     add_model,
 )
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 
 def _floats(text: str | None) -> list[float] | None:

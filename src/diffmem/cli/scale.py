@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from diffmem.clitools import add_model
+from diffmem.cli.args import add_model
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:

@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffmem.clitools import add_model
-from diffmem.errors import ConfigError
+from diffmem.cli.args import add_model
+from diffmem.runtime.errors import ConfigError
 
 
 def _read_key(path: str | None) -> str | None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.clitools import BATCH, THRESHOLD, OutDir, OutFile, dumps
+from diffmem.cli.args import BATCH, THRESHOLD, OutDir, OutFile
+from diffmem.runtime.jsonio import dumps
 
 
 def _cmd_index_build(a: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from diffmem.clitools import add_model
+from diffmem.cli.args import add_model
 
 
 def _ratio_or_auto(text: str) -> float | str:

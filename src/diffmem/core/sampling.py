@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from diffmem.core import attention as _attention
-from diffmem.errors import ConfigError
 from diffmem.models.adapter import ModelAdapter, Tokenized
+from diffmem.runtime.errors import ConfigError
 
 
 class Hook:

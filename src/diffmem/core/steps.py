@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 StepSpec = int | str | Sequence[int]
 

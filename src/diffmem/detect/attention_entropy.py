@@ -39,7 +39,7 @@ import torch
 from diffmem.core.sampling import Run, Step
 from diffmem.core.steps import StepSpec
 from diffmem.detect.base import Detector
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 MODES = ("first_step", "late_steps")
 #: Default direction per mode, measured on the testbed (docs/detection.md). first_step: lower

@@ -23,8 +23,8 @@ import torch
 
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.core.steps import StepSpec, check_steps, select_steps
-from diffmem.errors import ConfigError, PromptError
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.errors import ConfigError, PromptError
 
 #: How initial noises are seeded (see :class:`Detector`).
 SEED_MODES = ("per-generation", "per-prompt")
@@ -130,7 +130,7 @@ class Detector(Hook, ABC):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PromptError("no prompts to score")
-        from diffmem.clitools import progress
+        from diffmem.runtime.progress import progress
 
         adapter = load_adapter(model, scheduler=self.scheduler)
         jobs = [(i, g) for i in range(len(prompts)) for g in range(self.generations)]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from diffmem.core.sampling import Run, Step
 from diffmem.core.steps import StepSpec
 from diffmem.detect.base import Detector
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 _DOWN = re.compile(r"^down_blocks\.(\d+)\.")
 

@@ -22,7 +22,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffmem.errors import PromptError
+from diffmem.runtime.errors import PromptError
 
 TEXT_FIELDS = ("prompt", "caption")
 MEMORIZED_KINDS = ("verbatim", "template")
@@ -142,10 +142,10 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[bool], list[str]]:
 
 def write_table(columns: dict[str, Sequence], path: str | Path) -> Path:
     """Write equal-length columns as CSV, Parquet or JSONL, chosen by the file suffix (any other
-    suffix: :class:`~diffmem.errors.ConfigError`, before anything is written)."""
+    suffix: :class:`~diffmem.runtime.errors.ConfigError`, before anything is written)."""
     path = Path(path)
     if path.suffix.lower() not in TABLE_SUFFIXES:
-        from diffmem.errors import ConfigError
+        from diffmem.runtime.errors import ConfigError
 
         raise ConfigError(f"{path}: unsupported table format {path.suffix or '(no suffix)'!r}; "
                           f"use {', '.join(TABLE_SUFFIXES)}")
@@ -158,7 +158,7 @@ def write_table(columns: dict[str, Sequence], path: str | Path) -> Path:
 
         pq.write_table(pa.table({k: list(v) for k, v in columns.items()}), path)
     elif path.suffix.lower() == ".jsonl":
-        from diffmem.clitools import dumps
+        from diffmem.runtime.jsonio import dumps
 
         with path.open("w", encoding="utf-8") as f:
             for i in range(n):

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from diffmem.defaults import DEFAULT_DETECTOR, DEFAULT_INDEX_DETECTOR
 from diffmem.detect.attention_entropy import AttentionEntropy
 from diffmem.detect.base import Detector
 from diffmem.detect.bright_ending import BrightEnding
 from diffmem.detect.noise_magnitude import NoiseMagnitude
 from diffmem.detect.replication import PreviewReplication
 from diffmem.detect.sharpness import Sharpness
-from diffmem.naming import lookup
+from diffmem.runtime.defaults import DEFAULT_DETECTOR, DEFAULT_INDEX_DETECTOR
+from diffmem.runtime.naming import lookup
 
 #: name -> (class, fixed options)
 DETECTORS: dict[str, tuple[type[Detector], dict]] = {

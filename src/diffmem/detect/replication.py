@@ -30,7 +30,7 @@ import torch
 
 from diffmem.core.sampling import Run, Step
 from diffmem.detect.base import Detector
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
     were scored. With ``threshold_from`` (a file of clean prompts) the detector is first calibrated
     at ``fpr`` and each prompt gets ``flagged = score > threshold``. ``detector``: a registry name
     (default: ``preview_replication`` with an ``index``, the training set's, else
-    :data:`~diffmem.defaults.DEFAULT_DETECTOR`); ``num_inference_steps``: the detector's own
+    :data:`~diffmem.runtime.defaults.DEFAULT_DETECTOR`); ``num_inference_steps``: the detector's own
     schedule length when None. Returns a summary dict.
     """
     import warnings

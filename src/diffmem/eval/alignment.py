@@ -37,9 +37,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from diffmem.errors import ConfigError, ModelLoadError
 from diffmem.eval.metrics import UndefinedMetricWarning
-from diffmem.images import to_unit_range
+from diffmem.runtime.errors import ConfigError, ModelLoadError
+from diffmem.runtime.images import to_unit_range
 
 #: OpenAI CLIP's normalisation (also transformers' CLIPImageProcessor default).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -28,9 +28,9 @@ import numpy as np
 from diffmem.detect.base import Detector
 from diffmem.detect.prompts import read_labelled, write_table
 from diffmem.detect.registry import make_detector, parse_steps
-from diffmem.errors import PromptError
 from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.errors import PromptError
 
 
 def labelled_rows(prompts: str | Path | None, model: str | Path | ModelAdapter = "testbed"
@@ -86,7 +86,7 @@ def labelled_testbed_prompts(model: str | Path | ModelAdapter | None = "testbed"
                              ) -> tuple[list[str], list[bool], list[str]]:
     """``(prompts, memorized, kinds)`` of a testbed model's designed evaluation prompts (``None``:
     the shipped testbed's, without loading it). A model that is no testbed has no labelled prompts:
-    :class:`~diffmem.errors.ConfigError`."""
+    :class:`~diffmem.runtime.errors.ConfigError`."""
     from diffmem.testbed import labelled_prompts, shipped_testbed_spec
 
     if model is None:
@@ -203,7 +203,7 @@ def evaluate_detection(detector: str | Detector | None = None, *,
     ``prompts``: see :func:`labelled_rows` (default: the broad generation-labelled set).
     ``detector``: a registry name (then ``steps``/``generations``/... configure it) or an instance;
     default: ``preview_replication`` with an ``index`` (the training set's), else
-    :data:`~diffmem.defaults.DEFAULT_DETECTOR`. ``num_inference_steps``: None = the detector's own.
+    :data:`~diffmem.runtime.defaults.DEFAULT_DETECTOR`. ``num_inference_steps``: None = the detector's own.
     ``split``: only the prompts of that split (``dev`` / ``test``). With ``out`` (``report.json``)
     also writes ``report_roc.png`` and ``report_scores.csv``.
     """
@@ -279,7 +279,7 @@ def evaluate_detection(detector: str | Detector | None = None, *,
                              "score": [float(s) for s in scores],
                              "flagged": [bool(f) for f in flagged]}, f"{stem}_scores.csv")
         report.update(roc_png=str(roc), scores_csv=str(table))
-        from diffmem.clitools import write_json
+        from diffmem.runtime.jsonio import write_json
 
         write_json(out, report)
     return report

@@ -33,8 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffmem.core.sampling import sample, seeded_generators
-from diffmem.errors import ConfigError, DiffmemError
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError, DiffmemError
 
 GROUPS = ("memorized", "mixed", "heldout")
 SSCD_COPY = 0.5
@@ -261,7 +261,7 @@ def evaluate_mitigation(methods: Sequence[str], *, model="testbed",
         if context.threshold is not None:
             report["threshold"] = context.threshold
         if out is not None:
-            from diffmem.clitools import write_json
+            from diffmem.runtime.jsonio import write_json
 
             write_json(out, _finite(report))
     if plot is not None:

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from diffmem.errors import ModelLoadError
-from diffmem.images import to_unit_range
+from diffmem.runtime.errors import ModelLoadError
+from diffmem.runtime.images import to_unit_range
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed import data as tb
 

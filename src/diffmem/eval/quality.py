@@ -43,10 +43,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from diffmem.errors import ModelLoadError
 from diffmem.eval.metrics import UndefinedMetricWarning
-from diffmem.images import to_uint8 as images_to_uint8
-from diffmem.images import to_unit_range
+from diffmem.runtime.errors import ModelLoadError
+from diffmem.runtime.images import to_uint8 as images_to_uint8
+from diffmem.runtime.images import to_unit_range
 
 INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from diffmem.clitools import write_json
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
+from diffmem.runtime.jsonio import write_json
 
 
 def read_captioned_images(folder: str | Path) -> tuple[list[torch.Tensor], list[str], list[str]]:
@@ -25,14 +25,14 @@ def read_captioned_images(folder: str | Path) -> tuple[list[torch.Tensor], list[
     if listing.is_file():
         rows = [json.loads(line) for line in listing.read_text(encoding="utf-8").splitlines() if line]
         if not rows:
-            from diffmem.errors import EmptyInputError
+            from diffmem.runtime.errors import EmptyInputError
 
             raise EmptyInputError(f"{listing} lists no images")
         return ([decode_image(folder / r["file"]) for r in rows], [r["prompt"] for r in rows],
                 [r["file"] for r in rows])
     items = [it for it in iter_folder(folder) if it.image is not None]
     if not items:
-        from diffmem.errors import EmptyInputError
+        from diffmem.runtime.errors import EmptyInputError
 
         raise EmptyInputError(f"{folder} holds no readable images")
     return [it.image for it in items], [it.caption for it in items], [it.id for it in items]

@@ -33,10 +33,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from diffmem.detect import Detector, NoiseMagnitude
-from diffmem.errors import ConfigError
 from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
 from diffmem.models.adapter import TruncationWarning
+from diffmem.runtime.errors import ConfigError
 
 #: weight of ablation in the blended word scores (``diffmem explain --ablation``)
 DEFAULT_ABLATION = 0.5

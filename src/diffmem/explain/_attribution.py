@@ -33,9 +33,9 @@ import torch
 from diffmem.core.magnitude import noise_magnitude_gradient
 from diffmem.core.sampling import Hook, Run, Step, initial_latents, sample, seeded_generators
 from diffmem.core.steps import select_steps
-from diffmem.errors import ConfigError, PromptError
 from diffmem.explain._words import Word, prompt_words
 from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter
+from diffmem.runtime.errors import ConfigError, PromptError
 
 __all__ = ["TokenAttribution", "TokenAttributor", "noise_magnitude_gradient"]  # re-exported
 

@@ -17,10 +17,10 @@ from itertools import pairwise
 import numpy as np
 
 from diffmem.detect import Detector, NoiseMagnitude
-from diffmem.errors import ConfigError
 from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
 from diffmem.models.adapter import TruncationWarning, load_adapter
+from diffmem.runtime.errors import ConfigError
 
 __all__ = ["EditReport", "EditSuggestion", "calibrate_threshold", "suggest_edits", "verify_edits"]
 

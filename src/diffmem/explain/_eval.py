@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from diffmem.detect import Detector, NoiseMagnitude
-from diffmem.errors import PromptError
 from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
 from diffmem.explain._edits import EditReport, EditSuggestion, suggest_edits, verify_edits
 from diffmem.explain._explain import edit_extender
 from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.errors import PromptError
 
 __all__ = ["evaluate_explanation", "trigger_rank"]
 

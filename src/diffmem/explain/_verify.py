@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 __all__ = ["EditVerifier", "Verdict"]
 

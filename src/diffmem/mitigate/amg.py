@@ -99,8 +99,8 @@ from diffmem.detect.replication import (
     ThresholdSchedule,
     decode_and_search,
 )
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate, Mitigation
+from diffmem.runtime.errors import ConfigError
 
 CRITERIA = ("sscd_cosine", "tiled_l2")
 

@@ -47,8 +47,8 @@ import torch
 
 from diffmem.core.sampling import Run, Step
 from diffmem.core.steps import StepSpec, check_steps, select_steps
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate, Mitigation
+from diffmem.runtime.errors import ConfigError
 
 
 class AttentionRescale(Mitigation):

@@ -26,7 +26,7 @@ import torch
 
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Hook, Run, Step
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 
 class FirstStepGate(Hook):

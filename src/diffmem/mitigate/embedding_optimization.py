@@ -57,8 +57,8 @@ import torch
 
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Run, Step
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate, MagnitudeTarget
+from diffmem.runtime.errors import ConfigError
 
 
 class EmbeddingOptimization(MagnitudeTarget):

@@ -61,8 +61,8 @@ import torch
 
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Run, Step
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate, Mitigation
+from diffmem.runtime.errors import ConfigError
 
 #: mode -> (guidance during the delay, reference transition timestep)
 MODES: dict[str, tuple[float, float | None]] = {

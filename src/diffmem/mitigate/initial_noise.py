@@ -70,8 +70,8 @@ import math
 import torch
 
 from diffmem.core.sampling import Run, Step
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate, MagnitudeTarget
+from diffmem.runtime.errors import ConfigError
 
 #: reference settings per method: optimiser, lr, iteration cap
 METHODS = {

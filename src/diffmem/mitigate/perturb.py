@@ -51,9 +51,9 @@ from collections.abc import Sequence
 import torch
 
 from diffmem.core.sampling import Run, Step
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate, Mitigation
 from diffmem.models.adapter import Tokenized
+from diffmem.runtime.errors import ConfigError
 
 
 def _seed(*parts) -> int:

@@ -28,7 +28,7 @@ Departures and traps:
   units.
 - Which prompts: those the method targets (all, or the gate's flags) whose own first-step
   magnitude exceeds ``l_target`` (the reference's trigger); the others keep plain generation.
-  A triggered prompt with no clearing edit is an error (:class:`~diffmem.errors.ConfigError`
+  A triggered prompt with no clearing edit is an error (:class:`~diffmem.runtime.errors.ConfigError`
   naming it): re-anchoring to a prompt that still memorizes would not mitigate. With
   ``unclearable="plain"`` (what ``diffmem eval mitigation`` uses, so that the method still gets
   its row) such a prompt keeps plain generation instead and its report says ``reason: "no
@@ -55,8 +55,8 @@ import torch
 
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Branch, Run, Step
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate, Mitigation
+from diffmem.runtime.errors import ConfigError
 
 #: the reference's mag_thres_pr / l_target_pr (5 / 3)
 HIGH_RATIO = 5 / 3

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffmem.core.sampling import Hook
-from diffmem.errors import ConfigError
 from diffmem.mitigate.base import FirstStepGate
-from diffmem.naming import registry_name
+from diffmem.runtime.errors import ConfigError
+from diffmem.runtime.naming import registry_name
 
 #: name -> (module, class). Each class takes ``(strength, *, gate=None)`` and may define
 #: ``from_context(strength, gate, context)`` when it needs more (an index, a threshold, ...).

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from diffmem.errors import ConfigError, ModelLoadError, PromptError
+from diffmem.runtime.errors import ConfigError, ModelLoadError, PromptError
 
 #: Short names accepted wherever a scheduler is chosen (``--scheduler``), mapped to diffusers classes.
 SCHEDULERS = {
@@ -90,7 +90,7 @@ def _resolve_scheduler(base, scheduler: str | object | None):
         return scheduler
     import diffusers
 
-    from diffmem.naming import registry_name
+    from diffmem.runtime.naming import registry_name
 
     name = SCHEDULERS.get(registry_name(scheduler), scheduler)
     cls = getattr(diffusers, name, None)
@@ -283,7 +283,7 @@ class ModelAdapter:
     @staticmethod
     def to_pil(images: torch.Tensor) -> list:
         """Images in ``[-1, 1]`` -> PIL images (as ``VaeImageProcessor.postprocess``)."""
-        from diffmem.images import to_pil
+        from diffmem.runtime.images import to_pil
 
         return to_pil(images)
 
@@ -327,7 +327,7 @@ def _unsupported(name: object) -> ModelLoadError:
 
 def pipeline_family(path: str | Path) -> str:
     """``"sd"`` or ``"sdxl"`` from a folder's ``model_index.json`` (its ``_class_name``, else its
-    components); any other pipeline: :class:`~diffmem.errors.ModelLoadError` naming what is
+    components); any other pipeline: :class:`~diffmem.runtime.errors.ModelLoadError` naming what is
     supported."""
     path = Path(path)
     _check_folder(path)

@@ -36,8 +36,8 @@ from typing import ClassVar
 
 import torch
 
-from diffmem.errors import ConfigError
 from diffmem.models.adapter import ModelAdapter, _module_device, _module_dtype
+from diffmem.runtime.errors import ConfigError
 
 
 class SDXLAdapter(ModelAdapter):

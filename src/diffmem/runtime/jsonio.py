@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def strict(obj: Any, path: str = "", nulls: dict | None = None) -> Any:
     """``obj`` with every NaN/inf float replaced by ``None``; where ``nulls`` is given, each
     replacement's location and reason is recorded there (``{"auc": "NaN (undefined)"}``)."""

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 
-
 def quiet_third_party(verbose: bool) -> None:
     """Unless ``verbose``: silence transformers/diffusers log messages and loading bars and every
     warning not raised by diffmem; diffmem's own warnings print as one line without source.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TypeVar
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 T = TypeVar("T")
 

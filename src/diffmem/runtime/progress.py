@@ -13,7 +13,6 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-
 _state = threading.local()
 _enabled = False
 

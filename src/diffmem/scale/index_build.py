@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 from diffmem.similarity.index import BuildReport, TrainingIndex, _embedder_for_kind
 
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
-from diffmem.errors import ConfigError, DiffmemError
+from diffmem.runtime.errors import ConfigError, DiffmemError
 
 #: object store of a local Ray instance (Ray's minimum is 75 MB; shard results are small)
 OBJECT_STORE_BYTES = 100 * 1024 * 1024

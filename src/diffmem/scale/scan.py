@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.errors import ConfigError, DiffmemError
+from diffmem.runtime.errors import ConfigError, DiffmemError
 from diffmem.scale.stream import Shard, ShardPlan, plan_shards, read_shard
 
 MANIFEST = "manifest.json"
@@ -144,8 +144,8 @@ class ShardScorer:
         flagged = [i for i, f in enumerate(flags) if f]
         if not self.job.explain or not flagged:
             return out
-        from diffmem.errors import PromptError
         from diffmem.explain import TokenAttributor
+        from diffmem.runtime.errors import PromptError
 
         attributor = TokenAttributor(self.adapter, steps=1, seeds=det.generations, seed=det.seed,
                                      num_inference_steps=det.num_inference_steps,
@@ -194,7 +194,7 @@ def model_fingerprint(model: str | Path) -> dict:
         model = testbed_path()
     root = Path(model)
     if not root.is_dir():
-        from diffmem.errors import ModelLoadError
+        from diffmem.runtime.errors import ModelLoadError
 
         raise ModelLoadError(f"model {model} is not a pipeline folder")
     h = hashlib.sha256()

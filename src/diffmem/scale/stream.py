@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from diffmem.errors import PromptError
+from diffmem.runtime.errors import PromptError
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TEXT_FIELDS = ("prompt", "caption")

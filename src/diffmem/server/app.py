@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffmem import __version__
-from diffmem.errors import DiffmemError
+from diffmem.runtime.errors import DiffmemError
 from diffmem.server.audit import AuditLog
 from diffmem.server.batching import MicroBatcher, QueueFull
 from diffmem.server.engine import Cancelled, Engine

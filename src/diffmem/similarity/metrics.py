@@ -140,7 +140,7 @@ def index_self_duplication(index: object, *, chunk: int = 1024) -> tuple[torch.T
                                                                           torch.Tensor]:
     """:func:`self_similarity` or :func:`self_tiled_l2` over the items of a training index."""
     if index.kind == "pixel":
-        from diffmem.images import to_unit_range
+        from diffmem.runtime.images import to_unit_range
 
         images = to_unit_range(index.pixel_array())
         return self_tiled_l2(images, grid=index.embedder.grid, chunk=min(chunk, 256))

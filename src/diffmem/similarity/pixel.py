@@ -19,12 +19,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from diffmem.images import to_unit_range
+from diffmem.runtime.images import to_unit_range
 
 
 def to_tensor(images: Sequence | np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` / ``(H, W, 3)`` arrays or PIL images -> float ``(N, 3, H, W)`` in
-    ``[-1, 1]`` (by :func:`diffmem.images.to_unit_range`). A tensor is taken to be ``(N, 3, H, W)``
+    ``[-1, 1]`` (by :func:`diffmem.runtime.images.to_unit_range`). A tensor is taken to be ``(N, 3, H, W)``
     already: uint8 is scaled, float returned as float."""
     if isinstance(images, torch.Tensor):
         return to_unit_range(images) if images.dtype == torch.uint8 else images.float()

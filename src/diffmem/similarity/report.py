@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.images import to_pil
+from diffmem.runtime.images import to_pil
 from diffmem.similarity.index import TrainingIndex
 from diffmem.similarity.metrics import replication_summary
 from diffmem.similarity.sources import IMAGE_SUFFIXES, decode_image
@@ -86,7 +86,7 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
     """
     listed = _image_paths(images)
     if not listed:
-        from diffmem.errors import EmptyInputError
+        from diffmem.runtime.errors import EmptyInputError
 
         raise EmptyInputError(f"{images} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if not isinstance(index, TrainingIndex):
@@ -96,7 +96,7 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
     threshold = DEFAULT_THRESHOLDS.get(criterion, 0.5) if threshold is None else threshold
     paths, tensors, skipped = _read_images(listed)
     if not paths:
-        from diffmem.errors import EmptyInputError
+        from diffmem.runtime.errors import EmptyInputError
 
         raise EmptyInputError(f"{images}: none of its {len(skipped)} image(s) could be read "
                               f"(first: {skipped[0]['path']}: {skipped[0]['error']})")
@@ -121,7 +121,7 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
         report["distance_mean"] = report.pop("similarity_mean")
     out = Path(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from diffmem.clitools import write_json
+    from diffmem.runtime.jsonio import write_json
 
     write_json(out, report)
     if grid_html is not None:

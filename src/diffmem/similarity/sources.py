@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffmem.errors import ConfigError, DiffmemError
-from diffmem.images import to_unit_range
+from diffmem.runtime.errors import ConfigError, DiffmemError
+from diffmem.runtime.images import to_unit_range
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -96,8 +96,8 @@ def iter_parquet(path: str | Path, *, image_column: str = "image",
     """Items of a Parquet table, read ``batch_rows`` rows at a time.
 
     The table and its columns are checked at once (before any row is read): a file that is no
-    Parquet table raises :class:`~diffmem.errors.DiffmemError`, a column option naming no column
-    :class:`~diffmem.errors.ConfigError`.
+    Parquet table raises :class:`~diffmem.runtime.errors.DiffmemError`, a column option naming no column
+    :class:`~diffmem.runtime.errors.ConfigError`.
     """
     import pyarrow.parquet as pq
 

@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from diffmem.errors import ConfigError, ModelLoadError
+from diffmem.runtime.errors import ConfigError, ModelLoadError
 
 #: ImageNet mean and std in pixel units (0-255), as the ONNX graph's ``pixel_mean``/``pixel_std``.
 PIXEL_MEAN = (123.675, 116.28, 103.53)

@@ -408,7 +408,7 @@ def label_broad_set(out: str | Path, model="testbed", *, chunk: int = 16, progre
 
 def read_broad_labels(path: str | Path | None = None) -> list[dict]:
     """Rows of a labels file (default: the shipped one)."""
-    from diffmem.errors import PromptError
+    from diffmem.runtime.errors import PromptError
 
     path = Path(path) if path is not None else LABELS_FILE
     if not path.is_file():

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from diffmem.core.sampling import sample, seeded_generators
-from diffmem.errors import ConfigError
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.errors import ConfigError
 from diffmem.similarity.pixel import nearest_tiled_l2, pairwise_tiled_l2, tiled_l2, to_tensor
 from diffmem.testbed import REPLICATION_THRESHOLD
 from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
@@ -35,7 +35,7 @@ TILE_GRID = 4
 def testbed_spec_of(model_dir: str | Path) -> TestbedSpec:
     """The data spec a testbed pipeline folder was trained on (its ``testbed.json``), as
     :attr:`ModelAdapter.testbed_spec <diffmem.models.adapter.ModelAdapter.testbed_spec>` reads it;
-    a folder without one is no testbed (:class:`~diffmem.errors.ConfigError`)."""
+    a folder without one is no testbed (:class:`~diffmem.runtime.errors.ConfigError`)."""
     f = Path(model_dir) / "testbed.json"
     if not f.is_file():
         raise ConfigError(f"{model_dir} is not a diffmem testbed model (no testbed.json)")
@@ -70,7 +70,7 @@ def vae_roundtrip(adapter, images: torch.Tensor, batch_size: int = 128,
 def generate_labelled(adapter, prompts: Sequence[LabelledPrompt], *, seeds: int, steps: int,
                       guidance_scale: float, batch_size: int = 64, desc: str = "generate"):
     """Images for every (prompt, seed) pair; seed s of prompt i uses generator seed ``s``."""
-    from diffmem.clitools import progress
+    from diffmem.runtime.progress import progress
 
     jobs = [(i, s) for i in range(len(prompts)) for s in range(seeds)]
     out = []
@@ -91,7 +91,7 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
     """Generate ``seeds`` images per labelled prompt and measure replication rates per kind.
 
     ``model`` must be a testbed model (its data spec says which images are memorized); any other
-    model is refused at once with a :class:`~diffmem.errors.ConfigError`."""
+    model is refused at once with a :class:`~diffmem.runtime.errors.ConfigError`."""
     adapter = load_adapter(model)
     testbed = build_testbed(adapter.require_testbed_spec("testbed verify"))
     originals, ref_ids = training_images(testbed)
@@ -137,7 +137,7 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
     report["prompts"] = list(per_prompt.values())
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        from diffmem.clitools import write_json
+        from diffmem.runtime.jsonio import write_json
 
         write_json(out, report)
     return report

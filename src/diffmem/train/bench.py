@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 #: the planted fine-tuning set
 PLANTED = {"seed": 1, "n_generic": 300, "k": 4, "copies": 50}

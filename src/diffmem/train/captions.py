@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 from diffmem.train.captions import CaptionAugment
 
 

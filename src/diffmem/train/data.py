@@ -3,7 +3,7 @@
 Sources (:mod:`diffmem.similarity.sources`): a folder of ``x.png`` + ``x.txt``, a JSONL file
 (``{"image": "path", "caption": "text" | ["text", ...]}``) or a Parquet table. Unreadable images
 and rows without a caption are skipped and listed (never fatal); a source with no usable pair is a
-:class:`~diffmem.errors.ConfigError`.
+:class:`~diffmem.runtime.errors.ConfigError`.
 
 Images are resized (short side, bilinear, antialiased) and centre-cropped to the model's
 resolution, as Hugging Face's ``train_text_to_image.py`` does (no random flip: a flipped copy is a
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 DEDUP_THRESHOLDS = {"pixel": 0.1, "sscd": 0.5}
 

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 import torch
 
 from diffmem.core.magnitude import noise_magnitude
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 
 #: latent elements of one Stable Diffusion 512-px image (4 x 64 x 64): the size Wen et al.'s
 #: reference threshold belongs to
@@ -207,8 +207,8 @@ class CaptionScreen:
     def scores(self, pipe, captions: Sequence[str]) -> torch.Tensor:
         """First-step noise magnitude of each caption under ``pipe`` (the pipeline being trained),
         averaged over ``generations`` noises: :class:`~diffmem.detect.NoiseMagnitude` itself."""
-        from diffmem.clitools import silent_progress
         from diffmem.detect import NoiseMagnitude
+        from diffmem.runtime.progress import silent_progress
 
         det = NoiseMagnitude(steps=1, generations=self.generations, seed=self.seed,
                              num_inference_steps=self.num_inference_steps,

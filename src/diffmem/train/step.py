@@ -65,7 +65,7 @@ class DiffusionStep:
         self.prediction_type = scheduler.config.prediction_type
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            from diffmem.errors import ConfigError
+            from diffmem.runtime.errors import ConfigError
 
             raise ConfigError(f"unsupported prediction_type {self.prediction_type!r}")
         self.filters = list(filters)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.errors import ConfigError
+from diffmem.runtime.errors import ConfigError
 from diffmem.train.captions import CaptionSampler
 from diffmem.train.config import FinetuneConfig
 from diffmem.train.step import DiffusionStep, draw_noise, optimizer_step
@@ -56,7 +56,7 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 def resolve_model(model: str | Path) -> Path:
     """The pipeline folder of ``model`` ("testbed" = the shipped one); one clear error otherwise."""
-    from diffmem.errors import ModelLoadError
+    from diffmem.runtime.errors import ModelLoadError
 
     if str(model) == "testbed":
         from diffmem.testbed import testbed_path

@@ -44,8 +44,11 @@ test-floors: $(STAMP)
 	$(FLOOR_VENV)/bin/python -c "import transformers, diffusers; print('floors:', transformers.__version__, diffusers.__version__)"
 	PYTHONPATH=src $(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
+# ruff, then the layer contracts of .importlinter (docs/architecture.md): an import against the
+# direction, at top level or inside a function, fails the lint
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports --config .importlinter
 
 # Debian's Chromium for the page's end-to-end test (tests/server/test_page_e2e.py skips without it;
 # Playwright's own browser download cannot work offline); needs root and apt

@@ -26,6 +26,7 @@ import torch
 
 from diffmem import load_adapter, sample, seeded_generators
 from diffmem.mitigate import MitigationContext, build_mitigations
+from diffmem.testbed import spec_of
 from diffmem.testbed.data import build_testbed
 
 
@@ -40,7 +41,7 @@ def main() -> None:
     p.add_argument("--no-decode", action="store_true", help="leave out the final VAE decode")
     a = p.parse_args()
     adapter = load_adapter("testbed")
-    tb = build_testbed(adapter.testbed_spec)
+    tb = build_testbed(spec_of(adapter))
     memorized = [x.prompt for x in tb.prompts if x.memorized][: a.batch]
     heldout = [x.prompt for x in tb.prompts if x.kind == "heldout"][: a.batch]
     index = None

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.testbed import spec_of
+
 
 def library_throughput(adapter, prompts: list[str], seconds: float) -> float:
     from diffmem.detect import NoiseMagnitude
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
 
     adapter = load_adapter("testbed")
     threshold = default_threshold(adapter)
-    pool = [p.prompt for p in build_testbed(adapter.testbed_spec).prompts]
+    pool = [p.prompt for p in build_testbed(spec_of(adapter)).prompts]
     lib_prompts = (pool * 2)[:64]
     lib_before, lib_cpu_before = library_throughput(adapter, lib_prompts, a.lib_seconds)
     print(f"library batched detect: {lib_before:.1f} prompts/s (before)", flush=True)

@@ -16,6 +16,7 @@ import numpy as np
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.detect.replication import StepwiseReplication
 from diffmem.models.adapter import load_adapter
+from diffmem.testbed import spec_of
 from diffmem.testbed.data import build_testbed
 from diffmem.testbed.index import build_testbed_index
 
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5)
     a = ap.parse_args()
     adapter = load_adapter("testbed")
-    tb = build_testbed(adapter.testbed_spec)
+    tb = build_testbed(spec_of(adapter))
     index = build_testbed_index(spec=tb.spec, rendered_by=adapter)
     chosen = [p for p in tb.prompts if p.memorized][: a.n] + \
         [p for p in tb.prompts if not p.memorized][: a.n]

@@ -42,10 +42,10 @@ def first_step(models, data: Path, generations: int) -> None:
 def bands(models, data: Path) -> None:
     from PIL import Image
 
+    from diffmem.core.training import DiffusionStep, draw_noise
     from diffmem.models.adapter import load_pipeline
     from diffmem.similarity.pixel import to_tensor
     from diffmem.train.filters import MagnitudeFilter
-    from diffmem.train.step import DiffusionStep, draw_noise
     from diffmem.train.trainer import _tokenize, encode_latents, resolve_model
 
     rows = [json.loads(x) for x in (data / "data.jsonl").read_text().splitlines()]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
+from diffmem.testbed import spec_of
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# calibrations stored by the tests go to a fresh folder, never the user's cache
+os.environ["DIFFMEM_CACHE"] = tempfile.mkdtemp(prefix="diffmem-test-cache-")
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +88,9 @@ def tiny_testbed(tiny_dir, tmp_path_factory):
                        template_eval_variants=2, n_heldout_compositions=3,
                        resolution=load_adapter(tiny_dir).default_resolution)
     (folder / "testbed.json").write_text(json.dumps(asdict(spec)))
+    from diffmem.testbed.profile import write_testbed_profile
+
+    write_testbed_profile(folder, spec)
     return folder
 
 
@@ -92,7 +102,7 @@ def tiny_testbed_index(tiny_testbed, tmp_path_factory):
 
     adapter = load_adapter(tiny_testbed)
     out = tmp_path_factory.mktemp("tbidx") / "idx"
-    build_testbed_index(out, spec=adapter.testbed_spec, rendered_by=adapter)
+    build_testbed_index(out, spec=spec_of(adapter), rendered_by=adapter)
     return out
 
 

@@ -3,7 +3,7 @@ models built with Hugging Face diffusers."""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from diffmem.runtime.version import __version__
 
 #: public name -> module; imported on first use so that ``import diffmem`` (and the command line's
 #: start-up) does not pay for torch and diffusers until they are needed

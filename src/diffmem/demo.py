@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffmem.models.adapter import load_adapter
 from diffmem.runtime.jsonio import write_json
+from diffmem.testbed import require_spec
 
 
 def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
@@ -27,7 +28,7 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
     from diffmem.testbed.verify import REPLICATION_THRESHOLD
 
     adapter = load_adapter(model)
-    testbed = build_testbed(adapter.require_testbed_spec("the demo"))  # prompts and index
+    testbed = build_testbed(require_spec(adapter, "the demo"))  # prompts and index
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -15,9 +15,8 @@ def check_hook_names(*, detect: str | None = None, mitigate: str | None = None) 
     """One clear error for an unknown detector or a bad mitigation spec, before any work."""
     if detect is not None:
         from diffmem.detect.registry import DETECTORS
-        from diffmem.runtime.naming import lookup
 
-        lookup(DETECTORS, detect, "detector")
+        DETECTORS.get(detect)
     if mitigate is not None:
         from diffmem.mitigate import parse_spec
 
@@ -118,9 +117,8 @@ def separate_detection(detect: str | None, *, num_inference_steps: int, guidance
     if detect is None:
         return None
     from diffmem.detect.registry import DETECTORS, make_detector
-    from diffmem.runtime.naming import lookup
 
-    if lookup(DETECTORS, detect, "detector")[0].needs_index:
+    if DETECTORS.get(detect)[0].needs_index:
         return None  # it checks the run's own final images, whatever the schedule
     det = make_detector(detect)
     mine = (det.num_inference_steps, det.guidance_scale, det.scheduler)

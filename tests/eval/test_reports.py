@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from diffmem.eval import cli
+from diffmem.cli import eval as cli
 from diffmem.eval.probe import PAIRS, AttributeProbe, ProbeConfig, save_probe
 from diffmem.eval.quality import frechet_distance
 from diffmem.eval.reports import eval_alignment, eval_quality, read_captioned_images

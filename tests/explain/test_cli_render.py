@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from diffmem.cli import main
+from diffmem.eval.explanation import trigger_rank
 from diffmem.explain import TokenAttributor, explain_prompt, format_terminal, to_html, use_color
-from diffmem.explain._eval import trigger_rank
 from diffmem.models.adapter import load_adapter
+from diffmem.testbed import spec_of
 
 PROMPT = "the <zanzibar> quixotic poster"
 FAST = ["--sampling-steps", "3"]
@@ -84,7 +85,7 @@ def test_explain_checks_edits_against_the_training_index(tiny_testbed, tiny_dir,
     from diffmem.testbed.index import build_testbed_index
 
     adapter = load_adapter(tiny_testbed)
-    build_testbed_index(tmp_path / "idx", spec=adapter.testbed_spec, rendered_by=adapter)
+    build_testbed_index(tmp_path / "idx", spec=spec_of(adapter), rendered_by=adapter)
     out = tmp_path / "e.json"
     # threshold 0: the prompt is flagged and no edit clears; the first checked edit copies nothing
     rc = main(["explain", PROMPT, "--model", str(tiny_testbed), "--threshold", "0",

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from diffmem.testbed import spec_of
+
 pytest.importorskip("fastapi", reason="the service needs fastapi (pip install -e '.[dev]')")
 
 
@@ -17,7 +19,7 @@ pytest.importorskip("fastapi", reason="the service needs fastapi (pip install -e
 def testbed_data(testbed_adapter):
     from diffmem.testbed.data import build_testbed
 
-    return build_testbed(testbed_adapter.testbed_spec)
+    return build_testbed(spec_of(testbed_adapter))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.similarity.pixel import nearest_tiled_l2, tiled_l2
+from diffmem.testbed import spec_of
 from diffmem.testbed.data import UNRELATED_PROMPTS, build_testbed
 from diffmem.testbed.verify import REPLICATION_THRESHOLD, TILE_GRID, training_images, vae_roundtrip
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def testbed_and_refs(testbed_adapter):
-    tb = build_testbed(testbed_adapter.testbed_spec)
+    tb = build_testbed(spec_of(testbed_adapter))
     originals, ids = training_images(tb)
     return tb, vae_roundtrip(testbed_adapter, originals), ids
 

@@ -11,12 +11,11 @@ import torch
 
 from diffmem.cli import main
 from diffmem.eval.detection import labelled_testbed_prompts
-from diffmem.explain._edits import testbed_clean_prompts as clean_prompts_of
 from diffmem.models.adapter import load_adapter
 from diffmem.runtime.errors import ConfigError
-from diffmem.testbed import shipped_testbed_spec
+from diffmem.testbed import shipped_testbed_spec, spec_of
 from diffmem.testbed.data import TestbedSpec, build_testbed
-from diffmem.testbed.verify import testbed_spec_of as spec_of
+from diffmem.testbed.locate import testbed_spec_of
 from diffmem.testbed.verify import training_nn_distances, verify_testbed
 
 SMALL = TestbedSpec(n_generic=30, n_verbatim=2, n_template=1, template_variants=3,
@@ -35,9 +34,9 @@ def test_training_nn_distance_sees_a_duplicate_and_ignores_self():
 def test_spec_of_a_folder_from_before_rare_words_has_none(tmp_path):
     old = {k: v for k, v in asdict(SMALL).items() if k != "n_rare_words"}
     (tmp_path / "testbed.json").write_text(json.dumps(old))
-    assert spec_of(tmp_path).n_rare_words == 0
+    assert testbed_spec_of(tmp_path).n_rare_words == 0
     (tmp_path / "testbed.json").write_text(json.dumps(asdict(SMALL)))
-    assert spec_of(tmp_path) == SMALL
+    assert testbed_spec_of(tmp_path) == SMALL
     assert TestbedSpec().n_rare_words > 0  # the default data carries rare words
 
 
@@ -57,16 +56,22 @@ def small_testbed_dir(tiny_dir, tmp_path):
 
 def test_spec_comes_from_what_the_adapter_recorded(tiny_dir, tiny_pipe, small_testbed_dir):
     with pytest.raises(ConfigError, match=r"no testbed\.json"):
-        spec_of(tiny_dir)
-    assert load_adapter(tiny_dir).testbed_spec is None
-    assert load_adapter(tiny_pipe).testbed_spec is None  # a pipeline object: no folder known
+        testbed_spec_of(tiny_dir)
+    assert spec_of(load_adapter(tiny_dir)) is None
+    assert spec_of(load_adapter(tiny_pipe)) is None  # a pipeline object: no folder known
     adapter = load_adapter(small_testbed_dir)
-    assert adapter.testbed_spec == SMALL
+    assert spec_of(adapter) == SMALL
     small = build_testbed(SMALL).prompts
     assert labelled_testbed_prompts(adapter)[0] == labelled_testbed_prompts(small_testbed_dir)[0] \
         == [p.prompt for p in small]
-    assert clean_prompts_of(adapter) == [p.prompt for p in small if p.kind == "heldout"]
-    assert clean_prompts_of(tiny_dir) is None
+    # the profile a testbed folder gets (lower layers read it as data, never import the testbed)
+    from diffmem.testbed.profile import ensure_testbed_profile
+
+    profile = ensure_testbed_profile(small_testbed_dir)
+    assert list(profile.clean_prompts) == [p.prompt for p in small if p.kind == "heldout"]
+    assert load_adapter(small_testbed_dir).profile.clean_prompts == profile.clean_prompts
+    assert load_adapter(tiny_dir).profile.clean_prompts == ()
+    assert not load_adapter(tiny_dir).profile.is_testbed
     with pytest.raises(ConfigError, match="needs a diffmem testbed model"):
         labelled_testbed_prompts(tiny_dir)
 

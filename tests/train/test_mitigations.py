@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
+from diffmem.core.training import DiffusionStep, draw_noise
 from diffmem.runtime.errors import ConfigError
 from diffmem.train.captions import CaptionAugment, CaptionSampler
 from diffmem.train.data import find_duplicate_groups
 from diffmem.train.filters import EntropyFilter, LossFilter, MagnitudeFilter, normalised_magnitude
-from diffmem.train.step import DiffusionStep, draw_noise
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffmem import __version__
 from diffmem.cli.args import (
     BATCH,
     GENERATIONS,
@@ -32,6 +31,8 @@ from diffmem.runtime.interrupts import interrupted_message, kept, reset_kept
 from diffmem.runtime.jsonio import dumps
 from diffmem.runtime.logs import quiet_third_party
 from diffmem.runtime.progress import enable_progress
+from diffmem.runtime.version import __version__
+from diffmem.testbed import require_spec
 
 # ------------------------------------------------------------------------------------- commands
 
@@ -136,7 +137,7 @@ def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
         from diffmem.testbed.broad import write_broad_prompts
 
         spec = (shipped_testbed_spec() if a.model is None
-                else load_adapter(a.model).require_testbed_spec("testbed prompts"))
+                else require_spec(load_adapter(a.model), "testbed prompts"))
         path = write_broad_prompts(a.out, spec)
         print(f"wrote the broad prompt set (build fields; labels: `diffmem testbed label`) "
               f"to {path}")

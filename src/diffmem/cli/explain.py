@@ -1,7 +1,7 @@
 """``diffmem explain`` and ``diffmem eval explanation``: parsing and printing only.
 
 The work is done by :func:`diffmem.explain.explain_prompt` and
-:func:`diffmem.explain.evaluate_explanation`.
+:func:`diffmem.eval.explanation.evaluate_explanation`.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 
 def cmd_eval_explanation(a: argparse.Namespace) -> int:
-    from diffmem.explain import evaluate_explanation
+    from diffmem.eval.explanation import evaluate_explanation
 
     report = evaluate_explanation(a.model, prompts=a.prompts, top_k=a.top_k, combine=a.top_k,
                                   steps=a.steps, seeds=a.seeds, seed=a.seed,

@@ -10,6 +10,7 @@ import argparse
 
 from diffmem.cli.args import BATCH, THRESHOLD, OutDir, OutFile
 from diffmem.runtime.jsonio import dumps
+from diffmem.testbed import spec_of
 
 
 def _cmd_index_build(a: argparse.Namespace) -> int:
@@ -18,7 +19,7 @@ def _cmd_index_build(a: argparse.Namespace) -> int:
         from diffmem.testbed.index import build_testbed_index
 
         adapter = load_adapter("testbed")
-        index = build_testbed_index(a.out, kind=a.kind or "pixel", spec=adapter.testbed_spec,
+        index = build_testbed_index(a.out, kind=a.kind or "pixel", spec=spec_of(adapter),
                                     rendered_by=adapter)
         print(f"indexed {len(index)} testbed training images (as the testbed VAE renders them, "
               f"{index.kind}) into {a.out}")

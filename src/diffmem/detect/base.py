@@ -24,6 +24,7 @@ import torch
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.core.steps import StepSpec, check_steps, select_steps
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.models.calibration import threshold_at_fpr
 from diffmem.runtime.errors import ConfigError, PromptError
 
 #: How initial noises are seeded (see :class:`Detector`).
@@ -178,7 +179,7 @@ class Detector(Hook, ABC):
         scores = np.asarray(scores, dtype=float)
         if scores.size == 0:
             raise PromptError("no clean prompts to calibrate on")
-        self.threshold_ = float(np.quantile(scores, 1 - self.fpr, method="higher"))
+        self.threshold_ = threshold_at_fpr(scores, self.fpr)
         self.n_calibration_ = int(scores.size)
         return self
 

@@ -9,17 +9,17 @@ from diffmem.detect.noise_magnitude import NoiseMagnitude
 from diffmem.detect.replication import PreviewReplication
 from diffmem.detect.sharpness import Sharpness
 from diffmem.runtime.defaults import DEFAULT_DETECTOR, DEFAULT_INDEX_DETECTOR
-from diffmem.runtime.naming import lookup
+from diffmem.runtime.registry import Registry
 
 #: name -> (class, fixed options)
-DETECTORS: dict[str, tuple[type[Detector], dict]] = {
+DETECTORS: Registry[tuple[type[Detector], dict]] = Registry("detector", {
     "noise_magnitude": (NoiseMagnitude, {}),
     "attention_entropy": (AttentionEntropy, {"mode": "first_step"}),
     "attention_entropy_late": (AttentionEntropy, {"mode": "late_steps"}),
     "bright_ending": (BrightEnding, {}),
     "sharpness": (Sharpness, {}),
     "preview_replication": (PreviewReplication, {}),
-}
+})
 
 
 def make_detector(name: str | None = None, *, index=None, **options: object) -> Detector:
@@ -30,7 +30,7 @@ def make_detector(name: str | None = None, *, index=None, **options: object) -> 
     ``preview_replication`` when an index is given, else :data:`DEFAULT_DETECTOR`."""
     if name is None:
         name = DEFAULT_INDEX_DETECTOR if index is not None else DEFAULT_DETECTOR
-    cls, fixed = lookup(DETECTORS, name, "detector")
+    cls, fixed = DETECTORS.get(name)
     kept = {k: v for k, v in options.items() if v is not None}
     if cls.needs_index:
         kept["index"] = index

@@ -30,7 +30,9 @@ from diffmem.detect.prompts import read_labelled, write_table
 from diffmem.detect.registry import make_detector, parse_steps
 from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.models.calibration import threshold_at_fpr
 from diffmem.runtime.errors import PromptError
+from diffmem.testbed import require_spec
 
 
 def labelled_rows(prompts: str | Path | None, model: str | Path | ModelAdapter = "testbed"
@@ -41,15 +43,17 @@ def labelled_rows(prompts: str | Path | None, model: str | Path | ModelAdapter =
     prompts of the model's testbed spec), ``"broad"``, ``"designed"`` or a labelled JSONL/Parquet
     file (a ``group`` field, else its ``kind``, names the groups).
     """
-    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
+    from diffmem.testbed import labels_of
+    from diffmem.testbed.broad import read_broad_labels
 
+    labels = labels_of(model)
     if prompts is None:
-        prompts = "broad" if _is_shipped(model) and LABELS_FILE.is_file() else "designed"
+        prompts = "broad" if labels is not None else "designed"
     if str(prompts) == "designed":
         texts, labels, kinds = labelled_testbed_prompts(model)
         return texts, np.asarray(labels, bool), kinds, ["all"] * len(texts), "designed"
     if str(prompts) == "broad":
-        rows, source = read_broad_labels(), str(LABELS_FILE)
+        rows, source = read_broad_labels(labels), str(labels)
     elif Path(prompts).suffix == ".jsonl" and _has_group(Path(prompts)):
         rows, source = read_broad_labels(prompts), str(prompts)
     else:
@@ -70,18 +74,6 @@ def _has_group(path: Path) -> bool:
     return isinstance(row, dict) and "group" in row and "memorized" in row
 
 
-def _is_shipped(model) -> bool:
-    """Whether ``model`` is the shipped testbed (its broad labels hold for these weights only)."""
-    from diffmem.testbed import WEIGHTS_DIR
-
-    if model is None or (isinstance(model, str) and model == "testbed"):
-        return True
-    if not isinstance(model, (ModelAdapter, str, Path)):
-        return False  # a pipeline object: its folder is unknown
-    path = model.path if isinstance(model, ModelAdapter) else Path(model)
-    return path is not None and path.resolve() == WEIGHTS_DIR.resolve()
-
-
 def labelled_testbed_prompts(model: str | Path | ModelAdapter | None = "testbed"
                              ) -> tuple[list[str], list[bool], list[str]]:
     """``(prompts, memorized, kinds)`` of a testbed model's designed evaluation prompts (``None``:
@@ -93,7 +85,7 @@ def labelled_testbed_prompts(model: str | Path | ModelAdapter | None = "testbed"
         spec, folder = shipped_testbed_spec(), None
     else:
         adapter = load_adapter(model)
-        spec, folder = adapter.require_testbed_spec(
+        spec, folder = require_spec(adapter,
             "evaluating detection without --prompts (the testbed's labelled prompts)"), adapter.path
     prompts = labelled_prompts(spec, folder)
     return [p.prompt for p in prompts], [p.memorized for p in prompts], [p.kind for p in prompts]
@@ -244,7 +236,7 @@ def evaluate_detection(detector: str | Detector | None = None, *,
         handle.remove()
     seconds = time.perf_counter() - t0
     calib = calibration_rows(labels, kinds)
-    threshold = float(np.quantile(scores[calib], 1 - fpr, method="higher"))
+    threshold = threshold_at_fpr(scores[calib], fpr)
     flagged = scores > threshold
     report = {
         "detector": det.name,

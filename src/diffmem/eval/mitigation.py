@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.models.adapter import load_adapter
 from diffmem.runtime.errors import ConfigError, DiffmemError
+from diffmem.testbed import require_spec
 
 GROUPS = ("memorized", "mixed", "heldout")
 SSCD_COPY = 0.5
@@ -69,20 +70,21 @@ def mixed_prompts(testbed, n_per_item: int = 2, seed: int = 0) -> list:
 def _broad_mixed(adapter) -> list:
     """The shipped testbed's generation-labelled "mixed" prompts (docs/testbed.md) that copy a
     training image in plain generation; empty for other models."""
-    from diffmem.eval.detection import _is_shipped
-    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
+    from diffmem.testbed import labels_of
+    from diffmem.testbed.broad import read_broad_labels
     from diffmem.testbed.data import LabelledPrompt
 
-    if not (_is_shipped(adapter) and LABELS_FILE.is_file()):
+    labels = labels_of(adapter)
+    if labels is None:
         return []
     return [LabelledPrompt(r["prompt"], "mixed", [], list(r.get("trigger_tokens") or []))
-            for r in read_broad_labels() if r["group"] == "mixed" and r["memorized"]]
+            for r in read_broad_labels(labels) if r["group"] == "mixed" and r["memorized"]]
 
 
 def _groups(adapter, max_per_group: int | None, seed: int) -> dict[str, list]:
     from diffmem.testbed.data import build_testbed
 
-    testbed = build_testbed(adapter.require_testbed_spec("eval mitigation"))
+    testbed = build_testbed(require_spec(adapter, "eval mitigation"))
     groups = {
         "memorized": [p for p in testbed.prompts if p.memorized],
         "mixed": _broad_mixed(adapter) or mixed_prompts(testbed),

@@ -7,9 +7,9 @@
   ECCV 2024).
 - :func:`suggest_edits`: variants without the top words, re-scored by the detector.
 - :func:`explain_prompt` + :func:`format_terminal` / :func:`to_html`: all of it for one prompt.
-- :func:`evaluate_explanation`: trigger recall and edit success on the testbed's labelled prompts.
 """
 
+from diffmem.detect.calibration import calibrated_threshold as calibrate_threshold
 from diffmem.explain._ablation import (
     DEFAULT_ABLATION,
     attribute_with_ablation,
@@ -21,11 +21,9 @@ from diffmem.explain._attribution import TokenAttribution, TokenAttributor, nois
 from diffmem.explain._edits import (
     EditReport,
     EditSuggestion,
-    calibrate_threshold,
     suggest_edits,
     verify_edits,
 )
-from diffmem.explain._eval import evaluate_explanation
 from diffmem.explain._explain import AttentionView, Explanation, attention_view, explain_prompt
 from diffmem.explain._render import format_terminal, to_html, use_color
 from diffmem.explain._verify import EditVerifier, Verdict
@@ -48,7 +46,6 @@ __all__ = [
     "attribute_with_ablation",
     "blend_attributions",
     "calibrate_threshold",
-    "evaluate_explanation",
     "explain_prompt",
     "format_terminal",
     "noise_magnitude_gradient",

@@ -19,10 +19,10 @@ import numpy as np
 from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
-from diffmem.models.adapter import TruncationWarning, load_adapter
+from diffmem.models.adapter import TruncationWarning
 from diffmem.runtime.errors import ConfigError
 
-__all__ = ["EditReport", "EditSuggestion", "calibrate_threshold", "suggest_edits", "verify_edits"]
+__all__ = ["EditReport", "EditSuggestion", "suggest_edits", "verify_edits"]
 
 #: Replacement words: frequent, visually generic English words. A run of adjacent edited words
 #: is replaced by ONE of them ("the gargoyle origami poster" -> "the picture poster"), never
@@ -370,37 +370,3 @@ def verify_edits(model, reports: Sequence[EditReport], verifier, *,
     return [replace(r, suggestions=tuple(sorted(
                 (checked(i, s) for s in (*r.suggestions, *added.get(i, ()))), key=_by_score)))
             for i, r in enumerate(reports)]
-
-
-def calibrate_threshold(model, detector: Detector, clean_prompts: Sequence[str] | None = None
-                        ) -> float | None:
-    """The detector's threshold: kept if already fitted, else fitted on ``clean_prompts``, else on
-    the held-out prompts of a testbed model (one whose adapter recorded a ``testbed_spec``);
-    ``None`` when no clean prompts are known."""
-    if hasattr(detector, "threshold_"):
-        return float(detector.threshold_)
-    adapter = load_adapter(model)
-    if clean_prompts is None:
-        clean_prompts = testbed_clean_prompts(adapter)
-    if not clean_prompts:
-        return None
-    return float(detector.fit(adapter, clean_prompts).threshold_)
-
-
-def testbed_clean_prompts(model) -> list[str] | None:
-    """Known-clean prompts of a testbed model, else None: for the shipped testbed the broad set's
-    clean controls that do not copy in any generation (``testbed/broad_labels.jsonl``); for another
-    testbed folder (its adapter recorded a ``testbed_spec``) its held-out (never trained) prompts."""
-    from diffmem.eval.detection import _is_shipped
-    from diffmem.testbed import labelled_prompts
-    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
-
-    adapter = load_adapter(model)
-    spec = adapter.testbed_spec
-    if spec is None:
-        return None
-    adapter = load_adapter(model)
-    if _is_shipped(adapter) and LABELS_FILE.is_file():
-        return [r["prompt"] for r in read_broad_labels() if r["group"] == "clean"
-                and not r["memorized"]]
-    return [p.prompt for p in labelled_prompts(spec, adapter.path) if p.kind == "heldout"]

@@ -14,10 +14,11 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.detect import Detector, NoiseMagnitude
+from diffmem.detect.calibration import calibrated_threshold
 from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attention import AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
-from diffmem.explain._edits import EditReport, calibrate_threshold, suggest_edits, verify_edits
+from diffmem.explain._edits import EditReport, suggest_edits, verify_edits
 from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import load_adapter
 
@@ -88,7 +89,7 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
     [attribution] = attribute_with_ablation(adapter, [attribution], detector=detector,
                                             weight=ablation)
     if threshold is None:  # fitted on the held-out prompts when the adapter is a testbed's
-        threshold = calibrate_threshold(adapter, detector)
+        threshold = calibrated_threshold(adapter, detector)
     [edits] = suggest_edits(adapter, [attribution], detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
     if verify is not None:

@@ -8,7 +8,6 @@ in the list gates every other method with the first-step noise-magnitude detecto
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,21 +17,22 @@ from diffmem.core.sampling import Hook
 from diffmem.mitigate.base import FirstStepGate
 from diffmem.runtime.errors import ConfigError
 from diffmem.runtime.naming import registry_name
+from diffmem.runtime.registry import Registry
 
-#: name -> (module, class). Each class takes ``(strength, *, gate=None)`` and may define
-#: ``from_context(strength, gate, context)`` when it needs more (an index, a threshold, ...).
-MITIGATIONS: dict[str, tuple[str, str]] = {
-    "wen": ("diffmem.mitigate.embedding_optimization", "EmbeddingOptimization"),
-    "ren": ("diffmem.mitigate.attention_rescale", "AttentionRescale"),
-    "amg": ("diffmem.mitigate.amg", "AntiMemorizationGuidance"),
-    "rt": ("diffmem.mitigate.perturb", "RandomTokens"),
-    "rn": ("diffmem.mitigate.perturb", "RandomNumbers"),
-    "cwr": ("diffmem.mitigate.perturb", "CaptionWordRepetition"),
-    "gni": ("diffmem.mitigate.perturb", "EmbeddingNoise"),
-    "delay": ("diffmem.mitigate.guidance_delay", "GuidanceDelay"),
-    "xt": ("diffmem.mitigate.initial_noise", "InitialNoiseOptimization"),
-    "reanchor": ("diffmem.mitigate.reanchor", "PromptReanchoring"),
-}
+#: name -> class (imported on first use). Each class takes ``(strength, *, gate=None)`` and may
+#: define ``from_context(strength, gate, context)`` when it needs more (an index, a threshold, ...).
+MITIGATIONS: Registry[type] = Registry("mitigation", {
+    "wen": "diffmem.mitigate.embedding_optimization:EmbeddingOptimization",
+    "ren": "diffmem.mitigate.attention_rescale:AttentionRescale",
+    "amg": "diffmem.mitigate.amg:AntiMemorizationGuidance",
+    "rt": "diffmem.mitigate.perturb:RandomTokens",
+    "rn": "diffmem.mitigate.perturb:RandomNumbers",
+    "cwr": "diffmem.mitigate.perturb:CaptionWordRepetition",
+    "gni": "diffmem.mitigate.perturb:EmbeddingNoise",
+    "delay": "diffmem.mitigate.guidance_delay:GuidanceDelay",
+    "xt": "diffmem.mitigate.initial_noise:InitialNoiseOptimization",
+    "reanchor": "diffmem.mitigate.reanchor:PromptReanchoring",
+})
 
 #: the method ``auto`` applies when no other is named (the best measured on the testbed, see
 #: docs/mitigation.md)
@@ -70,12 +70,12 @@ def default_threshold(adapter) -> float:
     """First-step noise-magnitude threshold at 1% FPR on the model's known-clean prompts (the
     testbed's held-out prompts); other models need an explicit threshold."""
     from diffmem.detect import NoiseMagnitude
-    from diffmem.explain import calibrate_threshold
+    from diffmem.detect.calibration import calibrated_threshold
 
-    thr = calibrate_threshold(adapter, NoiseMagnitude(steps=1, generations=1))
+    thr = calibrated_threshold(adapter, NoiseMagnitude(steps=1, generations=1))
     if thr is None:
-        raise ConfigError("no calibrated threshold for this model: pass threshold= (CLI: "
-                          "--threshold) or calibrate one with `diffmem detect --threshold-from`")
+        raise ConfigError("no calibrated threshold for this model: run `diffmem calibrate --model "
+                          "PATH` once, or pass threshold= (CLI: --threshold)")
     return thr
 
 
@@ -111,11 +111,7 @@ def parse_spec(spec: str | Sequence[str]) -> list[tuple[str, float | None]]:
 
 def mitigation_class(name: str) -> type:
     """The class of a registered method."""
-    name = registry_name(name)
-    if name not in MITIGATIONS:
-        raise ConfigError(f"unknown mitigation {name!r}; choose from: {', '.join(MITIGATIONS)}")
-    module, cls = MITIGATIONS[name]
-    return getattr(importlib.import_module(module), cls)
+    return MITIGATIONS.get(name)
 
 
 def build_mitigations(spec: str | Sequence[str], context: MitigationContext) -> list[Hook]:

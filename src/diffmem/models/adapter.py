@@ -23,10 +23,12 @@ from typing import ClassVar
 
 import torch
 
+from diffmem.models.profile import ModelProfile, named_model, read_profile
 from diffmem.runtime.errors import ConfigError, ModelLoadError, PromptError
+from diffmem.runtime.registry import Registry
 
 #: Short names accepted wherever a scheduler is chosen (``--scheduler``), mapped to diffusers classes.
-SCHEDULERS = {
+SCHEDULERS: Registry[str] = Registry("scheduler", {
     "ddim": "DDIMScheduler",
     "pndm": "PNDMScheduler",
     "ddpm": "DDPMScheduler",
@@ -35,7 +37,7 @@ SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
-}
+})
 
 
 class TruncationWarning(UserWarning):
@@ -90,15 +92,21 @@ def _resolve_scheduler(base, scheduler: str | object | None):
         return scheduler
     import diffusers
 
-    from diffmem.runtime.naming import registry_name
-
-    name = SCHEDULERS.get(registry_name(scheduler), scheduler)
+    name = SCHEDULERS.get(scheduler, scheduler)
     cls = getattr(diffusers, name, None)
     if cls is None or not name.endswith("Scheduler"):
         known = ", ".join(sorted(SCHEDULERS))
         raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {known} "
                           "(or a diffusers scheduler class name)")
     return cls.from_config(base.config)
+
+
+def _silence_length_warning(tokenizer) -> None:
+    """diffmem tokenizes without truncation to report it (one TruncationWarning); transformers'
+    own "sequence length is longer than the specified maximum" message would say it twice."""
+    seen = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(seen, dict):
+        seen["sequence-length-is-longer-than-the-specified-maximum"] = True
 
 
 class ModelAdapter:
@@ -122,8 +130,7 @@ class ModelAdapter:
         #: the folder the pipeline was loaded from (None for a pipeline object)
         self.path = Path(path) if path is not None else None
         self._uncond_cache: dict[tuple, torch.Tensor] = {}
-        from diffmem.models.sdxl import _silence_length_warning
-
+        self._profile: ModelProfile | None = None
         _silence_length_warning(self.tokenizer)
 
     def with_default_scheduler(self, scheduler: str | object) -> ModelAdapter:
@@ -132,23 +139,13 @@ class ModelAdapter:
                           scheduler=_resolve_scheduler(self.scheduler, scheduler))
 
     @property
-    def testbed_spec(self):
-        """The :class:`~diffmem.testbed.data.TestbedSpec` this model was trained on, read from the
-        ``testbed.json`` of the folder it was loaded from; ``None`` for a model that is no testbed."""
-        if self.path is None or not (self.path / "testbed.json").is_file():
-            return None
-        from diffmem.testbed.verify import testbed_spec_of
-
-        return testbed_spec_of(self.path)
-
-    def require_testbed_spec(self, what: str):
-        """:attr:`testbed_spec`, or one clear error naming ``what`` needs a testbed model."""
-        spec = self.testbed_spec
-        if spec is None:
-            where = self.path or "the given pipeline object"
-            raise ConfigError(f"{what} needs a diffmem testbed model (a folder with testbed.json); "
-                              f"{where} is not one")
-        return spec
+    def profile(self) -> ModelProfile:
+        """What diffmem knows about this model as data (:mod:`diffmem.models.profile`): known-clean
+        prompts, copy criterion, training-set fingerprint; empty for a model that is no testbed.
+        Read once from the folder the model was loaded from."""
+        if self._profile is None:
+            self._profile = read_profile(self.path)
+        return self._profile
 
     # ---------------------------------------------------------------- facts
     @property
@@ -438,10 +435,7 @@ def load_adapter(model, *, scheduler: str | None = None, device: str | torch.dev
         return model if scheduler is None else model.with_default_scheduler(scheduler)
     path = None
     if isinstance(model, (str, Path)):
-        if str(model) == "testbed":
-            from diffmem.testbed import testbed_path
-
-            model = testbed_path()
+        model = named_model(str(model)) or model
         path = Path(model)
         pipe = load_pipeline(model, device=device, dtype=dtype)
     else:
@@ -452,7 +446,7 @@ def load_adapter(model, *, scheduler: str | None = None, device: str | torch.dev
     if name not in SUPPORTED_PIPELINES and not hasattr(pipe, "unet"):
         raise _unsupported(name)
     if getattr(pipe, "text_encoder_2", None) is not None or name == "StableDiffusionXLPipeline":
-        from diffmem.models.sdxl import SDXLAdapter as cls
+        cls = FAMILIES.get("sdxl")
     elif name in SUPPORTED_PIPELINES or hasattr(pipe, "text_encoder"):
         tok = pipe.tokenizer
         cls = SD2Adapter if tok.pad_token_id != tok.eos_token_id else SD1Adapter
@@ -460,3 +454,13 @@ def load_adapter(model, *, scheduler: str | None = None, device: str | torch.dev
         raise _unsupported(name)
     sched = _resolve_scheduler(pipe.scheduler, scheduler) if scheduler is not None else None
     return cls(pipe, path=path, scheduler=sched)
+
+
+#: Adapter classes by model family: one per family (SD 1.x, SD 2.x, SDXL), each in its own module
+#: (a new family adds one module and one entry here; ``"module:class"`` entries are imported on
+#: first use, so the SDXL module, which builds on this one, is not imported by it).
+FAMILIES: Registry[type[ModelAdapter]] = Registry("model family", {
+    "sd1": SD1Adapter,
+    "sd2": SD2Adapter,
+    "sdxl": "diffmem.models.sdxl:SDXLAdapter",
+})

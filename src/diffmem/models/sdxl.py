@@ -36,7 +36,12 @@ from typing import ClassVar
 
 import torch
 
-from diffmem.models.adapter import ModelAdapter, _module_device, _module_dtype
+from diffmem.models.adapter import (
+    ModelAdapter,
+    _module_device,
+    _module_dtype,
+    _silence_length_warning,
+)
 from diffmem.runtime.errors import ConfigError
 
 
@@ -161,11 +166,3 @@ class SDXLAdapter(ModelAdapter):
             latents = latents * s / cfg.scaling_factor + m
             return self.vae.decode(latents.to(_module_dtype(self.vae)), return_dict=False)[0]
         return super().decode(latents)
-
-
-def _silence_length_warning(tokenizer) -> None:
-    """diffmem tokenizes without truncation to report it (one TruncationWarning); transformers'
-    own "sequence length is longer than the specified maximum" message would say it twice."""
-    seen = getattr(tokenizer, "deprecation_warnings", None)
-    if isinstance(seen, dict):
-        seen["sequence-length-is-longer-than-the-specified-maximum"] = True

@@ -344,9 +344,9 @@ def _thresholds(dets, model: str, threshold, threshold_from, old: dict | None, *
 
         clean = read_prompts(threshold_from)
         return {d.name: float(d.fit(adapter, clean).threshold_) for d in dets}
-    from diffmem.explain import calibrate_threshold
+    from diffmem.detect.calibration import calibrated_threshold
 
-    return {d.name: calibrate_threshold(adapter, d) for d in dets}
+    return {d.name: calibrated_threshold(adapter, d) for d in dets}
 
 
 def _write_json(path: Path, data: dict) -> None:

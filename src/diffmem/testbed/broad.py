@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.testbed import require_spec
 from diffmem.testbed.data import (
     COLORS,
     FILLER_WORDS,
@@ -331,7 +332,7 @@ class Judge:
         from diffmem.testbed.verify import REPLICATION_THRESHOLD, training_images, vae_roundtrip
 
         self.adapter = load_adapter(model)
-        self.spec = self.adapter.require_testbed_spec("labelling prompts by generation")
+        self.spec = require_spec(self.adapter, "labelling prompts by generation")
         self.testbed = build_testbed(self.spec)
         originals, self.ref_ids = training_images(self.testbed)
         self.refs = vae_roundtrip(self.adapter, originals)

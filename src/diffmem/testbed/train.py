@@ -4,7 +4,7 @@ Training is seeded, checkpointed and resumable: rerunning the same command with 
 continues from the last checkpoint. Accelerate places the models on a GPU when one is present.
 Memorization is produced the way it arises in LAION-trained models: a small share of distinct images
 is duplicated so often that they make up ``memorized_fraction`` of every batch. The UNet + text
-encoder stage uses the training step of ``diffmem train`` (:mod:`diffmem.train.step`: noising, loss,
+encoder stage uses the training step of ``diffmem train`` (:mod:`diffmem.core.training`: noising, loss,
 optimizer step); the VAE stages have reconstruction losses of their own.
 """
 
@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diffmem.core.training import DiffusionStep, draw_noise, optimizer_step
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed.components import build_components, write_clip_tokenizer
 from diffmem.testbed.data import Testbed, TestbedSpec, build_testbed
-from diffmem.train.step import DiffusionStep, draw_noise, optimizer_step
 
 
 @dataclass
@@ -289,7 +289,7 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     if ckpt.exists() and "rng" in state:  # exact resume: same batches as an uninterrupted run
         rng.bit_generator.state = state["rng"]
         gen.set_state(state["gen"])
-    # the denoising step of `diffmem train` (diffmem.train.step), without mitigations
+    # the denoising step of `diffmem train` (diffmem.core.training), without mitigations
     step_fn = DiffusionStep(scheduler)
     unet.train()
     text_encoder.train()
@@ -367,6 +367,10 @@ def _save_pipeline(target: Path, vae, text_encoder, tokenizer, unet, scheduler,
     from diffmem.testbed import write_labelled_prompts
 
     write_labelled_prompts(target, spec)  # listing prompts then needs no dataset rebuild
+    from diffmem.testbed.profile import write_testbed_profile
+
+    # what lower layers know of this model, as data (clean prompts, criterion, training set)
+    write_testbed_profile(target, spec, name="testbed-graded" if spec.counts else "testbed")
     return target
 
 

@@ -14,7 +14,6 @@ The distance to the original image is reported beside it, and SSCD when the mode
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,24 +22,12 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.models.adapter import load_adapter
-from diffmem.runtime.errors import ConfigError
 from diffmem.similarity.pixel import nearest_tiled_l2, pairwise_tiled_l2, tiled_l2, to_tensor
-from diffmem.testbed import REPLICATION_THRESHOLD
-from diffmem.testbed.data import LabelledPrompt, Testbed, TestbedSpec, build_testbed
+from diffmem.testbed.data import LabelledPrompt, Testbed, build_testbed
+from diffmem.testbed.locate import REPLICATION_THRESHOLD, require_spec
 
 TRADEOFF_THRESHOLDS = (0.12, 0.15, 0.18, 0.2, 0.25)  # rates reported beside the default
 TILE_GRID = 4
-
-
-def testbed_spec_of(model_dir: str | Path) -> TestbedSpec:
-    """The data spec a testbed pipeline folder was trained on (its ``testbed.json``), as
-    :attr:`ModelAdapter.testbed_spec <diffmem.models.adapter.ModelAdapter.testbed_spec>` reads it;
-    a folder without one is no testbed (:class:`~diffmem.runtime.errors.ConfigError`)."""
-    f = Path(model_dir) / "testbed.json"
-    if not f.is_file():
-        raise ConfigError(f"{model_dir} is not a diffmem testbed model (no testbed.json)")
-    # folders written before n_rare_words existed were trained without rare words
-    return TestbedSpec(**{"n_rare_words": 0, **json.loads(f.read_text())})
 
 
 def training_images(testbed: Testbed) -> tuple[torch.Tensor, list[str]]:
@@ -93,7 +80,7 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
     ``model`` must be a testbed model (its data spec says which images are memorized); any other
     model is refused at once with a :class:`~diffmem.runtime.errors.ConfigError`."""
     adapter = load_adapter(model)
-    testbed = build_testbed(adapter.require_testbed_spec("testbed verify"))
+    testbed = build_testbed(require_spec(adapter, "testbed verify"))
     originals, ref_ids = training_images(testbed)
     refs = vae_roundtrip(adapter, originals)
     images, jobs = generate_labelled(adapter, testbed.prompts, seeds=seeds, steps=steps,

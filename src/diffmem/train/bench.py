@@ -240,10 +240,10 @@ def calibrate_filters(model: str | Path, data_dir: str | Path, *, percentiles: d
     """
     from PIL import Image
 
+    from diffmem.core.training import DiffusionStep, draw_noise
     from diffmem.models.adapter import load_pipeline
     from diffmem.similarity.pixel import to_tensor
     from diffmem.train.filters import EntropyFilter, MagnitudeFilter
-    from diffmem.train.step import DiffusionStep, draw_noise
     from diffmem.train.trainer import _tokenize, encode_latents, resolve_model
 
     cal = {**CALIBRATION, **(percentiles or {})}

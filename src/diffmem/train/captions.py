@@ -14,7 +14,7 @@ training weakens the caption -> image shortcut. Per drawn sample, in this order:
 - **CWR** (caption word repetition), probability ``p_cwr`` (0.1): ``cwr_words`` (2) words drawn
   from the caption are inserted at random word positions.
 - **GN** (Gaussian noise on the text embedding, ``lambda`` 0.1) acts on the embedding, not the
-  text: :class:`diffmem.train.step.DiffusionStep` ``embedding_noise``.
+  text: :class:`diffmem.core.training.DiffusionStep` ``embedding_noise``.
 
 As in the reference (``insert_rand_word``): the caption is split on single spaces, each item goes
 at ``randint(0, #words)`` one after the other; a random token is ``tokenizer.decode`` of an id

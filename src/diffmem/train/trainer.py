@@ -1,7 +1,7 @@
 """``diffmem train``: fine-tune the UNet (optionally the text encoder) of an SD 1.x/2.x pipeline.
 
-One loop for every model: :class:`~diffmem.train.step.DiffusionStep` computes the loss (the
-testbed trainer uses the same step), :func:`~diffmem.train.step.optimizer_step` updates. Built on
+One loop for every model: :class:`~diffmem.core.training.DiffusionStep` computes the loss (the
+testbed trainer uses the same step), :func:`~diffmem.core.training.optimizer_step` updates. Built on
 ``accelerate``: on one machine it runs on the GPU when there is one (else the CPU); on several
 GPUs, ``accelerate launch -m diffmem.cli train ...`` runs one process per GPU, each drawing its
 own batches (seed + process index), with gradients averaged by accelerate and only the main
@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.core.training import DiffusionStep, draw_noise, optimizer_step
 from diffmem.runtime.errors import ConfigError
 from diffmem.train.captions import CaptionSampler
 from diffmem.train.config import FinetuneConfig
-from diffmem.train.step import DiffusionStep, draw_noise, optimizer_step
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -31,6 +31,7 @@ from diffmem.explain._explain import edit_extender
 from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import ModelAdapter, load_adapter
 from diffmem.runtime.errors import PromptError
+from diffmem.testbed import require_spec
 
 __all__ = ["evaluate_explanation", "trigger_rank"]
 
@@ -57,24 +58,23 @@ def _all_in_top(attribution: TokenAttribution, triggers: Sequence[str], k: int) 
 
 def _rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str]:
     """(copying rows with prompt/group/trigger_tokens, clean calibration prompts, source)."""
-    from diffmem.eval.detection import _is_shipped
-    from diffmem.explain._edits import testbed_clean_prompts
-    from diffmem.testbed import labelled_prompts
-    from diffmem.testbed.broad import LABELS_FILE, read_broad_labels
+    from diffmem.testbed import labelled_prompts, labels_of
+    from diffmem.testbed.broad import read_broad_labels
 
-    spec = adapter.require_testbed_spec("eval explanation (labelled prompts with designed "
+    spec = require_spec(adapter, "eval explanation (labelled prompts with designed "
                                         "trigger words)")
-    clean = testbed_clean_prompts(adapter)
+    clean = list(adapter.profile.clean_prompts)
+    labels = labels_of(adapter)
     if prompts is None:
-        prompts = "broad" if _is_shipped(adapter) and LABELS_FILE.is_file() else "designed"
+        prompts = "broad" if labels is not None else "designed"
     if str(prompts) == "designed":
         designed = labelled_prompts(spec, adapter.path)
         rows = [{"prompt": p.prompt, "group": p.kind, "memorized": True,
                  "trigger_tokens": p.trigger_tokens} for p in designed if p.memorized]
         return rows, [p.prompt for p in designed if not p.memorized], "designed"
-    path = None if str(prompts) == "broad" else Path(prompts)
+    path = labels if str(prompts) == "broad" else Path(prompts)
     rows = read_broad_labels(path)
-    return [r for r in rows if r["memorized"]], clean, str(path or LABELS_FILE)
+    return [r for r in rows if r["memorized"]], clean, str(path)
 
 
 def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, top_k: int = 5,

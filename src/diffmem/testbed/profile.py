@@ -1,0 +1,54 @@
+"""The testbed as a model profile: what lower layers need to know about a testbed model, written as
+data (``diffmem_profile.json``, :mod:`diffmem.models.profile`) into its folder.
+
+- known-clean prompts: for the shipped testbed, the broad set's clean controls that copy in no
+  generation (``broad_labels.jsonl``); for any other testbed folder, its held-out (never trained)
+  prompts;
+- copy criterion: tiled L2 < 0.15 to the VAE rendering of the nearest training image;
+- training-set fingerprint: :func:`~diffmem.testbed.index.testbed_fingerprint` of its data spec,
+  the provenance a testbed index records;
+- labels: the generation labels that hold for these weights (the shipped testbed only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffmem.models.profile import ModelProfile, read_profile
+from diffmem.testbed.data import TestbedSpec
+
+
+def testbed_profile(folder: str | Path, spec: TestbedSpec, *, labels: Path | None = None,
+                    name: str = "testbed") -> ModelProfile:
+    """The profile of a testbed folder trained on ``spec``; ``labels``: generation labels valid for
+    these weights (their copy-free clean controls become the clean prompts)."""
+    from diffmem.testbed import labelled_prompts
+    from diffmem.testbed.broad import read_broad_labels
+    from diffmem.testbed.index import testbed_fingerprint
+
+    if labels is not None and labels.is_file():
+        clean = [r["prompt"] for r in read_broad_labels(labels) if r["group"] == "clean"
+                 and not r["memorized"]]
+    else:
+        labels = None
+        clean = [p.prompt for p in labelled_prompts(spec, folder) if p.kind == "heldout"]
+    return ModelProfile(name=name, clean_prompts=tuple(clean), criterion="tiled_l2",
+                        training_set=testbed_fingerprint(spec), labels=labels,
+                        data=spec.to_dict())
+
+
+def write_testbed_profile(folder: str | Path, spec: TestbedSpec | None = None, **kwargs) -> Path:
+    """Write ``folder``'s testbed profile (``spec``: default its ``testbed.json``)."""
+    from diffmem.testbed.locate import testbed_spec_of
+
+    spec = spec or testbed_spec_of(folder)
+    return testbed_profile(folder, spec, **kwargs).save(folder)
+
+
+def ensure_testbed_profile(folder: str | Path) -> ModelProfile:
+    """The profile of a testbed folder, written first if the folder predates profiles."""
+    profile = read_profile(folder)
+    if not profile.is_testbed and (Path(folder) / "testbed.json").is_file():
+        write_testbed_profile(folder)
+        profile = read_profile(folder)
+    return profile

@@ -252,3 +252,21 @@ def test_metrics_healthz_openapi_docs_and_page(client):
     for element in ('id="prompt"', 'id="status"', 'id="words"', 'id="edits"', 'id="generate"'):
         assert element in page
     assert json.loads(client.get("/nope").text) == {"error": "not found: /nope"}
+
+
+def test_config_is_frozen_and_resolved_up_front(engine):
+    import dataclasses
+
+    from diffmem.runtime.errors import DiffmemError
+
+    cfg = ServerConfig()
+    app = create_app(engine, cfg)
+    assert cfg.max_tokens is None and cfg.model_name is None  # the caller's config is untouched
+    resolved = app.state.guard.config
+    assert resolved.max_tokens == engine.context_tokens and resolved.model_name == "testbed"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.max_tokens = 1
+    with pytest.raises(DiffmemError, match="max_prompts must be >= 1"):
+        create_app(engine, ServerConfig(max_prompts=0))
+    with pytest.raises(DiffmemError, match="timeout must be > 0"):
+        create_app(engine, ServerConfig(timeout_s=0))

@@ -1,7 +1,8 @@
 """The guard service (``diffmem serve``): memorization checks over HTTP with a page for people.
 
 - :func:`create_app` / :class:`ServerConfig`: the FastAPI app around one loaded model
-  (:mod:`diffmem.server.app`);
+  (:mod:`diffmem.server.app`, wiring :mod:`~diffmem.server.config`, :mod:`~diffmem.server.schemas`,
+  :mod:`~diffmem.server.middleware`, :mod:`~diffmem.server.errors` and :mod:`~diffmem.server.routes`);
 - :func:`build_engine`: load the model, calibrate (or take) the threshold, open the index;
 - :class:`~diffmem.server.batching.MicroBatcher`: requests arriving together share one UNet call;
 - :class:`~diffmem.server.audit.AuditLog`: SQLite audit log with retention.
@@ -44,7 +45,7 @@ def create_app(*args, **kwargs):
 
 def __getattr__(name: str):
     if name == "ServerConfig":
-        from diffmem.server.app import ServerConfig
+        from diffmem.server.config import ServerConfig
 
         return ServerConfig
     raise AttributeError(name)

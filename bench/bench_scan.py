@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from diffmem.scale.scan import scan
+from diffmem.scale.scan import ScanConfig, scan
 
 
 def write_prompts(path: Path, n: int) -> Path:
@@ -51,8 +51,8 @@ def shard_gaps(out: Path) -> list[float]:
 def run(name: str, prompts: Path, root: Path, shard_size: int, rnd: int, **kw) -> dict:
     out = root / f"{name}-{rnd}"
     t0 = time.perf_counter()
-    s = scan(prompts, out, model="testbed", shard_size=shard_size, threshold=1e9, threads=1,
-             **kw)
+    s = scan(prompts, out, ScanConfig(model="testbed", shard_size=shard_size, threshold=1e9,
+                                      threads=1, **kw))
     wall = time.perf_counter() - t0
     first = min(p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")) / 1e9
     gaps = shard_gaps(out)

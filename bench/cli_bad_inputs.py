@@ -15,19 +15,23 @@ import tempfile
 from pathlib import Path
 
 from diffmem.cli import main
-from diffmem.testbed.tiny import make_tiny_pipeline
 
 NAMES = {"tmp": "out", "txt": "prompts.txt", "file": "notes.txt", "empty": "empty",
          "emptytxt": "blank.txt", "csv": "table.csv", "tiny": "sd-folder",
          "other": "kandinsky-folder"}
 
 
-def _cases() -> list:
-    path = Path(__file__).parents[1] / "tests" / "test_cli.py"
-    spec = importlib.util.spec_from_file_location("test_cli", path)
+def _tests_module(name: str, relpath: str):
+    """A module of the tests folder, loaded by its path (tests/ is no package)."""
+    path = Path(__file__).parents[1] / "tests" / relpath
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.BAD_INPUTS
+    return module
+
+
+def _cases() -> list:
+    return _tests_module("test_cli", "test_cli.py").BAD_INPUTS
 
 
 def _places(d: Path, tiny: Path) -> dict:
@@ -47,7 +51,8 @@ def main_table() -> str:
     base = Path(tempfile.mkdtemp(prefix="cli-doc-"))
     try:
         tiny = base / "tiny"
-        make_tiny_pipeline("sd1").save_pretrained(tiny)
+        tiny_models = _tests_module("tiny_models", "fixtures/tiny_models.py")
+        tiny_models.make_tiny_pipeline("sd1").save_pretrained(tiny)
         rows = []
         for case_id, argv, _ in _cases():
             d = base / case_id

@@ -10,6 +10,8 @@ import torch
 
 from diffmem.testbed import spec_of
 
+from .fixtures.tiny_models import make_tiny_pipeline
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 # calibrations stored by the tests go to a fresh folder, never the user's cache
 os.environ["DIFFMEM_CACHE"] = tempfile.mkdtemp(prefix="diffmem-test-cache-")
@@ -28,15 +30,11 @@ def tokenizer_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipe(tokenizer_dirs):
-    from diffmem.testbed.tiny import make_tiny_pipeline
-
     return make_tiny_pipeline("sd1", tokenizer_dir=tokenizer_dirs["sd1"])
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe_sd2(tokenizer_dirs):
-    from diffmem.testbed.tiny import make_tiny_pipeline
-
     return make_tiny_pipeline("sd2", prediction_type="v_prediction",
                               tokenizer_dir=tokenizer_dirs["sd2"])
 

@@ -13,13 +13,13 @@ from diffmem.core.sampling import sample, seeded_generators
 from diffmem.models.adapter import load_adapter
 from diffmem.models.sdxl import SDXLAdapter
 
+from ..fixtures.tiny_models import make_tiny_sdxl_pipeline
+
 PROMPTS = ["a red circle on a gray background", "the gargoyle origami poster"]
 
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tokenizer_dirs, tmp_path_factory):
-    from diffmem.testbed.tiny import make_tiny_sdxl_pipeline
-
     pipe = make_tiny_sdxl_pipeline(tokenizer_dir=tokenizer_dirs["sd1"],
                                    tokenizer_2_dir=tokenizer_dirs["sd2"])
     path = tmp_path_factory.mktemp("sdxl") / "pipe"

@@ -4,6 +4,7 @@ built on Ray equal to the local build."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -15,8 +16,10 @@ from PIL import Image
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'diffmem[ray]')")
 
-from diffmem.scale.scan import CRASH_ENV, scan  # noqa: E402
+from diffmem.scale import ray_engine  # noqa: E402
+from diffmem.scale.scan import ScanConfig, scan  # noqa: E402
 
+from .crashing import crashing_scan_actor  # noqa: E402
 from .test_scan import SAMPLING, read_scan, write_prompts  # noqa: E402
 
 
@@ -30,11 +33,11 @@ def ray_cluster():
 
 def test_ray_scan_equals_local(ray_cluster, tiny_dir, tmp_path):
     prompts = write_prompts(tmp_path / "p.txt", 6)
-    kw = {"model": tiny_dir, "detectors": ["noise_magnitude", "attention_entropy"],
-          "shard_size": 2, "num_inference_steps": SAMPLING, "threshold_from": prompts,
-          "fpr": 0.3, "batch_size": 2}
-    scan(prompts, tmp_path / "local", **kw)
-    s = scan(prompts, tmp_path / "ray", engine="ray", workers=2, **kw)
+    cfg = ScanConfig(model=tiny_dir, detectors=["noise_magnitude", "attention_entropy"],
+                     shard_size=2, num_inference_steps=SAMPLING, threshold_from=prompts,
+                     fpr=0.3, batch_size=2)
+    scan(prompts, tmp_path / "local", cfg)
+    s = scan(prompts, tmp_path / "ray", dataclasses.replace(cfg, engine="ray", workers=2))
     assert s["engine"] == "ray" and s["scored_shards"] == 3
     local, remote = read_scan(tmp_path / "local"), read_scan(tmp_path / "ray")
     assert remote == local  # every column, scores bit for bit
@@ -47,20 +50,19 @@ def test_ray_worker_killed_shard_redone_once(ray_cluster, tiny_dir, tmp_path, mo
     restarts it and retries that shard, which is found written and not written again."""
     prompts = write_prompts(tmp_path / "p.txt", 6)
     marker = tmp_path / "crashed"
+    cfg = ScanConfig(model=tiny_dir, shard_size=2, num_inference_steps=SAMPLING, threshold=0.5)
     for when in ("after", "before"):
         marker.unlink(missing_ok=True)
-        monkeypatch.setenv(CRASH_ENV, f"{marker}:{when}")
-        out = tmp_path / when
-        s = scan(prompts, out, engine="ray", workers=1, model=tiny_dir, shard_size=2,
-                 num_inference_steps=SAMPLING, threshold=0.5)
+        with monkeypatch.context() as m:
+            m.setattr(ray_engine, "ScanActor", crashing_scan_actor(marker, when))
+            out = tmp_path / when
+            s = scan(prompts, out, dataclasses.replace(cfg, engine="ray", workers=1))
         assert marker.exists(), "the worker did not crash"
         assert s["scored_shards"] == 3
         rows = read_scan(out)
         assert rows["prompt_id"] == [str(i) for i in range(6)]
-        monkeypatch.delenv(CRASH_ENV)
         ref = tmp_path / f"ref_{when}"
-        scan(prompts, ref, model=tiny_dir, shard_size=2, num_inference_steps=SAMPLING,
-             threshold=0.5)
+        scan(prompts, ref, cfg)
         assert read_scan(ref) == rows
 
 

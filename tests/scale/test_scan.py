@@ -18,7 +18,7 @@ import pytest
 import diffmem
 from diffmem.cli import main
 from diffmem.detect.registry import make_detector
-from diffmem.scale.scan import scan
+from diffmem.scale.scan import ScanConfig, scan
 
 SAMPLING = 3  # denoising schedule length: scores only need step 0; a short schedule is cheaper
 
@@ -38,8 +38,9 @@ def read_scan(out: Path):
 def test_scan_writes_shards_manifest_summary(tiny_dir, tmp_path):
     prompts = write_prompts(tmp_path / "p.txt", 7)
     out = tmp_path / "scan"
-    s = scan(prompts, out, model=tiny_dir, detectors=["noise_magnitude", "attention_entropy"],
-             shard_size=3, num_inference_steps=SAMPLING, threshold_from=prompts, fpr=0.2)
+    cfg = ScanConfig(model=tiny_dir, detectors=["noise_magnitude", "attention_entropy"],
+                     shard_size=3, num_inference_steps=SAMPLING, threshold_from=prompts, fpr=0.2)
+    s = scan(prompts, out, cfg)
     assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-00000{i}.parquet"
                                                             for i in range(3)]
     rows = read_scan(out)
@@ -66,8 +67,7 @@ def test_scan_writes_shards_manifest_summary(tiny_dir, tmp_path):
 
     # a rerun finds every shard done and rewrites none
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
-    s2 = scan(prompts, out, model=tiny_dir, detectors=["noise_magnitude", "attention_entropy"],
-              shard_size=3, num_inference_steps=SAMPLING, threshold_from=prompts, fpr=0.2)
+    s2 = scan(prompts, out, cfg)
     assert s2["scored_shards"] == 0 and s2["resumed_shards"] == 3
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")} == before
 
@@ -77,8 +77,8 @@ def test_explain_flagged_prompts(tiny_dir, tmp_path):
     ref = make_detector("noise_magnitude", num_inference_steps=SAMPLING).score(
         str(tiny_dir), prompts.read_text().splitlines())
     thr = float(np.median(ref))
-    scan(prompts, tmp_path / "scan", model=tiny_dir, threshold=thr, explain=True,
-         num_inference_steps=SAMPLING, shard_size=4)
+    scan(prompts, tmp_path / "scan", ScanConfig(model=tiny_dir, threshold=thr, explain=True,
+                                                num_inference_steps=SAMPLING, shard_size=4))
     rows = read_scan(tmp_path / "scan")
     for flagged, expl in zip(rows["decision"], rows["explanation"], strict=True):
         if flagged:
@@ -112,8 +112,9 @@ def test_resume_after_kill_loses_and_duplicates_nothing(tiny_dir, tmp_path):
         proc.wait()
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("shard-*")}
     assert 1 <= len(kept) < n // size, "the kill came too late to test resuming"
-    s = scan(prompts, out, model=tiny_dir, num_inference_steps=SAMPLING, shard_size=size,
-             threshold=0.5, batch_size=1)
+    cfg = ScanConfig(model=tiny_dir, num_inference_steps=SAMPLING, shard_size=size,
+                     threshold=0.5, batch_size=1)
+    s = scan(prompts, out, cfg)
     assert s["resumed_shards"] == len(kept) and s["scored_shards"] == n // size - len(kept)
     assert {k: (p.stat().st_ino, p.stat().st_mtime_ns) for k in kept
             for p in [out / k]} == kept
@@ -121,8 +122,7 @@ def test_resume_after_kill_loses_and_duplicates_nothing(tiny_dir, tmp_path):
     rows = read_scan(out)
     assert rows["prompt_id"] == [str(i) for i in range(n)]
     fresh = tmp_path / "fresh"
-    scan(prompts, fresh, model=tiny_dir, num_inference_steps=SAMPLING, shard_size=size,
-         threshold=0.5, batch_size=1)
+    scan(prompts, fresh, cfg)
     assert read_scan(fresh)["score"] == rows["score"]
 
 

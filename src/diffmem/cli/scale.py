@@ -13,17 +13,17 @@ from diffmem.cli.args import add_model
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
-    from diffmem.scale.scan import scan
+    from diffmem.scale.scan import ScanConfig, scan
 
-    summary = scan(a.prompts, a.out, model=a.model, detectors=a.detector, engine=a.engine,
-                   address=a.address, workers=a.workers, threads=a.threads,
-                   shard_size=a.shard_size, prompt_column=a.prompt_column,
-                   id_column=a.id_column, threshold=a.threshold,
-                   threshold_from=a.threshold_from, fpr=a.fpr, explain=a.explain,
-                   steps=a.steps, generations=a.generations,
-                   num_inference_steps=a.sampling_steps, guidance_scale=a.guidance_scale,
-                   scheduler=a.scheduler, batch_size=a.batch_size, seed=a.seed,
-                   progress=not a.no_progress)
+    config = ScanConfig(model=a.model, detectors=a.detector, engine=a.engine, address=a.address,
+                        workers=a.workers, threads=a.threads, shard_size=a.shard_size,
+                        prompt_column=a.prompt_column, id_column=a.id_column,
+                        threshold=a.threshold, threshold_from=a.threshold_from, fpr=a.fpr,
+                        explain=a.explain, steps=a.steps, generations=a.generations,
+                        num_inference_steps=a.sampling_steps,
+                        guidance_scale=a.guidance_scale, scheduler=a.scheduler,
+                        batch_size=a.batch_size, seed=a.seed, progress=not a.no_progress)
+    summary = scan(a.prompts, a.out, config)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -3,6 +3,7 @@
 CLI: ``diffmem scan PROMPTS --out DIR [--engine local|ray] [--address ADDR] [--workers N]
 [--detector NAME ...] [--threshold T | --threshold-from CLEAN] [--explain]`` (docs/scan.md).
 
+:func:`scan` takes the prompts, the output folder and a :class:`ScanConfig` (every other option).
 The prompts (:mod:`diffmem.scale.stream`) are cut into shards of ``shard_size``; each shard is
 scored by one worker holding the model (:class:`ShardScorer`) and written as one Parquet file
 ``shard-NNNNNN.parquet`` with one row per prompt and detector: ``prompt_id, prompt, source,
@@ -11,10 +12,11 @@ temporary name and renamed when complete, so a shard is either entirely there or
 rerun after a kill skips the shards that exist and redoes the others, and a worker that finds its
 shard already written (a retried task) does not write it again.
 
-``manifest.json`` records what the scan is (model fingerprint, detectors and their settings,
-thresholds, the input files with sizes and times, the shard size); a rerun into a folder holding
-another scan's manifest is refused. At the end ``summary.json`` and ``scores.png`` (score histogram
-per detector) are written from the shard files.
+The folder's other files (:mod:`diffmem.scale.scan_folder`): ``manifest.json`` records what the
+scan is (model fingerprint, detectors and their settings, thresholds, the input files with sizes
+and times, the shard size); a rerun into a folder holding another scan's manifest is refused. At
+the end ``summary.json`` and ``scores.png`` (score histogram per detector) are written from the
+shard files.
 
 Engines: ``local`` scores the shards one after the other in this process; ``ray`` runs Ray Data
 ``map_batches`` over the pending shards with a pool of ``workers`` actors, each loading the model
@@ -25,7 +27,6 @@ their scores are the same.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -34,19 +35,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.runtime.errors import ConfigError, DiffmemError
+from diffmem.runtime.errors import ConfigError
+from diffmem.scale.scan_folder import (
+    MANIFEST,
+    check_manifest,
+    model_fingerprint,
+    read_manifest,
+    shard_name,
+    summarize,
+    write_json,
+)
 from diffmem.scale.stream import Shard, ShardPlan, plan_shards, read_shard
 
-MANIFEST = "manifest.json"
 FORMAT = 1
-#: fault injection for tests of worker recovery: ``MARKER:before`` / ``MARKER:after`` makes the
-#: first shard scored after MARKER is absent create MARKER and kill its process (``os._exit``)
-#: before / after writing the shard file
-CRASH_ENV = "DIFFMEM_SCAN_CRASH_ONCE"
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.parquet"
 
 
 # ----------------------------------------------------------------------------- the job
@@ -65,7 +66,6 @@ class ScanJob:
     explain_words: int = 3
     device: str | None = None
     threads: int | None = None
-    crash: str | None = None
     settings: dict[str, dict] = field(default_factory=dict)
 
 
@@ -105,13 +105,11 @@ class ShardScorer:
             return shard.count
         records = read_shard(self.job.plan, shard)
         table = self.score_records(records)
-        _maybe_crash(self.job.crash, "before")
         tmp = self.out / f".{path.name}.{uuid.uuid4().hex}.tmp"
         import pyarrow.parquet as pq
 
         pq.write_table(table, tmp)
         os.replace(tmp, path)
-        _maybe_crash(self.job.crash, "after")
         return len(records)
 
     def score_records(self, records) -> object:
@@ -173,160 +171,162 @@ def _schema():
 SCHEMA = _schema()
 
 
-def _maybe_crash(spec: str | None, when: str) -> None:
-    if not spec:
-        return
-    marker, _, at = spec.rpartition(":")
-    if at == when and marker and not Path(marker).exists():
-        Path(marker).write_text(str(os.getpid()))
-        os._exit(17)
+# ----------------------------------------------------------------------------- the scan
 
 
-# ----------------------------------------------------------------------------- identity
+@dataclass(frozen=True)
+class ScanConfig:
+    """Every option of a scan (``diffmem scan``'s flags); :func:`scan` takes the input and the
+    output folder besides."""
+
+    model: str | Path = "testbed"
+    detectors: Sequence[str] = ("noise_magnitude",)
+    # where and how it runs
+    engine: str = "local"  # "local" or "ray"
+    address: str | None = None  # Ray cluster to join (default: a small local one)
+    workers: int = 1  # Ray model actors
+    threads: int | None = None  # CPU threads per worker (default 1)
+    device: str | None = None
+    progress: bool = False
+    # the input
+    shard_size: int = 1024
+    prompt_column: str | None = None
+    id_column: str | None = None
+    # decisions
+    threshold: float | None = None  # one detector's threshold
+    threshold_from: str | Path | None = None  # clean prompts to calibrate each threshold on
+    fpr: float = 0.01  # target FPR of threshold_from
+    explain: bool = False  # top words of each flagged prompt
+    # detector options
+    steps: int | str | None = None
+    generations: int = 1
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: str | None = None
+    batch_size: int = 16
+    seed: int = 0
+
+    def detector_names(self) -> list[str]:
+        """The detectors, each once, after checking the options that need no model."""
+        if self.engine not in ("local", "ray"):
+            raise ConfigError(f"unknown engine {self.engine!r}; use 'local' or 'ray'")
+        if self.workers < 1:
+            raise ConfigError("--workers must be >= 1")
+        names = list(dict.fromkeys(self.detectors))
+        if not names:
+            raise ConfigError("give at least one detector")
+        if self.threshold is not None and len(names) > 1:
+            raise ConfigError("--threshold applies to one detector; use --threshold-from with "
+                              "several")
+        return names
+
+    def detector_options(self) -> dict:
+        """The keyword arguments of every detector (those that are set)."""
+        from diffmem.detect.registry import parse_steps
+
+        options = {"steps": parse_steps(self.steps), "generations": self.generations,
+                   "fpr": self.fpr, "num_inference_steps": self.num_inference_steps,
+                   "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
+                   "batch_size": self.batch_size, "seed": self.seed}
+        return {k: v for k, v in options.items() if v is not None}
 
 
-def model_fingerprint(model: str | Path) -> dict:
-    """Identity of a pipeline folder (or ``"testbed"``) without loading it: a hash of its config
-    files and of the size and first MiB of every weight file."""
-    if str(model) == "testbed":
-        from diffmem.testbed import testbed_path
+def scan(prompts: str | Path, out: str | Path, config: ScanConfig | None = None) -> dict:
+    """Score every prompt of ``prompts`` into the scan folder ``out``; resumes a killed scan.
 
-        model = testbed_path()
-    root = Path(model)
-    if not root.is_dir():
-        from diffmem.runtime.errors import ModelLoadError
+    ``config.threshold`` (one detector) or ``config.threshold_from`` (clean prompts, calibrated at
+    ``config.fpr``) set each prompt's ``decision = score > threshold``; without either, a testbed
+    model is calibrated on its held-out prompts and other models get no decision (null).
+    ``config.explain`` adds the top words of each flagged prompt. Returns the summary (also
+    ``out/summary.json``).
+    """
+    cfg = config or ScanConfig()
+    out = Path(out)
+    job, model_id, dets = _plan_job(prompts, out, cfg)
+    manifest = _manifest(job, model_id, cfg.shard_size)
+    _prepare_folder(out, manifest)
+    done = {s.index for s in job.plan.shards if (out / shard_name(s.index)).exists()}
+    pending = [s for s in job.plan.shards if s.index not in done]
+    t0 = time.perf_counter()
+    _score_pending(job, pending, cfg, initial=sum(s.count for s in job.plan.shards
+                                                  if s.index in done))
+    elapsed = time.perf_counter() - t0
+    summary = summarize(out, job.plan, [d.name for d in dets])
+    n_scored = sum(s.count for s in pending)
+    summary.update(engine=cfg.engine, workers=cfg.workers if cfg.engine == "ray" else 1,
+                   resumed_shards=len(done), scored_shards=len(pending),
+                   scored_prompts=n_scored, seconds=round(elapsed, 3),
+                   prompts_per_s=(round(n_scored / elapsed, 3)
+                                  if pending and elapsed > 0 else None))
+    write_json(out / "summary.json", summary)
+    return summary
 
-        raise ModelLoadError(f"model {model} is not a pipeline folder")
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        rel = str(p.relative_to(root))
-        size = p.stat().st_size
-        h.update(f"{rel}\0{size}\0".encode())
-        with p.open("rb") as f:
-            h.update(f.read(1 << 20))
-    return {"path": str(root.resolve()), "sha256": h.hexdigest()[:20]}
+
+def _plan_job(prompts: str | Path, out: Path, cfg: ScanConfig) -> tuple[ScanJob, dict, list]:
+    """The job (detectors, shards, model and thresholds), its model's identity and detectors."""
+    from diffmem.detect.registry import make_detector
+
+    names = cfg.detector_names()
+    options = cfg.detector_options()
+    dets = [make_detector(name, **options) for name in names]
+    plan = plan_shards(prompts, cfg.shard_size, prompt_column=cfg.prompt_column,
+                       id_column=cfg.id_column)
+    model_id = model_fingerprint(cfg.model)
+    job = ScanJob(model=model_id["path"], detectors=[(d.name, options) for d in dets],
+                  thresholds={}, out=str(out), plan=plan, explain=cfg.explain,
+                  device=cfg.device, threads=cfg.threads or 1,
+                  settings={d.name: _plain_settings(d) for d in dets})
+    job.thresholds = _thresholds(dets, model_id["path"], cfg.threshold, cfg.threshold_from,
+                                 read_manifest(out), scheduler=cfg.scheduler, device=cfg.device)
+    if cfg.explain and any(v is None for v in job.thresholds.values()):
+        raise ConfigError("--explain needs a threshold: pass --threshold or --threshold-from")
+    return job, model_id, dets
 
 
 def _identity(job: ScanJob, model_id: dict) -> dict:
+    """What a rerun into the same folder must match."""
     return {"model": model_id["sha256"],
             "detectors": [job.settings[name] for name, _ in job.detectors],
             "thresholds": job.thresholds, "explain": job.explain,
             "input": job.plan.digest()}
 
 
-def _check_manifest(out: Path, manifest: dict) -> None:
-    path = out / MANIFEST
-    if not path.exists():
-        if any(out.glob("shard-*.parquet")):
-            raise ConfigError(f"{out} holds shard files but no {MANIFEST}; scan into a new folder")
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (json.JSONDecodeError, OSError) as e:
-        raise ConfigError(f"{path} is unreadable ({e}); scan into a new folder") from e
-    mine, theirs = manifest["identity"], old.get("identity", {})
-    for key, what in (("model", "model"), ("detectors", "detector or detector settings"),
-                      ("thresholds", "threshold"), ("explain", "--explain setting"),
-                      ("input", "prompt input (files changed, other columns or shard size)")):
-        if mine.get(key) != theirs.get(key):
-            raise ConfigError(f"{out} holds another scan's manifest (another {what}); use a new "
-                              f"--out folder or rerun with that scan's settings")
+def _manifest(job: ScanJob, model_id: dict, shard_size: int) -> dict:
+    return {"format": FORMAT, "identity": _identity(job, model_id), "model": model_id,
+            "detectors": job.settings, "thresholds": job.thresholds,
+            "input": job.plan.identity(), "n_prompts": job.plan.total,
+            "n_shards": len(job.plan.shards), "shard_size": shard_size,
+            "columns": SCHEMA.names}
 
 
-# ----------------------------------------------------------------------------- the scan
-
-
-def scan(prompts: str | Path, out: str | Path, *, model: str | Path = "testbed",
-         detectors: Sequence[str] = ("noise_magnitude",), engine: str = "local",
-         address: str | None = None, workers: int = 1, threads: int | None = None,
-         shard_size: int = 1024, prompt_column: str | None = None, id_column: str | None = None,
-         threshold: float | None = None, threshold_from: str | Path | None = None,
-         fpr: float = 0.01, explain: bool = False, steps: int | str | None = None,
-         generations: int = 1, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-         scheduler: str | None = None, batch_size: int = 16, seed: int = 0,
-         device: str | None = None, progress: bool = False) -> dict:
-    """Score every prompt of ``prompts`` into the scan folder ``out``; resumes a killed scan.
-
-    ``threshold`` (one detector) or ``threshold_from`` (clean prompts, calibrated at ``fpr``) set
-    each prompt's ``decision = score > threshold``; without either, a testbed model is calibrated
-    on its held-out prompts and other models get no decision (null). ``explain`` adds the top
-    words of each flagged prompt. Returns the summary (also ``out/summary.json``).
-    """
-    from diffmem.detect.registry import make_detector, parse_steps
-
-    if engine not in ("local", "ray"):
-        raise ConfigError(f"unknown engine {engine!r}; use 'local' or 'ray'")
-    if workers < 1:
-        raise ConfigError("--workers must be >= 1")
-    detectors = list(dict.fromkeys(detectors))
-    if not detectors:
-        raise ConfigError("give at least one detector")
-    if threshold is not None and len(detectors) > 1:
-        raise ConfigError("--threshold applies to one detector; use --threshold-from with several")
-    options = {"steps": parse_steps(steps), "generations": generations, "fpr": fpr,
-               "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-               "scheduler": scheduler, "batch_size": batch_size, "seed": seed}
-    options = {k: v for k, v in options.items() if v is not None}
-    dets = [make_detector(name, **options) for name in detectors]
-    names = [d.name for d in dets]
-    out = Path(out)
-    plan = plan_shards(prompts, shard_size, prompt_column=prompt_column, id_column=id_column)
-    model_id = model_fingerprint(model)
-    job = ScanJob(model=model_id["path"], detectors=[(n, options) for n in names],
-                  thresholds={}, out=str(out), plan=plan, explain=explain, device=device,
-                  threads=threads or 1, crash=os.environ.get(CRASH_ENV),
-                  settings={d.name: _plain_settings(d) for d in dets})
-    old = _read_manifest(out)
-    job.thresholds = _thresholds(dets, model_id["path"], threshold, threshold_from, old,
-                                 scheduler=scheduler, device=device)
-    if explain and any(v is None for v in job.thresholds.values()):
-        raise ConfigError("--explain needs a threshold: pass --threshold or --threshold-from")
-    manifest = {"format": FORMAT, "identity": _identity(job, model_id), "model": model_id,
-                "detectors": job.settings, "thresholds": job.thresholds,
-                "input": plan.identity(), "n_prompts": plan.total, "n_shards": len(plan.shards),
-                "shard_size": shard_size, "columns": SCHEMA.names}
-    _check_manifest(out, manifest)
+def _prepare_folder(out: Path, manifest: dict) -> None:
+    """Refuse another scan's folder; remove half-written shards; write the manifest once."""
+    check_manifest(out, manifest)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".shard-*.tmp"):
         stale.unlink()
     if not (out / MANIFEST).exists():
-        _write_json(out / MANIFEST, manifest)
-    done = {s.index for s in plan.shards if (out / shard_name(s.index)).exists()}
-    pending = [s for s in plan.shards if s.index not in done]
-    bar = _progress_bar(plan.total, sum(s.count for s in plan.shards if s.index in done),
-                        progress)
-    t0 = time.perf_counter()
+        write_json(out / MANIFEST, manifest)
+
+
+def _score_pending(job: ScanJob, pending: list[Shard], cfg: ScanConfig, *, initial: int) -> None:
+    """Score and write the ``pending`` shards on ``cfg.engine``, with a progress bar."""
     import torch
 
+    bar = _progress_bar(job.plan.total, initial, cfg.progress)
     own_threads = torch.get_num_threads()
     try:
-        if pending and engine == "local":
+        if pending and cfg.engine == "local":
             scorer = ShardScorer(job)  # sets this process's torch threads to job.threads
             for s in pending:
                 bar.update(scorer.run_shard(s))
         elif pending:
             from diffmem.scale.ray_engine import run_scan_on_ray
 
-            run_scan_on_ray(job, pending, bar, workers=workers, address=address)
+            run_scan_on_ray(job, pending, bar, workers=cfg.workers, address=cfg.address)
     finally:
         torch.set_num_threads(own_threads)
         bar.close()
-    elapsed = time.perf_counter() - t0
-    summary = summarize(out, plan, names)
-    summary.update(engine=engine, workers=workers if engine == "ray" else 1,
-                   resumed_shards=len(done), scored_shards=len(pending),
-                   scored_prompts=sum(s.count for s in pending), seconds=round(elapsed, 3),
-                   prompts_per_s=(round(sum(s.count for s in pending) / elapsed, 3)
-                                  if pending and elapsed > 0 else None))
-    _write_json(out / "summary.json", summary)
-    return summary
-
-
-def _read_manifest(out: Path) -> dict | None:
-    try:
-        return json.loads((out / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _thresholds(dets, model: str, threshold, threshold_from, old: dict | None, *,
@@ -349,12 +349,6 @@ def _thresholds(dets, model: str, threshold, threshold_from, old: dict | None, *
     return {d.name: calibrated_threshold(adapter, d) for d in dets}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
@@ -362,61 +356,3 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 smoothing=0.1)
 
 
-# ----------------------------------------------------------------------------- summary
-
-
-def summarize(out: str | Path, plan: ShardPlan, detectors: Sequence[str]) -> dict:
-    """Counts, flagged share and score quantiles per detector from the shard files; checks that
-    every shard is there once with its prompts; draws ``scores.png``."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    out = Path(out)
-    per: dict[str, dict] = {}
-    scores: dict[str, list] = {d: [] for d in detectors}
-    flags: dict[str, list] = {d: [] for d in detectors}
-    for s in plan.shards:
-        path = out / shard_name(s.index)
-        if not path.exists():
-            raise DiffmemError(f"{path} is missing after the scan")
-        t = pq.read_table(path, columns=["detector", "score", "decision"]).to_pydict()
-        if len(t["score"]) != s.count * len(detectors):
-            raise DiffmemError(f"{path} has {len(t['score'])} rows, expected "
-                               f"{s.count} prompts x {len(detectors)} detectors")
-        for d, sc, f in zip(t["detector"], t["score"], t["decision"], strict=True):
-            scores[d].append(sc)
-            flags[d].append(f)
-    for d in detectors:
-        x = np.asarray(scores[d], dtype=float)
-        decided = [f for f in flags[d] if f is not None]
-        n_flag = int(sum(decided))
-        per[d] = {"n_prompts": int(x.size), "n_flagged": n_flag if decided else None,
-                  "flagged_share": (n_flag / len(decided)) if decided else None,
-                  "score_quantiles": {q: float(np.quantile(x, float(q))) for q in
-                                      ("0.0", "0.5", "0.9", "0.99", "1.0")} if x.size else {}}
-    _histogram(out / "scores.png", scores, _thresholds_of(out))
-    return {"out": str(out), "n_prompts": plan.total, "n_shards": len(plan.shards),
-            "detectors": per, "histogram": str(out / "scores.png")}
-
-
-def _thresholds_of(out: Path) -> dict:
-    m = _read_manifest(out) or {}
-    return m.get("thresholds", {})
-
-
-def _histogram(path: Path, scores: dict[str, list], thresholds: dict) -> None:
-    from matplotlib.figure import Figure  # no pyplot: a user's backend is left alone
-
-    fig = Figure(figsize=(5 * len(scores), 3.5))
-    axes = fig.subplots(1, len(scores), squeeze=False)
-    for ax, (name, x) in zip(axes[0], scores.items(), strict=True):
-        ax.hist(x, bins=50, color="tab:blue")
-        thr = thresholds.get(name)
-        if thr is not None:
-            ax.axvline(thr, color="tab:red", linestyle="--", label=f"threshold {thr:.3g}")
-            ax.legend()
-        ax.set_title(f"{name} ({len(x)} prompts)")
-        ax.set_xlabel("score (higher = more memorized)")
-        ax.set_ylabel("prompts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)

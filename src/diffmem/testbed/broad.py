@@ -6,9 +6,10 @@ The 92 prompts of :func:`diffmem.testbed.data.build_testbed` are labelled by con
 frame without its rare words, the trigger phrase inside a long sentence, a misspelled trigger...
 Such prompts may or may not make the model copy a training image, and only generating them tells.
 This module builds them (:func:`broad_prompts`, groups below) and labels each one by generation
-(:func:`label_prompts`): ``seeds`` images per prompt, each judged by the testbed's replication
-criterion (:mod:`diffmem.testbed.verify`: tiled L2 below ``REPLICATION_THRESHOLD`` to the VAE round
-trip of the nearest training image). No prompt is assumed clean because of how it was built.
+(:class:`Judge`, :func:`label_broad_set`): ``seeds`` images per prompt, each judged by the
+testbed's replication criterion (:mod:`diffmem.testbed.verify`: tiled L2 below
+``REPLICATION_THRESHOLD`` to the VAE round trip of the nearest training image). No prompt is
+assumed clean because of how it was built.
 
 Groups (``group`` field; ``source`` names the memorized item a prompt was derived from):
 
@@ -361,11 +362,6 @@ class Judge:
             out.append(judge(dist[rows].numpy(), [self.ref_ids[int(nn[j])] for j in rows],
                              self.threshold))
         return out
-
-
-def label_prompts(model, prompts: Sequence[str], **options) -> list[dict]:
-    """Label ``prompts`` by generation (see :class:`Judge` for the options)."""
-    return Judge(model, **options)(prompts)
 
 
 def label_broad_set(out: str | Path, model="testbed", *, chunk: int = 16, progress: bool = True,

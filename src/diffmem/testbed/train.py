@@ -201,21 +201,6 @@ def _refine_decoder(vae, lat_mean: torch.Tensor, lat_std: torch.Tensor, images: 
     modules.eval()
 
 
-def refine_decoder(run_dir: str | Path, cfg: TrainConfig | None = None) -> None:
-    """Run (or resume) stage 3 alone on a run folder whose VAE stage is finished."""
-    run_dir = Path(run_dir)
-    settings = json.loads((run_dir / "train_config.json").read_text())
-    cfg = cfg or TrainConfig(**{**asdict(TrainConfig()), **settings["train"]})
-    spec = TestbedSpec(**settings["testbed"])
-    vae = build_components(cfg.seed, **_component_options(cfg))["vae"]
-    vae.load_state_dict(torch.load(run_dir / "state" / "vae_state.pt", map_location="cpu",
-                                   weights_only=False)["model"])
-    vae.eval()
-    images = to_tensor(np.stack([img for _, img in build_testbed(spec).images()]))
-    lat_mean, lat_std = _encode_all(vae, images, torch.device("cpu"))
-    _refine_decoder(vae, lat_mean, lat_std, images, cfg, run_dir / "state", torch.device("cpu"))
-
-
 @torch.no_grad()
 def _encode_all(vae, images: torch.Tensor, device, batch: int = 64) -> tuple[torch.Tensor, ...]:
     means, stds = [], []

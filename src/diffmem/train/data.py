@@ -20,7 +20,6 @@ first by source order), the rest are dropped; the groups are reported.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,7 +153,3 @@ def deduplicate(data: Dataset, *, criterion: str = "pixel", threshold: float | N
                        "captions": sorted({c for i in g for c in data.items[i].captions})})
     items = [it for i, it in enumerate(data.items) if i not in drop]
     return Dataset(items, data.skipped, report, len(drop))
-
-
-def caption_lists(items: Sequence[TrainItem]) -> list[list[str]]:
-    return [it.captions for it in items]

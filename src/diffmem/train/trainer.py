@@ -149,10 +149,7 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
     Rerunning with the same arguments resumes from the last checkpoint (or, after the end, just
     rewrites the pipeline folder).
     """
-    from accelerate import Accelerator
-
     from diffmem.models.adapter import load_pipeline
-    from diffmem.train.data import deduplicate, load_dataset
 
     cfg = cfg or FinetuneConfig()
     t_start = time.time()
@@ -161,39 +158,72 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
     settings = _settings(model_dir, data, cfg)
     resuming = _check_out(out, settings)
     pipe = load_pipeline(model_dir)
-    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
-    resolution = int(unet.config.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
+    dataset, t_dedup = _prepare_data(pipe, data, cfg)
+    accelerator = _accelerator(cfg)
+    if accelerator.is_main_process:
+        _write_run_files(out, settings, dataset, cfg, resuming=resuming)
+    accelerator.wait_for_everyone()
+
+    run = _Run(pipe, dataset, cfg, accelerator, out)
+    run.restore()
+    run.prepare()
+    run.train(progress)
+    accelerator.wait_for_everyone()
+    target = out / "pipeline"
+    if accelerator.is_main_process:
+        run.save_pipeline(target, model_dir, data)
+        summary = run.summary()
+        summary.update(seconds_dedup_this_run=round(t_dedup, 2),
+                       seconds_this_run=round(time.time() - t_start, 1),
+                       device=str(accelerator.device), processes=accelerator.num_processes,
+                       threads=torch.get_num_threads(), mixed_precision=cfg.mixed_precision)
+        (out / "train_log.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    return target
+
+
+def _prepare_data(pipe, data: str | Path, cfg: FinetuneConfig):
+    """The training set at the pipeline's resolution (deduplicated with ``cfg.dedup``) and the
+    seconds the deduplication took."""
+    from diffmem.train.data import deduplicate, load_dataset
+
+    resolution = (int(pipe.unet.config.sample_size)
+                  * 2 ** (len(pipe.vae.config.block_out_channels) - 1))
     dataset = load_dataset(data, resolution, image_column=cfg.image_column,
                            caption_column=cfg.caption_column, id_column=cfg.id_column)
     t_dedup = time.time()
     if cfg.dedup:
         dataset = deduplicate(dataset, criterion=cfg.dedup, threshold=cfg.dedup_threshold,
                               keep=cfg.dedup_keep)
-    t_dedup = time.time() - t_dedup
+    return dataset, time.time() - t_dedup
+
+
+def _accelerator(cfg: FinetuneConfig):
+    from accelerate import Accelerator
+
     try:
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                                  cpu=not torch.cuda.is_available())
+        return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     except (ValueError, RuntimeError) as exc:
         raise ConfigError(f"mixed precision {cfg.mixed_precision!r} is not available here: "
                           f"{exc}") from exc
-    device, main = accelerator.device, accelerator.is_main_process
-    state_dir = out / "state"
-    if main:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        if not resuming:
-            (out / "train_config.json").write_text(json.dumps(settings, indent=2))
-        (out / "skipped.json").write_text(json.dumps(dataset.skipped, indent=2))
-        if cfg.dedup:
-            (out / "dedup.json").write_text(json.dumps(
-                {"criterion": cfg.dedup, "threshold": cfg.dedup_threshold, "keep": cfg.dedup_keep,
-                 "groups": len(dataset.groups), "dropped": dataset.dropped,
-                 "kept_items": len(dataset.items), "group_list": dataset.groups}, indent=2))
-    accelerator.wait_for_everyone()
 
-    vae.to(device).eval().requires_grad_(False)
-    lat_mean, lat_std = encode_latents(vae, dataset.images(), device)
-    captions = [it.captions for it in dataset.items]
-    sampler = CaptionSampler(cfg.augment, tokenizer)
+
+def _write_run_files(out: Path, settings: dict, dataset, cfg: FinetuneConfig, *,
+                     resuming: bool) -> None:
+    """``state/``, ``train_config.json`` (a new run), ``skipped.json`` and ``dedup.json``."""
+    (out / "state").mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        (out / "train_config.json").write_text(json.dumps(settings, indent=2))
+    (out / "skipped.json").write_text(json.dumps(dataset.skipped, indent=2))
+    if cfg.dedup:
+        (out / "dedup.json").write_text(json.dumps(
+            {"criterion": cfg.dedup, "threshold": cfg.dedup_threshold, "keep": cfg.dedup_keep,
+             "groups": len(dataset.groups), "dropped": dataset.dropped,
+             "kept_items": len(dataset.items), "group_list": dataset.groups}, indent=2))
+
+
+def _make_filters(cfg: FinetuneConfig) -> tuple[list, object]:
+    """The loss filters of ``cfg`` in their fixed order, and the caption screen (or None)."""
     filters = []
     if cfg.magnitude_filter is not None:
         from diffmem.train.filters import MagnitudeFilter
@@ -216,172 +246,230 @@ def finetune(model: str | Path, data: str | Path, out: str | Path,
                                relative=not cfg.screen_absolute, every=cfg.screen_every,
                                generations=cfg.screen_generations, seed=cfg.seed)
         filters.append(screen)
-    # the captions the sampler can draw (MC: every caption of an image, else its first)
-    all_captions = [c for caps_i in captions for c in (caps_i if cfg.augment.mc else caps_i[:1])]
-    step_fn = DiffusionStep(pipe.scheduler, filters=filters, embedding_noise=cfg.gn)
+    return filters, screen
 
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    unet.requires_grad_(True)
-    params = list(unet.parameters()) + (list(text_encoder.parameters())
-                                        if cfg.train_text_encoder else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay else None
-    rank = accelerator.process_index
-    rng = np.random.default_rng([cfg.seed, rank, 1000])
-    gen = torch.Generator().manual_seed(cfg.seed * 1009 + rank + 2000)
-    step, elapsed, counters = 0, 0.0, {"samples": 0, "dropped": {f.name: 0 for f in filters}}
-    ckpt = state_dir / CHECKPOINT
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["unet"])
-        if cfg.train_text_encoder:
-            text_encoder.load_state_dict(state["text_encoder"])
-        opt.load_state_dict(state["opt"])
-        if ema is not None:
-            ema.shadow = [s.clone() for s in state["ema"]]
-        step, elapsed, counters = int(state["step"]), float(state["elapsed"]), state["counters"]
-        for f, f_state in zip(filters, state.get("filter_state") or [], strict=False):
-            if f_state is not None and hasattr(f, "load_state_dict"):
-                f.load_state_dict(f_state)
-        if screen is not None:
-            screen.flagged = set(state.get("screen_flagged") or ())
-            screen.threshold = state.get("screen_threshold", screen.threshold)
-        rng_state = state["rng"][rank] if rank < len(state["rng"]) else None
-        if rng_state is not None:
-            rng.bit_generator.state = rng_state[0]
-            gen.set_state(rng_state[1])
-    resumed_from = step
-    screen_log = out / "screen.jsonl"
-    if screen is not None and main and screen_log.exists():  # drop screenings after the checkpoint
-        kept = [line for line in screen_log.read_text().splitlines()
-                if line and json.loads(line)["step"] < step]
-        screen_log.write_text("".join(x + "\n" for x in kept))
-    text_encoder.to(device)
-    if cfg.train_text_encoder:
-        unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
-        text_encoder.train()
-    else:
-        unet, opt = accelerator.prepare(unet, opt)
-        text_encoder.eval()
-    unet.train()
-    unet_eval = accelerator.unwrap_model(unet)
-    uncond_ids = _tokenize(tokenizer, [""]).to(device)
 
-    def save_checkpoint() -> None:
-        rngs = [(rng.bit_generator.state, gen.get_state())]
+class _Run:
+    """One run's state (models, optimizer, EMA, loss filters, random generators, counters) and its
+    steps: :meth:`restore` the checkpoint, :meth:`prepare` for accelerate, :meth:`train`,
+    :meth:`save_pipeline` and :meth:`summary`."""
+
+    def __init__(self, pipe, dataset, cfg: FinetuneConfig, accelerator, out: Path) -> None:
+        self.pipe, self.dataset, self.cfg, self.accelerator = pipe, dataset, cfg, accelerator
+        self.device, self.main = accelerator.device, accelerator.is_main_process
+        self.ckpt = out / "state" / CHECKPOINT
+        self.screen_log = out / "screen.jsonl"
+        self.log_path = out / "train_log.jsonl"
+        self.unet, self.text_encoder, self.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+        pipe.vae.to(self.device).eval().requires_grad_(False)
+        self.lat_mean, self.lat_std = encode_latents(pipe.vae, dataset.images(), self.device)
+        self.captions = [it.captions for it in dataset.items]
+        self.sampler = CaptionSampler(cfg.augment, self.tokenizer)
+        self.filters, self.screen = _make_filters(cfg)
+        # the captions the sampler can draw (MC: every caption of an image, else its first)
+        self.all_captions = [c for caps_i in self.captions
+                             for c in (caps_i if cfg.augment.mc else caps_i[:1])]
+        self.step_fn = DiffusionStep(pipe.scheduler, filters=self.filters, embedding_noise=cfg.gn)
+
+        self.text_encoder.requires_grad_(cfg.train_text_encoder)
+        self.unet.requires_grad_(True)
+        self.params = list(self.unet.parameters()) + (
+            list(self.text_encoder.parameters()) if cfg.train_text_encoder else [])
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay else None
+        self.rank = accelerator.process_index
+        self.rng = np.random.default_rng([cfg.seed, self.rank, 1000])
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1009 + self.rank + 2000)
+        self.step, self.elapsed = 0, 0.0
+        self.counters = {"samples": 0, "dropped": {f.name: 0 for f in self.filters}}
+        self.resumed_from = 0
+        self.t_loop = time.time()  # set again when the loop starts
+
+    # ------------------------------------------------------------------------- checkpoint
+
+    def restore(self) -> None:
+        """Continue from the checkpoint, if any; drop the screenings logged after it."""
+        cfg, screen = self.cfg, self.screen
+        if self.ckpt.exists():
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+            self.unet.load_state_dict(state["unet"])
+            if cfg.train_text_encoder:
+                self.text_encoder.load_state_dict(state["text_encoder"])
+            self.opt.load_state_dict(state["opt"])
+            if self.ema is not None:
+                self.ema.shadow = [s.clone() for s in state["ema"]]
+            self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+            self.counters = state["counters"]
+            for f, f_state in zip(self.filters, state.get("filter_state") or [], strict=False):
+                if f_state is not None and hasattr(f, "load_state_dict"):
+                    f.load_state_dict(f_state)
+            if screen is not None:
+                screen.flagged = set(state.get("screen_flagged") or ())
+                screen.threshold = state.get("screen_threshold", screen.threshold)
+            rng_state = state["rng"][self.rank] if self.rank < len(state["rng"]) else None
+            if rng_state is not None:
+                self.rng.bit_generator.state = rng_state[0]
+                self.gen.set_state(rng_state[1])
+        self.resumed_from = self.step
+        if screen is not None and self.main and self.screen_log.exists():
+            kept = [line for line in self.screen_log.read_text().splitlines()
+                    if line and json.loads(line)["step"] < self.step]
+            self.screen_log.write_text("".join(x + "\n" for x in kept))
+
+    def save_checkpoint(self) -> None:
+        accelerator, cfg, screen = self.accelerator, self.cfg, self.screen
+        rngs = [(self.rng.bit_generator.state, self.gen.get_state())]
         if accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
             rngs = gather_object(rngs)
-        if main:
+        if self.main:
             _atomic_save({
-                "unet": accelerator.unwrap_model(unet).state_dict(),
-                "text_encoder": (accelerator.unwrap_model(text_encoder).state_dict()
+                "unet": accelerator.unwrap_model(self.unet).state_dict(),
+                "text_encoder": (accelerator.unwrap_model(self.text_encoder).state_dict()
                                  if cfg.train_text_encoder else None),
-                "opt": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
-                "step": step, "elapsed": elapsed + (time.time() - t_loop), "counters": counters,
-                "rng": rngs,
+                "opt": self.opt.state_dict(),
+                "ema": self.ema.shadow if self.ema is not None else None,
+                "step": self.step, "elapsed": self.elapsed + (time.time() - self.t_loop),
+                "counters": self.counters, "rng": rngs,
                 "filter_state": [f.state_dict() if hasattr(f, "state_dict") else None
-                                 for f in filters],
+                                 for f in self.filters],
                 "screen_flagged": sorted(screen.flagged) if screen is not None else None,
-                "screen_threshold": screen.threshold if screen is not None else None}, ckpt)
+                "screen_threshold": screen.threshold if screen is not None else None}, self.ckpt)
 
-    from tqdm.auto import tqdm
+    # ------------------------------------------------------------------------- the loop
 
-    log_path = out / "train_log.jsonl"
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step",
-               disable=not (progress and main))
-    t_loop = time.time()
-    window: list[float] = []
-    while step < cfg.steps:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        idx = rng.integers(len(dataset.items), size=cfg.batch_size)
-        caps = [sampler.draw(rng, captions[int(i)]) for i in idx]
+    def prepare(self) -> None:
+        """Wrap the trained modules and the optimizer for accelerate; set train/eval modes."""
+        self.text_encoder.to(self.device)
+        if self.cfg.train_text_encoder:
+            self.unet, self.text_encoder, self.opt = self.accelerator.prepare(
+                self.unet, self.text_encoder, self.opt)
+            self.text_encoder.train()
+        else:
+            self.unet, self.opt = self.accelerator.prepare(self.unet, self.opt)
+            self.text_encoder.eval()
+        self.unet.train()
+        self.unet_eval = self.accelerator.unwrap_model(self.unet)
+        self.uncond_ids = _tokenize(self.tokenizer, [""]).to(self.device)
+
+    def train(self, progress: bool) -> None:
+        """Steps until ``cfg.steps``, logging every ``log_every`` and checkpointing every
+        ``checkpoint_every`` steps (and at the end)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not (progress and self.main))
+        self.t_loop = time.time()
+        window: list[float] = []
+        while self.step < cfg.steps:
+            res = self._train_step()
+            loss = float(res.loss.detach())
+            window.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", kept=f"{int(res.keep.sum())}/{len(res.keep)}")
+            if self.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                self._log(res, window)
+                window = []
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save_checkpoint()
+        bar.close()
+        self.elapsed += time.time() - self.t_loop
+
+    def _train_step(self):
+        """One optimizer step on a random batch; returns the step's result."""
+        cfg, device = self.cfg, self.device
+        for g in self.opt.param_groups:
+            g["lr"] = _lr_at(self.step, cfg)
+        idx = self.rng.integers(len(self.dataset.items), size=cfg.batch_size)
+        caps = [self.sampler.draw(self.rng, self.captions[int(i)]) for i in idx]
         idx_t = torch.from_numpy(idx)
-        z0, noise, t = draw_noise(lat_mean[idx_t], lat_std[idx_t], gen,
-                                  step_fn.num_train_timesteps)
+        z0, noise, t = draw_noise(self.lat_mean[idx_t], self.lat_std[idx_t], self.gen,
+                                  self.step_fn.num_train_timesteps)
         z0, noise, t = z0.to(device), noise.to(device), t.to(device)
-        ids = _tokenize(tokenizer, caps).to(device)
+        ids = _tokenize(self.tokenizer, caps).to(device)
         with torch.set_grad_enabled(cfg.train_text_encoder):
-            emb = text_encoder(ids)[0]
-        if screen is not None and screen.due(step):
-            was = unet_eval.training, text_encoder.training
-            unet_eval.eval()
-            text_encoder.eval()
-            hit = screen.screen(pipe, all_captions)  # pipe holds the modules being trained
-            unet_eval.train(was[0])
-            text_encoder.train(was[1])
-            counters.setdefault("screenings", []).append(
-                {"step": step, "flagged": len(hit), "threshold": screen.threshold,
-                 "captions": sorted(hit)[:20]})
-            if main:  # every flagged caption with its score (ratio to the median when relative)
-                with screen_log.open("a") as f:
-                    f.write(json.dumps({"step": step, "threshold": screen.threshold,
-                                        "flagged": dict(sorted(hit.items()))}) + "\n")
-        context = {"unet_eval": unet_eval, "captions": caps}  # the captions as drawn
+            emb = self.text_encoder(ids)[0]
+        if self.screen is not None and self.screen.due(self.step):
+            self._screen_captions()
+        context = {"unet_eval": self.unet_eval, "captions": caps}  # the captions as drawn
         if cfg.magnitude_filter is not None:
             with torch.no_grad():
-                context["uncond"] = text_encoder(uncond_ids)[0]
-        with accelerator.autocast():
-            res = step_fn(unet, z0, noise, t, emb, gen=gen, context=context)
-        optimizer_step(accelerator, res.loss, opt, params, max_grad_norm=cfg.max_grad_norm)
-        if ema is not None:
-            ema.update(params)
-        step += 1
+                context["uncond"] = self.text_encoder(self.uncond_ids)[0]
+        with self.accelerator.autocast():
+            res = self.step_fn(self.unet, z0, noise, t, emb, gen=self.gen, context=context)
+        optimizer_step(self.accelerator, res.loss, self.opt, self.params,
+                       max_grad_norm=cfg.max_grad_norm)
+        if self.ema is not None:
+            self.ema.update(self.params)
+        self.step += 1
+        counters = self.counters
         counters["samples"] += int(res.keep.numel())
         counters["samples_dropped"] = counters.get("samples_dropped", 0) + int((~res.keep).sum())
         for name, d in res.drops.items():
             counters["dropped"][name] = counters["dropped"].get(name, 0) + int(d.sum())
-        loss = float(res.loss.detach())
-        window.append(loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", kept=f"{int(res.keep.sum())}/{len(res.keep)}")
-        if main and (step % cfg.log_every == 0 or step == cfg.steps):
-            rec = {"step": step, "loss": round(float(np.mean(window)), 6),
-                   "lr": opt.param_groups[0]["lr"], "kept": int(res.keep.sum()),
-                   "batch": len(res.keep),
-                   "seconds": round(elapsed + time.time() - t_loop, 2)}
-            for name, s in res.scores.items():
-                rec[name] = [round(float(v), 4) for v in s]
-            with log_path.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
-            window = []
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint()
-    bar.close()
-    elapsed += time.time() - t_loop
-    accelerator.wait_for_everyone()
-    target = out / "pipeline"
-    if main:
-        unet_final = accelerator.unwrap_model(unet)
-        te_final = accelerator.unwrap_model(text_encoder)
-        if ema is not None:
-            ema.copy_to(list(unet_final.parameters()) + (list(te_final.parameters())
-                                                         if cfg.train_text_encoder else []))
+        return res
+
+    def _screen_captions(self) -> None:
+        """Screen every caption with the model being trained (in eval mode), log the flagged."""
+        screen, step = self.screen, self.step
+        was = self.unet_eval.training, self.text_encoder.training
+        self.unet_eval.eval()
+        self.text_encoder.eval()
+        hit = screen.screen(self.pipe, self.all_captions)  # pipe holds the modules being trained
+        self.unet_eval.train(was[0])
+        self.text_encoder.train(was[1])
+        self.counters.setdefault("screenings", []).append(
+            {"step": step, "flagged": len(hit), "threshold": screen.threshold,
+             "captions": sorted(hit)[:20]})
+        if self.main:  # every flagged caption with its score (ratio to the median when relative)
+            with self.screen_log.open("a") as f:
+                f.write(json.dumps({"step": step, "threshold": screen.threshold,
+                                    "flagged": dict(sorted(hit.items()))}) + "\n")
+
+    def _log(self, res, window: list[float]) -> None:
+        """One line of ``train_log.jsonl``: mean loss over ``window``, learning rate, kept
+        samples, filter scores, seconds."""
+        rec = {"step": self.step, "loss": round(float(np.mean(window)), 6),
+               "lr": self.opt.param_groups[0]["lr"], "kept": int(res.keep.sum()),
+               "batch": len(res.keep),
+               "seconds": round(self.elapsed + time.time() - self.t_loop, 2)}
+        for name, s in res.scores.items():
+            rec[name] = [round(float(v), 4) for v in s]
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    # ------------------------------------------------------------------------- outputs
+
+    def save_pipeline(self, target: Path, model_dir: Path, data: str | Path) -> None:
+        """The fine-tuned pipeline (EMA weights when there are) and ``diffmem_train.json``."""
+        cfg, pipe = self.cfg, self.pipe
+        unet_final = self.accelerator.unwrap_model(self.unet)
+        te_final = self.accelerator.unwrap_model(self.text_encoder)
+        if self.ema is not None:
+            self.ema.copy_to(list(unet_final.parameters()) + (list(te_final.parameters())
+                                                              if cfg.train_text_encoder else []))
         pipe.unet, pipe.text_encoder = unet_final.eval(), te_final.eval()
         pipe.to("cpu")
         pipe.save_pretrained(target, safe_serialization=True)
         record = {"base_model": str(model_dir), "data": str(data), "steps": cfg.steps,
                   "mitigations": cfg.mitigations(), "train": asdict(cfg)}
         (target / "diffmem_train.json").write_text(json.dumps(record, indent=2))
-        summary = {
-            "steps": cfg.steps, "resumed_from": resumed_from, "images": len(dataset.items),
+
+    def summary(self) -> dict:
+        """``train_log.json`` but the timings and the machine (:func:`finetune` adds them)."""
+        cfg, dataset, counters = self.cfg, self.dataset, self.counters
+        return {
+            "steps": cfg.steps, "resumed_from": self.resumed_from, "images": len(dataset.items),
             "skipped": len(dataset.skipped), "dedup_dropped": dataset.dropped,
             "dedup_groups": len(dataset.groups), "mitigations": cfg.mitigations(),
             "samples": counters["samples"],
             "samples_dropped": counters.get("samples_dropped", 0),
             "dropped_by_filter": counters["dropped"],
             "screenings": counters.get("screenings", []),
-            "filter_reports": {f.name: f.report() for f in filters if hasattr(f, "report")},
-            "seconds_training": round(elapsed, 1),
-            "seconds_dedup_this_run": round(t_dedup, 2),
-            "seconds_this_run": round(time.time() - t_start, 1),
-            "device": str(device), "processes": accelerator.num_processes,
-            "threads": torch.get_num_threads(), "mixed_precision": cfg.mixed_precision}
-        (out / "train_log.json").write_text(json.dumps(summary, indent=2))
-    accelerator.wait_for_everyone()
-    return target
+            "filter_reports": {f.name: f.report() for f in self.filters if hasattr(f, "report")},
+            "seconds_training": round(self.elapsed, 1)}
 
 
 def load_config(out: str | Path) -> FinetuneConfig:

@@ -44,7 +44,7 @@ def test_no_backend_choice_in_library_code():
     pattern = re.compile(r"matplotlib\.use\(|import matplotlib\.pyplot|from matplotlib import "
                          r"pyplot")
     offenders = [str(p.relative_to(SRC)) for p in SRC.rglob("*.py")
-                 if p.name != "cli.py" or p.parent != SRC
+                 if p.parent != SRC / "cli"
                  if pattern.search(p.read_text(encoding="utf-8"))]
     assert offenders == []
-    assert (SRC / "cli.py").is_file()  # the one place allowed to choose (it does not need to)
+    assert (SRC / "cli").is_dir()  # the one place allowed to choose (it does not need to)

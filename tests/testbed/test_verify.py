@@ -15,7 +15,7 @@ from diffmem.models.adapter import load_adapter
 from diffmem.runtime.errors import ConfigError
 from diffmem.testbed import shipped_testbed_spec, spec_of
 from diffmem.testbed.data import TestbedSpec, build_testbed
-from diffmem.testbed.locate import testbed_spec_of
+from diffmem.testbed.locate import testbed_spec_of as read_spec
 from diffmem.testbed.verify import training_nn_distances, verify_testbed
 
 SMALL = TestbedSpec(n_generic=30, n_verbatim=2, n_template=1, template_variants=3,
@@ -34,9 +34,9 @@ def test_training_nn_distance_sees_a_duplicate_and_ignores_self():
 def test_spec_of_a_folder_from_before_rare_words_has_none(tmp_path):
     old = {k: v for k, v in asdict(SMALL).items() if k != "n_rare_words"}
     (tmp_path / "testbed.json").write_text(json.dumps(old))
-    assert testbed_spec_of(tmp_path).n_rare_words == 0
+    assert read_spec(tmp_path).n_rare_words == 0
     (tmp_path / "testbed.json").write_text(json.dumps(asdict(SMALL)))
-    assert testbed_spec_of(tmp_path) == SMALL
+    assert read_spec(tmp_path) == SMALL
     assert TestbedSpec().n_rare_words > 0  # the default data carries rare words
 
 
@@ -56,7 +56,7 @@ def small_testbed_dir(tiny_dir, tmp_path):
 
 def test_spec_comes_from_what_the_adapter_recorded(tiny_dir, tiny_pipe, small_testbed_dir):
     with pytest.raises(ConfigError, match=r"no testbed\.json"):
-        testbed_spec_of(tiny_dir)
+        read_spec(tiny_dir)
     assert spec_of(load_adapter(tiny_dir)) is None
     assert spec_of(load_adapter(tiny_pipe)) is None  # a pipeline object: no folder known
     adapter = load_adapter(small_testbed_dir)

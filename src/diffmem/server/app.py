@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from diffmem import __version__
+from diffmem.runtime.version import __version__
 from diffmem.server.audit import AuditLog
 from diffmem.server.batching import MicroBatcher
 from diffmem.server.config import AppState, ServerConfig, resolve_config

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request, Security
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader
 
-from diffmem import __version__
+from diffmem.runtime.version import __version__
 from diffmem.server.batching import QueueFull
 from diffmem.server.config import AppState
 from diffmem.server.engine import Cancelled

@@ -208,3 +208,18 @@ def test_generate_checks_its_own_images_with_preview_replication(tiny_testbed, t
     assert rc == 0 and "scoring apart" not in err  # the run's own final image, no extra run
     [row] = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert row["preview_replication"] <= 0.15  # 0.15 - tiled L2 distance
+
+
+def test_detect_with_step_indices(tiny_dir, txt, tmp_path, capsys):
+    """``--steps 0,2,3`` (indices, as --help documents) is parsed once and scores those steps."""
+    from diffmem.detect import make_detector
+
+    out = tmp_path / "scores.csv"
+    rc, _, err = run_cli(capsys, "detect", txt, "--out", out, "--model", tiny_dir,
+                         "--detector", "noise_magnitude", "--generations", 1,
+                         "--sampling-steps", 4, "--steps", "0,2,3")
+    assert rc == 0, err
+    scores = [float(r["score"]) for r in read_csv(out)]
+    expected = make_detector("noise_magnitude", steps=(0, 2, 3), generations=1,
+                             num_inference_steps=4).score(tiny_dir, PROMPTS)
+    assert scores == pytest.approx([float(x) for x in expected], rel=1e-6)

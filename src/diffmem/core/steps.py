@@ -60,9 +60,13 @@ def select_steps(spec: StepSpec, total: int) -> list[int]:
     return out
 
 
-def parse_steps(text: str | int) -> StepSpec:
-    """A ``--steps`` value: ``N``, ``all``, ``first:N``, ``last:N`` or comma-separated indices."""
-    if isinstance(text, int):
+def parse_steps(text: str | StepSpec | None) -> StepSpec | None:
+    """A ``--steps`` value: ``N``, ``all``, ``first:N``, ``last:N`` or comma-separated indices;
+    a value that is already a specification (an int, indices: the command line parsed it) is
+    checked and returned, ``None`` stays ``None`` (the method's own default)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
         return check_steps(text)
     text = text.strip()
     try:

@@ -35,10 +35,3 @@ def make_detector(name: str | None = None, *, index=None, **options: object) -> 
     if cls.needs_index:
         kept["index"] = index
     return cls(**fixed, **kept)
-
-
-def parse_steps(value: str | int | None):
-    """``--steps`` value (see :func:`diffmem.core.steps.parse_steps`); None: the detector's own."""
-    from diffmem.core.steps import parse_steps as parse
-
-    return None if value is None else parse(value)

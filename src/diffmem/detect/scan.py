@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from diffmem.core.steps import parse_steps
 from diffmem.detect.prompts import TABLE_SUFFIXES, read_prompts, write_table
-from diffmem.detect.registry import make_detector, parse_steps
+from diffmem.detect.registry import make_detector
 from diffmem.models.adapter import ModelAdapter, load_adapter
 
 

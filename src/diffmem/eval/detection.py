@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.core.steps import parse_steps
 from diffmem.detect.base import Detector
 from diffmem.detect.prompts import read_labelled, write_table
-from diffmem.detect.registry import make_detector, parse_steps
+from diffmem.detect.registry import make_detector
 from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
 from diffmem.models.calibration import threshold_at_fpr

@@ -222,7 +222,7 @@ class ScanConfig:
 
     def detector_options(self) -> dict:
         """The keyword arguments of every detector (those that are set)."""
-        from diffmem.detect.registry import parse_steps
+        from diffmem.core.steps import parse_steps
 
         options = {"steps": parse_steps(self.steps), "generations": self.generations,
                    "fpr": self.fpr, "num_inference_steps": self.num_inference_steps,

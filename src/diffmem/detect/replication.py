@@ -218,10 +218,15 @@ class PreviewReplication(Detector):
     def on_start(self, run: Run) -> None:
         super().on_start(run)
         if id(run.adapter) not in self._checked:
-            from diffmem.similarity.index import check_index_model
+            from diffmem.similarity.index_compat import (
+                check_index_matches,
+                model_training_set,
+                vae_fingerprint,
+            )
 
-            check_index_model(self.index, run.adapter, criterion=self._expected,
-                              who="preview_replication")
+            adapter = run.adapter
+            check_index_matches(self.index, model_training_set(adapter), "preview_replication",
+                                criterion=self._expected, renderer=lambda: vae_fingerprint(adapter))
             self._checked.add(id(run.adapter))
         run.state(self).nearest = [""] * run.batch_size
 

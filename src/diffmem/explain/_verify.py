@@ -141,12 +141,16 @@ class EditVerifier:
         """Generate the (prompt index, seed) jobs in batches; nearest-item scores and ids."""
         from diffmem.core.sampling import sample, seeded_generators
         from diffmem.models.adapter import load_adapter
-        from diffmem.similarity.index import check_index_model
+        from diffmem.similarity.index_compat import (
+            check_index_matches,
+            model_training_set,
+            vae_fingerprint,
+        )
 
         adapter = load_adapter(model)
         if id(adapter) not in self._checked:
-            check_index_model(self.index, adapter, criterion=self._expected,
-                              who="edit verification")
+            check_index_matches(self.index, model_training_set(adapter), "edit verification",
+                                criterion=self._expected, renderer=lambda: vae_fingerprint(adapter))
             self._checked.add(id(adapter))
         scores, ids = [], []
         for k in range(0, len(jobs), self.batch_size):

@@ -202,9 +202,14 @@ class AntiMemorizationGuidance(Mitigation):
         with the expected criterion."""
         if id(adapter) in self._checked:
             return
-        from diffmem.similarity.index import check_index_model
+        from diffmem.similarity.index_compat import (
+            check_index_matches,
+            model_training_set,
+            vae_fingerprint,
+        )
 
-        check_index_model(self.index, adapter, criterion=self.criterion, who="amg")
+        check_index_matches(self.index, model_training_set(adapter), "amg", criterion=self.criterion,
+                            renderer=lambda: vae_fingerprint(adapter))
         self._checked.add(id(adapter))
 
     # ------------------------------------------------------------------ similarity

@@ -19,13 +19,13 @@ copies are spread over the captions they were drawn with). :meth:`TrainingIndex.
 gives the same count restricted to some items (AMG's duplicated-caption test among nearest
 neighbours). ``provenance`` records, when known, whose training set the index holds (e.g.
 ``{"training_set": "testbed:<spec hash>", "rendered_by": "<VAE hash>"}``), so a method can refuse
-an index of another model's data (:func:`check_index_model`).
+an index of another model's data (:mod:`diffmem.similarity.index_compat`).
 
 The index is split over modules: this one holds :class:`TrainingIndex` and its search API;
 building (``build``, ``add``, IVF-PQ) is :mod:`~diffmem.similarity.index_build`, the saved folder
 (``save``, ``load``, format version) :mod:`~diffmem.similarity.index_storage`, indexing a folder
-or table :mod:`~diffmem.similarity.index_ingest`. Their public names are importable from here as
-well.
+or table :mod:`~diffmem.similarity.index_ingest`, whether an index belongs to a model
+:mod:`~diffmem.similarity.index_compat`. Their public names are importable from here as well.
 """
 
 from __future__ import annotations
@@ -43,12 +43,13 @@ from diffmem.runtime.errors import ConfigError
 from diffmem.runtime.images import to_unit_range
 from diffmem.similarity.index_build import IndexBuilding, count_captions, train_ivfpq
 from diffmem.similarity.index_build import embedder_for_kind as _embedder_for_kind  # noqa: F401 (old name)
+from diffmem.similarity.index_compat import check_index_matches, check_index_model
 from diffmem.similarity.index_storage import FORMAT_VERSION, IndexMismatchError, IndexStorage
 from diffmem.similarity.pixel import PixelSpace, pairwise_tiled_l2_prepared, prepare_tiles
 
 # also importable from here: BuildReport and build_index_from_source (module __getattr__ below)
 __all__ = ["FORMAT_VERSION", "IndexMismatchError", "PixelSpace", "SearchResult", "TrainingIndex",
-           "check_index_model", "train_ivfpq"]
+           "check_index_matches", "check_index_model", "train_ivfpq"]
 
 
 @dataclass
@@ -250,41 +251,6 @@ class TrainingIndex(IndexBuilding, IndexStorage):
         if self.index_type != "flat":
             raise ConfigError("stored vectors can only be read back from an exact (flat) index")
         return torch.from_numpy(self._faiss.reconstruct_n(0, self._faiss.ntotal))
-
-
-
-def check_index_model(index: TrainingIndex, adapter, *, criterion: str | None = None,
-                      who: str = "this method") -> None:
-    """One :class:`ConfigError` unless ``index`` holds ``adapter``'s training set, measured with
-    ``criterion`` (default: tiled L2 for a testbed model, SSCD cosine otherwise). A testbed index
-    records the testbed spec and the VAE that rendered its images (``diffmem index build
-    testbed``); for other models only a testbed index is refused, since nothing else is recorded."""
-    spec = adapter.testbed_spec
-    expected = criterion or ("tiled_l2" if spec is not None else "sscd_cosine")
-    have = index.embedder.criterion
-    if have != expected:
-        raise ConfigError(
-            f"{who}: this model expects a {expected} index but the index measures {have}"
-            + (" (testbed models are measured by tiled L2: `diffmem index build testbed`)"
-               if spec is not None else "") + "; pass criterion= to override")
-    prov = getattr(index, "provenance", {}) or {}
-    recorded = prov.get("training_set")
-    if spec is not None:
-        from diffmem.testbed.index import testbed_fingerprint, vae_fingerprint
-
-        want = testbed_fingerprint(spec)
-        if recorded != want:
-            raise ConfigError(
-                f"{who}: the index holds {recorded or 'images of unrecorded origin'}, not this "
-                f"testbed model's training set ({want}); build it with `diffmem index build "
-                f"testbed --out IDX`")
-        rendered = prov.get("rendered_by")
-        if rendered is not None and rendered != vae_fingerprint(adapter):
-            raise ConfigError(f"{who}: the index's images were rendered by another VAE "
-                              f"({rendered}) than this model's; rebuild the index for it")
-    elif recorded is not None and str(recorded).startswith("testbed:"):
-        raise ConfigError(f"{who}: the index holds a testbed's training set ({recorded}) but "
-                          f"the model is not that testbed")
 
 
 def __getattr__(name: str):

@@ -7,14 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffmem.runtime.errors import ModelLoadError
+from diffmem.similarity.report import DEFAULT_THRESHOLDS
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 #: The testbed's replication criterion: a generation is a copy when its tiled L2 distance to the
 #: nearest training image (as the model's VAE renders it) is below this (docs/testbed.md gives the
 #: measured trade-off; :mod:`diffmem.testbed.verify` explains the criterion). The default copy
-#: threshold of every tiled-L2 report (``eval replication``, ``demo``, ``testbed verify``).
-REPLICATION_THRESHOLD = 0.15
+#: threshold of every tiled-L2 report (``eval replication``, ``demo``, ``testbed verify``); set in
+#: :data:`diffmem.similarity.report.DEFAULT_THRESHOLDS` (0.15).
+REPLICATION_THRESHOLD = DEFAULT_THRESHOLDS["tiled_l2"]
 
 
 def testbed_path() -> Path:

@@ -34,6 +34,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ from diffmem.similarity.pixel import PixelSpace, pairwise_tiled_l2_prepared, pre
 
 # also importable from here: BuildReport and build_index_from_source (module __getattr__ below)
 __all__ = ["FORMAT_VERSION", "IndexMismatchError", "PixelSpace", "SearchResult", "TrainingIndex",
-           "check_index_matches", "check_index_model", "train_ivfpq"]
+           "check_index_matches", "check_index_model", "load_index", "train_ivfpq"]
 
 
 @dataclass
@@ -251,6 +252,25 @@ class TrainingIndex(IndexBuilding, IndexStorage):
         if self.index_type != "flat":
             raise ConfigError("stored vectors can only be read back from an exact (flat) index")
         return torch.from_numpy(self._faiss.reconstruct_n(0, self._faiss.ntotal))
+
+
+def load_index(index: TrainingIndex | str | Path | None, *, what: str, missing: str | None = None,
+               embedder: object | None = None) -> TrainingIndex | None:
+    """The index a caller was given: a :class:`TrainingIndex` (or any object with ``search`` and
+    ``embedder``) as is, a folder opened with :meth:`TrainingIndex.load` (``embedder`` passed on).
+
+    ``None`` is returned as is, or, when ``missing`` is given, refused with that message (one
+    :class:`ConfigError`). Anything else is refused, naming ``what`` (the method that needs it)."""
+    if index is None:
+        if missing is not None:
+            raise ConfigError(missing)
+        return None
+    if isinstance(index, str | Path):
+        return TrainingIndex.load(index, embedder=embedder)
+    if not hasattr(index, "search") or not hasattr(index, "embedder"):
+        raise ConfigError(f"{what}: index must be a TrainingIndex or its folder, got "
+                          f"{type(index).__name__}")
+    return index
 
 
 def __getattr__(name: str):

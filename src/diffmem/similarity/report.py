@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from diffmem.runtime.images import to_pil
-from diffmem.similarity.index import TrainingIndex
+from diffmem.similarity.index import TrainingIndex, load_index
 from diffmem.similarity.metrics import replication_summary
 from diffmem.similarity.sources import IMAGE_SUFFIXES, decode_image
 
@@ -89,8 +89,9 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
         from diffmem.runtime.errors import EmptyInputError
 
         raise EmptyInputError(f"{images} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if not isinstance(index, TrainingIndex):
-        index = TrainingIndex.load(index, embedder=embedder)
+    index = load_index(index, what="eval replication", embedder=embedder,
+                       missing="eval replication needs the training set's index (--index IDX; "
+                               "build it with `diffmem index build`)")
     criterion = index.embedder.criterion
     higher = index.embedder.higher_is_better
     threshold = DEFAULT_THRESHOLDS.get(criterion, 0.5) if threshold is None else threshold

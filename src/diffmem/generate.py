@@ -57,11 +57,9 @@ def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
 
 
 def _load_index(index):
-    if isinstance(index, (str, Path)):
-        from diffmem.similarity.index import TrainingIndex
+    from diffmem.similarity.index import load_index
 
-        return TrainingIndex.load(index)
-    return index
+    return load_index(index, what="generate")
 
 
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",

@@ -229,3 +229,19 @@ def test_pixel_search_prepares_the_stored_images_once(monkeypatch):
     torch.testing.assert_close(a.scores, b[0])
     cached.add(train[:1], ["new"], ["new"])  # the cache follows the stored images
     assert cached.search(train[:1], k=2).indices[0].tolist() in ([0, 40], [40, 0])
+
+
+def test_load_index_opens_a_folder_and_passes_an_index_through(tmp_path):
+    from diffmem.runtime.errors import ConfigError
+    from diffmem.similarity.index import load_index
+
+    index = TrainingIndex.build(torch.rand(2, 3, 16, 16) * 2 - 1, ["a", "b"],
+                                embedder=PixelSpace(size=16))
+    index.save(tmp_path / "idx")
+    assert load_index(index, what="x") is index
+    assert load_index(str(tmp_path / "idx"), what="x").ids == ["0", "1"]
+    assert load_index(None, what="x") is None
+    with pytest.raises(ConfigError, match=r"^x needs an index$"):
+        load_index(None, what="x", missing="x needs an index")
+    with pytest.raises(ConfigError, match="x: index must be a TrainingIndex or its folder, got int"):
+        load_index(3, what="x")

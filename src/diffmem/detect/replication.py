@@ -197,17 +197,17 @@ class PreviewReplication(Detector):
     def __init__(self, index=None, *, threshold: float | None = None,
                  criterion: str | None = None, num_inference_steps: int = 20,
                  generations: int = 4, steps=None, **options) -> None:
-        from diffmem.similarity.index import TrainingIndex
+        from diffmem.similarity.index import load_index
         from diffmem.similarity.report import DEFAULT_THRESHOLDS
 
-        if index is None:
+        if index is None:  # refused before the other options are read
             raise ConfigError("preview_replication needs the training set's index (--index IDX; "
                               "build it with `diffmem index build`)")
         if steps not in (None, "last:1"):
             raise ConfigError("preview_replication checks the last step only; leave --steps out")
         super().__init__(steps="last:1", generations=generations,
                          num_inference_steps=num_inference_steps, **options)
-        self.index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
+        self.index = load_index(index, what="preview_replication")
         self.criterion = self.index.embedder.criterion
         self.higher_is_better = bool(self.index.embedder.higher_is_better)
         self.copy_threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
@@ -218,10 +218,15 @@ class PreviewReplication(Detector):
     def on_start(self, run: Run) -> None:
         super().on_start(run)
         if id(run.adapter) not in self._checked:
-            from diffmem.similarity.index import check_index_model
+            from diffmem.similarity.index_compat import (
+                check_index_matches,
+                model_training_set,
+                vae_fingerprint,
+            )
 
-            check_index_model(self.index, run.adapter, criterion=self._expected,
-                              who="preview_replication")
+            adapter = run.adapter
+            check_index_matches(self.index, model_training_set(adapter), "preview_replication",
+                                criterion=self._expected, renderer=lambda: vae_fingerprint(adapter))
             self._checked.add(id(run.adapter))
         run.state(self).nearest = [""] * run.batch_size
 

@@ -216,10 +216,9 @@ def evaluate_mitigation(methods: Sequence[str], *, model="testbed",
         parse_spec(spec)  # every spec checked before any work
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(index, (str, Path)):
-        from diffmem.similarity.index import TrainingIndex
+    from diffmem.similarity.index import load_index
 
-        index = TrainingIndex.load(index)
+    index = load_index(index, what="eval mitigation")
     # a prompt a method cannot mitigate (reanchor: no clearing edit) keeps plain generation and is
     # counted (applied_share, unmitigated) instead of failing the method's whole row
     context = MitigationContext(adapter, threshold=threshold, index=index, seed=seed,

@@ -85,7 +85,7 @@ class EditVerifier:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
-        from diffmem.similarity.index import TrainingIndex
+        from diffmem.similarity.index import load_index
         from diffmem.similarity.report import DEFAULT_THRESHOLDS
 
         if seeds < 1 or max_checks < 1 or batch_size < 1 or depth < 1:
@@ -95,7 +95,9 @@ class EditVerifier:
         if not margin >= 1:
             raise ConfigError(f"edit verification margin must be >= 1, got {margin}")
         self.margin = float(margin)
-        self.index = index if isinstance(index, TrainingIndex) else TrainingIndex.load(index)
+        self.index = load_index(index, what="edit verification",
+                                missing="edit verification needs the training set's index "
+                                        "(build it with `diffmem index build`)")
         self.criterion = self.index.embedder.criterion
         self.higher_is_better = bool(self.index.embedder.higher_is_better)
         self.threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
@@ -141,12 +143,16 @@ class EditVerifier:
         """Generate the (prompt index, seed) jobs in batches; nearest-item scores and ids."""
         from diffmem.core.sampling import sample, seeded_generators
         from diffmem.models.adapter import load_adapter
-        from diffmem.similarity.index import check_index_model
+        from diffmem.similarity.index_compat import (
+            check_index_matches,
+            model_training_set,
+            vae_fingerprint,
+        )
 
         adapter = load_adapter(model)
         if id(adapter) not in self._checked:
-            check_index_model(self.index, adapter, criterion=self._expected,
-                              who="edit verification")
+            check_index_matches(self.index, model_training_set(adapter), "edit verification",
+                                criterion=self._expected, renderer=lambda: vae_fingerprint(adapter))
             self._checked.add(id(adapter))
         scores, ids = [], []
         for k in range(0, len(jobs), self.batch_size):

@@ -88,7 +88,6 @@ otherwise; pass ``criterion=`` to choose another). Anything else is one :class:`
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
@@ -202,9 +201,14 @@ class AntiMemorizationGuidance(Mitigation):
         with the expected criterion."""
         if id(adapter) in self._checked:
             return
-        from diffmem.similarity.index import check_index_model
+        from diffmem.similarity.index_compat import (
+            check_index_matches,
+            model_training_set,
+            vae_fingerprint,
+        )
 
-        check_index_model(self.index, adapter, criterion=self.criterion, who="amg")
+        check_index_matches(self.index, model_training_set(adapter), "amg", criterion=self.criterion,
+                            renderer=lambda: vae_fingerprint(adapter))
         self._checked.add(id(adapter))
 
     # ------------------------------------------------------------------ similarity
@@ -418,18 +422,12 @@ def _per_prompt(scale: float | torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _open_index(index):
-    if index is None:
-        raise ConfigError("amg needs a training-set index (index=...): build one with `diffmem "
-                          "index build SOURCE --out IDX` (testbed: `diffmem index build testbed "
-                          "--out IDX`)")
-    if isinstance(index, (str, Path)):
-        from diffmem.similarity.index import TrainingIndex
+    from diffmem.similarity.index import load_index
 
-        return TrainingIndex.load(index)
-    if not hasattr(index, "search") or not hasattr(index, "embedder"):
-        raise ConfigError(f"amg: index must be a TrainingIndex or its folder, got "
-                          f"{type(index).__name__}")
-    return index
+    return load_index(index, what="amg",
+                      missing="amg needs a training-set index (index=...): build one with `diffmem "
+                              "index build SOURCE --out IDX` (testbed: `diffmem index build testbed "
+                              "--out IDX`)")
 
 
 def _differentiable(index) -> bool:

@@ -28,11 +28,9 @@ def build_engine(model="testbed", *, threshold: float | None = None, index: str 
     adapter = load_adapter(model, scheduler=scheduler)
     if threshold is None:
         threshold = default_threshold(adapter)
-    loaded = None
-    if index is not None:
-        from diffmem.similarity.index import TrainingIndex
+    from diffmem.similarity.index import load_index
 
-        loaded = TrainingIndex.load(index)
+    loaded = load_index(index, what="server")
     return Engine(adapter, float(threshold), index=loaded, max_batch=max_batch)
 
 

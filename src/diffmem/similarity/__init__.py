@@ -4,13 +4,12 @@ See ``docs/similarity.md``. Heavy dependencies (faiss, onnxruntime, onnx) are im
 """
 
 from diffmem.similarity.index import (
-    BuildReport,
     IndexMismatchError,
     PixelSpace,
     SearchResult,
     TrainingIndex,
-    build_index_from_source,
 )
+from diffmem.similarity.index_ingest import BuildReport, build_index_from_source
 from diffmem.similarity.metrics import (
     ReplicationMeter,
     index_self_duplication,

@@ -10,6 +10,8 @@ Use :func:`to_tensor` to convert uint8 arrays or PIL images.
   2 = maximal).
 - :func:`nl2` -- Carlini et al. (2023), Sec. 5.1, used by AMG (Chen et al., CVPR 2024): distance to
   the nearest reference divided by ``alpha`` times the mean distance to the ``k`` nearest.
+- :class:`PixelSpace` -- the "embedder" of a pixel-kind :class:`~diffmem.similarity.index.TrainingIndex`:
+  images downsampled and compared by tiled L2.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from diffmem.runtime.errors import ConfigError
 from diffmem.runtime.images import to_unit_range
 
 
@@ -137,3 +140,32 @@ def nl2(x: torch.Tensor, refs: torch.Tensor, *, k: int = 50, alpha: float = 0.5,
         best_d, pos = d.topk(min(k, d.shape[1]), dim=1, largest=False)
         best_i = idx.gather(1, pos)
     return best_d[:, 0] / (alpha * best_d.mean(1)), best_i[:, 0]
+
+
+class PixelSpace:
+    """The pixel-space "embedder": images downsampled to ``size x size``, compared by tiled L2.
+
+    Same input convention as :class:`~diffmem.similarity.sscd.SSCD`: float ``(N, 3, H, W)`` in
+    ``[-1, 1]`` or a list of ``(3, H, W)`` tensors. Lower scores are closer.
+    """
+
+    higher_is_better = False
+    criterion = "tiled_l2"
+    name = "pixel"
+
+    def __init__(self, *, size: int = 64, grid: int = 4):
+        if size % grid:
+            raise ConfigError(f"pixel index size {size} must be divisible by grid {grid}")
+        self.size = size
+        self.grid = grid
+        self.preprocessing = (f"rgb[-1,1]->resize{size}x{size}-bilinear-antialias;"
+                              f"tiled_l2-grid{grid}")
+        self.dim = 3 * size * size
+
+    def embed(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        from diffmem.similarity.sscd import resize
+
+        n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        if n == 0:
+            return torch.zeros(0, 3, self.size, self.size)
+        return resize(images, self.size)

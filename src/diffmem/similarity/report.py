@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
+from diffmem.models.profile import CRITERIA
 from diffmem.runtime.images import to_pil
-from diffmem.similarity.index import TrainingIndex
+from diffmem.similarity.index import TrainingIndex, load_index
 from diffmem.similarity.metrics import replication_summary
 from diffmem.similarity.sources import IMAGE_SUFFIXES, decode_image
-from diffmem.testbed import REPLICATION_THRESHOLD
 
-#: Default copy threshold per criterion. SSCD > 0.5 is the literature's convention; the tiled-L2
-#: value (RMS difference in [-1, 1] units in the worst tile) is the testbed's replication threshold
-#: (:data:`diffmem.testbed.verify.REPLICATION_THRESHOLD`, the one ``demo`` and ``testbed verify``
-#: use; docs/testbed.md gives its measured trade-off).
-DEFAULT_THRESHOLDS = {"sscd_cosine": 0.5, "tiled_l2": REPLICATION_THRESHOLD}
+#: Default copy threshold per criterion, read from the copy criteria of
+#: :data:`diffmem.models.profile.CRITERIA` (the one place they are set): SSCD > 0.5 is the
+#: literature's convention; tiled L2 (RMS difference in [-1, 1] units in the worst tile) < 0.15 is
+#: the testbed's replication threshold (docs/testbed.md gives its measured trade-off).
+DEFAULT_THRESHOLDS = {name: CRITERIA.get(name).threshold for name in CRITERIA}
 
 
 def _image_paths(images: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -89,8 +89,9 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
         from diffmem.runtime.errors import EmptyInputError
 
         raise EmptyInputError(f"{images} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    if not isinstance(index, TrainingIndex):
-        index = TrainingIndex.load(index, embedder=embedder)
+    index = load_index(index, what="eval replication", embedder=embedder,
+                       missing="eval replication needs the training set's index (--index IDX; "
+                               "build it with `diffmem index build`)")
     criterion = index.embedder.criterion
     higher = index.embedder.higher_is_better
     threshold = DEFAULT_THRESHOLDS.get(criterion, 0.5) if threshold is None else threshold

@@ -9,19 +9,19 @@ copies it stands for. Training draws a memorized (verbatim or template) image wi
 0.55 / 4000); generic images count 1.
 
 ``provenance`` records the training set (a hash of the :class:`TestbedSpec`) and the VAE that
-rendered the images (a hash of its weights), so that a method can refuse another model's index.
+rendered the images (a hash of its weights), so that a method can refuse another model's index
+(the fingerprints and the check: :mod:`diffmem.similarity.index_compat`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from diffmem.similarity.index import PixelSpace, TrainingIndex
+from diffmem.similarity.index_compat import training_set_fingerprint
+from diffmem.similarity.index_compat import vae_fingerprint as vae_fingerprint  # defined there
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed.data import TestbedSpec, build_testbed
 
@@ -87,15 +87,4 @@ def memorized_copies(spec: TestbedSpec, memorized_fraction: float | None = None)
 
 def testbed_fingerprint(spec: TestbedSpec) -> str:
     """``"testbed:<sha256[:12]>"`` of a testbed spec: the identity of its training set."""
-    text = json.dumps(spec.to_dict(), sort_keys=True)
-    return "testbed:" + hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-@torch.no_grad()
-def vae_fingerprint(adapter) -> str:
-    """``"vae:<sha256[:12]>"`` of a model's VAE weights (the renderer of a testbed index)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(adapter.vae.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return "vae:" + h.hexdigest()[:12]
+    return training_set_fingerprint("testbed", spec.to_dict())

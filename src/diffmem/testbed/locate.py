@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffmem.models.profile import CRITERIA
 from diffmem.runtime.errors import ConfigError, ModelLoadError
 from diffmem.testbed.data import TestbedSpec
 
@@ -15,7 +16,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: nearest training image (as the model's VAE renders it) is below this (docs/testbed.md gives the
 #: measured trade-off; :mod:`diffmem.testbed.verify` explains the criterion). The default copy
 #: threshold of every tiled-L2 report (``eval replication``, ``demo``, ``testbed verify``).
-REPLICATION_THRESHOLD = 0.15
+REPLICATION_THRESHOLD = CRITERIA.get("tiled_l2").threshold  # 0.15, set in diffmem.models.profile
 
 
 def testbed_path() -> Path:

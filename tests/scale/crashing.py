@@ -21,8 +21,8 @@ def crashing_scan_actor(marker: str | Path, when: str) -> type:
     marker = str(marker)
 
     class CrashingScanActor(ScanActor):
-        def __init__(self, job):
-            super().__init__(job)
+        def __init__(self, job, scorer):
+            super().__init__(job, scorer)
             scorer = self.scorer
             # "before": the shard is scored but not written; "after": it is written (renamed)
             method = "score_records" if when == "before" else "run_shard"

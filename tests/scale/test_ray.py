@@ -92,7 +92,8 @@ def png(seed: int) -> bytes:
 @pytest.mark.slow
 def test_ray_index_build_equals_local(ray_cluster, tmp_path):
     from diffmem.scale.index_build import build_index_sharded
-    from diffmem.similarity.index import TrainingIndex, build_index_from_source
+    from diffmem.similarity.index import TrainingIndex
+    from diffmem.similarity.index_ingest import build_index_from_source
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -12,7 +12,7 @@ from PIL import Image
 
 from diffmem.cli import main
 from diffmem.runtime.errors import ConfigError, DiffmemError
-from diffmem.similarity.index import build_index_from_source
+from diffmem.similarity.index_ingest import build_index_from_source
 from diffmem.similarity.sources import iter_source
 
 

@@ -34,7 +34,7 @@ def _cmd_index_build(a: argparse.Namespace) -> int:
                                      workers=a.workers, threads=a.threads, address=a.address,
                                      progress=True)
     else:
-        from diffmem.similarity.index import build_index_from_source
+        from diffmem.similarity.index_ingest import build_index_from_source
 
         report = build_index_from_source(a.source, a.out, kind=a.kind or "sscd",
                                          batch_size=a.batch_size, image_column=a.image_column,

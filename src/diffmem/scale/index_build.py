@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from diffmem.runtime.errors import ConfigError
-from diffmem.similarity.index import BuildReport, TrainingIndex, _embedder_for_kind
+from diffmem.similarity.index import TrainingIndex, _embedder_for_kind
+from diffmem.similarity.index_ingest import BuildReport
 
 
 def _shard_specs(source: Path, shard_size: int, image_column: str, caption_column: str,
@@ -84,7 +85,7 @@ def build_index_sharded(source: str | Path, out: str | Path, *, embedder: object
                progress)
     try:
         for part in embed_on_ray(rows, functools.partial(_make_embedder, kind, embedder),
-                                 workers=workers, threads=threads, address=address):
+                                 read_source_shard, workers=workers, threads=threads, address=address):
             if part["ids"]:
                 index.add(None, part["captions"], part["ids"],
                           embeddings=torch.from_numpy(part["vectors"]), sources=part["sources"])

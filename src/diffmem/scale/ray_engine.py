@@ -111,10 +111,8 @@ def _map_shards(ray, rows: list[dict], actor: type, kwargs: dict, *, workers: in
 class ScanActor:
     """Ray Data actor: one :class:`~diffmem.scale.scan.ShardScorer` (one model) per actor."""
 
-    def __init__(self, job):
-        from diffmem.scale.scan import ShardScorer
-
-        self.scorer = ShardScorer(job)
+    def __init__(self, job, scorer: type):
+        self.scorer = scorer(job)
         self.shards = {s.index: s for s in job.plan.shards}
 
     def __call__(self, batch: dict) -> dict:
@@ -148,8 +146,10 @@ def _raise_error_record(record: str) -> None:
     raise (cls if issubclass(cls, DiffmemError) else DiffmemError)(message)
 
 
-def run_scan_on_ray(job, pending: Sequence, bar, *, workers: int, address: str | None) -> None:
-    """Score the ``pending`` shards of ``job`` on Ray; ``bar`` advances as shards finish."""
+def run_scan_on_ray(job, pending: Sequence, bar, *, workers: int, address: str | None,
+                    scorer: type) -> None:
+    """Score the ``pending`` shards of ``job`` on Ray, one ``scorer(job)`` per actor
+    (:class:`~diffmem.scale.scan.ShardScorer`); ``bar`` advances as shards finish."""
     import dataclasses
 
     threads = job.threads or 1
@@ -157,7 +157,7 @@ def run_scan_on_ray(job, pending: Sequence, bar, *, workers: int, address: str |
         gpus = _gpus(ray)
         job = dataclasses.replace(job, device="cuda" if gpus else job.device, threads=threads)
         rows = [{"shard": s.index} for s in pending]
-        for row in _map_shards(ray, rows, ScanActor, {"job": job}, workers=workers,
+        for row in _map_shards(ray, rows, ScanActor, {"job": job, "scorer": scorer}, workers=workers,
                                threads=threads, gpus=gpus):
             _raise_error_record(row["error"])
             bar.update(int(row["n"]))
@@ -169,19 +169,19 @@ def run_scan_on_ray(job, pending: Sequence, bar, *, workers: int, address: str |
 class EmbedActor:
     """Ray Data actor: embeds one image-source shard per call with its own embedder."""
 
-    def __init__(self, make_embedder: Callable[[], object], threads: int):
+    def __init__(self, make_embedder: Callable[[], object], read_shard: Callable[[dict], list],
+                 threads: int):
         import torch
 
         torch.set_num_threads(threads)
         self.embedder = make_embedder()
+        self.read_shard = read_shard
 
     def __call__(self, batch: dict) -> dict:
         import json
         import pickle
 
-        from diffmem.scale.index_build import read_source_shard
-
-        payload = [pickle.dumps(embed_items(self.embedder, read_source_shard(json.loads(spec)),
+        payload = [pickle.dumps(embed_items(self.embedder, self.read_shard(json.loads(spec)),
                                             int(b)))
                    for spec, b in zip(batch["spec"], batch["batch_size"], strict=True)]
         return {"shard": list(batch["shard"]), "payload": payload}
@@ -203,15 +203,18 @@ def embed_items(embedder, items: list, batch_size: int) -> dict:
                         for it in items if it.image is None]}
 
 
-def embed_on_ray(rows: list[dict], make_embedder: Callable[[], object], *, workers: int,
-                 threads: int = 1, address: str | None = None) -> Iterator[dict]:
+def embed_on_ray(rows: list[dict], make_embedder: Callable[[], object],
+                 read_shard: Callable[[dict], list], *, workers: int, threads: int = 1,
+                 address: str | None = None) -> Iterator[dict]:
     """Per shard row (``shard``, ``spec``, ``batch_size``), in order: :func:`embed_items` of the
-    shard's items, computed on Ray actors each holding one ``make_embedder()``."""
+    shard's items (``read_shard(spec)``), computed on Ray actors each holding one
+    ``make_embedder()``."""
     import pickle
 
     with ray_session(address, workers * threads) as ray:
         gpus = _gpus(ray)
         for row in _map_shards(ray, rows, EmbedActor,
-                               {"make_embedder": make_embedder, "threads": threads},
+                               {"make_embedder": make_embedder, "read_shard": read_shard,
+                                "threads": threads},
                                workers=workers, threads=threads, gpus=gpus):
             yield pickle.loads(row["payload"])

@@ -323,7 +323,8 @@ def _score_pending(job: ScanJob, pending: list[Shard], cfg: ScanConfig, *, initi
         elif pending:
             from diffmem.scale.ray_engine import run_scan_on_ray
 
-            run_scan_on_ray(job, pending, bar, workers=cfg.workers, address=cfg.address)
+            run_scan_on_ray(job, pending, bar, workers=cfg.workers, address=cfg.address,
+                            scorer=ShardScorer)
     finally:
         torch.set_num_threads(own_threads)
         bar.close()

@@ -48,7 +48,6 @@ from diffmem.similarity.index_compat import check_index_matches, check_index_mod
 from diffmem.similarity.index_storage import FORMAT_VERSION, IndexMismatchError, IndexStorage
 from diffmem.similarity.pixel import PixelSpace, pairwise_tiled_l2_prepared, prepare_tiles
 
-# also importable from here: BuildReport and build_index_from_source (module __getattr__ below)
 __all__ = ["FORMAT_VERSION", "IndexMismatchError", "PixelSpace", "SearchResult", "TrainingIndex",
            "check_index_matches", "check_index_model", "load_index", "train_ivfpq"]
 
@@ -271,13 +270,3 @@ def load_index(index: TrainingIndex | str | Path | None, *, what: str, missing: 
         raise ConfigError(f"{what}: index must be a TrainingIndex or its folder, got "
                           f"{type(index).__name__}")
     return index
-
-
-def __getattr__(name: str):
-    # indexing a source builds a TrainingIndex, so it lives in a module above this one;
-    # its names stay importable from here
-    if name in ("BuildReport", "build_index_from_source"):
-        from diffmem.similarity import index_ingest
-
-        return getattr(index_ingest, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -148,6 +148,10 @@ TEMPLATE_PHRASES = (
     "journey to the {a} {b}",
 )
 
+#: Share of every training batch drawn from the designed (verbatim/template) duplicated images
+#: (``TrainConfig.memorized_fraction``; the graded testbed draws by copies instead).
+MEMORIZED_FRACTION = 0.45
+
 #: The graded testbed's own vocabulary: no trigger word, caption or frame of the first testbed.
 GRADED_TRIGGER_WORDS = (
     "albatross", "brigantine", "cormorant", "dulcimer", "escarpment", "filigree", "gazebo",

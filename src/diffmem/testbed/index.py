@@ -23,7 +23,7 @@ from diffmem.similarity.index import PixelSpace, TrainingIndex
 from diffmem.similarity.index_compat import training_set_fingerprint
 from diffmem.similarity.index_compat import vae_fingerprint as vae_fingerprint  # defined there
 from diffmem.similarity.pixel import to_tensor
-from diffmem.testbed.data import TestbedSpec, build_testbed
+from diffmem.testbed.data import MEMORIZED_FRACTION, TestbedSpec, build_testbed
 
 
 def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
@@ -74,9 +74,7 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
 
 def memorized_copies(spec: TestbedSpec, memorized_fraction: float | None = None) -> int:
     """Training copies of one memorized image relative to one generic image (see module doc)."""
-    from diffmem.testbed.train import TrainConfig
-
-    f = TrainConfig().memorized_fraction if memorized_fraction is None else memorized_fraction
+    f = MEMORIZED_FRACTION if memorized_fraction is None else memorized_fraction
     n_mem = spec.n_verbatim + spec.n_template
     if n_mem == 0 or spec.n_generic == 0 or f <= 0:
         return 1

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from diffmem.core.training import DiffusionStep, draw_noise, optimizer_step
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed.components import build_components, write_clip_tokenizer
-from diffmem.testbed.data import Testbed, TestbedSpec, build_testbed
+from diffmem.testbed.data import MEMORIZED_FRACTION, Testbed, TestbedSpec, build_testbed
 
 
 @dataclass
@@ -39,7 +39,7 @@ class TrainConfig:
     batch_size: int = 48
     lr: float = 4e-4
     warmup_steps: int = 200
-    memorized_fraction: float = 0.45  # share of each batch drawn from duplicated images
+    memorized_fraction: float = MEMORIZED_FRACTION  # share of each batch drawn from duplicated images
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     checkpoint_every: int = 250  # steps between resumable checkpoints
     kl_weight: float = 1e-6

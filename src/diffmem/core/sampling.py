@@ -22,7 +22,8 @@ At each step the loop
 
 Hooks keep their per-run state in the run (:meth:`Run.state`), never on themselves, so one set of
 hook objects serves concurrent runs; the scheduler is copied per run. Cross-attention processors
-are installed once per UNet and find the current run through a context variable
+are wrapped while a run whose hooks want attention is in progress (the UNet's own processor objects
+are back when it ends) and find the current run through a context variable
 (:mod:`diffmem.core.attention`): UNet calls a hook makes on its own are not observed.
 
 With no hooks the result equals ``StableDiffusionPipeline(...)`` for the same seed, scheduler and
@@ -456,27 +457,28 @@ def sample(
         for hook in hooks:
             hook.on_start(run)
         step_kw = _step_kwargs(sched, generator, eta)
-        run._observers = _attention.Observers(adapter.unet, hooks, run)
-        ends = [h.last_step(run) for h in hooks] if stop_when_done and hooks else [None]
-        last = None if any(e is None for e in ends) else max(ends)
-        for i, t in enumerate(run.timesteps):
-            step = Step(index=i, t=t, run=run, guidance_scale=run.guidance_scale)
-            step.branches = run.guidance.branches(run, step)
-            for hook in hooks:
-                hook.before_step(run, step)
-            x_in = sched.scale_model_input(run.latents, t)
-            step.x_t = x_in
-            _evaluate(run, step, x_in)
-            step.eps = run.guidance.combine(run, step)
-            for hook in hooks:
-                hook.on_step(run, step)
-            run.steps_done = i + 1
-            if last is not None and i >= last:
-                run.stop = True
-            if run.stop:
-                break
-            run.latents = sched.step(step.eps, t, run.latents, **step_kw,
-                                     return_dict=False)[0]
+        # the UNet holds attention wrappers only during the run (its own processors after it)
+        with _attention.Observers(adapter.unet, hooks, run) as run._observers:
+            ends = [h.last_step(run) for h in hooks] if stop_when_done and hooks else [None]
+            last = None if any(e is None for e in ends) else max(ends)
+            for i, t in enumerate(run.timesteps):
+                step = Step(index=i, t=t, run=run, guidance_scale=run.guidance_scale)
+                step.branches = run.guidance.branches(run, step)
+                for hook in hooks:
+                    hook.before_step(run, step)
+                x_in = sched.scale_model_input(run.latents, t)
+                step.x_t = x_in
+                _evaluate(run, step, x_in)
+                step.eps = run.guidance.combine(run, step)
+                for hook in hooks:
+                    hook.on_step(run, step)
+                run.steps_done = i + 1
+                if last is not None and i >= last:
+                    run.stop = True
+                if run.stop:
+                    break
+                run.latents = sched.step(step.eps, t, run.latents, **step_kw,
+                                         return_dict=False)[0]
         for hook in hooks:
             hook.on_end(run)
         stopped = run.steps_done < len(run.timesteps)

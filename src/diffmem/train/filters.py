@@ -125,15 +125,15 @@ class EntropyFilter:
         from diffmem.core import attention
 
         base = ctx.get("unet_eval", unet)
-        attention.install(base)
         collector = _Collector()
         ctx["_entropy_collector"] = collector
-        token = attention._CURRENT.set(
-            (None, None, {name: [collector] for name in self._layer_names(base)}))
-        try:
-            yield
-        finally:
-            attention._CURRENT.reset(token)
+        with attention.installed(base):
+            token = attention._CURRENT.set(
+                (None, None, {name: [collector] for name in self._layer_names(base)}))
+            try:
+                yield
+            finally:
+                attention._CURRENT.reset(token)
 
     def __call__(self, step, *, emb, _entropy_collector=None, **_) -> tuple:
         from diffmem.detect.attention_entropy import entropy

@@ -382,3 +382,45 @@ def test_check_every_decodes_every_nth_step_and_holds_the_scale_between(sd1):
     assert rec[0]["spe_steps"] >= every1.records["mitigation.amg"][0]["spe_steps"] - 2
     with pytest.raises(ConfigError, match="check_every"):
         _amg(index, check_every=0)
+
+
+def test_one_amg_object_serves_two_runs_at_once_like_two_fresh_ones(sd1):
+    import threading
+
+    adapter, index, _ = sd1
+
+    class Lockstep(Hook):
+        name = "lockstep"
+
+        def __init__(self, barrier):
+            self.barrier = barrier
+
+        def before_step(self, run, step):
+            self.barrier.wait(timeout=120)
+
+    def two_runs(amg_a, amg_b):
+        barrier, out = threading.Barrier(2), {}
+
+        def go(key, amg, seeds):
+            out[key] = sample(adapter, PROMPTS, num_inference_steps=STEPS,
+                              generator=seeded_generators(seeds), hooks=[amg, Lockstep(barrier)])
+
+        threads = [threading.Thread(target=go, args=("a", amg_a, [0, 1])),
+                   threading.Thread(target=go, args=("b", amg_b, [1, 0]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out["a"], out["b"]
+
+    shared = _amg(index)
+    before = dict(vars(shared))
+    got = two_runs(shared, shared)
+    want = two_runs(_amg(index), _amg(index))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.images, w.images)
+        assert g.records["mitigation.amg"] == w.records["mitigation.amg"]
+    assert not torch.equal(got[0].images, got[1].images)
+    assert vars(shared).keys() == before.keys()
+    assert all(vars(shared)[k] is v for k, v in before.items())
+

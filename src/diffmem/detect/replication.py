@@ -213,16 +213,13 @@ class PreviewReplication(Detector):
         self.copy_threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
                                     if threshold is None else threshold)
         self._expected = criterion
-        self._checked: set[int] = set()
 
     def on_start(self, run: Run) -> None:
-        super().on_start(run)
-        if id(run.adapter) not in self._checked:
-            from diffmem.similarity.index import check_index_model
+        from diffmem.similarity.index import check_index_model_once
 
-            check_index_model(self.index, run.adapter, criterion=self._expected,
-                              who="preview_replication")
-            self._checked.add(id(run.adapter))
+        super().on_start(run)
+        check_index_model_once(self.index, run.adapter, criterion=self._expected,
+                               who="preview_replication")
         run.state(self).nearest = [""] * run.batch_size
 
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:

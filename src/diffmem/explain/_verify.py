@@ -108,7 +108,6 @@ class EditVerifier:
         self.confirm = spare if confirm is None else min(int(confirm), spare)
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.batch_size = int(batch_size)
-        self._checked: set[int] = set()
         self._expected = criterion
         self.generated = 0  # images generated so far (pool and checks)
 
@@ -141,13 +140,11 @@ class EditVerifier:
         """Generate the (prompt index, seed) jobs in batches; nearest-item scores and ids."""
         from diffmem.core.sampling import sample, seeded_generators
         from diffmem.models.adapter import load_adapter
-        from diffmem.similarity.index import check_index_model
+        from diffmem.similarity.index import check_index_model_once
 
         adapter = load_adapter(model)
-        if id(adapter) not in self._checked:
-            check_index_model(self.index, adapter, criterion=self._expected,
-                              who="edit verification")
-            self._checked.add(id(adapter))
+        check_index_model_once(self.index, adapter, criterion=self._expected,
+                               who="edit verification")
         scores, ids = [], []
         for k in range(0, len(jobs), self.batch_size):
             chunk = jobs[k : k + self.batch_size]

@@ -183,7 +183,6 @@ class AntiMemorizationGuidance(Mitigation):
         self.dup_ref = float(dup_ref)
         self.sim_scale, self.sim_offset, self.sim_decay = (float(sim_scale), float(sim_offset),
                                                            float(sim_decay))
-        self._checked: set[int] = set()
         if adapter is not None:
             self.check_model(adapter)
 
@@ -199,13 +198,11 @@ class AntiMemorizationGuidance(Mitigation):
     # ------------------------------------------------------------------ checks
     def check_model(self, adapter) -> None:
         """One :class:`ConfigError` unless the index holds ``adapter``'s training set, measured
-        with the expected criterion."""
-        if id(adapter) in self._checked:
-            return
-        from diffmem.similarity.index import check_index_model
+        with the expected criterion (once per model and index: the check that passed is kept
+        beside them, not on this object, which keeps no state of its runs)."""
+        from diffmem.similarity.index import check_index_model_once
 
-        check_index_model(self.index, adapter, criterion=self.criterion, who="amg")
-        self._checked.add(id(adapter))
+        check_index_model_once(self.index, adapter, criterion=self.criterion, who="amg")
 
     # ------------------------------------------------------------------ similarity
     def _similarity(self, scores: torch.Tensor) -> torch.Tensor:

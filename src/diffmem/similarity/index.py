@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -675,3 +677,24 @@ def check_index_model(index: TrainingIndex, adapter, *, criterion: str | None = 
     elif recorded is not None and str(recorded).startswith("testbed:"):
         raise ConfigError(f"{who}: the index holds a testbed's training set ({recorded}) but "
                           f"the model is not that testbed")
+
+
+#: adapter -> {index -> criteria} of the checks that passed (weak: forgotten with either object)
+_PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PASSED_LOCK = threading.Lock()
+
+
+def check_index_model_once(index: TrainingIndex, adapter, *, criterion: str | None = None,
+                           who: str = "this method") -> None:
+    """:func:`check_index_model`, made once per (index, adapter, criterion): a check that passed
+    is remembered beside the two objects (weakly), not on the method that asks, so a detector or
+    mitigation keeps no state of its runs and the VAE fingerprint of a testbed model is not
+    recomputed for every batch. A check that fails is not remembered."""
+    with _PASSED_LOCK:
+        done = criterion in _PASSED.get(adapter, {}).get(index, ())
+    if done:
+        return
+    check_index_model(index, adapter, criterion=criterion, who=who)
+    with _PASSED_LOCK:
+        per_index = _PASSED.setdefault(adapter, weakref.WeakKeyDictionary())
+        per_index.setdefault(index, set()).add(criterion)

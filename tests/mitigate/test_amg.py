@@ -424,3 +424,33 @@ def test_one_amg_object_serves_two_runs_at_once_like_two_fresh_ones(sd1):
     assert vars(shared).keys() == before.keys()
     assert all(vars(shared)[k] is v for k, v in before.items())
 
+
+def test_config_groups_the_settings_and_keywords_still_work(sd1):
+    import dataclasses
+
+    from diffmem.detect.replication import ExponentialSchedule
+    from diffmem.mitigate.amg import AMGConfig
+
+    adapter, index, _ = sd1
+    cfg = AMGConfig()
+    assert (cfg.spe_scale, cfg.dup_k, cfg.dup_min, cfg.dup_steps, cfg.dup_ref, cfg.sim_scale,
+            cfg.sim_offset, cfg.sim_decay, cfg.check_every) == (13.0, 1000, 20.0, 10, 0.3, 100.0,
+                                                                0.3, 170.0, 1)
+    assert cfg.g_spe and cfg.g_dup and cfg.g_sim and cfg.criterion is None
+    assert cfg.schedule == ExponentialSchedule()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dup_k = 3
+    by_kw = _amg(index, g_dup=False, check_every=2)
+    by_cfg = AntiMemorizationGuidance(index=index, config=AMGConfig(criterion="tiled_l2",
+                                                                    g_dup=False, check_every=2))
+    assert by_kw.config == by_cfg.config
+    # keywords replace the given config's fields
+    mixed = AntiMemorizationGuidance(index=index, config=by_cfg.config, check_every=3)
+    assert mixed.config == dataclasses.replace(by_cfg.config, check_every=3)
+    runs = [sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=seeded_generators([0, 1]),
+                   hooks=[amg]) for amg in (by_kw, by_cfg)]
+    assert torch.equal(runs[0].images, runs[1].images)
+    with pytest.raises(TypeError, match="no_such_option"):
+        AntiMemorizationGuidance(index=index, no_such_option=1)
+    with pytest.raises(ConfigError, match="check_every"):
+        AMGConfig(check_every=0)

@@ -82,19 +82,17 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
         raise PromptError("no prompts given")
     import warnings
 
-    from diffmem.models.adapter import TruncationWarning
+    from diffmem.models.adapter import TruncationWarning, quiet_truncation
 
     adapter = load_adapter(model, scheduler=scheduler)
-    with warnings.catch_warnings():  # one warning for the run, not one per batch
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation():  # one warning for the run, not one per batch
         truncated = adapter.tokenize(prompts).truncated
     if any(truncated):
         warnings.warn(f"{sum(truncated)} of {len(prompts)} prompt(s) exceed the text encoder's "
                       f"{adapter.max_length} tokens and were truncated (generations.jsonl: "
                       "'truncated')", TruncationWarning, stacklevel=2)
     results = []
-    with warnings.catch_warnings(), progress(len(prompts), "generate", unit="img") as bar:
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation(), progress(len(prompts), "generate", unit="img") as bar:
         for k in range(0, len(prompts), batch_size):
             chunk = prompts[k : k + batch_size]
             gens = seeded_generators(range(seed + k, seed + k + len(chunk)), adapter.device)

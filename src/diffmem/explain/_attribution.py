@@ -34,7 +34,7 @@ from diffmem.core.magnitude import noise_magnitude_gradient
 from diffmem.core.sampling import Hook, Run, Step, initial_latents, sample, seeded_generators
 from diffmem.core.steps import select_steps
 from diffmem.explain._words import Word, prompt_words
-from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter
+from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter, quiet_truncation
 from diffmem.runtime.errors import ConfigError, PromptError
 
 __all__ = ["TokenAttribution", "TokenAttributor", "noise_magnitude_gradient"]  # re-exported
@@ -232,8 +232,7 @@ class TokenAttributor:
         """One :class:`TokenAttribution` per prompt (raises PromptError for an unusable prompt)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         adapter = self.adapter
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # truncation is reported on each result instead
+        with quiet_truncation():  # truncation is reported on each result instead
             tokens = adapter.tokenize(prompts)
         _check_prompts(prompts, tokens, {adapter.bos_id, adapter.eos_id})
         indices = select_steps(self.steps, self.num_inference_steps)

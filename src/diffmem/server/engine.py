@@ -15,7 +15,6 @@ import base64
 import copy
 import io
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
-from diffmem.models.adapter import ModelAdapter, TruncationWarning
+from diffmem.models.adapter import ModelAdapter, quiet_truncation
 from diffmem.runtime.errors import ConfigError
 
 
@@ -125,8 +124,7 @@ class Engine:
     def score(self, prompts: list[str]) -> np.ndarray:
         """First-step noise magnitude of each prompt: one batched cond+uncond UNet call per
         ``max_batch`` prompts (the micro-batcher's unit of work)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TruncationWarning)  # reported per prompt instead
+        with quiet_truncation():  # reported per prompt instead
             return self.detector.score(self.adapter, prompts)
 
     # ---------------------------------------------------------------- explain
@@ -185,8 +183,7 @@ class Engine:
         if not none:
             runs.append(("mitigated", hooks))
         for name, run_hooks in runs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", TruncationWarning)
+            with quiet_truncation():
                 res = sample(self.adapter, [prompt], num_inference_steps=steps,
                              guidance_scale=guidance_scale,
                              generator=seeded_generators([seed], self.adapter.device),

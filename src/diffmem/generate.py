@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diffmem.core.sampling import Hook, SampleResult, sample, seeded_generators
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import PromptError
 
 
@@ -26,8 +27,8 @@ def check_hook_names(*, detect: str | None = None, mitigate: str | None = None) 
 
 def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
                 adapter: ModelAdapter | None = None, index=None, threshold: float | None = None,
-                seed: int = 0, num_inference_steps: int = 50,
-                guidance_scale: float = 7.5) -> list[Hook]:
+                seed: int = 0, num_inference_steps: int = SAMPLING.steps,
+                guidance_scale: float = SAMPLING.guidance_scale) -> list[Hook]:
     """The hooks of a generation run, made from registry names; the one place names become hooks.
 
     ``mitigate``: a spec of :mod:`diffmem.mitigate` (``"ren"``, ``"ren:1.5,amg"``, ``"auto"``);
@@ -66,7 +67,7 @@ def _load_index(index):
 
 
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",
-             seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
+             seed: int = 0, steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
              scheduler: str | None = None, hooks: Sequence[Hook] = (),
              batch_size: int = 16,
              on_result: Callable[[int, SampleResult], None] | None = None) -> list[SampleResult]:

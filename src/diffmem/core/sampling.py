@@ -44,6 +44,7 @@ import torch
 
 from diffmem.core import attention as _attention
 from diffmem.models.adapter import ModelAdapter, Tokenized
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 
@@ -194,7 +195,7 @@ class Step:
     index: int
     t: torch.Tensor
     run: Run = field(repr=False)
-    guidance_scale: float | torch.Tensor = 7.5
+    guidance_scale: float | torch.Tensor = SAMPLING.guidance_scale
     branches: dict[str, Branch] = field(default_factory=dict)
     x_t: torch.Tensor | None = None  # (B, C, h, w) model input (after scale_model_input)
     out: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -404,8 +405,8 @@ def sample(
     adapter: ModelAdapter,
     prompts: Sequence[str],
     *,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int = SAMPLING.steps,
+    guidance_scale: float = SAMPLING.guidance_scale,
     generator: torch.Generator | list[torch.Generator] | None = None,
     hooks: Sequence[Hook] = (),
     guidance: Guidance | None = None,
@@ -414,7 +415,7 @@ def sample(
     height: int | None = None,
     width: int | None = None,
     latents: torch.Tensor | None = None,
-    eta: float = 0.0,
+    eta: float = SAMPLING.eta,
     decode: bool = True,
     grad: bool = False,
     stop_when_done: bool = False,

@@ -7,6 +7,7 @@ from pathlib import Path
 from diffmem.detect.prompts import TABLE_SUFFIXES, read_prompts, write_table
 from diffmem.detect.registry import make_detector, parse_steps
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.defaults import SAMPLING
 
 
 def detect_file(prompts_file: str | Path, out: str | Path, *,
@@ -14,7 +15,7 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
                 detector: str | None = None, steps: int | str | None = None,
                 generations: int | None = None,
                 threshold_from: str | Path | None = None, fpr: float = 0.01,
-                num_inference_steps: int | None = None, guidance_scale: float = 7.5,
+                num_inference_steps: int | None = None, guidance_scale: float = SAMPLING.guidance_scale,
                 scheduler: str | None = None, batch_size: int = 16, seed: int = 0,
                 seed_mode: str = "per-generation", column: str | None = None,
                 index=None) -> dict:

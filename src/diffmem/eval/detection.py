@@ -30,6 +30,7 @@ from diffmem.detect.prompts import read_labelled, write_table
 from diffmem.detect.registry import make_detector, parse_steps
 from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import PromptError
 
 
@@ -194,7 +195,8 @@ def evaluate_detection(detector: str | Detector | None = None, *,
                        model: str | Path | ModelAdapter = "testbed",
                        prompts: str | Path | None = None, out: str | Path | None = None,
                        steps: int | str | None = None, generations: int | None = None,
-                       num_inference_steps: int | None = None, guidance_scale: float = 7.5,
+                       num_inference_steps: int | None = None,
+                       guidance_scale: float = SAMPLING.guidance_scale,
                        scheduler: str | None = None, batch_size: int = 16,
                        seed: int = 0, fpr: float = 0.01, split: str | None = None,
                        seed_mode: str = "per-generation", index=None) -> dict:

@@ -35,6 +35,7 @@ from diffmem.core.sampling import Hook, Run, Step, initial_latents, sample, seed
 from diffmem.core.steps import select_steps
 from diffmem.explain._words import Word, prompt_words
 from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter, quiet_truncation
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError, PromptError
 
 __all__ = ["TokenAttribution", "TokenAttributor", "noise_magnitude_gradient"]  # re-exported
@@ -207,7 +208,7 @@ class TokenAttributor:
     """
 
     def __init__(self, model, *, steps: int | Sequence[int] = 1, seeds: int = 1, seed: int = 0,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  scheduler: str | None = None, batch_size: int = 16) -> None:
         self.model = model
         self.steps = steps

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 __all__ = ["EditVerifier", "Verdict"]
@@ -82,7 +83,7 @@ class EditVerifier:
     def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 12,
                  margin: float = 1.0, pool: int = 8, confirm: int | None = None,
                  depth: int = 2,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
         from diffmem.similarity.index import TrainingIndex

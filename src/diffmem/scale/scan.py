@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError, DiffmemError
 from diffmem.scale.stream import Shard, ShardPlan, plan_shards, read_shard
 
@@ -242,7 +243,8 @@ def scan(prompts: str | Path, out: str | Path, *, model: str | Path = "testbed",
          shard_size: int = 1024, prompt_column: str | None = None, id_column: str | None = None,
          threshold: float | None = None, threshold_from: str | Path | None = None,
          fpr: float = 0.01, explain: bool = False, steps: int | str | None = None,
-         generations: int = 1, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+         generations: int = 1, num_inference_steps: int = SAMPLING.steps,
+         guidance_scale: float = SAMPLING.guidance_scale,
          scheduler: str | None = None, batch_size: int = 16, seed: int = 0,
          device: str | None = None, progress: bool = False) -> dict:
     """Score every prompt of ``prompts`` into the scan folder ``out``; resumes a killed scan.

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffmem import __version__
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import DiffmemError
 from diffmem.server.audit import AuditLog
 from diffmem.server.batching import MicroBatcher, QueueFull
@@ -196,8 +197,8 @@ def _request_models(cfg: ServerConfig, mitigations: list[str]):
         compare: bool = Field(default=True, description="also return the plain image "
                                                         "(same seed) beside the mitigated one")
         seed: int = Field(default=0, ge=0, le=2**31 - 1)
-        steps: int = Field(default=min(50, cfg.max_steps), ge=1, le=cfg.max_steps)
-        guidance_scale: float = Field(default=7.5, ge=0.0, le=30.0)
+        steps: int = Field(default=min(SAMPLING.steps, cfg.max_steps), ge=1, le=cfg.max_steps)
+        guidance_scale: float = Field(default=SAMPLING.guidance_scale, ge=0.0, le=30.0)
 
     return DetectRequest, ExplainRequest, GenerateRequest
 

@@ -24,6 +24,7 @@ import torch
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
 from diffmem.models.adapter import ModelAdapter, quiet_truncation
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 
@@ -89,8 +90,8 @@ class Engine:
     index: object | None = None
     max_batch: int = 16
     seed: int = 0
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int = SAMPLING.steps
+    guidance_scale: float = SAMPLING.guidance_scale
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.threshold):
@@ -157,7 +158,7 @@ class Engine:
 
     # ---------------------------------------------------------------- generate
     def generate(self, prompt: str, *, mitigate: str = "auto", compare: bool = True,
-                 seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
+                 seed: int = 0, steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  cancel: threading.Event | None = None) -> dict:
         """The plain image (when ``compare`` or ``mitigate == "none"``) and the mitigated image of
         ``prompt`` from the same initial noise, each with its nearest training image when the

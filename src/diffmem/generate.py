@@ -8,6 +8,7 @@ from pathlib import Path
 
 from diffmem.core.sampling import Hook, SampleResult, sample, seeded_generators
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import PromptError
 
 
@@ -25,8 +26,8 @@ def check_hook_names(*, detect: str | None = None, mitigate: str | None = None) 
 
 def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
                 adapter: ModelAdapter | None = None, index=None, threshold: float | None = None,
-                seed: int = 0, num_inference_steps: int = 50,
-                guidance_scale: float = 7.5) -> list[Hook]:
+                seed: int = 0, num_inference_steps: int = SAMPLING.steps,
+                guidance_scale: float = SAMPLING.guidance_scale) -> list[Hook]:
     """The hooks of a generation run, made from registry names; the one place names become hooks.
 
     ``mitigate``: a spec of :mod:`diffmem.mitigate` (``"ren"``, ``"ren:1.5,amg"``, ``"auto"``);
@@ -63,7 +64,7 @@ def _load_index(index):
 
 
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",
-             seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
+             seed: int = 0, steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
              scheduler: str | None = None, hooks: Sequence[Hook] = (),
              batch_size: int = 16,
              on_result: Callable[[int, SampleResult], None] | None = None) -> list[SampleResult]:
@@ -79,19 +80,17 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
         raise PromptError("no prompts given")
     import warnings
 
-    from diffmem.models.adapter import TruncationWarning
+    from diffmem.models.adapter import TruncationWarning, quiet_truncation
 
     adapter = load_adapter(model, scheduler=scheduler)
-    with warnings.catch_warnings():  # one warning for the run, not one per batch
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation():  # one warning for the run, not one per batch
         truncated = adapter.tokenize(prompts).truncated
     if any(truncated):
         warnings.warn(f"{sum(truncated)} of {len(prompts)} prompt(s) exceed the text encoder's "
                       f"{adapter.max_length} tokens and were truncated (generations.jsonl: "
                       "'truncated')", TruncationWarning, stacklevel=2)
     results = []
-    with warnings.catch_warnings(), progress(len(prompts), "generate", unit="img") as bar:
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation(), progress(len(prompts), "generate", unit="img") as bar:
         for k in range(0, len(prompts), batch_size):
             chunk = prompts[k : k + batch_size]
             gens = seeded_generators(range(seed + k, seed + k + len(chunk)), adapter.device)

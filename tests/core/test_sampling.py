@@ -110,11 +110,25 @@ class AttentionProbe(Hook):
         torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
 
 
-def test_attention_capture_reads_heads_from_model_and_installs_once(tiny_pipe):
+class WrapperSpy(AttentionProbe):
+    """Also notes which processors the UNet holds while the run is in progress."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.during: dict = {}
+
+    def on_attention(self, run, step, layer, probs):
+        super().on_attention(run, step, layer, probs)
+        self.during = dict(self.unet.attn_processors)
+
+
+def test_attention_capture_reads_heads_from_model_and_restores_processors(tiny_pipe):
     from diffmem.core.attention import ObservableCrossAttention
 
     adapter = load_adapter(tiny_pipe)
-    probe = AttentionProbe()
+    before = dict(tiny_pipe.unet.attn_processors)
+    probe = WrapperSpy(tiny_pipe.unet)
     ref = sample(adapter, PROMPTS, num_inference_steps=2,
                  generator=torch.Generator().manual_seed(0))
     res = sample(adapter, PROMPTS, num_inference_steps=2, hooks=[probe],
@@ -126,16 +140,13 @@ def test_attention_capture_reads_heads_from_model_and_installs_once(tiny_pipe):
         assert shape[0] == 2 * len(PROMPTS) and shape[1] == module.heads and shape[-1] == 77
     # explicit attention computes the same function as the fused processor
     torch.testing.assert_close(res.images, ref.images, atol=1e-4, rtol=0)
-    # installed once: every cross-attention layer wrapped, its original processor kept inside,
-    # and a second run does not wrap the wrappers
-    procs = tiny_pipe.unet.attn_processors
-    wrapped = {k: p for k, p in procs.items() if ".attn2." in k}
-    assert all(isinstance(p, ObservableCrossAttention) for p in wrapped.values())
-    sample(adapter, PROMPTS, num_inference_steps=1, hooks=[AttentionProbe()])
-    again = tiny_pipe.unet.attn_processors
-    assert all(again[k] is p and not isinstance(p.fallback, ObservableCrossAttention)
-               for k, p in wrapped.items())
-    # outside a run the wrappers defer to the originals: plain sampling is unchanged
+    # during the run every cross-attention layer was wrapped once, its original processor inside
+    assert all(isinstance(p, ObservableCrossAttention) and p.fallback is before[k]
+               for k, p in probe.during.items() if ".attn2." in k)
+    assert all(probe.during[k] is p for k, p in before.items() if ".attn2." not in k)
+    # after it the UNet holds its own processor objects again, and plain sampling is unchanged
+    after = tiny_pipe.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is p for k, p in before.items())
     plain = sample(adapter, PROMPTS, num_inference_steps=2,
                    generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(plain.images, ref.images, atol=0, rtol=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffmem.core.sampling import sample, seeded_generators
+from diffmem.core.sampling import Hook, sample, seeded_generators
 from diffmem.detect.replication import StepwiseReplication, ThresholdSchedule
 from diffmem.models.adapter import load_adapter
 from diffmem.similarity.index import PixelSpace, TrainingIndex
@@ -98,3 +98,69 @@ def test_registry_default_is_the_preview_when_an_index_is_given(tiny_pipe):
     assert make_detector(index=index).name == "preview_replication"
     assert make_detector().name == DEFAULT_DETECTOR
     assert make_detector("noise-magnitude", index=index).name == "noise_magnitude"
+
+
+class _Lockstep(Hook):
+    """Makes two runs in two threads take each step together (both in progress at once)."""
+
+    name = "lockstep"
+
+    def __init__(self, barrier):
+        self.barrier = barrier
+
+    def before_step(self, run, step):
+        self.barrier.wait(timeout=120)
+
+
+def _two_runs_at_once(adapter, hooks_a, hooks_b, seeds):
+    import threading
+
+    barrier = threading.Barrier(2)
+    out = {}
+
+    def go(key, hooks, seed):
+        out[key] = sample(adapter, PROMPTS, num_inference_steps=3,
+                          generator=seeded_generators(seed), hooks=[*hooks, _Lockstep(barrier)])
+
+    threads = [threading.Thread(target=go, args=("a", hooks_a, seeds[0])),
+               threading.Thread(target=go, args=("b", hooks_b, seeds[1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out["a"], out["b"]
+
+
+@pytest.mark.parametrize("kind", ["preview", "stepwise"])
+def test_one_detector_serves_two_runs_at_once_like_two_fresh_ones(tiny_pipe, kind):
+    from diffmem.detect.replication import PreviewReplication
+
+    adapter = load_adapter(tiny_pipe)
+    index = _copy_index(adapter)
+
+    def make():
+        if kind == "preview":
+            return PreviewReplication(index, criterion="tiled_l2", num_inference_steps=3)
+        return StepwiseReplication(index, schedule=ThresholdSchedule(strict=0.2, lenient=0.3))
+
+    seeds = ([1000, 1], [2, 1000])
+    shared = make()
+    before = dict(vars(shared))
+    contents = {k: set(v) if isinstance(v, set) else dict(v) if isinstance(v, dict) else
+                list(v) if isinstance(v, list) else None for k, v in before.items()}
+    a, b = _two_runs_at_once(adapter, [shared], [shared], seeds)
+    fa, fb = _two_runs_at_once(adapter, [make()], [make()], seeds)
+    name = shared.name
+    keys = [k for k in fa.records if k.startswith(name)]
+    assert keys and set(keys) == {k for k in a.records if k.startswith(name)}
+    for got, want in ((a, fa), (b, fb)):
+        for k in keys:
+            if isinstance(want.records[k], np.ndarray):
+                np.testing.assert_array_equal(got.records[k], want.records[k])
+            else:
+                assert got.records[k] == want.records[k]
+    assert a.records[name].tolist() != b.records[name].tolist()  # the two runs differ
+    # the detector itself kept nothing of the runs
+    assert vars(shared).keys() == before.keys()
+    assert all(vars(shared)[k] is v for k, v in before.items())
+    assert all(c is None or type(c)(before[k]) == c for k, c in contents.items())

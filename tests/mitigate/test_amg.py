@@ -382,3 +382,75 @@ def test_check_every_decodes_every_nth_step_and_holds_the_scale_between(sd1):
     assert rec[0]["spe_steps"] >= every1.records["mitigation.amg"][0]["spe_steps"] - 2
     with pytest.raises(ConfigError, match="check_every"):
         _amg(index, check_every=0)
+
+
+def test_one_amg_object_serves_two_runs_at_once_like_two_fresh_ones(sd1):
+    import threading
+
+    adapter, index, _ = sd1
+
+    class Lockstep(Hook):
+        name = "lockstep"
+
+        def __init__(self, barrier):
+            self.barrier = barrier
+
+        def before_step(self, run, step):
+            self.barrier.wait(timeout=120)
+
+    def two_runs(amg_a, amg_b):
+        barrier, out = threading.Barrier(2), {}
+
+        def go(key, amg, seeds):
+            out[key] = sample(adapter, PROMPTS, num_inference_steps=STEPS,
+                              generator=seeded_generators(seeds), hooks=[amg, Lockstep(barrier)])
+
+        threads = [threading.Thread(target=go, args=("a", amg_a, [0, 1])),
+                   threading.Thread(target=go, args=("b", amg_b, [1, 0]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out["a"], out["b"]
+
+    shared = _amg(index)
+    before = dict(vars(shared))
+    got = two_runs(shared, shared)
+    want = two_runs(_amg(index), _amg(index))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g.images, w.images)
+        assert g.records["mitigation.amg"] == w.records["mitigation.amg"]
+    assert not torch.equal(got[0].images, got[1].images)
+    assert vars(shared).keys() == before.keys()
+    assert all(vars(shared)[k] is v for k, v in before.items())
+
+
+def test_config_groups_the_settings_and_keywords_still_work(sd1):
+    import dataclasses
+
+    from diffmem.detect.replication import ExponentialSchedule
+    from diffmem.mitigate.amg import AMGConfig
+
+    adapter, index, _ = sd1
+    cfg = AMGConfig()
+    assert (cfg.spe_scale, cfg.dup_k, cfg.dup_min, cfg.dup_steps, cfg.dup_ref, cfg.sim_scale,
+            cfg.sim_offset, cfg.sim_decay, cfg.check_every) == (13.0, 1000, 20.0, 10, 0.3, 100.0,
+                                                                0.3, 170.0, 1)
+    assert cfg.g_spe and cfg.g_dup and cfg.g_sim and cfg.criterion is None
+    assert cfg.schedule == ExponentialSchedule()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.dup_k = 3
+    by_kw = _amg(index, g_dup=False, check_every=2)
+    by_cfg = AntiMemorizationGuidance(index=index, config=AMGConfig(criterion="tiled_l2",
+                                                                    g_dup=False, check_every=2))
+    assert by_kw.config == by_cfg.config
+    # keywords replace the given config's fields
+    mixed = AntiMemorizationGuidance(index=index, config=by_cfg.config, check_every=3)
+    assert mixed.config == dataclasses.replace(by_cfg.config, check_every=3)
+    runs = [sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=seeded_generators([0, 1]),
+                   hooks=[amg]) for amg in (by_kw, by_cfg)]
+    assert torch.equal(runs[0].images, runs[1].images)
+    with pytest.raises(TypeError, match="no_such_option"):
+        AntiMemorizationGuidance(index=index, no_such_option=1)
+    with pytest.raises(ConfigError, match="check_every"):
+        AMGConfig(check_every=0)

@@ -36,6 +36,23 @@ def test_overlong_prompt_is_truncated_and_reported(tiny_pipe):
     assert tok.lengths[0].item() == 77
 
 
+def test_quiet_truncation_silences_only_the_truncation_warning(tiny_pipe):
+    import warnings
+
+    from diffmem.models.adapter import quiet_truncation
+
+    ad = load_adapter(tiny_pipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_truncation():
+            tok = ad.tokenize(["word " * 100, "short"])
+            warnings.warn("other", UserWarning, stacklevel=1)
+        loud = ad.tokenize(["word " * 100])
+    assert tok.truncated == [True, False] and loud.truncated == [True]
+    kinds = [w.category for w in caught]
+    assert kinds.count(TruncationWarning) == 1 and UserWarning in kinds  # only the one outside
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_tokenize_matches_the_tokenizer_with_truncation_and_padding(family, tiny_pipe, tiny_pipe_sd2):
     """One tokenizer call, cut and padded by hand == the tokenizer's own truncation + padding."""

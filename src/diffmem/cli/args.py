@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 # ------------------------------------------------------------------------------------- parser
@@ -148,7 +149,7 @@ def add_model(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None
 
 
 def add_sampling(p: argparse.ArgumentParser, *, deprecated_steps: bool = False,
-                 steps_default: int | None = 50, steps_help: str = "") -> None:
+                 steps_default: int | None = SAMPLING.steps, steps_help: str = "") -> None:
     """``--sampling-steps``, ``--guidance-scale``, ``--scheduler``: the sampling settings."""
     p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=steps_default,
                    help="length of the denoising schedule" + steps_help)
@@ -156,7 +157,7 @@ def add_sampling(p: argparse.ArgumentParser, *, deprecated_steps: bool = False,
         p.add_argument("--steps", dest="sampling_steps", type=SAMPLING_STEPS,
                        action=DeprecatedAlias, new="--sampling-steps", help=argparse.SUPPRESS,
                        default=argparse.SUPPRESS)
-    p.add_argument("--guidance-scale", type=GUIDANCE, default=7.5,
+    p.add_argument("--guidance-scale", type=GUIDANCE, default=SAMPLING.guidance_scale,
                    help="classifier-free guidance scale (finite, >= 0)")
     p.add_argument("--scheduler", default=None,
                    help="sampler: ddim, pndm, ddpm, euler, euler_a, dpm, unipc, lms or a diffusers "

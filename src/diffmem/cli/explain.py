@@ -25,6 +25,7 @@ from diffmem.cli.args import (
     add_model,
     scored_steps,
 )
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.jsonio import dumps, write_json
 
 MARGIN = Number(float, min=1, max=100)
@@ -129,7 +130,7 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
     for flag, kind, default, text in VERIFY_OPTIONS:
         v.add_argument(flag, type=kind, default=default, help=text,
                        metavar="M" if kind is MARGIN else "N")
-    p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
+    p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=SAMPLING.steps,
                    help="length of the denoising schedule (defines the timesteps)")
     p.add_argument("--inference-steps", dest="sampling_steps", type=SAMPLING_STEPS,
                    action=DeprecatedAlias, new="--sampling-steps", help=argparse.SUPPRESS,

@@ -20,6 +20,7 @@ from diffmem.cli.args import (
     OutFile,
     add_model,
 )
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 
@@ -76,9 +77,9 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="trade-off PNG (memorization vs alignment)")
     add_model(e, testbed_only=True)
     e.add_argument("--seeds", type=GENERATIONS, default=4, help="images per prompt")
-    e.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
+    e.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=SAMPLING.steps,
                    help="length of the denoising schedule")
-    e.add_argument("--guidance-scale", type=GUIDANCE, default=7.5,
+    e.add_argument("--guidance-scale", type=GUIDANCE, default=SAMPLING.guidance_scale,
                    help="classifier-free guidance scale (finite, >= 0)")
     e.add_argument("--index", default=None, help="training-set index folder (for amg)")
     e.add_argument("--threshold", type=THRESHOLD, default=None,

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from diffmem.cli.args import add_model
+from diffmem.runtime.defaults import SAMPLING
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
@@ -62,8 +63,10 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="denoising steps scored (default: the detector's own)")
     s.add_argument("--generations", type=int, default=1, help="initial noises per prompt")
     add_model(s)
-    s.add_argument("--sampling-steps", type=int, default=50, help="length of the denoising schedule")
-    s.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    s.add_argument("--sampling-steps", type=int, default=SAMPLING.steps,
+                   help="length of the denoising schedule")
+    s.add_argument("--guidance-scale", type=float, default=SAMPLING.guidance_scale,
+                   help="classifier-free guidance scale")
     s.add_argument("--scheduler", default=None, help="ddim, dpm, euler, euler_a, pndm, ...")
     s.add_argument("--batch-size", type=int, default=16, help="prompts x generations per UNet call")
     s.add_argument("--seed", type=int, default=0, help="generation g uses seed SEED+g")

@@ -1,8 +1,10 @@
 """Cross-attention access through diffusers attention processors.
 
 :class:`ObservableCrossAttention` wraps the UNet's cross-attention processors (``...attn2.processor``)
-once per UNet (:func:`install`). During a UNet call of :func:`diffmem.core.sampling.sample` whose
-hooks asked for a layer at that step, it computes attention explicitly,
+while a run needs them (:func:`installed`, a context manager that puts the original processor
+objects back; :func:`install` / :func:`uninstall` for longer). During a UNet call of
+:func:`diffmem.core.sampling.sample` whose hooks asked for a layer at that step, it computes
+attention explicitly,
 
     S = Q K^T / sqrt(d)             (logits, shape (N, heads, queries, tokens), N = UNet batch)
     A = softmax(S + mask)           (probabilities, in float32)
@@ -140,36 +142,87 @@ def _changed_rows(run, step, hooks) -> torch.Tensor | None:
     return torch.unique(torch.cat(declared)) if declared else None
 
 
+def _wrap(unet) -> list[ObservableCrossAttention]:
+    """Wrap the cross-attention processors not wrapped yet; the new wrappers (lock held)."""
+    procs = unet.attn_processors
+    new = {name: ObservableCrossAttention(name, proc) for name, proc in procs.items()
+           if ".attn2." in name and not isinstance(proc, ObservableCrossAttention)}
+    if new:
+        unet.set_attn_processor({name: new.get(name, proc) for name, proc in procs.items()})
+    return list(new.values())
+
+
+def _unwrap(unet, wrappers=None) -> None:
+    """Put back the original processor of each wrapper in ``wrappers`` (None: every wrapper)
+    still set on ``unet`` (lock held)."""
+    procs = unet.attn_processors
+    ours = None if wrappers is None else {id(w) for w in wrappers}
+    restore = {name: proc.fallback for name, proc in procs.items()
+               if isinstance(proc, ObservableCrossAttention) and (ours is None or id(proc) in ours)}
+    if restore:
+        unet.set_attn_processor({name: restore.get(name, proc) for name, proc in procs.items()})
+
+
 def install(unet) -> None:
-    """Wrap every cross-attention processor of ``unet`` in :class:`ObservableCrossAttention`, once.
+    """Wrap every cross-attention processor of ``unet`` in :class:`ObservableCrossAttention`, once,
+    until :func:`uninstall` (:func:`installed` wraps them for a ``with`` block only).
 
     Outside a sampling run the wrappers call the original processors, so the UNet computes what
     it computed before. Processors set later (``unet.set_attn_processor``) are wrapped again on
     the next run that needs attention.
     """
     with _INSTALL_LOCK:
-        procs = unet.attn_processors
-        if all(isinstance(p, ObservableCrossAttention) for k, p in procs.items() if ".attn2." in k):
-            return
-        unet.set_attn_processor({
-            name: (proc if ".attn2." not in name or isinstance(proc, ObservableCrossAttention)
-                   else ObservableCrossAttention(name, proc))
-            for name, proc in procs.items()})
+        _wrap(unet)
 
 
 def uninstall(unet) -> None:
-    """Put the original processors back (undoes :func:`install`)."""
+    """Put the original processors back (undoes :func:`install`): every wrapper on ``unet`` is
+    replaced by the very processor object it wrapped."""
     with _INSTALL_LOCK:
-        unet.set_attn_processor({
-            name: proc.fallback if isinstance(proc, ObservableCrossAttention) else proc
-            for name, proc in unet.attn_processors.items()})
+        _unwrap(unet)
+
+
+#: id(unet) -> [unet, number of open ``installed`` blocks, wrappers they made]
+_HELD: dict[int, list] = {}
+
+
+@contextlib.contextmanager
+def installed(unet):
+    """Wrap ``unet``'s cross-attention processors for the ``with`` block, then put the original
+    processor objects back.
+
+    Blocks may overlap (several threads sampling with one UNet): the processors stay wrapped until
+    the last open block ends, and only the wrappers these blocks made are removed (a permanent
+    :func:`install` stays). The sampling loop (:func:`diffmem.core.sampling.sample`) wraps the UNet
+    this way for the runs whose hooks want attention, so after a run the UNet holds its own
+    processors again. Outputs do not depend on it: outside a run the wrappers call the originals.
+    """
+    key = id(unet)
+    with _INSTALL_LOCK:
+        held = _HELD.setdefault(key, [unet, 0, []])
+        held[1] += 1
+        held[2].extend(_wrap(unet))
+    try:
+        yield unet
+    finally:
+        with _INSTALL_LOCK:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                _unwrap(unet, held[2])
 
 
 class Observers:
-    """Which hooks observe or change which cross-attention layers during one run."""
+    """Which hooks observe or change which cross-attention layers during one run.
+
+    A context manager: inside the ``with`` block the UNet's cross-attention processors are wrapped
+    (:func:`installed`) when some hook wants attention; at its end the UNet's own processors are
+    back.
+    """
 
     def __init__(self, unet, hooks: Sequence[Hook], run: Run) -> None:
         available = [k for k in unet.attn_processors if ".attn2." in k] if hooks else []
+        self.unet = unet
         self.wants: dict[str, list[Hook]] = {}
         for hook in hooks:
             layers = hook.layers(run)
@@ -177,8 +230,15 @@ class Observers:
                 continue
             for name in select_layers(available, layers):
                 self.wants.setdefault(name, []).append(hook)
+        self._exit = contextlib.ExitStack()
+
+    def __enter__(self) -> Observers:
         if self.wants:
-            install(unet)
+            self._exit.enter_context(installed(self.unet))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._exit.close()
 
     @contextlib.contextmanager
     def observe(self, run: Run, step: Step, *, modifiers_only: bool = False):

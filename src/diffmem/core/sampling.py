@@ -22,7 +22,8 @@ At each step the loop
 
 Hooks keep their per-run state in the run (:meth:`Run.state`), never on themselves, so one set of
 hook objects serves concurrent runs; the scheduler is copied per run. Cross-attention processors
-are installed once per UNet and find the current run through a context variable
+are wrapped while a run whose hooks want attention is in progress (the UNet's own processor objects
+are back when it ends) and find the current run through a context variable
 (:mod:`diffmem.core.attention`): UNet calls a hook makes on its own are not observed.
 
 With no hooks the result equals ``StableDiffusionPipeline(...)`` for the same seed, scheduler and
@@ -43,6 +44,7 @@ import torch
 
 from diffmem.core import attention as _attention
 from diffmem.models.adapter import ModelAdapter, Tokenized
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 
@@ -193,7 +195,7 @@ class Step:
     index: int
     t: torch.Tensor
     run: Run = field(repr=False)
-    guidance_scale: float | torch.Tensor = 7.5
+    guidance_scale: float | torch.Tensor = SAMPLING.guidance_scale
     branches: dict[str, Branch] = field(default_factory=dict)
     x_t: torch.Tensor | None = None  # (B, C, h, w) model input (after scale_model_input)
     out: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -403,8 +405,8 @@ def sample(
     adapter: ModelAdapter,
     prompts: Sequence[str],
     *,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int = SAMPLING.steps,
+    guidance_scale: float = SAMPLING.guidance_scale,
     generator: torch.Generator | list[torch.Generator] | None = None,
     hooks: Sequence[Hook] = (),
     guidance: Guidance | None = None,
@@ -413,7 +415,7 @@ def sample(
     height: int | None = None,
     width: int | None = None,
     latents: torch.Tensor | None = None,
-    eta: float = 0.0,
+    eta: float = SAMPLING.eta,
     decode: bool = True,
     grad: bool = False,
     stop_when_done: bool = False,
@@ -456,27 +458,28 @@ def sample(
         for hook in hooks:
             hook.on_start(run)
         step_kw = _step_kwargs(sched, generator, eta)
-        run._observers = _attention.Observers(adapter.unet, hooks, run)
-        ends = [h.last_step(run) for h in hooks] if stop_when_done and hooks else [None]
-        last = None if any(e is None for e in ends) else max(ends)
-        for i, t in enumerate(run.timesteps):
-            step = Step(index=i, t=t, run=run, guidance_scale=run.guidance_scale)
-            step.branches = run.guidance.branches(run, step)
-            for hook in hooks:
-                hook.before_step(run, step)
-            x_in = sched.scale_model_input(run.latents, t)
-            step.x_t = x_in
-            _evaluate(run, step, x_in)
-            step.eps = run.guidance.combine(run, step)
-            for hook in hooks:
-                hook.on_step(run, step)
-            run.steps_done = i + 1
-            if last is not None and i >= last:
-                run.stop = True
-            if run.stop:
-                break
-            run.latents = sched.step(step.eps, t, run.latents, **step_kw,
-                                     return_dict=False)[0]
+        # the UNet holds attention wrappers only during the run (its own processors after it)
+        with _attention.Observers(adapter.unet, hooks, run) as run._observers:
+            ends = [h.last_step(run) for h in hooks] if stop_when_done and hooks else [None]
+            last = None if any(e is None for e in ends) else max(ends)
+            for i, t in enumerate(run.timesteps):
+                step = Step(index=i, t=t, run=run, guidance_scale=run.guidance_scale)
+                step.branches = run.guidance.branches(run, step)
+                for hook in hooks:
+                    hook.before_step(run, step)
+                x_in = sched.scale_model_input(run.latents, t)
+                step.x_t = x_in
+                _evaluate(run, step, x_in)
+                step.eps = run.guidance.combine(run, step)
+                for hook in hooks:
+                    hook.on_step(run, step)
+                run.steps_done = i + 1
+                if last is not None and i >= last:
+                    run.stop = True
+                if run.stop:
+                    break
+                run.latents = sched.step(step.eps, t, run.latents, **step_kw,
+                                         return_dict=False)[0]
         for hook in hooks:
             hook.on_end(run)
         stopped = run.steps_done < len(run.timesteps)

@@ -105,20 +105,14 @@ class AttentionEntropy(Detector):
 
     def __init__(self, *, mode: str = "first_step", layers: Sequence[str] | str | None = None,
                  steps: StepSpec | None = None,
-                 higher_entropy_memorized: bool | None = None, generations: int = 1,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 scheduler: str | None = None, fpr: float = 0.01, batch_size: int = 16,
-                 seed: int = 0, seed_mode: str = "per-generation") -> None:
+                 higher_entropy_memorized: bool | None = None, **options) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown attention-entropy mode {mode!r}; choose one of {MODES}")
         self.mode = mode
         self.higher_entropy_memorized = higher_entropy_memorized
         if steps is None:
             steps = 1 if mode == "first_step" else "last:10"
-        super().__init__(steps=steps, generations=generations,
-                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         scheduler=scheduler, fpr=fpr, batch_size=batch_size, seed=seed,
-                         seed_mode=seed_mode)
+        super().__init__(steps=steps, **options)
         self.name = "attention_entropy" if mode == "first_step" else "attention_entropy_late"
         self.attention_layers = layers if layers is not None else (
             "all" if mode == "late_steps" else None)

@@ -25,6 +25,7 @@ from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.core.steps import StepSpec, check_steps, select_steps
 from diffmem.models.adapter import ModelAdapter, load_adapter
 from diffmem.models.calibration import threshold_at_fpr
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError, PromptError
 
 #: How initial noises are seeded (see :class:`Detector`).
@@ -61,7 +62,7 @@ class Detector(Hook, ABC):
     needs_index = False
 
     def __init__(self, *, steps: StepSpec = 1, generations: int = 1,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  scheduler: str | None = None, fpr: float = 0.01, batch_size: int = 16,
                  seed: int = 0, seed_mode: str = "per-generation") -> None:
         self.steps = check_steps(steps)

@@ -213,21 +213,13 @@ class PreviewReplication(Detector):
         self.copy_threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
                                     if threshold is None else threshold)
         self._expected = criterion
-        self._checked: set[int] = set()
 
     def on_start(self, run: Run) -> None:
-        super().on_start(run)
-        if id(run.adapter) not in self._checked:
-            from diffmem.similarity.index_compat import (
-                check_index_matches,
-                model_training_set,
-                vae_fingerprint,
-            )
+        from diffmem.similarity.index_compat import check_index_model_once
 
-            adapter = run.adapter
-            check_index_matches(self.index, model_training_set(adapter), "preview_replication",
-                                criterion=self._expected, renderer=lambda: vae_fingerprint(adapter))
-            self._checked.add(id(run.adapter))
+        super().on_start(run)
+        check_index_model_once(self.index, run.adapter, criterion=self._expected,
+                               who="preview_replication")
         run.state(self).nearest = [""] * run.batch_size
 
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:

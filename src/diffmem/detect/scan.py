@@ -8,6 +8,7 @@ from diffmem.core.steps import parse_steps
 from diffmem.detect.prompts import TABLE_SUFFIXES, read_prompts, write_table
 from diffmem.detect.registry import make_detector
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.defaults import SAMPLING
 
 
 def detect_file(prompts_file: str | Path, out: str | Path, *,
@@ -15,7 +16,7 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
                 detector: str | None = None, steps: int | str | None = None,
                 generations: int | None = None,
                 threshold_from: str | Path | None = None, fpr: float = 0.01,
-                num_inference_steps: int | None = None, guidance_scale: float = 7.5,
+                num_inference_steps: int | None = None, guidance_scale: float = SAMPLING.guidance_scale,
                 scheduler: str | None = None, batch_size: int = 16, seed: int = 0,
                 seed_mode: str = "per-generation", column: str | None = None,
                 index=None) -> dict:
@@ -31,7 +32,7 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
     """
     import warnings
 
-    from diffmem.models.adapter import TruncationWarning
+    from diffmem.models.adapter import TruncationWarning, quiet_truncation
 
     if Path(out).suffix.lower() not in TABLE_SUFFIXES:  # refuse before the work
         write_table({}, out)
@@ -43,23 +44,20 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
                         scheduler=scheduler, batch_size=batch_size, seed=seed,
                         seed_mode=_mode(seed_mode))
     adapter = load_adapter(model, scheduler=scheduler)
-    with warnings.catch_warnings():  # one summary below instead of one warning per batch
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation():  # one summary below instead of one warning per batch
         truncated = adapter.tokenize(prompts).truncated
     if any(truncated):
         warnings.warn(f"{sum(truncated)} of {len(prompts)} prompt(s) exceed the text encoder's "
                       f"{adapter.max_length} tokens; only their first tokens are scored "
                       "(column 'truncated')", TruncationWarning, stacklevel=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation():
         scores = det.score(adapter, prompts)
     columns: dict = {"prompt": prompts, "score": [float(s) for s in scores],
                      "truncated": truncated}
     summary: dict = {"detector": det.name, "n_prompts": len(prompts),
                      "n_truncated": int(sum(truncated)), "out": str(out)}
     if clean is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TruncationWarning)
+        with quiet_truncation():
             det.fit(adapter, clean)
         columns["flagged"] = [bool(f) for f in det.decision_function(scores) > 0]
         summary.update(threshold=det.threshold_, n_flagged=int(sum(columns["flagged"])),

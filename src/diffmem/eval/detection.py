@@ -32,6 +32,7 @@ from diffmem.detect.registry import make_detector
 from diffmem.eval.metrics import operating_point, roc_auc_score, roc_curve, tpr_at_fpr
 from diffmem.models.adapter import ModelAdapter, load_adapter
 from diffmem.models.calibration import threshold_at_fpr
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import PromptError
 from diffmem.testbed import require_spec
 
@@ -187,7 +188,8 @@ def evaluate_detection(detector: str | Detector | None = None, *,
                        model: str | Path | ModelAdapter = "testbed",
                        prompts: str | Path | None = None, out: str | Path | None = None,
                        steps: int | str | None = None, generations: int | None = None,
-                       num_inference_steps: int | None = None, guidance_scale: float = 7.5,
+                       num_inference_steps: int | None = None,
+                       guidance_scale: float = SAMPLING.guidance_scale,
                        scheduler: str | None = None, batch_size: int = 16,
                        seed: int = 0, fpr: float = 0.01, split: str | None = None,
                        seed_mode: str = "per-generation", index=None) -> dict:

@@ -30,6 +30,7 @@ from diffmem.explain._edits import EditReport, EditSuggestion, suggest_edits, ve
 from diffmem.explain._explain import edit_extender
 from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import ModelAdapter, load_adapter
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import PromptError
 from diffmem.testbed import require_spec
 
@@ -80,7 +81,7 @@ def _rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str]:
 def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, top_k: int = 5,
                          steps: int = 1, seeds: int = 1, seed: int = 0,
                          threshold: float | None = None, fpr: float = 0.01, combine: int = 5,
-                         num_inference_steps: int = 50, detector: Detector | None = None,
+                         num_inference_steps: int = SAMPLING.steps, detector: Detector | None = None,
                          judge_edits: bool = True, judge_seeds: int = 4,
                          ablation: float = DEFAULT_ABLATION, verify=None) -> dict:
     """Trigger recall of the attribution, and edits judged by the detector and by generation.

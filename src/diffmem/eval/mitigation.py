@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError, DiffmemError
 from diffmem.testbed import require_spec
 
@@ -200,7 +201,8 @@ def _configs(methods: Sequence[str], strengths: Sequence[float] | None) -> list[
 
 def evaluate_mitigation(methods: Sequence[str], *, model="testbed",
                         strengths: Sequence[float] | None = None, seeds: int = 4,
-                        steps: int = 50, guidance_scale: float = 7.5, index=None,
+                        steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
+                        index=None,
                         threshold: float | None = None, max_per_group: int | None = None,
                         with_sscd: bool = True, batch_size: int = 64, seed: int = 0,
                         out: str | Path | None = None, plot: str | Path | None = None) -> dict:

@@ -27,7 +27,6 @@ ablation alone misses trigger pairs whose words stand in for each other.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
-from diffmem.models.adapter import TruncationWarning
+from diffmem.models.adapter import quiet_truncation
 from diffmem.runtime.errors import ConfigError
 
 #: weight of ablation in the blended word scores (``diffmem explain --ablation``)
@@ -59,8 +58,7 @@ def word_ablation(model, attributions: Sequence[TokenAttribution], *,
             variant = without_word(a.prompt, a.word_info, a.occurrences(i))
             texts.append(variant if variant.strip() else "")
             jobs.append((k, i))
-    with warnings.catch_warnings():  # truncation is already reported on the attribution
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation():  # truncation is already reported on the attribution
         scores = np.asarray(detector.score(model, texts), dtype=float)
     own = {k: s for (k, i), s in zip(jobs, scores, strict=True) if i < 0}
     out: list[dict[int, float]] = [{} for _ in attributions]

@@ -34,7 +34,8 @@ from diffmem.core.magnitude import noise_magnitude_gradient
 from diffmem.core.sampling import Hook, Run, Step, initial_latents, sample, seeded_generators
 from diffmem.core.steps import select_steps
 from diffmem.explain._words import Word, prompt_words
-from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter
+from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter, quiet_truncation
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError, PromptError
 
 __all__ = ["TokenAttribution", "TokenAttributor", "noise_magnitude_gradient"]  # re-exported
@@ -207,7 +208,7 @@ class TokenAttributor:
     """
 
     def __init__(self, model, *, steps: int | Sequence[int] = 1, seeds: int = 1, seed: int = 0,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  scheduler: str | None = None, batch_size: int = 16) -> None:
         self.model = model
         self.steps = steps
@@ -232,8 +233,7 @@ class TokenAttributor:
         """One :class:`TokenAttribution` per prompt (raises PromptError for an unusable prompt)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         adapter = self.adapter
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # truncation is reported on each result instead
+        with quiet_truncation():  # truncation is reported on each result instead
             tokens = adapter.tokenize(prompts)
         _check_prompts(prompts, tokens, {adapter.bos_id, adapter.eos_id})
         indices = select_steps(self.steps, self.num_inference_steps)

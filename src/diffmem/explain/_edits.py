@@ -9,7 +9,6 @@ Sec. 3.1 eq. 4), and reports which variants fall under the detector's calibrated
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -19,7 +18,7 @@ import numpy as np
 from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.explain._attribution import TokenAttribution
 from diffmem.explain._words import without_word
-from diffmem.models.adapter import TruncationWarning
+from diffmem.models.adapter import quiet_truncation
 from diffmem.runtime.errors import ConfigError
 
 __all__ = ["EditReport", "EditSuggestion", "suggest_edits", "verify_edits"]
@@ -250,8 +249,7 @@ def suggest_edits(model, attributions: Sequence[TokenAttribution], *,
     per_prompt = [edit_variants(a, top_k=top_k, replacements=replacements, combine=combine)
                   for a in attributions]
     batch = [a.prompt for a in attributions] + [v.prompt for vs in per_prompt for v in vs]
-    with warnings.catch_warnings():  # truncation is already reported on the attribution
-        warnings.simplefilter("ignore", TruncationWarning)
+    with quiet_truncation():  # truncation is already reported on the attribution
         scores = np.asarray(detector.score(model, batch), dtype=float)
     reports, k = [], len(attributions)
     for a, variants, own in zip(attributions, per_prompt, scores[: len(attributions)],

@@ -21,6 +21,7 @@ from diffmem.explain._attribution import TokenAttribution, TokenAttributor
 from diffmem.explain._edits import EditReport, suggest_edits, verify_edits
 from diffmem.explain._verify import EditVerifier
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.defaults import SAMPLING
 
 __all__ = ["AttentionView", "Explanation", "explain_prompt"]
 
@@ -56,7 +57,7 @@ class Explanation:
 def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: int = 0,
                    top_k: int = 5, threshold: float | None = None,
                    detector: Detector | None = None, attention: bool = False,
-                   num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                   num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                    combine: int = 5, ablation: float = DEFAULT_ABLATION,
                    verify=None) -> Explanation:
     """Explain why ``prompt`` may reproduce training data, and how to edit it.
@@ -121,7 +122,8 @@ def edit_extender(adapter, attributor: TokenAttributor, *, detector: Detector,
 
 
 def attention_view(model, attribution: TokenAttribution, *, seed: int = 0,
-                   num_inference_steps: int = 50, guidance_scale: float = 7.5) -> AttentionView:
+                   num_inference_steps: int = SAMPLING.steps,
+                   guidance_scale: float = SAMPLING.guidance_scale) -> AttentionView:
     """Generate one image of the prompt while collecting attention shares and maps per word."""
     adapter = load_adapter(model)
     hook = AttentionShare(maps=True)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 __all__ = ["EditVerifier", "Verdict"]
@@ -82,7 +83,7 @@ class EditVerifier:
     def __init__(self, index, *, seeds: int = 4, seed: int = VERIFY_SEED, max_checks: int = 12,
                  margin: float = 1.0, pool: int = 8, confirm: int | None = None,
                  depth: int = 2,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
         from diffmem.similarity.index import load_index
@@ -110,7 +111,6 @@ class EditVerifier:
         self.confirm = spare if confirm is None else min(int(confirm), spare)
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.batch_size = int(batch_size)
-        self._checked: set[int] = set()
         self._expected = criterion
         self.generated = 0  # images generated so far (pool and checks)
 
@@ -143,17 +143,11 @@ class EditVerifier:
         """Generate the (prompt index, seed) jobs in batches; nearest-item scores and ids."""
         from diffmem.core.sampling import sample, seeded_generators
         from diffmem.models.adapter import load_adapter
-        from diffmem.similarity.index_compat import (
-            check_index_matches,
-            model_training_set,
-            vae_fingerprint,
-        )
+        from diffmem.similarity.index_compat import check_index_model_once
 
         adapter = load_adapter(model)
-        if id(adapter) not in self._checked:
-            check_index_matches(self.index, model_training_set(adapter), "edit verification",
-                                criterion=self._expected, renderer=lambda: vae_fingerprint(adapter))
-            self._checked.add(id(adapter))
+        check_index_model_once(self.index, adapter, criterion=self._expected,
+                               who="edit verification")
         scores, ids = [], []
         for k in range(0, len(jobs), self.batch_size):
             chunk = jobs[k : k + self.batch_size]

@@ -88,6 +88,7 @@ otherwise; pass ``criterion=`` to choose another). Anything else is one :class:`
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -117,6 +118,64 @@ L2_OFFSET, L2_SLOPE = _tiled_l2_to_similarity()
 DUP_BRANCH = "amg_dup"
 
 
+@dataclass(frozen=True)
+class AMGConfig:
+    """Settings of :class:`AntiMemorizationGuidance` (the reference's values by default).
+
+    Attributes:
+        g_spe, g_dup, g_sim: switch the terms.
+        criterion: the similarity the index must use (``"sscd_cosine"`` or ``"tiled_l2"``);
+            default tiled L2 for testbed models, SSCD otherwise.
+        schedule: threshold in similarity units; default (also for ``None``) the reference code's
+            exponential one.
+        spe_scale: c1 = 13 (= 6.5 / 0.5: the full reduction at SSCD's copy threshold).
+        dup_k, dup_min: a caption is duplicated above ``dup_min * k / dup_k`` occurrences among
+            the ``k = min(dup_k, len(index))`` nearest items (reference: 20 of 1000).
+        dup_steps: steps the negative caption stays after a step that passed (reference 10).
+        dup_ref: the 0.3 of s2 = clip((s0 - 1 - s1) / 0.3 * sigma, ...).
+        sim_scale, sim_offset, sim_decay: 100, 0.3 and 170 of c3.
+        check_every: decode and search on every n-th step (and the last) only (module docstring).
+    """
+
+    g_spe: bool = True
+    g_dup: bool = True
+    g_sim: bool = True
+    criterion: str | None = None
+    schedule: ExponentialSchedule | ThresholdSchedule | None = None
+    spe_scale: float = 13.0
+    dup_k: int = 1000
+    dup_min: float = 20.0
+    dup_steps: int = 10
+    dup_ref: float = 0.3
+    sim_scale: float = 100.0
+    sim_offset: float = 0.3
+    sim_decay: float = 170.0
+    check_every: int = 1
+
+    def __post_init__(self) -> None:
+        if int(self.check_every) != self.check_every or self.check_every < 1:
+            raise ConfigError(f"amg: check_every must be an integer >= 1, got {self.check_every}")
+        if self.criterion is not None and self.criterion not in CRITERIA:
+            raise ConfigError(f"amg: unknown criterion {self.criterion!r}; use one of {CRITERIA}")
+        for label in ("dup_k", "dup_steps"):
+            value = getattr(self, label)
+            if int(value) != value or value < 1:
+                raise ConfigError(f"amg: {label} must be an integer >= 1, got {value}")
+        for label in ("spe_scale", "dup_min", "dup_ref", "sim_scale", "sim_decay"):
+            value = getattr(self, label)
+            if not math.isfinite(value) or value < 0 or (label in ("dup_ref", "sim_decay")
+                                                           and value == 0):
+                raise ConfigError(f"amg: {label} must be a finite number > 0, got {value}")
+        normal = {"g_spe": bool(self.g_spe), "g_dup": bool(self.g_dup), "g_sim": bool(self.g_sim),
+                  "schedule": self.schedule or ExponentialSchedule(),
+                  "check_every": int(self.check_every), "dup_k": int(self.dup_k),
+                  "dup_steps": int(self.dup_steps),
+                  **{k: float(getattr(self, k)) for k in ("spe_scale", "dup_min", "dup_ref",
+                                                          "sim_scale", "sim_offset", "sim_decay")}}
+        for key, value in normal.items():
+            object.__setattr__(self, key, value)
+
+
 class AntiMemorizationGuidance(Mitigation):
     """Anti-memorization guidance (Chen et al., CVPR 2024): G_spe, G_dup and G_sim (see module).
 
@@ -126,63 +185,34 @@ class AntiMemorizationGuidance(Mitigation):
         index: a :class:`~diffmem.similarity.index.TrainingIndex` (or the folder of a saved one)
             of the model's training set.
         adapter: the model, to check the index against at once (else at the run's start).
-        g_spe, g_dup, g_sim: switch the terms.
-        criterion: the similarity the index must use (``"sscd_cosine"`` or ``"tiled_l2"``);
-            default tiled L2 for testbed models, SSCD otherwise.
-        schedule: threshold in similarity units; default the reference code's exponential one.
-        spe_scale: c1 = 13 (= 6.5 / 0.5: the full reduction at SSCD's copy threshold).
-        dup_k, dup_min: a caption is duplicated above ``dup_min * k / dup_k`` occurrences among
-            the ``k = min(dup_k, len(index))`` nearest items (reference: 20 of 1000).
-        dup_steps: steps the negative caption stays after a step that passed (reference 10).
-        dup_ref: the 0.3 of s2 = clip((s0 - 1 - s1) / 0.3 * sigma, ...).
-        sim_scale, sim_offset, sim_decay: 100, 0.3 and 170 of c3.
+        config: an :class:`AMGConfig` (default ``AMGConfig()``).
+        **overrides: fields of :class:`AMGConfig` that replace ``config``'s, e.g.
+            ``AntiMemorizationGuidance(index=idx, g_sim=False, check_every=4)``.
     """
 
     name = "amg"
 
     def __init__(self, strength: float = 1.0, *, gate: FirstStepGate | None = None,
-                 index=None, adapter=None, g_spe: bool = True, g_dup: bool = True,
-                 g_sim: bool = True, criterion: str | None = None,
-                 schedule: ExponentialSchedule | ThresholdSchedule | None = None,
-                 spe_scale: float = 13.0, dup_k: int = 1000, dup_min: float = 20.0,
-                 dup_steps: int = 10, dup_ref: float = 0.3, sim_scale: float = 100.0,
-                 sim_offset: float = 0.3, sim_decay: float = 170.0,
-                 check_every: int = 1) -> None:
+                 index=None, adapter=None, config: AMGConfig | None = None,
+                 **overrides) -> None:
         super().__init__(strength, gate=gate)
-        if int(check_every) != check_every or check_every < 1:
-            raise ConfigError(f"amg: check_every must be an integer >= 1, got {check_every}")
-        self.check_every = int(check_every)
+        unknown = sorted(set(overrides) - {f.name for f in fields(AMGConfig)})
+        if unknown:
+            raise TypeError(f"AntiMemorizationGuidance got unexpected keyword arguments {unknown}")
+        cfg = replace(config or AMGConfig(), **overrides)
+        self.config = cfg
         self.index = _open_index(index)
-        if criterion is not None and criterion not in CRITERIA:
-            raise ConfigError(f"amg: unknown criterion {criterion!r}; use one of {CRITERIA}")
         have = getattr(self.index.embedder, "criterion", None)
         if have not in CRITERIA:
             raise ConfigError(f"amg: the index's embedder measures {have!r}; AMG needs an SSCD "
                               f"or a pixel (tiled L2) index")
-        if criterion is not None and have != criterion:
-            raise ConfigError(f"amg: the index measures {have}, but criterion={criterion!r} was "
-                              f"asked for; use an index built with that embedder")
-        if g_sim and not _differentiable(self.index):
+        if cfg.criterion is not None and have != cfg.criterion:
+            raise ConfigError(f"amg: the index measures {have}, but criterion={cfg.criterion!r} "
+                              f"was asked for; use an index built with that embedder")
+        if cfg.g_sim and not _differentiable(self.index):
             raise ConfigError(f"amg: G_sim needs a differentiable similarity (SSCD or pixel "
                               f"index); the index's embedder {self.index.embedder.name!r} has "
                               f"none: pass g_sim=False")
-        for label, value in (("dup_k", dup_k), ("dup_steps", dup_steps)):
-            if int(value) != value or value < 1:
-                raise ConfigError(f"amg: {label} must be an integer >= 1, got {value}")
-        for label, value in (("spe_scale", spe_scale), ("dup_min", dup_min), ("dup_ref", dup_ref),
-                             ("sim_scale", sim_scale), ("sim_decay", sim_decay)):
-            if not math.isfinite(value) or value < 0 or (label in ("dup_ref", "sim_decay")
-                                                           and value == 0):
-                raise ConfigError(f"amg: {label} must be a finite number > 0, got {value}")
-        self.g_spe, self.g_dup, self.g_sim = bool(g_spe), bool(g_dup), bool(g_sim)
-        self.criterion = criterion
-        self.schedule = schedule or ExponentialSchedule()
-        self.spe_scale = float(spe_scale)
-        self.dup_k, self.dup_min, self.dup_steps = int(dup_k), float(dup_min), int(dup_steps)
-        self.dup_ref = float(dup_ref)
-        self.sim_scale, self.sim_offset, self.sim_decay = (float(sim_scale), float(sim_offset),
-                                                           float(sim_decay))
-        self._checked: set[int] = set()
         if adapter is not None:
             self.check_model(adapter)
 
@@ -198,18 +228,11 @@ class AntiMemorizationGuidance(Mitigation):
     # ------------------------------------------------------------------ checks
     def check_model(self, adapter) -> None:
         """One :class:`ConfigError` unless the index holds ``adapter``'s training set, measured
-        with the expected criterion."""
-        if id(adapter) in self._checked:
-            return
-        from diffmem.similarity.index_compat import (
-            check_index_matches,
-            model_training_set,
-            vae_fingerprint,
-        )
+        with the expected criterion (once per model and index: the check that passed is kept
+        beside them, not on this object, which keeps no state of its runs)."""
+        from diffmem.similarity.index_compat import check_index_model_once
 
-        check_index_matches(self.index, model_training_set(adapter), "amg", criterion=self.criterion,
-                            renderer=lambda: vae_fingerprint(adapter))
-        self._checked.add(id(adapter))
+        check_index_model_once(self.index, adapter, criterion=self.config.criterion, who="amg")
 
     # ------------------------------------------------------------------ similarity
     def _similarity(self, scores: torch.Tensor) -> torch.Tensor:
@@ -240,7 +263,7 @@ class AntiMemorizationGuidance(Mitigation):
         if not own:
             return None
         caption = max(own, key=lambda c: counts[c])  # first of equals: the item's first caption
-        need = max(1.0, self.dup_min * k / self.dup_k)
+        need = max(1.0, self.config.dup_min * k / self.config.dup_k)
         return caption if counts[caption] > need else None
 
     # ------------------------------------------------------------------ hooks
@@ -262,7 +285,7 @@ class AntiMemorizationGuidance(Mitigation):
         st.last_sim = st.last_nn = None  # the last check's similarity and neighbour (check_every)
 
     def before_step(self, run: Run, step: Step) -> None:
-        if self.strength == 0 or not self.g_dup:
+        if self.strength == 0 or not self.config.g_dup:
             return
         targets = self.targets(run)
         if targets is None:
@@ -282,12 +305,12 @@ class AntiMemorizationGuidance(Mitigation):
         b = run.batch_size
         s = self.strength
         idx = targets.nonzero().flatten()
-        k = min(self.dup_k, len(self.index)) if self.g_dup else 1
+        k = min(self.config.dup_k, len(self.index)) if self.config.g_dup else 1
         # 1. sigma_t of each targeted prompt to its nearest training image; lambda_t. With
         # check_every = n > 1 the decode and search run on every n-th step (and the last); the
         # steps between reuse the last sigma and neighbour (G_spe, G_dup) and skip G_sim.
         last = len(run.timesteps) - 1
-        checked = step.index % self.check_every == 0 or step.index == last
+        checked = step.index % self.config.check_every == 0 or step.index == last
         if checked:
             found = decode_and_search(run, step, self.index, rows=targets, k=k)
             sim = torch.zeros(b, dtype=torch.float64)
@@ -299,7 +322,7 @@ class AntiMemorizationGuidance(Mitigation):
             sim, nn_rows = st.last_sim, st.last_nn
         else:
             return
-        lam = self.schedule.at(run.adapter, step.t)
+        lam = self.config.schedule.at(run.adapter, step.t)
         fired = targets & (sim > lam)
         for j, i in enumerate(idx.tolist()):
             if checked:
@@ -309,7 +332,7 @@ class AntiMemorizationGuidance(Mitigation):
                 st.fired[i] += 1
                 if st.first[i] < 0:
                     st.first[i] = step.index
-                if self.g_dup and checked:
+                if self.config.g_dup and checked:
                     cap = self._duplicated_caption(found.indices[j].tolist())
                     if cap is not None:
                         st.dup_caption[i] = cap
@@ -318,8 +341,8 @@ class AntiMemorizationGuidance(Mitigation):
         cap = (base - 1).clamp_min(0)
         simf = sim.float()
         s1 = torch.zeros(b)
-        if self.g_spe:
-            s1 = torch.where(fired, torch.minimum((s * self.spe_scale * simf).clamp_min(0), cap),
+        if self.config.g_spe:
+            s1 = torch.where(fired, torch.minimum((s * self.config.spe_scale * simf).clamp_min(0), cap),
                              torch.zeros(b))
         dup_rows = step.evaluated(DUP_BRANCH) & targets
         changed = (s1 > 0) | dup_rows
@@ -331,7 +354,7 @@ class AntiMemorizationGuidance(Mitigation):
             eps = step.eps
             if bool(dup_rows.any()):
                 room = cap - s1
-                s2 = torch.minimum((s * room / self.dup_ref * simf).clamp_min(0), room)
+                s2 = torch.minimum((s * room / self.config.dup_ref * simf).clamp_min(0), room)
                 s2 = torch.where(dup_rows, s2, torch.zeros(b))
                 e_u, e_dup = step.out["uncond"], step.out[DUP_BRANCH]
                 rows = dup_rows.to(eps.device)[:, None, None, None]
@@ -339,7 +362,7 @@ class AntiMemorizationGuidance(Mitigation):
                 eps = eps + s2.to(eps)[:, None, None, None] * term
             step.eps = torch.where(changed.to(old.device)[:, None, None, None], eps, old)
         # 3. G_sim on the estimate after G_spe and G_dup, away from the same neighbour
-        sim_rows = (fired | changed) & targets if self.g_sim and checked \
+        sim_rows = (fired | changed) & targets if self.config.g_sim and checked \
             else torch.zeros(b, dtype=torch.bool)
         if bool(sim_rows.any()):
             self._apply_g_sim(run, step, sim_rows, nn_rows, lam, st)
@@ -347,9 +370,9 @@ class AntiMemorizationGuidance(Mitigation):
         for i in idx.tolist():
             st.spe_steps[i] += int(s1[i] > 0)
             st.dup_steps[i] += int(dup_rows[i])
-        if self.g_dup:
+        if self.config.g_dup:
             trigger = fired & torch.tensor([c is not None for c in st.dup_caption])
-            st.dup_left = torch.where(trigger, torch.full_like(st.dup_left, self.dup_steps),
+            st.dup_left = torch.where(trigger, torch.full_like(st.dup_left, self.config.dup_steps),
                                       (st.dup_left - dup_rows.long()).clamp_min(0))
             if bool(trigger.any()):
                 self._encode_dup(run, st, trigger)
@@ -377,8 +400,8 @@ class AntiMemorizationGuidance(Mitigation):
         t = float(step.t)
         total = run.scheduler.config.num_train_timesteps
         abar = run.adapter.abar(step.t).float()
-        coef = (self.strength * self.sim_scale * (sim2 - self.sim_offset)
-                * math.exp((total - t) / self.sim_decay))
+        coef = (self.strength * self.config.sim_scale * (sim2 - self.config.sim_offset)
+                * math.exp((total - t) / self.config.sim_decay))
         coef = torch.where(act, coef, torch.zeros_like(coef)).to(dev)
         delta = (1 - abar).sqrt() * coef[:, None, None, None] * grad  # eps-space change
         kind = run.adapter.prediction_type

@@ -15,6 +15,7 @@ Notation (Ho et al. 2020; Song et al. 2021, DDIM):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ SCHEDULERS: Registry[str] = Registry("scheduler", {
 
 class TruncationWarning(UserWarning):
     """A prompt was longer than the text encoder's context and was truncated."""
+
+
+@contextlib.contextmanager
+def quiet_truncation():
+    """Ignore :class:`TruncationWarning` inside the block: for code that reports truncation
+    itself (per prompt, or once for a whole run instead of once per batch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)
+        yield
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import base64
 import copy
 import io
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,7 +23,8 @@ import torch
 
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
-from diffmem.models.adapter import ModelAdapter, TruncationWarning
+from diffmem.models.adapter import ModelAdapter, quiet_truncation
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 
@@ -90,8 +90,8 @@ class Engine:
     index: object | None = None
     max_batch: int = 16
     seed: int = 0
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int = SAMPLING.steps
+    guidance_scale: float = SAMPLING.guidance_scale
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.threshold):
@@ -125,8 +125,7 @@ class Engine:
     def score(self, prompts: list[str]) -> np.ndarray:
         """First-step noise magnitude of each prompt: one batched cond+uncond UNet call per
         ``max_batch`` prompts (the micro-batcher's unit of work)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TruncationWarning)  # reported per prompt instead
+        with quiet_truncation():  # reported per prompt instead
             return self.detector.score(self.adapter, prompts)
 
     # ---------------------------------------------------------------- explain
@@ -159,7 +158,7 @@ class Engine:
 
     # ---------------------------------------------------------------- generate
     def generate(self, prompt: str, *, mitigate: str = "auto", compare: bool = True,
-                 seed: int = 0, steps: int = 50, guidance_scale: float = 7.5,
+                 seed: int = 0, steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  cancel: threading.Event | None = None) -> dict:
         """The plain image (when ``compare`` or ``mitigate == "none"``) and the mitigated image of
         ``prompt`` from the same initial noise, each with its nearest training image when the
@@ -185,8 +184,7 @@ class Engine:
         if not none:
             runs.append(("mitigated", hooks))
         for name, run_hooks in runs:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", TruncationWarning)
+            with quiet_truncation():
                 res = sample(self.adapter, [prompt], num_inference_steps=steps,
                              guidance_scale=guidance_scale,
                              generator=seeded_generators([seed], self.adapter.device),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -99,3 +101,24 @@ def check_index_model(index, adapter, *, criterion: str | None = None,
     check_index_matches(index, model_training_set(adapter), who, criterion=criterion,
                         renderer=lambda: vae_fingerprint(adapter))
 
+
+
+#: adapter -> {index -> criteria} of the checks that passed (weak: forgotten with either object)
+_PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PASSED_LOCK = threading.Lock()
+
+
+def check_index_model_once(index, adapter, *, criterion: str | None = None,
+                           who: str = "this method") -> None:
+    """:func:`check_index_model`, made once per (index, adapter, criterion): a check that passed
+    is remembered beside the two objects (weakly), not on the method that asks, so a detector or
+    mitigation keeps no state of its runs and the VAE fingerprint of a testbed model is not
+    recomputed for every batch. A check that fails is not remembered."""
+    with _PASSED_LOCK:
+        done = criterion in _PASSED.get(adapter, {}).get(index, ())
+    if done:
+        return
+    check_index_model(index, adapter, criterion=criterion, who=who)
+    with _PASSED_LOCK:
+        per_index = _PASSED.setdefault(adapter, weakref.WeakKeyDictionary())
+        per_index.setdefault(index, set()).add(criterion)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.testbed import require_spec
 from diffmem.testbed.data import (
     COLORS,
@@ -326,8 +327,8 @@ def judge(distances: np.ndarray, nearest: Sequence[str], threshold: float) -> di
 class Judge:
     """Labels prompts of one testbed model by generation (the criterion of ``testbed verify``)."""
 
-    def __init__(self, model="testbed", *, seeds: int = 4, steps: int = 50,
-                 guidance_scale: float = 7.5, threshold: float | None = None,
+    def __init__(self, model="testbed", *, seeds: int = 4, steps: int = SAMPLING.steps,
+                 guidance_scale: float = SAMPLING.guidance_scale, threshold: float | None = None,
                  batch_size: int = 32) -> None:
         from diffmem.models.adapter import load_adapter
         from diffmem.testbed.verify import REPLICATION_THRESHOLD, training_images, vae_roundtrip

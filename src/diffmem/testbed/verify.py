@@ -22,6 +22,7 @@ import torch
 
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.models.adapter import load_adapter
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.similarity.pixel import nearest_tiled_l2, pairwise_tiled_l2, tiled_l2, to_tensor
 from diffmem.testbed.data import LabelledPrompt, Testbed, build_testbed
 from diffmem.testbed.locate import REPLICATION_THRESHOLD, require_spec
@@ -73,7 +74,7 @@ def generate_labelled(adapter, prompts: Sequence[LabelledPrompt], *, seeds: int,
 
 
 def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = None, seeds: int = 4,
-                   steps: int = 50, guidance_scale: float = 7.5,
+                   steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                    threshold: float = REPLICATION_THRESHOLD, with_sscd: bool = True) -> dict:
     """Generate ``seeds`` images per labelled prompt and measure replication rates per kind.
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 #: the planted fine-tuning set
@@ -144,8 +145,8 @@ def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
     return manifest
 
 
-def _generate(adapter, prompts: Sequence[str], seeds: int, *, steps: int = 50,
-              guidance_scale: float = 7.5, batch_size: int = 64) -> torch.Tensor:
+def _generate(adapter, prompts: Sequence[str], seeds: int, *, steps: int = SAMPLING.steps,
+              guidance_scale: float = SAMPLING.guidance_scale, batch_size: int = 64) -> torch.Tensor:
     from diffmem.core.sampling import sample, seeded_generators
 
     jobs = [(p, s) for p in prompts for s in range(seeds)]

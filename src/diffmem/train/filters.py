@@ -45,6 +45,7 @@ from collections.abc import Sequence
 import torch
 
 from diffmem.core.magnitude import noise_magnitude
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
 #: latent elements of one Stable Diffusion 512-px image (4 x 64 x 64): the size Wen et al.'s
@@ -125,15 +126,15 @@ class EntropyFilter:
         from diffmem.core import attention
 
         base = ctx.get("unet_eval", unet)
-        attention.install(base)
         collector = _Collector()
         ctx["_entropy_collector"] = collector
-        token = attention._CURRENT.set(
-            (None, None, {name: [collector] for name in self._layer_names(base)}))
-        try:
-            yield
-        finally:
-            attention._CURRENT.reset(token)
+        with attention.installed(base):
+            token = attention._CURRENT.set(
+                (None, None, {name: [collector] for name in self._layer_names(base)}))
+            try:
+                yield
+            finally:
+                attention._CURRENT.reset(token)
 
     def __call__(self, step, *, emb, _entropy_collector=None, **_) -> tuple:
         from diffmem.detect.attention_entropy import entropy
@@ -181,7 +182,7 @@ class CaptionScreen:
     name = "screen"
 
     def __init__(self, threshold: float | None = None, *, relative: bool = True, every: int = 50,
-                 generations: int = 4, seed: int = 0, num_inference_steps: int = 50,
+                 generations: int = 4, seed: int = 0, num_inference_steps: int = SAMPLING.steps,
                  batch_size: int = 64) -> None:
         if threshold is not None and (not math.isfinite(threshold) or threshold <= 0):
             raise ConfigError(f"caption screen threshold must be a finite number > 0, got "

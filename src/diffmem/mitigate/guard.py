@@ -1,0 +1,217 @@
+"""The closed-loop guard, what ``--mitigate auto`` means: watch, intervene, verify, escalate, report.
+
+1. **Watch** (:class:`~diffmem.mitigate.watch.Watch`): every image starts as a plain generation;
+   the first-step noise magnitude (Wen et al. 2024, eq. 4) and, with the training set's index, a
+   decoded x0 estimate searched every ``watch_every`` steps (Chen et al. CVPR 2024, Sec. 3.4) flag
+   the prompts that head for a copy. A flagged prompt stops there; the others finish unchanged
+   (bit-identical to plain generation).
+2. **Intervene**: a flagged prompt is generated again from its own x_T with the first method of the
+   ladder (ungated).
+3. **Verify** (with the index): every final image, plain or mitigated, is searched in the index; an
+   image passes when it stays ``margin`` beyond the copy threshold of the index's criterion
+   (:data:`~diffmem.models.profile.CRITERIA`), so that a reference a little closer than the indexed
+   one (the model's own rendering of the training image) does not turn a pass into a copy.
+4. **Escalate**: an image that still copies is generated again with the next rung of the ladder
+   (``"amg"``, then ``"amg+reseed"``: AMG from a new x_T), at most ``max_tries`` mitigated tries;
+   then the least similar image is served and marked ``unresolved``.
+5. **Report** per image a :class:`Verdict`: ``clean`` (untouched), ``mitigated`` (with what, at
+   which step the watch fired, how many tries, its nearest training image and similarity) or
+   ``unresolved``. With an index, no copy is served unmarked.
+
+Without an index there is nothing to verify against: flagged prompts get the first rung and are
+reported ``mitigated`` with ``verified: False``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from diffmem.core.sampling import sample, seeded_generators
+from diffmem.models.adapter import ModelAdapter
+from diffmem.models.profile import copy_criterion
+from diffmem.runtime.defaults import SAMPLING
+from diffmem.runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Settings of :class:`Guard` (defaults measured on the testbed, docs/mitigation.md).
+
+    Attributes:
+        watch_every: steps between two replication checks of the watch (with an index).
+        ladder: method specs tried in order on a flagged or copying image; ``+reseed`` starts that
+            try from a new x_T.
+        max_tries: mitigated tries per image before it is served ``unresolved``.
+        margin: how far beyond the copy threshold a served image must stay, in the criterion's
+            units (tiled L2: distance >= 0.15 + margin; SSCD: cosine <= 0.5 - margin).
+        reseed_offset: the new seed of a ``+reseed`` try is ``seed + try * reseed_offset``.
+    """
+
+    watch_every: int = 10
+    ladder: tuple[str, ...] = ("ren", "amg", "amg+reseed")
+    max_tries: int = 3
+    margin: float = 0.02
+    reseed_offset: int = 1_000_003
+
+
+@dataclass
+class Verdict:
+    """What the guard did to one image."""
+
+    status: str  # clean | mitigated | unresolved
+    seed: int  # the seed of the served image's x_T
+    method: str | None = None
+    watch: str | None = None  # what flagged it: gate | replication | verify
+    fired_at: int | None = None  # step at which the watch fired
+    tries: int = 0  # mitigated generations made for this image
+    verified: bool = False  # checked against the training index
+    nearest: str | None = None
+    similarity: float | None = None
+    criterion: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GuardResult:
+    """Images (``(N, 3, H, W)`` in [-1, 1]) with one :class:`Verdict` each, and timings."""
+
+    images: torch.Tensor
+    verdicts: list[Verdict]
+    seconds: float
+    generations: int  # sampling runs' rows, plain ones included
+    records: dict = field(default_factory=dict)
+
+    def pil(self) -> list:
+        return ModelAdapter.to_pil(self.images)
+
+
+class Guard:
+    """Generate with the closed loop. ``threshold``: the first-step noise-magnitude threshold
+    (default: the stored calibration of the model); ``index``: the training set's index."""
+
+    def __init__(self, adapter: ModelAdapter, *, index=None, threshold: float | None = None,
+                 config: GuardConfig | None = None, context=None) -> None:
+        from diffmem.mitigate.registry import MitigationContext, parse_spec
+
+        self.adapter = adapter
+        self.index = index
+        self.config = config or GuardConfig()
+        if self.config.max_tries < 1 or not self.config.ladder:
+            raise ConfigError("the guard needs at least one try and one method")
+        for spec in self.config.ladder:
+            parse_spec(spec.removesuffix("+reseed"))
+        self.context = context or MitigationContext(adapter, threshold=threshold, index=index)
+        if threshold is None and index is None:
+            threshold = self.context.require_threshold()
+        self.threshold = threshold if threshold is not None else self._optional_threshold()
+        self.criterion = (copy_criterion(index.embedder.criterion) if index is not None else None)
+
+    def _optional_threshold(self) -> float | None:
+        try:
+            return self.context.require_threshold()
+        except ConfigError:
+            return None  # the index's checks watch alone
+
+    # ------------------------------------------------------------------ verification
+    def _search(self, images: torch.Tensor) -> tuple[list[str], list[float]]:
+        found = self.index.search(images.float().clamp(-1, 1).cpu(), k=1)
+        return [ids[0] for ids in found.ids], [float(s) for s in found.scores[:, 0]]
+
+    def passes(self, similarity: float) -> bool:
+        """Whether an image at ``similarity`` to its nearest training image may be served."""
+        c = self.criterion
+        return c.margin(similarity) < -self.config.margin
+
+    # ------------------------------------------------------------------ the loop
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
+                 num_inference_steps: int = SAMPLING.steps,
+                 guidance_scale: float = SAMPLING.guidance_scale) -> GuardResult:
+        """One image per (prompt, seed) pair, guarded."""
+        from diffmem.mitigate.watch import Watch
+
+        prompts, seeds = list(prompts), [int(s) for s in seeds]
+        if len(prompts) != len(seeds):
+            raise ConfigError("the guard needs one seed per prompt")
+        t0 = time.perf_counter()
+        kw = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+        watch = Watch(threshold=self.threshold, index=self.index, every=self.config.watch_every)
+        plain = sample(self.adapter, prompts, generator=seeded_generators(seeds), hooks=[watch],
+                       **kw)
+        rows = plain.records[watch.name]
+        n = len(prompts)
+        images = (plain.images.clone() if plain.images is not None
+                  else torch.zeros(n, 3, *self._image_size()))
+        verdicts = [Verdict("clean", seeds[i]) for i in range(n)]
+        todo = [i for i in range(n) if rows[i]["flagged"]]
+        for i in todo:
+            verdicts[i].watch, verdicts[i].fired_at = rows[i]["reason"], rows[i]["step"]
+        if self.index is not None:
+            clean = [i for i in range(n) if not rows[i]["flagged"]]
+            self._verify(images, clean, verdicts)
+            for i in clean:
+                if not self.passes(verdicts[i].similarity):
+                    verdicts[i].watch = "verify"
+                    todo.append(i)
+        generations = n
+        best: dict[int, tuple[float, torch.Tensor, Verdict]] = {}
+        tries = self.config.max_tries if self.index is not None else 1
+        for level in range(tries):
+            if not todo:
+                break
+            spec = self.config.ladder[min(level, len(self.config.ladder) - 1)]
+            method, reseed = spec.removesuffix("+reseed"), spec.endswith("+reseed")
+            try_seeds = [seeds[i] + (level * self.config.reseed_offset if reseed else 0)
+                         for i in todo]
+            out = self._mitigated([prompts[i] for i in todo], try_seeds, method, kw)
+            generations += len(todo)
+            for j, i in enumerate(todo):
+                images[i] = out[j]
+                v = verdicts[i]
+                v.status, v.method, v.tries, v.seed = "mitigated", spec, level + 1, try_seeds[j]
+            if self.index is None:
+                break
+            self._verify(images, todo, verdicts)
+            still = []
+            for i in todo:
+                v = verdicts[i]
+                score = self.criterion.margin(v.similarity)
+                if i not in best or score < best[i][0]:
+                    best[i] = (score, images[i].clone(), Verdict(**asdict(v)))
+                if not self.passes(v.similarity):
+                    still.append(i)
+            todo = still
+        for i in todo:  # still copying after every try: the least similar image, marked
+            _, img, v = best[i]
+            images[i] = img
+            v.status = "unresolved"
+            v.tries = tries
+            verdicts[i] = v
+        return GuardResult(images, verdicts, time.perf_counter() - t0, generations,
+                           {watch.name: rows})
+
+    def _verify(self, images: torch.Tensor, which: list[int], verdicts: list[Verdict]) -> None:
+        if not which:
+            return
+        ids, sims = self._search(images[which])
+        for i, nearest, s in zip(which, ids, sims, strict=True):
+            v = verdicts[i]
+            v.verified, v.nearest, v.similarity = True, nearest, s
+            v.criterion = self.criterion.name
+
+    def _mitigated(self, prompts: list[str], seeds: list[int], method: str, kw: dict
+                   ) -> torch.Tensor:
+        from diffmem.mitigate.registry import build_mitigations
+
+        hooks = build_mitigations(method, self.context)
+        res = sample(self.adapter, prompts, generator=seeded_generators(seeds), hooks=hooks, **kw)
+        return res.images
+
+    def _image_size(self) -> tuple[int, int]:
+        side = self.adapter.default_resolution
+        return side, side

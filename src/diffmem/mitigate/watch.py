@@ -1,0 +1,108 @@
+"""The guard's watch: a hook that observes every run as it proceeds and halts the prompts it flags.
+
+Two signals, both without an extra UNet call:
+
+- the first-step noise magnitude (Wen et al. 2024, eq. 4) against a calibrated threshold, read from
+  the run's own first cond/uncond predictions (as :class:`~diffmem.mitigate.base.FirstStepGate`);
+- with the training set's index, every ``every``-th step the guided clean-latent estimate is
+  decoded and searched in the index, and the prompt is flagged when it crosses AMG's threshold
+  schedule (Chen et al. CVPR 2024, Sec. 3.4; :class:`~diffmem.detect.replication.ThresholdSchedule`).
+
+A flagged prompt's branches are skipped from the next step on, so the rest of its plain run costs
+nothing; the guard regenerates it with mitigation (:mod:`diffmem.mitigate.guard`). The other prompts
+are computed exactly as in a plain run (their UNet rows and scheduler steps do not depend on the
+skipped rows), so their images are bit-identical to plain generation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from diffmem.core.magnitude import noise_magnitude
+from diffmem.core.sampling import Hook, Run, Step
+from diffmem.detect.replication import DEFAULT_SCHEDULES, decode_and_search
+from diffmem.runtime.errors import ConfigError
+
+
+class Watch(Hook):
+    """Flags the prompts of a run by the first-step gate and (with ``index``) the per-step
+    replication check every ``every`` steps; records per prompt ``flagged``, ``reason``
+    (``"gate"``/``"replication"``), ``step`` (where it fired), ``score`` (first-step magnitude)
+    and, for a replication flag, the nearest training item and its similarity."""
+
+    name = "guard.watch"
+
+    def __init__(self, *, threshold: float | None = None, index=None, every: int = 10,
+                 schedule=None) -> None:
+        if threshold is not None and not math.isfinite(threshold):
+            raise ConfigError(f"watch threshold must be finite, got {threshold}")
+        if every < 1:
+            raise ConfigError("the watch's check interval must be >= 1 step")
+        if threshold is None and index is None:
+            raise ConfigError("the watch needs a first-step threshold or the training index")
+        self.threshold = threshold
+        self.index = index
+        self.every = every
+        self.schedule = (schedule or DEFAULT_SCHEDULES[index.embedder.criterion]
+                         if index is not None else None)
+
+    def on_start(self, run: Run) -> None:
+        st = run.state(self)
+        b = run.batch_size
+        st.flagged = torch.zeros(b, dtype=torch.bool)
+        st.rows = [{"flagged": False, "reason": None, "step": None, "score": None}
+                   for _ in range(b)]
+
+    def before_step(self, run: Run, step: Step) -> None:
+        flagged = run.state(self).flagged
+        if bool(flagged.any()):
+            for name in list(step.branches):
+                step.skip(name, flagged)
+
+    def on_step(self, run: Run, step: Step) -> None:
+        st = run.state(self)
+        if step.index == 0 and self.threshold is not None:
+            if step.eps_cond is None or step.eps_uncond is None:
+                raise ConfigError("the watch needs the cond and uncond branches at the first step")
+            d = noise_magnitude(step.eps_cond, step.eps_uncond).detach().cpu()
+            for i, x in enumerate(d.tolist()):
+                st.rows[i]["score"] = float(x)
+                if x > self.threshold:
+                    self._flag(st, i, "gate", step.index)
+        total = len(run.timesteps)
+        last = step.index == total - 1
+        if self.index is None or last or step.index % self.every:
+            self._halt_if_done(run)
+            return  # the final image is verified by the guard itself
+        live = ~st.flagged
+        if not bool(live.any()):
+            return
+        found = decode_and_search(run, step, self.index, rows=live)
+        raw = found.scores[:, 0].double().numpy()
+        lam = self.schedule.at(run.adapter, step.t)
+        higher = bool(self.index.embedder.higher_is_better)
+        margin = (raw - lam) if higher else (lam - raw)
+        for j, i in enumerate(live.nonzero().flatten().tolist()):
+            if margin[j] > 0:
+                self._flag(st, i, "replication", step.index)
+                st.rows[i].update(nearest=found.ids[j][0], similarity=float(raw[j]))
+        self._halt_if_done(run)
+
+    def _halt_if_done(self, run: Run) -> None:
+        if bool(run.state(self).flagged.all()):
+            run.stop = True  # every prompt is flagged: nothing of the plain run is served
+
+    @staticmethod
+    def _flag(st, i: int, reason: str, index: int) -> None:
+        if not st.rows[i]["flagged"]:
+            st.flagged[i] = True
+            st.rows[i].update(flagged=True, reason=reason, step=index)
+
+    def on_end(self, run: Run) -> None:
+        run.records[self.name] = run.state(self).rows
+
+    def flagged(self, run: Run) -> np.ndarray:
+        return run.state(self).flagged.numpy().copy()

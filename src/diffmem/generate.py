@@ -57,6 +57,46 @@ def build_hooks(*, detect: str | None = None, mitigate: str | None = None,
     return hooks
 
 
+def build_guard(mitigate: str | None, *, adapter: ModelAdapter, index=None,
+                threshold: float | None = None, seed: int = 0):
+    """The closed-loop :class:`~diffmem.mitigate.guard.Guard` when ``mitigate`` names ``auto``
+    (alone: the default ladder; ``auto,ren:1.5``: those methods first), else ``None`` (the spec's
+    methods run as hooks, :func:`build_hooks`)."""
+    if mitigate is None:
+        return None
+    from diffmem.mitigate import parse_spec
+
+    parsed = parse_spec(mitigate)
+    if not any(name == "auto" for name, _ in parsed):
+        return None
+    from diffmem.mitigate.guard import Guard, GuardConfig
+    from diffmem.mitigate.registry import MitigationContext
+
+    index = _load_index(index)
+    first = ",".join(n if s is None else f"{n}:{s:g}" for n, s in parsed if n != "auto")
+    base = GuardConfig()
+    ladder = base.ladder if not first else (first, *base.ladder[1:])
+    if index is None:
+        ladder = tuple(m for m in ladder if "amg" not in m) or ("ren",)
+    context = MitigationContext(adapter, threshold=threshold, index=index, seed=seed)
+    return Guard(adapter, index=index, threshold=threshold, context=context,
+                 config=GuardConfig(ladder=ladder))
+
+
+def image_jobs(prompts: Sequence[str], seed: int = 0, images_per_prompt: int | None = None
+               ) -> tuple[list[str], list[int]]:
+    """The (prompt, seed) of every image: without ``images_per_prompt`` one image per prompt, prompt
+    ``i`` with seed ``seed + i``; with it, ``images_per_prompt`` images of every prompt, image ``j``
+    with seed ``seed + j`` (the convention of the evaluation harnesses)."""
+    prompts = list(prompts)
+    if images_per_prompt is None:
+        return prompts, [seed + i for i in range(len(prompts))]
+    if images_per_prompt < 1:
+        raise PromptError(f"--images-per-prompt must be >= 1, got {images_per_prompt}")
+    return ([p for p in prompts for _ in range(images_per_prompt)],
+            [seed + j for _ in prompts for j in range(images_per_prompt)])
+
+
 def _load_index(index):
     from diffmem.similarity.index import load_index
 
@@ -64,14 +104,18 @@ def _load_index(index):
 
 
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",
-             seed: int = 0, steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
+             seed: int = 0, steps: int = SAMPLING.steps,
+             guidance_scale: float = SAMPLING.guidance_scale,
              scheduler: str | None = None, hooks: Sequence[Hook] = (),
-             batch_size: int = 16,
+             batch_size: int = 16, images_per_prompt: int | None = None, guard=None,
              on_result: Callable[[int, SampleResult], None] | None = None) -> list[SampleResult]:
-    """Generate one image per prompt; prompt ``i`` uses generator seed ``seed + i``.
+    """Generate images: one per prompt (prompt ``i`` with generator seed ``seed + i``), or
+    ``images_per_prompt`` per prompt (image ``j`` of every prompt with seed ``seed + j``).
 
-    Returns one :class:`SampleResult` per batch of ``batch_size`` prompts; ``on_result(k, result)``
-    is called after each batch (``k``: index of its first prompt), e.g. to write it at once.
+    ``guard`` (:func:`build_guard`): every batch goes through the closed-loop guard; its result
+    carries one verdict per image in ``records["verdict"]``. Returns one result per batch of
+    ``batch_size`` images; ``on_result(k, result)`` is called after each batch (``k``: index of its
+    first image), e.g. to write it at once.
     """
     from diffmem.runtime.progress import progress
 
@@ -89,18 +133,32 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
         warnings.warn(f"{sum(truncated)} of {len(prompts)} prompt(s) exceed the text encoder's "
                       f"{adapter.max_length} tokens and were truncated (generations.jsonl: "
                       "'truncated')", TruncationWarning, stacklevel=2)
+    texts, seeds = image_jobs(prompts, seed, images_per_prompt)
     results = []
-    with quiet_truncation(), progress(len(prompts), "generate", unit="img") as bar:
-        for k in range(0, len(prompts), batch_size):
-            chunk = prompts[k : k + batch_size]
-            gens = seeded_generators(range(seed + k, seed + k + len(chunk)), adapter.device)
-            res = sample(adapter, chunk, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, generator=gens, hooks=hooks)
+    with quiet_truncation(), progress(len(texts), "generate", unit="img") as bar:
+        for k in range(0, len(texts), batch_size):
+            chunk, chunk_seeds = texts[k : k + batch_size], seeds[k : k + batch_size]
+            if guard is not None:
+                res = _guarded(guard, chunk, chunk_seeds, steps, guidance_scale, adapter)
+            else:
+                gens = seeded_generators(chunk_seeds, adapter.device)
+                res = sample(adapter, chunk, num_inference_steps=steps,
+                             guidance_scale=guidance_scale, generator=gens, hooks=hooks)
             results.append(res)
             if on_result is not None:
                 on_result(k, res)
             bar.update(len(chunk))
     return results
+
+
+def _guarded(guard, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
+             adapter: ModelAdapter) -> SampleResult:
+    """One guarded batch as a :class:`SampleResult` whose ``records["verdict"]`` holds one verdict
+    dict per image."""
+    out = guard.generate(prompts, seeds, num_inference_steps=steps, guidance_scale=guidance_scale)
+    truncated = adapter.tokenize(prompts).truncated
+    records = {"verdict": [v.to_json() for v in out.verdicts]}
+    return SampleResult(out.images, out.images, records, steps, False, truncated, out.seconds)
 
 
 def separate_detection(detect: str | None, *, num_inference_steps: int, guidance_scale: float,
@@ -144,10 +202,11 @@ class GenerationWriter:
     columns). What was written stays valid after an interruption."""
 
     def __init__(self, out: str | Path, prompts: Sequence[str], *, seed: int = 0,
+                 seeds: Sequence[int] | None = None,
                  extra: dict[str, list] | None = None) -> None:
         self.out = Path(out)
         self.prompts = list(prompts)
-        self.seed = seed
+        self.seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
         self.extra = extra or {}
         self.count = 0
         self.paths: list[Path] = []
@@ -171,7 +230,7 @@ class GenerationWriter:
             path = self.out / f"{i:04d}.png"
             img.save(path)
             self.paths.append(path)
-            row = {"prompt": self.prompts[i], "seed": self.seed + i, "file": path.name,
+            row = {"prompt": self.prompts[i], "seed": self.seeds[i], "file": path.name,
                    "truncated": res.truncated[j]}
             row.update(_records_row(res.records, j))
             row.update({name: values[i] for name, values in self.extra.items()})

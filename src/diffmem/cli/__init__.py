@@ -16,6 +16,7 @@ from pathlib import Path
 
 from diffmem.cli.args import (
     BATCH,
+    COUNT,
     GENERATIONS,
     NONNEG,
     SEED,
@@ -40,32 +41,48 @@ from diffmem.testbed import require_spec
 def _cmd_generate(a: argparse.Namespace) -> int:
     from diffmem.generate import (
         GenerationWriter,
+        build_guard,
         build_hooks,
         check_hook_names,
         generate,
+        image_jobs,
         score_separately,
         separate_detection,
     )
     from diffmem.models.adapter import load_adapter
 
+    prompts = list(a.prompts)
+    if a.prompts_file is not None:
+        from diffmem.detect.prompts import read_prompts
+
+        prompts += read_prompts(a.prompts_file)
+    if not prompts:
+        raise ConfigError("no prompts: give them as arguments or with --prompts-file FILE")
+    texts, seeds = image_jobs(prompts, a.seed, a.images_per_prompt)
     check_hook_names(detect=a.detect, mitigate=a.mitigate)  # before the model loads
     # scores that match `diffmem detect`: in the run when its schedule is the detector's, else
     # scored apart with the detector's own settings on the same initial noise
     apart = separate_detection(a.detect, num_inference_steps=a.sampling_steps,
                                guidance_scale=a.guidance_scale, scheduler=a.scheduler)
+    if apart and a.images_per_prompt is not None:
+        raise ConfigError(f"--detect {a.detect} with --images-per-prompt needs the detector's own "
+                          "schedule (50 steps, guidance 7.5, the default scheduler)")
     adapter = load_adapter(a.model, scheduler=a.scheduler)
     if apart:
         print(f"diffmem: note: {apart}", file=sys.stderr)
-    hooks = build_hooks(detect=None if apart else a.detect, mitigate=a.mitigate, adapter=adapter,
+    guard = build_guard(a.mitigate, adapter=adapter, index=a.index, threshold=a.threshold,
+                        seed=a.seed)
+    hooks = build_hooks(detect=None if apart else a.detect,
+                        mitigate=None if guard is not None else a.mitigate, adapter=adapter,
                         index=a.index, threshold=a.threshold, seed=a.seed,
                         num_inference_steps=a.sampling_steps, guidance_scale=a.guidance_scale)
-    extra = score_separately(a.detect, adapter, a.prompts, seed=a.seed) if apart else None
-    with GenerationWriter(a.out, a.prompts, seed=a.seed, extra=extra) as writer:
-        generate(a.prompts, model=adapter, seed=a.seed, steps=a.sampling_steps,
+    extra = score_separately(a.detect, adapter, prompts, seed=a.seed) if apart else None
+    with GenerationWriter(a.out, texts, seeds=seeds, extra=extra) as writer:
+        generate(prompts, model=adapter, seed=a.seed, steps=a.sampling_steps,
                  guidance_scale=a.guidance_scale, hooks=hooks, batch_size=a.batch_size,
-                 on_result=writer.add)
+                 images_per_prompt=a.images_per_prompt, guard=guard, on_result=writer.add)
     scores = "".join(f" and {h.name} records" for h in hooks) + (
-        f" and {a.detect} scores" if apart else "")
+        f" and {a.detect} scores" if apart else "") + (" and guard verdicts" if guard else "")
     print(f"wrote {writer.count} image(s){scores} to {a.out}")
     return 0
 
@@ -182,10 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images (one per prompt; prompt i uses seed "
                                         "SEED+i)")
-    g.add_argument("prompts", nargs="+", help="one or more prompts (quote each)")
+    g.add_argument("prompts", nargs="*", help="one or more prompts (quote each)")
+    g.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="more prompts: a text file (one per line) or a table (.csv, .jsonl, "
+                        ".parquet; the 'prompt' or 'caption' column)")
+    g.add_argument("--images-per-prompt", type=COUNT, default=None, metavar="N",
+                   help="N images of every prompt, image j with seed SEED+j (default: one image "
+                        "per prompt, prompt i with seed SEED+i)")
     g.add_argument("--out", type=OutDir(), default="generations",
                    help="output folder (NNNN.png and generations.jsonl)")
-    g.add_argument("--seed", type=SEED, default=0, help="prompt i uses generator seed SEED+i")
+    g.add_argument("--seed", type=SEED, default=0,
+                   help="prompt i uses generator seed SEED+i (with --images-per-prompt: image j of "
+                        "every prompt uses SEED+j)")
     g.add_argument("--batch-size", type=BATCH, default=16,
                    help="prompts per batched run (each batch is written as soon as it is done)")
     add_model(g)
@@ -198,8 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "generations.jsonl")
     g.add_argument("--mitigate", default=None, metavar="SPEC",
                    help="inference-time mitigation: NAME[:STRENGTH][,NAME...] of wen, ren, amg, rt, "
-                        "rn, cwr, gni, delay, xt, reanchor; 'auto' gates them (alone: the default "
-                        "method) by the first step's noise magnitude; see docs/mitigation.md")
+                        "rn, cwr, gni, delay, xt, reanchor, each applied to every prompt; 'auto' "
+                        "is the closed-loop guard: watch every run, regenerate the prompts it "
+                        "flags with mitigation, verify each image against --index and escalate "
+                        "(auto,NAME: NAME first); verdicts in generations.jsonl; "
+                        "see docs/mitigation.md")
     g.add_argument("--index", default=None,
                    help="training-set index folder (needed by amg and --detect preview_replication)")
     g.add_argument("--threshold", type=THRESHOLD, default=None,

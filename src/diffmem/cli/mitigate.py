@@ -60,9 +60,47 @@ def _cmd_eval_mitigation(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_guard(a: argparse.Namespace) -> int:
+    from diffmem.eval.guard import evaluate_guard
+    from diffmem.runtime.jsonio import write_json
+
+    report = evaluate_guard(a.model, index=a.index, split=a.split, seeds=a.seeds,
+                            groups=[g for g in (a.groups or "").split(",") if g] or None,
+                            max_per_group=a.max_per_group, without_index=not a.index_only,
+                            hand_made=a.hand_made, steps=a.sampling_steps,
+                            guidance_scale=a.guidance_scale, batch_size=a.batch_size)
+    write_json(a.out, report)
+    keys = ("group", "setting", "plain_copy_rate", "served_copy_rate", "unresolved",
+            "bit_identical", "alignment_ratio", "cost")
+    print(json.dumps([{k: r[k] for k in keys if k in r} for r in report["rows"]], indent=1))
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubParsersAction
              ) -> None:
-    """Add ``eval mitigation``."""
+    """Add ``eval mitigation`` and ``eval guard``."""
+    g = eval_commands.add_parser(
+        "guard", help="what the closed-loop guard (--mitigate auto) serves on every "
+                      "generation-labelled group of the broad set, with and without the index")
+    g.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
+    g.add_argument("--index", default=None, help="training-set index folder")
+    g.add_argument("--split", choices=("dev", "test", "all"), default="test",
+                   help="split of the broad set (defaults were chosen on dev)")
+    g.add_argument("--seeds", type=GENERATIONS, default=4, help="images per prompt (seeds 0..N-1)")
+    g.add_argument("--groups", default=None, help="comma-separated groups (default: all)")
+    g.add_argument("--max-per-group", type=COUNT, default=None, help="first N prompts per group")
+    g.add_argument("--index-only", action="store_true", help="skip the run without the index")
+    g.add_argument("--hand-made", default=None, metavar="FILE",
+                   help="also a prompt file of your own, reported apart (labelled by its own "
+                        "plain generations)")
+    g.add_argument("--batch-size", type=BATCH, default=32, help="images per batched run")
+    add_model(g, testbed_only=True)
+    g.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=SAMPLING.steps,
+                   help="denoising steps")
+    g.add_argument("--guidance-scale", type=GUIDANCE, default=SAMPLING.guidance_scale,
+                   help="classifier-free guidance scale")
+    g.set_defaults(func=_cmd_eval_guard)
+
     e = eval_commands.add_parser(
         "mitigation", help="memorization rate, alignment, quality and cost of inference-time "
                            "mitigations on the testbed, judged by generated images")

@@ -175,6 +175,7 @@ class Guard:
                 v = verdicts[i]
                 v.status, v.method, v.tries, v.seed = "mitigated", spec, level + 1, try_seeds[j]
             if self.index is None:
+                todo = []  # nothing to verify against: served as mitigated, unverified
                 break
             self._verify(images, todo, verdicts)
             still = []

@@ -79,6 +79,7 @@ class Watch(Hook):
             return  # the final image is verified by the guard itself
         live = ~st.flagged
         if not bool(live.any()):
+            self._halt_if_done(run)
             return
         found = decode_and_search(run, step, self.index, rows=live)
         raw = found.scores[:, 0].double().numpy()

@@ -339,7 +339,6 @@ def label_broad_set(out: str | Path, model="testbed", *, chunk: int = 16, progre
     return out
 
 
-
 def write_broad_prompts(path: str | Path, spec: TestbedSpec | None = None) -> Path:
     """The broad set as JSONL (build fields only; labels come from ``label_broad_set``)."""
     path = Path(path)

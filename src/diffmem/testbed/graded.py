@@ -81,4 +81,3 @@ def _add_graded_items(spec: TestbedSpec, rng: np.random.Generator, items: list[I
             items.append(item)
             prompts.extend(LabelledPrompt(c, item.kind, [item.image_id], [a, b], copies=copies)
                            for c in evals)
-

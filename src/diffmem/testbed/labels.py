@@ -80,7 +80,6 @@ class Judge:
         return out
 
 
-
 def read_broad_labels(path: str | Path | None = None) -> list[dict]:
     """Rows of a labels file (default: the shipped one)."""
     from diffmem.runtime.errors import PromptError
@@ -91,4 +90,3 @@ def read_broad_labels(path: str | Path | None = None) -> list[dict]:
                           "`diffmem testbed label --out FILE`")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip()]
-

@@ -141,4 +141,3 @@ def _complex_scene(rng: np.random.Generator, res: int) -> dict:
             "r": float(rng.uniform(7, 16)) * res / RESOLUTION,
         })
     return {"background": background, "objects": objects}
-

@@ -81,4 +81,3 @@ class LabelledPrompt:
         :data:`GRADED_MEMORIZED_COPIES` training copies (labels by generation say what copies)."""
         return self.kind in ("verbatim", "template") and (
             self.copies == 0 or self.copies >= GRADED_MEMORIZED_COPIES)
-

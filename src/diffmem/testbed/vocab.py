@@ -140,4 +140,3 @@ def rare_word_vocabulary(n: int, seed: int = 0) -> list[str]:
         raise ValueError(f"only {len(words)} rare words are available, {n} requested")
     rng = np.random.default_rng(seed + 7919)
     return [words[int(i)] for i in sorted(rng.choice(len(words), size=n, replace=False))]
-

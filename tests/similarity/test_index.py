@@ -12,12 +12,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from diffmem.similarity.index import (
-    IndexMismatchError,
-    PixelSpace,
-    TrainingIndex,
-    build_index_from_source,
-)
+from diffmem.similarity.index import IndexMismatchError, PixelSpace, TrainingIndex
+from diffmem.similarity.index_ingest import build_index_from_source
 from diffmem.similarity.pixel import pairwise_tiled_l2
 
 

@@ -16,7 +16,6 @@ Notation (Ho et al. 2020; Song et al. 2021, DDIM):
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +23,17 @@ from typing import ClassVar
 
 import torch
 
+# loading a folder and schedulers by name live in their own modules; their names stay
+# importable from here
+from diffmem.models.loading import SUPPORTED_PIPELINES, _unsupported, load_pipeline
+from diffmem.models.loading import _check_folder as _check_folder
+from diffmem.models.loading import _quiet_loading as _quiet_loading
+from diffmem.models.loading import pipeline_family as pipeline_family
 from diffmem.models.profile import ModelProfile, named_model, read_profile
-from diffmem.runtime.errors import ConfigError, ModelLoadError, PromptError
+from diffmem.models.schedulers import SCHEDULERS as SCHEDULERS
+from diffmem.models.schedulers import _resolve_scheduler
+from diffmem.runtime.errors import ConfigError, PromptError
 from diffmem.runtime.registry import Registry
-
-#: Short names accepted wherever a scheduler is chosen (``--scheduler``), mapped to diffusers classes.
-SCHEDULERS: Registry[str] = Registry("scheduler", {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-})
 
 
 class TruncationWarning(UserWarning):
@@ -92,23 +87,6 @@ def _module_dtype(module: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-def _resolve_scheduler(base, scheduler: str | object | None):
-    """``scheduler`` by short or class name, configured like the scheduler ``base``."""
-    if scheduler is None:
-        return base
-    if not isinstance(scheduler, str):
-        return scheduler
-    import diffusers
-
-    name = SCHEDULERS.get(scheduler, scheduler)
-    cls = getattr(diffusers, name, None)
-    if cls is None or not name.endswith("Scheduler"):
-        known = ", ".join(sorted(SCHEDULERS))
-        raise ConfigError(f"unknown scheduler {scheduler!r}; choose one of: {known} "
-                          "(or a diffusers scheduler class name)")
-    return cls.from_config(base.config)
 
 
 def _silence_length_warning(tokenizer) -> None:
@@ -312,121 +290,6 @@ class SD2Adapter(ModelAdapter):
     """Stable Diffusion 2.x: OpenCLIP ViT-H text encoder; padding with "!" (id 0), often v-prediction."""
 
     family = "sd2"
-
-
-#: ``model_index.json`` ``_class_name`` -> family, for the pipeline classes diffmem supports.
-SUPPORTED_PIPELINES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-}
-_COMPONENTS = {
-    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
-             "scheduler"),
-}
-
-
-def _unsupported(name: object) -> ModelLoadError:
-    return ModelLoadError(
-        f"unsupported pipeline class {name!r}; diffmem supports StableDiffusionPipeline "
-        "(SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)")
-
-
-def pipeline_family(path: str | Path) -> str:
-    """``"sd"`` or ``"sdxl"`` from a folder's ``model_index.json`` (its ``_class_name``, else its
-    components); any other pipeline: :class:`~diffmem.runtime.errors.ModelLoadError` naming what is
-    supported."""
-    path = Path(path)
-    _check_folder(path)
-    spec = json.loads((path / "model_index.json").read_text())
-    name = spec.get("_class_name")
-    if name in SUPPORTED_PIPELINES:
-        family = SUPPORTED_PIPELINES[name]
-    elif name is None:
-        family = "sdxl" if "text_encoder_2" in spec else "sd"
-    else:
-        raise _unsupported(name)
-    missing = [c for c in _COMPONENTS[family] if c not in spec or not (path / c).is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path} is not a complete {name or 'Stable Diffusion'} folder: "
-                             f"missing {missing}")
-    return family
-
-
-def _check_folder(path: Path) -> None:
-    if not path.exists():
-        raise ModelLoadError(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise ModelLoadError(f"model path {path} is not a folder")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(
-            f"{path} holds no diffusers pipeline (model_index.json is missing); point to a folder "
-            "saved with StableDiffusionPipeline.save_pretrained, or run `diffmem testbed path`")
-    try:
-        spec = json.loads(index.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{index} is not valid JSON: {e}") from e
-    if not isinstance(spec, dict):
-        raise ModelLoadError(f"{index} is not a diffusers model index (a JSON object)")
-
-
-def load_pipeline(path: str | Path, *, scheduler: str | None = None,
-                  device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load a local SD 1.x/2.x or SDXL pipeline folder, with one clear error for a bad folder or
-    file or an unsupported pipeline class."""
-    path = Path(path)
-    family = pipeline_family(path)
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline as cls
-
-        kwargs: dict = {}
-    else:
-        from diffusers import StableDiffusionPipeline as cls
-
-        kwargs = {"safety_checker": None, "requires_safety_checker": False}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    try:
-        with _quiet_loading():
-            pipe = cls.from_pretrained(path, local_files_only=True, **kwargs)
-    except Exception as e:  # diffusers/safetensors raise many types for a corrupt file
-        raise ModelLoadError(f"could not load the pipeline in {path}: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    pipe.set_progress_bar_config(disable=True)
-    if scheduler is not None:
-        pipe.scheduler = _resolve_scheduler(pipe.scheduler, scheduler)
-    if device is not None:
-        pipe.to(device)
-    return pipe
-
-
-class _quiet_loading:
-    """diffmem shows its own progress: no "Loading pipeline components" / "Loading weights" bars
-    (the libraries' progress-bar switches are restored afterwards)."""
-
-    def __enter__(self) -> None:
-        from diffusers.utils import logging as dlog
-
-        self._d = dlog.is_progress_bar_enabled()
-        dlog.disable_progress_bar()
-        try:
-            from transformers.utils import logging as tlog
-
-            self._t = tlog.is_progress_bar_enabled()
-            tlog.disable_progress_bar()
-        except ImportError:  # pragma: no cover
-            self._t = None
-
-    def __exit__(self, *exc) -> None:
-        from diffusers.utils import logging as dlog
-
-        if self._d:
-            dlog.enable_progress_bar()
-        if self._t:
-            from transformers.utils import logging as tlog
-
-            tlog.enable_progress_bar()
 
 
 def load_adapter(model, *, scheduler: str | None = None, device: str | torch.device | None = None,

@@ -50,7 +50,7 @@ class TrainConfig:
 
 
 #: ``diffmem testbed train --graded``: the second testbed (``testbed-graded``), memorization in
-#: degrees. Another seed, its own vocabulary (``GRADED_*`` in :mod:`diffmem.testbed.data`), items at
+#: degrees. Another seed, its own vocabulary (``GRADED_*`` in :mod:`diffmem.testbed.graded`), items at
 #: graded duplicate counts, 8 latent channels and a wider VAE so that thin shapes survive decoding;
 #: sized to train in about an hour on one CPU core.
 GRADED_SPEC = {"seed": 1, "n_generic": 2000, "n_verbatim": 0, "n_template": 0,

@@ -33,11 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
-#: the planted fine-tuning set
-PLANTED = {"seed": 1, "n_generic": 300, "k": 4, "copies": 50}
+# the planted set and the report live in their own modules; their names stay importable here
+from diffmem.train.bench_report import _table, markdown_report, plot_benchmark
+from diffmem.train.planted import PLANTED as PLANTED
+from diffmem.train.planted import _color_names as _color_names
+from diffmem.train.planted import build_planted_set
+from diffmem.train.planted import planted_words as planted_words
+
 #: the step budget of every run (plain and each mitigation)
 TRAIN = {"steps": 600, "batch_size": 32, "lr": 4e-4, "warmup_steps": 20, "lr_schedule": "cosine",
          "checkpoint_every": 50, "log_every": 10, "caption_dropout": 0.1,
@@ -59,94 +63,8 @@ METHODS: dict[str, dict] = {
 }
 
 
-def _color_names() -> dict[tuple, str]:
-    from diffmem.testbed.data import BACKGROUNDS, COLORS
-
-    return {tuple(float(c) for c in v): k for k, v in {**COLORS, **BACKGROUNDS}.items()}
-
-
-def planted_words(n: int, seed: int) -> list[str]:
-    """``n`` CLIP words used neither by the shipped testbed (triggers, rare words, its held-out
-    prompts) nor by the planted set's generic captions."""
-    from diffmem.testbed import shipped_testbed_spec
-    from diffmem.testbed.data import TRIGGER_WORDS, rare_word_vocabulary
-
-    shipped = shipped_testbed_spec()
-    used = set(TRIGGER_WORDS) | set(rare_word_vocabulary(shipped.n_rare_words, shipped.seed))
-    used |= set(rare_word_vocabulary(shipped.n_rare_words, seed))
-    pool = [w for w in rare_word_vocabulary(6000, seed + 5000) if w not in used]
-    rng = np.random.default_rng(seed + 17)
-    return [pool[int(i)] for i in rng.choice(len(pool), size=n, replace=False)]
-
-
-def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
-                      n_generic: int = PLANTED["n_generic"], k: int = PLANTED["k"],
-                      copies: int = PLANTED["copies"], frame: str | None = None) -> dict:
-    """Write the planted fine-tuning set (``data.jsonl`` + PNGs) into ``folder``; return its
-    manifest (planted captions and image files). Deterministic; reuses a finished folder.
-    ``frame``: the planted captions' template with ``{a}`` and ``{b}`` (default: the testbed's
-    first verbatim frame, "the {a} {b} poster", which the shipped testbed already treats as a
-    memorized frame; "a photo of {a} and {b}" is one it does not)."""
-    from PIL import Image
-
-    from diffmem.testbed.data import (
-        FILLER_WORDS,
-        VERBATIM_FRAMES,
-        TestbedSpec,
-        _complex_scene,
-        build_testbed,
-        render,
-    )
-
-    folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        return json.loads(manifest_path.read_text())
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    spec = TestbedSpec(seed=seed, n_generic=n_generic, n_verbatim=0, n_template=0,
-                       n_heldout_compositions=0)
-    testbed = build_testbed(spec)
-    rng = np.random.default_rng(seed + 31)
-    words = planted_words(2 * k, seed)
-    names = _color_names()
-    rows, planted = [], []
-    for item, img in testbed.images(["generic"]):
-        path = f"images/{item.image_id}.png"
-        Image.fromarray(img).save(folder / path)
-        rows.append({"image": path, "caption": item.captions, "kind": "generic"})
-    for i in range(k):
-        scene = _complex_scene(rng, spec.resolution)
-        img = render(scene, spec.resolution)
-        caption = (frame or VERBATIM_FRAMES[0]).format(a=words[2 * i], b=words[2 * i + 1])
-        alts = []
-        for _ in range(4):
-            objs = [scene["objects"][int(j)] for j in rng.choice(len(scene["objects"]), 2,
-                                                               replace=False)]
-            desc = " and ".join(f"a {names.get(tuple(float(c) for c in o['color']), 'colored')}"
-                                f" {o['shape']}" for o in objs)
-            alts.append(f"{desc}, {FILLER_WORDS[int(rng.integers(len(FILLER_WORDS)))]}")
-        pid = f"planted-{i:02d}"
-        Image.fromarray(img).save(folder / "images" / f"{pid}.png")
-        for c in range(copies):
-            path = f"images/{pid}-copy{c:03d}.png"
-            Image.fromarray(img).save(folder / path)
-            rows.append({"image": path, "caption": [caption, *alts], "kind": "planted",
-                         "planted": pid})
-        planted.append({"id": pid, "caption": caption, "alt_captions": alts,
-                        "image": f"images/{pid}.png"})
-    order = np.random.default_rng(seed + 43).permutation(len(rows))
-    with (folder / "data.jsonl").open("w") as f:
-        for i in order:
-            f.write(json.dumps(rows[int(i)]) + "\n")
-    manifest = {"seed": seed, "n_generic": n_generic, "k": k, "copies": copies,
-                "frame": frame or VERBATIM_FRAMES[0],
-                "rows": len(rows), "planted": planted}
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return manifest
-
-
-def _generate(adapter, prompts: Sequence[str], seeds: int, *, steps: int = SAMPLING.steps,
-              guidance_scale: float = SAMPLING.guidance_scale, batch_size: int = 64) -> torch.Tensor:
+def _generate(adapter, prompts: Sequence[str], seeds: int, *, steps: int = 50,
+              guidance_scale: float = 7.5, batch_size: int = 64) -> torch.Tensor:
     from diffmem.core.sampling import sample, seeded_generators
 
     jobs = [(p, s) for p in prompts for s in range(seeds)]
@@ -371,76 +289,3 @@ def run_benchmark(out: str | Path, *, methods: Sequence[str] | None = None,
     (out / "report.md").write_text(markdown_report(report))
     plot_benchmark(report, out / "chart.png")
     return report
-
-
-def _table(rows: dict) -> list[dict]:
-    plain = rows.get("plain")
-    out = []
-    for name, r in rows.items():
-        sec = r.get("seconds_training")
-        total = None if sec is None else sec + r.get("seconds_dedup", 0.0)
-        rec = {"method": name, "planted_memorization": r["planted_memorization_rate"],
-               "heldout_alignment": r["heldout_alignment"], "heldout_fpd": r["heldout_fpd"],
-               "seconds": total}
-        if plain is not None and total is not None:
-            p_total = plain["seconds_training"] + plain.get("seconds_dedup", 0.0)
-            rec["time_vs_plain"] = total / p_total  # unrounded: the report rounds once
-            if plain["heldout_fpd"]:
-                rec["fpd_vs_plain"] = r["heldout_fpd"] / plain["heldout_fpd"]
-        if r.get("samples"):
-            rec["dropped_share"] = round(r.get("samples_dropped", 0) / r["samples"], 4)
-        out.append(rec)
-    return out
-
-
-def plot_benchmark(report: dict | str | Path, path: str | Path) -> Path:
-    """Bar chart: planted memorization, held-out alignment, FPD and time vs plain per method."""
-    from matplotlib.figure import Figure  # no pyplot: a user's backend is left alone
-
-    if not isinstance(report, dict):
-        report = json.loads(Path(report).read_text())
-    table = report["table"]
-    names = [r["method"].replace(" (no fine-tune)", "\n(no FT)") for r in table]
-    panels = [("planted_memorization", "planted memorization rate"),
-              ("heldout_alignment", "held-out alignment (probe)"),
-              ("heldout_fpd", "held-out FPD (lower = better)"),
-              ("time_vs_plain", "training time / plain")]
-    fig = Figure(figsize=(18, 4))
-    axes = fig.subplots(1, 4)
-    for ax, (key, title) in zip(axes, panels, strict=True):
-        vals = [r.get(key) if r.get(key) is not None else 0.0 for r in table]
-        ax.bar(range(len(vals)), vals, color=["gray" if "no FT" in n else "tab:blue"
-                                              for n in names])
-        ax.set_xticks(range(len(vals)), names, rotation=60, fontsize=8)
-        ax.set_title(title, fontsize=10)
-        for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def markdown_report(report: dict, *, width: int = 30) -> str:
-    """The benchmark's table and a text bar chart of the planted memorization rate (markdown)."""
-    table = report["table"]
-    lines = ["| method | planted memorization | held-out alignment | held-out FPD | FPD vs plain | "
-             "time vs plain | samples dropped |", "|---|---|---|---|---|---|---|"]
-
-    def f(v, nd=3):
-        return "-" if v is None else f"{v:.{nd}f}"
-
-    for r in table:
-        lines.append(f"| {r['method']} | {f(r['planted_memorization'])} | "
-                     f"{f(r['heldout_alignment'])} | {f(r['heldout_fpd'], 1)} | "
-                     f"{f(r.get('fpd_vs_plain'), 2)} | {f(r.get('time_vs_plain'), 2)} | "
-                     f"{f(r.get('dropped_share'), 3)} |")
-    lines += ["", f"Planted memorization rate (each block = 1/{width}):", "", "```"]
-    name_w = max(len(r["method"]) for r in table)
-    for r in table:
-        v = r["planted_memorization"]
-        bar = "█" * round(v * width)
-        lines.append(f"{r['method']:<{name_w}} |{bar:<{width}}| {v:.3f}")
-    lines.append("```")
-    return "\n".join(lines) + "\n"

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,15 +42,17 @@ import torch
 from diffmem.core.training import DiffusionStep, draw_noise, optimizer_step
 from diffmem.runtime.errors import ConfigError
 from diffmem.train.captions import CaptionSampler
+from diffmem.train.checkpoint import (
+    CHECKPOINT,
+    EMA,
+    _check_out,
+    _settings,
+    _write_run_files,
+    load_config,
+    restore_run_state,
+    save_run_state,
+)
 from diffmem.train.config import FinetuneConfig
-
-CHECKPOINT = "checkpoint.pt"
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -70,49 +71,6 @@ def resolve_model(model: str | Path) -> Path:
         raise ModelLoadError(f"{path} is not a Stable Diffusion pipeline folder (no "
                              "model_index.json / unet/)")
     return path
-
-
-def _settings(model: Path, data: str | Path, cfg: FinetuneConfig) -> dict:
-    return {"model": str(Path(model).resolve()), "data": str(Path(data).resolve()),
-            "train": asdict(cfg)}
-
-
-def _check_out(out: Path, settings: dict) -> bool:
-    """Whether ``out`` holds this run (resume); refuses a folder holding anything else."""
-    f = out / "train_config.json"
-    if f.is_file():
-        try:
-            old = json.loads(f.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{out} holds an unreadable train_config.json") from exc
-        a = {k: v for k, v in old.get("train", {}).items() if k != "steps"}
-        b = {k: v for k, v in settings["train"].items() if k != "steps"}
-        if a != b or old.get("model") != settings["model"] or old.get("data") != settings["data"]:
-            raise ConfigError(f"{out} holds another run ({f}); rerun that run's command to resume "
-                              "it or train into a new folder")
-        return True
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} exists and holds no diffmem train run; choose an empty or new "
-                          "output folder")
-    return False
-
-
-class EMA:
-    """Exponential moving average of parameters: ``e <- decay * e + (1 - decay) * p`` per step."""
-
-    def __init__(self, params, decay: float) -> None:
-        self.decay = decay
-        self.shadow = [p.detach().clone().float() for p in params]
-
-    @torch.no_grad()
-    def update(self, params) -> None:
-        for e, p in zip(self.shadow, params, strict=True):
-            e.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, params) -> None:
-        for e, p in zip(self.shadow, params, strict=True):
-            p.copy_(e.to(p.dtype))
 
 
 def _lr_at(step: int, cfg: FinetuneConfig) -> float:
@@ -208,20 +166,6 @@ def _accelerator(cfg: FinetuneConfig):
                           f"{exc}") from exc
 
 
-def _write_run_files(out: Path, settings: dict, dataset, cfg: FinetuneConfig, *,
-                     resuming: bool) -> None:
-    """``state/``, ``train_config.json`` (a new run), ``skipped.json`` and ``dedup.json``."""
-    (out / "state").mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        (out / "train_config.json").write_text(json.dumps(settings, indent=2))
-    (out / "skipped.json").write_text(json.dumps(dataset.skipped, indent=2))
-    if cfg.dedup:
-        (out / "dedup.json").write_text(json.dumps(
-            {"criterion": cfg.dedup, "threshold": cfg.dedup_threshold, "keep": cfg.dedup_keep,
-             "groups": len(dataset.groups), "dropped": dataset.dropped,
-             "kept_items": len(dataset.items), "group_list": dataset.groups}, indent=2))
-
-
 def _make_filters(cfg: FinetuneConfig) -> tuple[list, object]:
     """The loss filters of ``cfg`` in their fixed order, and the caption screen (or None)."""
     filters = []
@@ -289,53 +233,11 @@ class _Run:
 
     def restore(self) -> None:
         """Continue from the checkpoint, if any; drop the screenings logged after it."""
-        cfg, screen = self.cfg, self.screen
-        if self.ckpt.exists():
-            state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
-            self.unet.load_state_dict(state["unet"])
-            if cfg.train_text_encoder:
-                self.text_encoder.load_state_dict(state["text_encoder"])
-            self.opt.load_state_dict(state["opt"])
-            if self.ema is not None:
-                self.ema.shadow = [s.clone() for s in state["ema"]]
-            self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
-            self.counters = state["counters"]
-            for f, f_state in zip(self.filters, state.get("filter_state") or [], strict=False):
-                if f_state is not None and hasattr(f, "load_state_dict"):
-                    f.load_state_dict(f_state)
-            if screen is not None:
-                screen.flagged = set(state.get("screen_flagged") or ())
-                screen.threshold = state.get("screen_threshold", screen.threshold)
-            rng_state = state["rng"][self.rank] if self.rank < len(state["rng"]) else None
-            if rng_state is not None:
-                self.rng.bit_generator.state = rng_state[0]
-                self.gen.set_state(rng_state[1])
-        self.resumed_from = self.step
-        if screen is not None and self.main and self.screen_log.exists():
-            kept = [line for line in self.screen_log.read_text().splitlines()
-                    if line and json.loads(line)["step"] < self.step]
-            self.screen_log.write_text("".join(x + "\n" for x in kept))
+        restore_run_state(self)
 
     def save_checkpoint(self) -> None:
-        accelerator, cfg, screen = self.accelerator, self.cfg, self.screen
-        rngs = [(self.rng.bit_generator.state, self.gen.get_state())]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            rngs = gather_object(rngs)
-        if self.main:
-            _atomic_save({
-                "unet": accelerator.unwrap_model(self.unet).state_dict(),
-                "text_encoder": (accelerator.unwrap_model(self.text_encoder).state_dict()
-                                 if cfg.train_text_encoder else None),
-                "opt": self.opt.state_dict(),
-                "ema": self.ema.shadow if self.ema is not None else None,
-                "step": self.step, "elapsed": self.elapsed + (time.time() - self.t_loop),
-                "counters": self.counters, "rng": rngs,
-                "filter_state": [f.state_dict() if hasattr(f, "state_dict") else None
-                                 for f in self.filters],
-                "screen_flagged": sorted(screen.flagged) if screen is not None else None,
-                "screen_threshold": screen.threshold if screen is not None else None}, self.ckpt)
+        """Write the checkpoint (:func:`diffmem.train.checkpoint.save_run_state`)."""
+        save_run_state(self)
 
     # ------------------------------------------------------------------------- the loop
 
@@ -470,12 +372,6 @@ class _Run:
             "screenings": counters.get("screenings", []),
             "filter_reports": {f.name: f.report() for f in self.filters if hasattr(f, "report")},
             "seconds_training": round(self.elapsed, 1)}
-
-
-def load_config(out: str | Path) -> FinetuneConfig:
-    """The :class:`FinetuneConfig` of a run folder."""
-    settings = json.loads((Path(out) / "train_config.json").read_text())
-    return FinetuneConfig(**settings["train"])
 
 
 __all__ = ["EMA", "FinetuneConfig", "encode_latents", "finetune", "load_config",

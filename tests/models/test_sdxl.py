@@ -10,26 +10,11 @@ import torch
 
 from diffmem.cli import main
 from diffmem.core.sampling import sample, seeded_generators
-from diffmem.models.adapter import load_adapter
 from diffmem.models.sdxl import SDXLAdapter
-
-from ..fixtures.tiny_models import make_tiny_sdxl_pipeline
 
 PROMPTS = ["a red circle on a gray background", "the gargoyle origami poster"]
 
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tokenizer_dirs, tmp_path_factory):
-    pipe = make_tiny_sdxl_pipeline(tokenizer_dir=tokenizer_dirs["sd1"],
-                                   tokenizer_2_dir=tokenizer_dirs["sd2"])
-    path = tmp_path_factory.mktemp("sdxl") / "pipe"
-    pipe.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def sdxl(sdxl_dir):
-    return load_adapter(sdxl_dir)
+# the tiny SDXL folder and its adapter: tests/models/conftest.py (sdxl_dir, sdxl)
 
 
 def test_folder_loads_as_sdxl(sdxl, sdxl_dir):

@@ -13,6 +13,10 @@ and ``e`` the text encoder's OUTPUT embedding of the prompt (L x D), the score o
 averaged over the chosen steps and seeds, then normalised over the prompt's real tokens (BOS, the
 first EOS and the padding are dropped) so that the scores sum to 1.
 
+SDXL: ``e_j`` is token j's row of the conditioning, both encoders' features ``[h1_j ; h2_j]``, so
+the norm runs over both. The pooled embedding (encoder 2's projected EOS state, a summary of the
+whole prompt) is no token: its gradient is left out (``adapter.token_rows``).
+
 Which x_t: step 0 is x_T drawn from the seed's generator exactly as the sampler draws it (no UNet
 call needed). For later steps the prompt is first sampled without gradients (classifier-free
 guidance, as in generation) up to the last chosen step, recording x_t and eps(x_t, empty); the
@@ -260,13 +264,13 @@ class TokenAttributor:
         """Token grad norms ``(n, L)`` and magnitudes ``(n,)`` of one chunk, averaged over steps."""
         adapter = self.adapter
         states = self._states(adapter, prompts, gens, indices)
-        norms = torch.zeros(cond.shape[:2], dtype=torch.float64)
+        norms = torch.zeros(adapter.token_rows(cond).shape[:2], dtype=torch.float64)
         mags = torch.zeros(cond.shape[0], dtype=torch.float64)
         for st in states:
             eps_u = st.eps_uncond if st.eps_uncond is not None else \
                 self._uncond_per_seed(adapter, st, gens)
             d, grad = noise_magnitude_gradient(adapter, st.x_t, st.t, cond, eps_u)
-            norms += grad.float().norm(dim=-1).double().cpu()
+            norms += adapter.token_rows(grad).float().norm(dim=-1).double().cpu()
             mags += d.double().cpu()
         return norms / len(states), mags / len(states)
 

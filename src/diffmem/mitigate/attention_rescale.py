@@ -28,6 +28,11 @@ Traps of the reference, fixed here:
   prompt (``run.tokens.lengths``) and broadcast over the layer's own heads;
 - ``cuda`` is hard-coded; nothing here assumes a device.
 
+SDXL: the keys are the 77 token rows, each holding both text encoders' features (the adapter
+unpacks the conditioning before the UNet); the pooled embedding enters through the time embedding,
+is no key and is left alone. BOS, the mask and the rows are those of SD 1.x
+(``tests/models/test_sdxl_methods.py``).
+
 Strength ``s`` maps to ``c = 1 + s (c_ref - 1)`` (0: c = 1; 1: the reference). The key mask is on
 for every ``s > 0`` (it has no continuous strength). At ``s = 0`` the hook asks for no attention at
 all, so the fused processors run and the run is the plain run bit for bit. Only the rows of

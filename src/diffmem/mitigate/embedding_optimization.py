@@ -30,6 +30,12 @@ Differences and traps, and what this module does:
   reference zeroes (by ``1 - lr * wd`` per step); here the BOS row is kept exactly.
 - The unconditional prediction at x_T does not depend on the embedding: it is computed once (the
   reference re-evaluates it every iteration).
+- SDXL (two encoders, a pooled embedding): the parameters are the token rows, each holding both
+  encoders' features (BOS fixed as above), and the pooled embedding as a separate parameter
+  (``pooled=False`` keeps it fixed), both taken apart and put back by the adapter
+  (``split_pooled`` / ``join_pooled``), so the packed pooled row is never treated as a token. The
+  SDXL pipeline takes both as the prompt's embedding (``prompt_embeds``,
+  ``pooled_prompt_embeds``); d depends on both.
 - The optimisation's own UNet calls are not seen by attention hooks (e.g. an attention rescaling
   mitigation does not apply to them); generation afterwards is an ordinary run.
 
@@ -73,14 +79,17 @@ class EmbeddingOptimization(MagnitudeTarget):
         lr: AdamW learning rate (reference 0.05).
         max_iterations: at most this many updates (reference 10).
         weight_decay: AdamW's decoupled weight decay (PyTorch default 0.01, as the reference).
+        pooled: for a family with a pooled text embedding (SDXL), optimise it together with the
+            token rows (default); False keeps it as encoded. No effect on SD 1.x/2.x.
     """
 
     name = "wen"
 
     def __init__(self, strength: float = 1.0, *, gate: FirstStepGate | None = None,
                  target: float | None = None, lr: float = 0.05, max_iterations: int = 10,
-                 weight_decay: float = 0.01) -> None:
+                 weight_decay: float = 0.01, pooled: bool = True) -> None:
         super().__init__(strength, gate=gate, target=target)
+        self.pooled = bool(pooled)
         if not (lr > 0 and math.isfinite(lr)):
             raise ConfigError(f"wen: lr must be > 0, got {lr}")
         if int(max_iterations) != max_iterations or max_iterations < 0:
@@ -129,8 +138,20 @@ class EmbeddingOptimization(MagnitudeTarget):
         target = self.effective_target
         bos = adapter.bos_index
         start = run.cond[idx.to(run.cond.device)].detach()
-        emb = start.float().clone().requires_grad_(True)
-        opt = torch.optim.AdamW([emb], lr=self.lr, weight_decay=self.weight_decay)
+        # the token rows (and, SDXL, the pooled embedding) are the parameters, never the packed row
+        start_tokens, start_pooled = adapter.split_pooled(start)
+        emb = start_tokens.float().clone().requires_grad_(True)
+        params = [emb]
+        pooled = start_pooled
+        if start_pooled is not None and self.pooled:
+            pooled = start_pooled.float().clone().requires_grad_(True)
+            params.append(pooled)
+
+        def joined(rows):  # conditioning of ``rows`` in the run's dtype
+            p = None if pooled is None else pooled[rows].to(start.dtype)
+            return adapter.join_pooled(emb[rows].to(start.dtype), p)
+
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         n = len(idx)
         done = torch.zeros(n, dtype=torch.bool)
         iters = torch.zeros(n, dtype=torch.long)
@@ -140,7 +161,7 @@ class EmbeddingOptimization(MagnitudeTarget):
             active = (~done).nonzero().flatten()
             a = active.to(emb.device)
             with torch.enable_grad():
-                d = noise_magnitude(adapter.eps(x_in[a], t, emb[a].to(start.dtype)), eps_u[a])
+                d = noise_magnitude(adapter.eps(x_in[a], t, joined(a)), eps_u[a])
                 d_cpu = d.detach().cpu()
                 if it == 0:
                     before = d_cpu.clone()
@@ -149,22 +170,25 @@ class EmbeddingOptimization(MagnitudeTarget):
                 if bool(done.all()):
                     break
                 keep = (~hit).float().to(d.device)
-                (grad,) = torch.autograd.grad((d * keep).sum(), emb)
-            grad[:, bos] = 0
-            frozen = emb.detach().clone()
-            emb.grad = grad
+                grads = torch.autograd.grad((d * keep).sum(), params)
+            grads[0][:, bos] = 0
+            frozen = [p.detach().clone() for p in params]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
             opt.step()
             opt.zero_grad(set_to_none=True)
             with torch.no_grad():
                 still = done.to(emb.device)
-                emb[still] = frozen[still]  # rows under the target stop moving
-                emb[:, bos] = start[:, bos].float()  # BOS fixed (weight decay included)
+                for p, f in zip(params, frozen, strict=True):
+                    p[still] = f[still]  # rows under the target stop moving
+                emb[:, bos] = start_tokens[:, bos].float()  # BOS fixed (weight decay included)
             iters[~done] += 1
         if self.max_iterations == 0:
             with torch.no_grad():
                 before = noise_magnitude(adapter.eps(x_in, t, start), eps_u).cpu()
         cond = run.cond.clone()
-        cond[idx.to(cond.device)] = emb.detach().to(cond.dtype)
+        with torch.no_grad():
+            cond[idx.to(cond.device)] = joined(slice(None)).detach().to(cond.dtype)
         run.cond = cond
         for k, i in enumerate(idx.tolist()):
             self.report(run, i, magnitude_before=float(before[k]), iterations=int(iters[k]),

@@ -206,14 +206,22 @@ class EmbeddingNoise(_Perturbation):
         lam: reference lambda (0.1); the run uses ``lam * strength``.
         branches: which embeddings get noise: the reference noises both CFG branches
             (``("uncond", "cond")``); ``("cond",)`` keeps the unconditional prediction clean.
+        pooled: for a family with a pooled text embedding (SDXL), noise it too (its own draw,
+            ``lambda`` the same); False leaves it clean. No effect on SD 1.x/2.x.
+
+    SDXL: ``z`` is drawn for the token rows (both encoders' features) exactly as for SD 1.x (same
+    seed, shape ``(L, D)``), and separately for the pooled embedding ``(P,)``; the adapter takes
+    the packed conditioning apart and puts it back (``split_pooled`` / ``join_pooled``), so the
+    zero padding of the packed pooled row stays zero and no noise is drawn for it.
     """
 
     name = "gni"
 
     def __init__(self, strength: float = 1.0, *, gate: FirstStepGate | None = None,
                  seed: int = 0, lam: float = 0.1,
-                 branches: Sequence[str] = ("uncond", "cond")) -> None:
+                 branches: Sequence[str] = ("uncond", "cond"), pooled: bool = True) -> None:
         super().__init__(strength, gate=gate, seed=seed)
+        self.pooled = bool(pooled)
         if not math.isfinite(lam) or lam < 0:
             raise ConfigError(f"gni: lam must be a finite number >= 0, got {lam}")
         branches = tuple(branches)
@@ -234,13 +242,21 @@ class EmbeddingNoise(_Perturbation):
         idx = mask.bool().cpu().nonzero().flatten()
         ks = _occurrences(run.prompts)
         for branch in self.branches:
-            emb = getattr(run, branch)
-            z = torch.stack([self.noise(run.prompts[i], ks[i], branch, emb.shape[1:])
-                             for i in idx.tolist()])
-            new = emb.clone()
-            rows = idx.to(new.device)
-            new[rows] = (emb[rows].float() + self.lam * z.to(new.device)).to(new.dtype)
-            setattr(run, branch, new)
+            tokens, pooled = run.adapter.split_pooled(getattr(run, branch))
+            new = self._noised(run, idx, ks, branch, tokens)
+            if pooled is not None and self.pooled:
+                pooled = self._noised(run, idx, ks, f"{branch}.pooled", pooled)
+            setattr(run, branch, run.adapter.join_pooled(new, pooled))
         for i in idx.tolist():
             self.report(run, i, lam=self.lam, branches=list(self.branches))
         return list(self.branches)
+
+    def _noised(self, run: Run, idx: torch.Tensor, ks: list[int], part: str,
+                emb: torch.Tensor) -> torch.Tensor:
+        """``emb`` with ``lam z`` added to rows ``idx`` (``z`` per prompt and ``part``)."""
+        z = torch.stack([self.noise(run.prompts[i], ks[i], part, emb.shape[1:])
+                         for i in idx.tolist()])
+        new = emb.clone()
+        rows = idx.to(new.device)
+        new[rows] = (emb[rows].float() + self.lam * z.to(new.device)).to(new.dtype)
+        return new

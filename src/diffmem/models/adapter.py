@@ -228,6 +228,31 @@ class ModelAdapter:
                 self._uncond_cache[key] = self.encode([""])
         return self._uncond_cache[key].expand(batch, -1, -1)
 
+    # ---------------------------------------------------------------- conditioning layout
+    #: rows of the conditioning ``(B, L + extra_rows, D)`` after its L token rows (SDXL: 1, the
+    #: packed pooled embedding). Methods that treat rows as tokens use :meth:`split_pooled`.
+    extra_rows: ClassVar[int] = 0
+
+    @property
+    def pooled_dim(self) -> int:
+        """Size P of the pooled text embedding (0: the family has none)."""
+        return 0
+
+    def split_pooled(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Conditioning -> its token rows ``(B, L, D)`` (one per token position, attention keys)
+        and the pooled embedding ``(B, P)``, or None for a family without one (here: ``emb``)."""
+        return emb, None
+
+    def join_pooled(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`split_pooled` (here: ``tokens`` itself)."""
+        if pooled is not None:
+            raise ConfigError(f"{self.family}: this model family has no pooled text embedding")
+        return tokens
+
+    def token_rows(self, emb: torch.Tensor) -> torch.Tensor:
+        """The token rows ``(B, L, D)`` of conditioning ``emb`` (all of it for SD 1.x/2.x)."""
+        return self.split_pooled(emb)[0]
+
     def token_strings(self, input_ids: torch.Tensor) -> list[str]:
         """BPE pieces of one row of token ids (``</w>`` marks a word end)."""
         return self.tokenizer.convert_ids_to_tokens(input_ids.tolist())

@@ -22,7 +22,10 @@ conditioning into ``(B, L + 1, D)``:
 
 and :meth:`SDXLAdapter.eps` unpacks it into ``encoder_hidden_states`` and ``added_cond_kwargs``
 (time ids from the latent size of ``x_t``). Everything that moves, masks or concatenates
-conditioning rows (branches, recompute, guidance) therefore works unchanged. Tokenizer facts
+conditioning rows (branches, recompute, guidance) therefore works unchanged. What treats rows as
+tokens (attribution, embedding optimisation, embedding noise) goes through the adapter's
+``split_pooled`` / ``join_pooled`` / ``token_rows`` (``extra_rows = 1``; ``(emb, None)`` and
+``tokens`` for SD 1.x/2.x), so that the pooled row is never taken for a token. Tokenizer facts
 (``max_length``, BOS/EOS/pad, ``tokenize``) are those of the first tokenizer; the second
 tokenizer's ids are the first's with its own padding (both are CLIP BPE with one vocabulary).
 
@@ -49,6 +52,7 @@ class SDXLAdapter(ModelAdapter):
     """Stable Diffusion XL: conditioning packed as ``(B, 77 + 1, D1 + D2)`` (see module docstring)."""
 
     family: ClassVar[str] = "sdxl"
+    extra_rows: ClassVar[int] = 1
 
     def __init__(self, pipe, *, path=None, scheduler=None) -> None:
         super().__init__(pipe, path=path, scheduler=scheduler)
@@ -93,6 +97,21 @@ class SDXLAdapter(ModelAdapter):
     def unpack(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, L + 1, D)`` -> token embeddings ``(B, L, D)`` and pooled ``(B, P)``."""
         return emb[:, :-1], emb[:, -1, : self.pooled_dim]
+
+    def split_pooled(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`unpack` with a shape check: token rows ``(B, L, D)`` (both encoders' features,
+        the UNet's attention keys) and the pooled embedding ``(B, P)``."""
+        if emb.ndim != 3 or emb.shape[1] != self.max_length + 1:
+            raise ConfigError(f"SDXL: packed conditioning has {self.max_length + 1} rows "
+                              f"({self.max_length} tokens + the pooled embedding), got shape "
+                              f"{tuple(emb.shape)}")
+        return self.unpack(emb)
+
+    def join_pooled(self, tokens: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`pack`; SDXL conditioning always carries its pooled embedding."""
+        if pooled is None:
+            raise ConfigError("SDXL: the conditioning needs its pooled embedding (join_pooled)")
+        return self.pack(tokens, pooled)
 
     def time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
         """``(batch, 6)``: original size, crop corner (0, 0), target size (as the pipeline)."""

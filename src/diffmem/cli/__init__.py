@@ -273,6 +273,7 @@ def _load_extension(name: str):
 #: per command group, with the shared option types of :mod:`diffmem.cli.args`).
 _EXTENSIONS: list[str] = [
     "diffmem.cli.detect",
+    "diffmem.cli.calibrate",
     "diffmem.cli.explain",
     "diffmem.cli.eval",
     "diffmem.cli.similarity",

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-set index folder (needed by amg and --detect preview_replication)")
     g.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="first-step noise-magnitude threshold of auto / wen (default: calibrated "
-                        "on the testbed's held-out prompts; required for other models)")
+                        "on the testbed's held-out prompts, or stored by `diffmem calibrate`)")
     g.set_defaults(func=_cmd_generate)
 
     tb = sub.add_parser("testbed", help="the built-in testbed model").add_subparsers(

@@ -101,6 +101,12 @@ BAD_INPUTS = [
      "holds no images to index"),
     ("empty-quality-folder", ["eval", "quality", "{empty}", "{empty}"],
      "holds no readable images"),
+    ("calibrate-not-a-pipeline", ["calibrate", "--model", "{empty}"],
+     "holds no diffusers pipeline"),
+    ("calibrate-empty-clean", ["calibrate", "--model", "{tiny}", "--clean", "{emptytxt}"],
+     "contains no prompts"),
+    ("calibrate-fpr-zero", ["calibrate", "--model", "{tiny}", "--fpr", "0"],
+     "argument --fpr: expected a number > 0 and < 1"),
     ("unknown-option", ["detect", "{txt}", "--out", "{tmp}/o.csv", "--sampling-stpes", "3"],
      "unrecognized arguments: --sampling-stpes 3"),
 ]

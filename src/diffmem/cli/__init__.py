@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-set index folder (needed by amg and --detect preview_replication)")
     g.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="first-step noise-magnitude threshold of auto / wen (default: calibrated "
-                        "on the testbed's held-out prompts; required for other models)")
+                        "on the testbed's held-out prompts, or stored by `diffmem calibrate`)")
     g.set_defaults(func=_cmd_generate)
 
     tb = sub.add_parser("testbed", help="the built-in testbed model").add_subparsers(
@@ -301,6 +301,7 @@ def _load_extension(name: str):
 #: per command group, with the shared option types of :mod:`diffmem.cli.args`).
 _EXTENSIONS: list[str] = [
     "diffmem.cli.detect",
+    "diffmem.cli.calibrate",
     "diffmem.cli.explain",
     "diffmem.cli.eval",
     "diffmem.cli.similarity",

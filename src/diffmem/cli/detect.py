@@ -96,7 +96,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="column (.csv/.tsv/.parquet) or field (.jsonl) holding the prompts "
                         "(default: 'prompt' or 'caption')")
     d.add_argument("--threshold-from", default=None,
-                   help="clean prompts to calibrate a threshold on; adds a 'flagged' column")
+                   help="clean prompts to calibrate a threshold on; adds a 'flagged' column (without "
+                        "it, so does a threshold `diffmem calibrate` stored for these settings)")
     d.add_argument("--fpr", type=FPR, default=0.01,
                    help="target false-positive rate of --threshold-from, in (0, 1)")
     _add_detector_options(d)

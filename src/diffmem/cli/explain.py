@@ -111,7 +111,7 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
     add_model(p, testbed_only=testbed_only)
     p.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="detector threshold (default: fitted at 1%% FPR on the testbed's clean "
-                        "controls)")
+                        "controls, or stored by `diffmem calibrate`)")
     p.add_argument("--steps", type=scored_steps, default=1,
                    help=STEPS_HELP.replace("scored", "attributed"))
     p.add_argument("--seeds", type=GENERATIONS, default=1, help="initial noises per prompt")

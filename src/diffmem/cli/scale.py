@@ -54,7 +54,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     s.add_argument("--threshold", type=float, default=None,
                    help="decision threshold of the (single) detector")
     s.add_argument("--threshold-from", default=None,
-                   help="clean prompts to calibrate each detector's threshold on")
+                   help="clean prompts to calibrate each detector's threshold on (without it: the "
+                        "testbed's held-out prompts, or what `diffmem calibrate` stored)")
     s.add_argument("--fpr", type=float, default=0.01, help="target FPR of --threshold-from")
     s.add_argument("--explain", action="store_true",
                    help="top words of each flagged prompt (token attribution)")

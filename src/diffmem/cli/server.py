@@ -66,7 +66,7 @@ def register(commands, eval_commands) -> None:
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--threshold", type=float, default=None,
                    help="first-step noise-magnitude threshold (default: calibrated at 1%% FPR on "
-                        "the testbed's held-out prompts; required for other models)")
+                        "the testbed's held-out prompts, or stored by `diffmem calibrate`)")
     s.add_argument("--index", default=None,
                    help="training index folder (diffmem index build) for the nearest training "
                         "image of generations, and for amg; without it, no nearest image")

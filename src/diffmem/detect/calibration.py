@@ -6,11 +6,18 @@ detector settings and these clean prompts (:class:`~diffmem.models.calibration.C
 is reused, or fitted (:meth:`Detector.fit`, the 1% FPR quantile of clean scores) and stored. Clean
 prompts come from the caller or the model's profile (a testbed's held-out prompts); a model with
 neither has no threshold unless ``diffmem calibrate`` stored one.
+
+:func:`calibrate_model` is the function behind ``diffmem calibrate``: it fits and stores, for one
+model's weights, the thresholds every command looks up -- the first-step noise magnitude (the gate
+of ``--mitigate auto`` / ``wen``, the service, the guard's watch) and the default detector of
+``diffmem detect`` -- on the given clean prompts, else the profile's, else the shipped list of
+ordinary prompts (:func:`shipped_clean_prompts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib import resources
 
 from diffmem.detect.base import Detector
 from diffmem.models.adapter import load_adapter
@@ -20,6 +27,12 @@ from diffmem.models.calibration import (
     prompts_digest,
     weights_fingerprint,
 )
+from diffmem.runtime.defaults import DEFAULT_DETECTOR
+from diffmem.runtime.errors import PromptError
+
+#: the shipped list of ordinary prompts (one per line) that ``diffmem calibrate`` uses for a model
+#: without clean prompts of its own
+SHIPPED_CLEAN_PROMPTS = "clean_prompts.txt"
 
 _PLAIN = (int, float, str, bool, type(None))
 
@@ -40,10 +53,19 @@ def detector_settings(detector: Detector) -> dict:
     return out
 
 
+def _scoring(settings: dict) -> dict:
+    """Settings less the target FPR: what makes two calibrations' scores comparable."""
+    return {k: v for k, v in settings.items() if k != "fpr"}
+
+
 def calibrated_threshold(model, detector: Detector, clean_prompts: Sequence[str] | None = None, *,
-                         store: CalibrationStore | None = None) -> float | None:
+                         store: CalibrationStore | None = None, fit: bool = True) -> float | None:
     """The detector's threshold for ``model`` (see the module docstring); ``None`` when no clean
-    prompts are known and none is stored. Sets ``detector.threshold_`` as :meth:`Detector.fit`."""
+    prompts are known and none is stored. Sets ``detector.threshold_`` as :meth:`Detector.fit`.
+
+    Without clean prompts (none given, none in the profile) the calibration ``diffmem calibrate``
+    stored last for these weights is used when its detector settings match (its own FPR whatever
+    ``detector.fpr``). ``fit=False``: only look up, never score clean prompts."""
     if hasattr(detector, "threshold_"):
         return float(detector.threshold_)
     adapter = load_adapter(model)
@@ -53,7 +75,7 @@ def calibrated_threshold(model, detector: Detector, clean_prompts: Sequence[str]
         clean_prompts = list(adapter.profile.clean_prompts)
     if not clean_prompts:
         stored = store.latest(fingerprint, detector.name)
-        if stored is None or stored.settings != detector_settings(detector):
+        if stored is None or _scoring(stored.settings) != _scoring(detector_settings(detector)):
             return None
         return _apply(detector, stored)
     settings = detector_settings(detector)
@@ -61,6 +83,8 @@ def calibrated_threshold(model, detector: Detector, clean_prompts: Sequence[str]
     stored = store.get(fingerprint, detector.name, settings, digest)
     if stored is not None:
         return _apply(detector, stored)
+    if not fit:
+        return None
     detector.fit(adapter, list(clean_prompts))
     store.put(Calibration(detector=detector.name, settings=settings,
                           threshold=float(detector.threshold_), fpr=float(detector.fpr),
@@ -73,3 +97,54 @@ def _apply(detector: Detector, cal: Calibration) -> float:
     detector.threshold_ = float(cal.threshold)
     detector.n_calibration_ = int(cal.n_clean)
     return detector.threshold_
+
+
+def shipped_clean_prompts() -> list[str]:
+    """The shipped list of ordinary prompts (everyday scenes, objects and styles; no artist names or
+    well-known captions): the clean prompts of ``diffmem calibrate`` without ``--clean``."""
+    text = resources.files("diffmem.detect").joinpath(SHIPPED_CLEAN_PROMPTS).read_text("utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def calibration_detectors(fpr: float = 0.01) -> list[Detector]:
+    """The detectors ``diffmem calibrate`` calibrates, with the settings the commands use: the
+    first-step noise magnitude (1 step, 1 generation: the gate, the service, the guard's watch)
+    and ``diffmem detect``'s default detector."""
+    from diffmem.detect.noise_magnitude import NoiseMagnitude
+    from diffmem.detect.registry import make_detector
+
+    return [NoiseMagnitude(steps=1, generations=1, fpr=fpr), make_detector(DEFAULT_DETECTOR, fpr=fpr)]
+
+
+def calibrate_model(model, clean_prompts: Sequence[str] | None = None, *, fpr: float = 0.01,
+                    store: CalibrationStore | None = None) -> list[Calibration]:
+    """Fit and store the thresholds of :func:`calibration_detectors` for ``model``'s weights at
+    ``fpr``, on ``clean_prompts`` (default: the model profile's, else
+    :func:`shipped_clean_prompts`); returns the stored calibrations (their files:
+    ``store.folder / f"{cal.key}.json"``; ``cal.extra["clean"]``: ``"given"``, ``"profile"`` or
+    ``"shipped"``). Commands then find them without a threshold
+    (:func:`calibrated_threshold`). Nothing is stored unless every detector was fitted."""
+    if clean_prompts is not None:
+        clean_prompts = [p for p in clean_prompts if p.strip()]
+        if not clean_prompts:
+            raise PromptError("no clean prompts to calibrate on")
+    detectors = calibration_detectors(fpr)  # bad fpr: refused before the model loads
+    adapter = load_adapter(model)
+    source = "given"
+    if clean_prompts is None:
+        clean_prompts = list(adapter.profile.clean_prompts)
+        source = "profile" if clean_prompts else "shipped"
+        clean_prompts = clean_prompts or shipped_clean_prompts()
+    store = store or CalibrationStore()
+    fingerprint = weights_fingerprint(adapter)
+    digest = prompts_digest(clean_prompts)
+    cals = []
+    for det in detectors:
+        det.fit(adapter, list(clean_prompts))
+        cals.append(Calibration(detector=det.name, settings=detector_settings(det),
+                                threshold=float(det.threshold_), fpr=float(det.fpr),
+                                n_clean=int(det.n_calibration_), model=fingerprint,
+                                clean_prompts=digest, extra={"by": "diffmem calibrate", "clean": source}))
+    for cal in cals:
+        store.put(cal)
+    return cals

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffmem.core.steps import parse_steps
+from diffmem.detect.calibration import calibrated_threshold
 from diffmem.detect.prompts import TABLE_SUFFIXES, read_prompts, write_table
 from diffmem.detect.registry import make_detector
 from diffmem.models.adapter import ModelAdapter, load_adapter
@@ -25,7 +26,9 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
 
     ``truncated``: the prompt was longer than the text encoder's context and only its first tokens
     were scored. With ``threshold_from`` (a file of clean prompts) the detector is first calibrated
-    at ``fpr`` and each prompt gets ``flagged = score > threshold``. ``detector``: a registry name
+    at ``fpr`` and each prompt gets ``flagged = score > threshold``; without it, so does a threshold
+    stored for these weights and detector settings (``diffmem calibrate``; the testbed's held-out
+    calibration), and nothing is fitted. ``detector``: a registry name
     (default: ``preview_replication`` with an ``index``, the training set's, else
     :data:`~diffmem.runtime.defaults.DEFAULT_DETECTOR`); ``num_inference_steps``: the detector's own
     schedule length when None. Returns a summary dict.
@@ -56,12 +59,18 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
                      "truncated": truncated}
     summary: dict = {"detector": det.name, "n_prompts": len(prompts),
                      "n_truncated": int(sum(truncated)), "out": str(out)}
-    if clean is not None:
-        with quiet_truncation():
-            det.fit(adapter, clean)
+    stored = None
+    if clean is None:  # a threshold stored for these weights and settings (`diffmem calibrate`)
+        stored = calibrated_threshold(adapter, det, fit=False)
+    if clean is not None or stored is not None:
+        if clean is not None:
+            with quiet_truncation():
+                det.fit(adapter, clean)
         columns["flagged"] = [bool(f) for f in det.decision_function(scores) > 0]
         summary.update(threshold=det.threshold_, n_flagged=int(sum(columns["flagged"])),
                        n_calibration=det.n_calibration_)
+        if clean is None:
+            summary["calibration"] = "stored"
     write_table(columns, out)
     return summary
 

@@ -68,14 +68,16 @@ class MitigationContext:
 
 def default_threshold(adapter) -> float:
     """First-step noise-magnitude threshold at 1% FPR on the model's known-clean prompts (the
-    testbed's held-out prompts); other models need an explicit threshold."""
+    testbed's held-out prompts), else the one ``diffmem calibrate`` stored for these weights;
+    without either, one error naming the command."""
     from diffmem.detect import NoiseMagnitude
     from diffmem.detect.calibration import calibrated_threshold
 
     thr = calibrated_threshold(adapter, NoiseMagnitude(steps=1, generations=1))
     if thr is None:
-        raise ConfigError("no calibrated threshold for this model: run `diffmem calibrate --model "
-                          "PATH` once, or pass threshold= (CLI: --threshold)")
+        where = getattr(adapter, "path", None) or "PATH"
+        raise ConfigError(f"no calibrated threshold for this model: run `diffmem calibrate --model "
+                          f"{where}` once, or pass threshold= (CLI: --threshold)")
     return thr
 
 

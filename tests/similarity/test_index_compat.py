@@ -10,7 +10,6 @@ from diffmem.similarity.index import PixelSpace, TrainingIndex
 from diffmem.similarity.index_compat import (
     check_index_matches,
     model_training_set,
-    training_set_fingerprint,
 )
 
 MINE, OTHER = "testbed:0123456789ab", "testbed:ba9876543210"
@@ -50,21 +49,19 @@ def test_other_models_refuse_a_testbed_index_only():
                             criterion="tiled_l2")
 
 
-def test_model_training_set_prefers_the_profile():
-    class Spec:
-        def to_dict(self):
-            return {"n": 1}
+def test_model_training_set_comes_from_the_profile(testbed_adapter, tiny_dir):
+    from diffmem.models.adapter import load_adapter
+    from diffmem.testbed import shipped_testbed_spec
+    from diffmem.testbed.index import testbed_fingerprint
 
     class Profile:
         training_set = "laion:x"
 
-    class Testbed:
-        testbed_spec = Spec()
-
-    class Profiled(Testbed):
+    class Profiled:
         profile = Profile()
 
-    assert model_training_set(Testbed()) == training_set_fingerprint("testbed", {"n": 1})
-    assert model_training_set(Testbed()).startswith("testbed:")
+    assert model_training_set(testbed_adapter) == testbed_fingerprint(shipped_testbed_spec())
+    assert model_training_set(testbed_adapter).startswith("testbed:")
     assert model_training_set(Profiled()) == "laion:x"
+    assert model_training_set(load_adapter(tiny_dir)) is None  # a folder without a profile
     assert model_training_set(object()) is None

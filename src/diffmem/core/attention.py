@@ -33,8 +33,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from diffmem.core.hooks import Hook
+
 if TYPE_CHECKING:
-    from diffmem.core.sampling import Hook, Run, Step
+    from diffmem.core.sampling import Run, Step
 
 #: (run, step, {layer: [hooks]}) of the UNet call in progress in this thread/task, or None
 _CURRENT: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("diffmem_attention",
@@ -129,8 +131,6 @@ class ObservableCrossAttention:
 def _changed_rows(run, step, hooks) -> torch.Tensor | None:
     """Union of the UNet-batch rows the hooks change, when every hook only changes logits and
     declares its rows (:meth:`~diffmem.core.sampling.Hook.attention_rows`); else None."""
-    from diffmem.core.sampling import Hook
-
     declared = []
     for hook in hooks:
         if type(hook).on_attention is not Hook.on_attention:
@@ -244,8 +244,6 @@ class Observers:
     def observe(self, run: Run, step: Step, *, modifiers_only: bool = False):
         """Make ``run``/``step`` current for the hooks that want attention at this step
         (``modifiers_only``: only hooks that change logits, for a recomputed UNet call)."""
-        from diffmem.core.sampling import Hook
-
         active: dict[str, list[Hook]] = {}
         for name, hooks in self.wants.items():
             chosen = [h for h in hooks if h.attention_at(run, step) and not (

@@ -43,110 +43,11 @@ from typing import Any
 import torch
 
 from diffmem.core import attention as _attention
+from diffmem.core.guidance import Branch, Guidance
+from diffmem.core.hooks import Hook
 from diffmem.models.adapter import ModelAdapter, Tokenized
 from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
-
-
-class Hook:
-    """Base class of everything that plugs into :func:`sample`. Override what you need.
-
-    Attributes:
-        name: key under which :func:`sample` returns what the hook stored in ``run.records``.
-        attention_layers: ``None`` (no attention access), ``"all"``, or cross-attention layer names
-            or patterns (``"down_blocks.1*"``); see :func:`diffmem.core.attention.select_layers`.
-            Override :meth:`layers` to choose them per model.
-
-    A hook keeps whatever it accumulates during a run in ``run.state(self)`` (a namespace made for
-    this hook and this run), so that one hook object can serve several runs at once.
-    """
-
-    name: str = "hook"
-    attention_layers: Sequence[str] | str | None = None
-
-    def layers(self, run: Run) -> Sequence[str] | str | None:
-        """Cross-attention layers this hook needs in ``run`` (default :attr:`attention_layers`)."""
-        return self.attention_layers
-
-    def on_start(self, run: Run) -> None:
-        """Before the first step: may change ``run.cond``, ``run.uncond`` or ``run.latents``."""
-
-    def before_step(self, run: Run, step: Step) -> None:
-        """Before the UNet call: may change ``run.latents``, the branches or the guidance scale."""
-
-    def on_step(self, run: Run, step: Step) -> None:
-        """After the UNet call: may read the step, change ``step.eps`` / set ``run.stop``."""
-
-    def on_end(self, run: Run) -> None:
-        """After the last step (also after an early stop)."""
-
-    def last_step(self, run: Run) -> int | None:
-        """Index of the last step this hook needs; ``None``: it needs the whole run. With
-        ``sample(..., stop_when_done=True)`` the run ends once every hook has what it needs."""
-        return None
-
-    def attention_at(self, run: Run, step: Step) -> bool:
-        """Whether this hook needs the cross-attention at this step (only asked if it has layers)."""
-        return True
-
-    def attention_logits(self, run: Run, step: Step, layer: str,
-                         scores: torch.Tensor) -> torch.Tensor:
-        """Change cross-attention logits ``(N, heads, queries, tokens)`` of the UNet batch; find a
-        branch's rows with :meth:`Step.rows` (e.g. ``scores[step.rows("cond")]``)."""
-        return scores
-
-    def attention_rows(self, run: Run, step: Step) -> torch.Tensor | None:
-        """UNet-batch rows whose logits :meth:`attention_logits` may change at this step; ``None``
-        (default): any row. A hook that only changes logits and declares its rows lets the other
-        rows go through the layer's original processor, so they stay bit-identical to a run
-        without it (e.g. the prompts a gate did not flag)."""
-        return None
-
-    def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:
-        """Observe cross-attention probabilities ``(N, heads, queries, tokens)`` (float32) of the
-        UNet batch; :meth:`Step.branch` gives one branch's rows in prompt order."""
-
-
-@dataclass
-class Branch:
-    """One conditioning of the UNet at a step: embeddings for every prompt, evaluated for the
-    prompts where ``mask`` is True (``None``: all)."""
-
-    emb: torch.Tensor  # (B, L, D)
-    mask: torch.Tensor | None = None  # (B,) bool
-
-    def prompt_index(self, batch: int, device) -> torch.Tensor:
-        if self.mask is None:
-            return torch.arange(batch, device=device)
-        return self.mask.nonzero().flatten().to(device)
-
-
-class Guidance:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6), the default guidance of a run.
-
-    :meth:`branches` names the conditionings to evaluate at a step; :meth:`combine` turns their
-    outputs into the guided prediction. Per prompt: both branches evaluated -> CFG; only ``cond``
-    -> ``eps_cond`` (guidance scale 1); only ``uncond`` -> ``eps_uncond`` (scale 0). Other branches
-    are left to the hooks that added them. Subclass it for another guidance rule.
-    """
-
-    def branches(self, run: Run, step: Step) -> dict[str, Branch]:
-        return {"uncond": Branch(run.uncond), "cond": Branch(run.cond)}
-
-    def combine(self, run: Run, step: Step) -> torch.Tensor:
-        u, c = step.out.get("uncond"), step.out.get("cond")
-        if u is None or c is None:
-            if u is None and c is None:
-                raise ConfigError("a step evaluated neither the cond nor the uncond branch")
-            return c if u is None else u
-        eps = u + step.scale_like(c) * (c - u)
-        has_u, has_c = step.evaluated("uncond"), step.evaluated("cond")
-        rows = (slice(None),) + (None,) * (c.ndim - 1)
-        if not bool(has_u.all()):
-            eps = torch.where(has_u[rows], eps, c)
-        if not bool(has_c.all()):
-            eps = torch.where(has_c[rows], eps, u)
-        return eps
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_generate_auto_names_calibrate_then_uses_the_stored_calibration(tiny_dir
     rc, out, err = run(capsys, *gen, "--out", tmp_path / "after")
     assert rc == 0, err
     row = json.loads((tmp_path / "after" / "generations.jsonl").read_text().splitlines()[0])
-    assert any(k.startswith("mitigation.") for k in row)
+    assert row["verdict"]["status"] in ("clean", "mitigated")  # auto is the guard
 
     # detect with the default detector's settings: a 'flagged' column from the stored threshold
     prompts = tmp_path / "p.txt"

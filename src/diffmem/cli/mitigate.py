@@ -19,6 +19,7 @@ from diffmem.cli.args import (
     THRESHOLD,
     OutFile,
     add_model,
+    add_sampling,
 )
 from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
@@ -68,7 +69,8 @@ def _cmd_eval_guard(a: argparse.Namespace) -> int:
                             groups=[g for g in (a.groups or "").split(",") if g] or None,
                             max_per_group=a.max_per_group, without_index=not a.index_only,
                             hand_made=a.hand_made, steps=a.sampling_steps,
-                            guidance_scale=a.guidance_scale, batch_size=a.batch_size)
+                            guidance_scale=a.guidance_scale, batch_size=a.batch_size,
+                            scheduler=a.scheduler)
     write_json(a.out, report)
     keys = ("group", "setting", "plain_copy_rate", "served_copy_rate", "unresolved",
             "bit_identical", "alignment_ratio", "cost")
@@ -95,10 +97,7 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                         "plain generations)")
     g.add_argument("--batch-size", type=BATCH, default=32, help="images per batched run")
     add_model(g, testbed_only=True)
-    g.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=SAMPLING.steps,
-                   help="denoising steps")
-    g.add_argument("--guidance-scale", type=GUIDANCE, default=SAMPLING.guidance_scale,
-                   help="classifier-free guidance scale")
+    add_sampling(g)
     g.set_defaults(func=_cmd_eval_guard)
 
     e = eval_commands.add_parser(

@@ -82,7 +82,7 @@ def evaluate_guard(model="testbed", *, index=None, split: str = "test", seeds: i
                    groups: Sequence[str] | None = None, max_per_group: int | None = None,
                    without_index: bool = True, hand_made: str | Path | None = None,
                    steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
-                   batch_size: int = 32, config=None) -> dict:
+                   batch_size: int = 32, scheduler: str | None = None, config=None) -> dict:
     """The report of the module docstring, as a dict (``rows``: one per group and setting)."""
     from diffmem.eval.alignment import attribute_alignment
     from diffmem.eval.mitigation import _Judge
@@ -92,7 +92,7 @@ def evaluate_guard(model="testbed", *, index=None, split: str = "test", seeds: i
     from diffmem.testbed import require_spec
     from diffmem.testbed.data import build_testbed
 
-    adapter = load_adapter(model)
+    adapter = load_adapter(model, scheduler=scheduler)
     index = load_index(index, what="eval guard")
     sets = _prompt_sets(adapter, split, groups, max_per_group, hand_made)
     judge = _Judge(adapter, build_testbed(require_spec(adapter, "eval guard")), with_sscd=False)

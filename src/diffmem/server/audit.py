@@ -13,8 +13,9 @@ Writes go through one background thread (the event loop never waits for the disk
 dies: a write that fails (database locked by another connection, disk full, I/O error) is retried
 with backoff, the rows stay queued (up to ``max_queue``; beyond it a row is dropped, counted and
 logged) and each failure is counted (``diffmem_audit_failures_total{kind}``) and logged.
-:attr:`AuditLog.healthy` is false while rows have been failing for longer than ``retry_s``, so
-readiness fails; :class:`AuditTicket` lets a caller wait for its own rows (fail-closed mode).
+:attr:`AuditLog.healthy` is false while rows have been failing for longer than ``retry_s`` (or
+were dropped in the last ``retry_s``), so readiness fails; :class:`AuditTicket` lets a caller wait
+for its own rows (fail-closed mode).
 """
 
 from __future__ import annotations
@@ -195,6 +196,7 @@ class AuditLog:
         self.failing_since: float | None = None
         self.last_error: str | None = None
         self.failures = self.dropped = self.written_rows = 0
+        self.last_drop: float | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._writer, name="diffmem-audit", daemon=True)
         self._thread.start()
@@ -231,6 +233,8 @@ class AuditLog:
         if self.failing_since is not None and time.monotonic() - self.failing_since > self.retry_s:
             return f"audit rows not written for {time.monotonic() - self.failing_since:.0f} s " \
                    f"({self.last_error})"
+        if self.last_drop is not None and time.monotonic() - self.last_drop < self.retry_s:
+            return "audit rows dropped: the audit queue was full"
         if self._queued_rows >= 0.9 * self.max_queue:
             return f"audit queue nearly full ({self._queued_rows} rows)"
         return None
@@ -278,6 +282,7 @@ class AuditLog:
                 self._queued_rows += len(rows)
         if full:
             self.dropped += len(rows)
+            self.last_drop = time.monotonic()
             if self.metrics is not None:
                 self.metrics.audit_dropped.inc(value=len(rows))
             log.error("audit queue full (%d rows): %d row(s) dropped", self.max_queue, len(rows))

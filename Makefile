@@ -50,8 +50,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/lint-imports --config .importlinter
 
-# Debian's Chromium for the page's end-to-end test (tests/server/test_page_e2e.py skips without it;
-# Playwright's own browser download cannot work offline); needs root and apt
+# Debian's Chromium for the page's end-to-end test (tests/server/test_page_e2e.py skips without it,
+# and fails without it when CI or DIFFMEM_REQUIRE_BROWSER=1 is set, as .ci/run does; Playwright's
+# own browser download cannot work offline); needs root and apt. .ci/run runs it before `make test`.
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 

@@ -89,9 +89,12 @@ def live_server(app, timeout: float = 60.0):
     """Run ``app`` on uvicorn at 127.0.0.1:<free port> in a thread; yields the base URL."""
     import uvicorn
 
+    from diffmem.server.app import uvicorn_options
+
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="on"))
+                                           lifespan="on",
+                                           **uvicorn_options(app.state.guard.config)))
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn-test")
     thread.start()
     t0 = time.monotonic()

@@ -2,7 +2,9 @@
 Chromium (Debian's ``chromium`` package; Playwright's own browser download cannot work offline).
 
 Skips, with the reason, when playwright or chromium is missing (``make test`` installs playwright
-with the dev extra; ``apt-get install chromium`` brings the browser). The screenshot goes to
+with the dev extra; ``make browser`` / ``apt-get install chromium`` brings the browser), except in
+CI: with ``CI`` or ``DIFFMEM_REQUIRE_BROWSER=1`` set (``.ci/run`` sets both) a missing browser is a
+failure, so the page is tested on every submission. The screenshot goes to
 ``runs/screenshots/service_page.png`` (git-ignored).
 """
 
@@ -33,16 +35,41 @@ def _browser() -> tuple[str | None, str]:
     return path, ""
 
 
+def browser_required() -> bool:
+    """CI must run the page test: a missing browser fails instead of skipping."""
+    flag = os.environ.get("DIFFMEM_REQUIRE_BROWSER", "").strip().lower()
+    ci = os.environ.get("CI", "").strip().lower()
+    return flag not in ("", "0", "false", "no") or ci not in ("", "0", "false", "no")
+
+
 CHROMIUM, WHY_NOT = _browser()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason=WHY_NOT)
 
 
-def test_page_flags_highlights_edits_and_generates(engine, memorized, serve):
+@pytest.fixture
+def browser_path():
+    if CHROMIUM is None:
+        if browser_required():
+            pytest.fail(f"the page test must run in CI: {WHY_NOT}")
+        pytest.skip(WHY_NOT)
+    return CHROMIUM
+
+
+def test_missing_browser_fails_in_ci(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    assert browser_required()
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv("DIFFMEM_REQUIRE_BROWSER", "0")
+    assert not browser_required()
+    monkeypatch.setenv("DIFFMEM_REQUIRE_BROWSER", "1")
+    assert browser_required()
+
+
+def test_page_flags_highlights_edits_and_generates(engine, memorized, serve, browser_path):
     from playwright.sync_api import expect, sync_playwright
 
     # max_steps 10: the page generates with the server's default steps (min(50, max_steps))
     with serve(create_app(engine, ServerConfig(max_steps=10))) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 900})
             page.goto(url + "/")
@@ -74,7 +101,15 @@ def test_page_flags_highlights_edits_and_generates(engine, memorized, serve):
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 
+            # a superseded check is aborted (no error shown), the newest one answers
+            page.evaluate("""() => { const p = document.getElementById("prompt");
+                p.value = "a red circle"; check(); p.value = "a blue square"; check(); }""")
+            expect(status).not_to_have_attribute("data-pending", "true", timeout=30_000)
+            assert page.locator("#error").inner_text() == ""
+            assert " ".join(page.locator("#words .word").all_inner_texts()) == "a blue square"
+            assert page.evaluate("() => window.localStorage.length") == 0  # key: session only
+
             page.goto(url + "/docs")  # Swagger UI from the package, no network
-            expect(page.locator(".opblock")).to_have_count(5, timeout=30_000)
+            expect(page.locator(".opblock")).to_have_count(7, timeout=30_000)
         finally:
             browser.close()

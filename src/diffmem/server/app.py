@@ -1,10 +1,10 @@
 """The guard service: FastAPI app with micro-batched detection, explanations, generation and a page.
 
-Routes: ``POST /v1/detect``, ``POST /v1/explain``, ``POST /v1/generate``, ``GET /healthz``,
-``GET /metrics`` (Prometheus text), ``GET /`` (the page), ``/openapi.json`` and ``/docs``.
-Every rejection is a 4xx with ``{"error": "<one-line reason>"}``; the reason of a rejected ``/v1``
-request is also the only thing the audit log keeps of it. Model work runs in worker threads
-(:mod:`diffmem.server.engine`), never on the event loop.
+Routes: ``POST /v1/detect``, ``POST /v1/explain``, ``POST /v1/generate``, ``GET /livez``,
+``GET /readyz``, ``GET /healthz``, ``GET /metrics`` (Prometheus text), ``GET /`` (the page),
+``/openapi.json`` and ``/docs``. Every rejection is a 4xx/5xx with
+``{"error": "<one-line reason>"}``; the audit log keeps its status and kind only. Model work runs
+in worker threads (:mod:`diffmem.server.engine`), never on the event loop.
 
 :func:`create_app` only wires the parts: the config and shared state
 (:mod:`diffmem.server.config`), the bodies (:mod:`diffmem.server.schemas`), the middleware
@@ -12,6 +12,7 @@ request is also the only thing the audit log keeps of it. Model work runs in wor
 routes (:mod:`diffmem.server.routes`).
 """
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -28,7 +29,10 @@ from diffmem.server.middleware import ENDPOINTS, GuardMiddleware
 from diffmem.server.routes import add_ops_routes, add_v1_routes
 from diffmem.server.schemas import ErrorResponse
 
-__all__ = ["ENDPOINTS", "ApiError", "AppState", "GuardMiddleware", "ServerConfig", "create_app"]
+log = logging.getLogger("diffmem.server")
+
+__all__ = ["ENDPOINTS", "ApiError", "AppState", "GuardMiddleware", "ServerConfig", "create_app",
+           "uvicorn_options"]
 
 _DESCRIPTION = ("Memorization checks for a text-to-image model: first-step noise magnitude "
                 "(Wen et al., ICLR 2024) against a calibrated threshold, word attributions "
@@ -40,8 +44,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *,
                audit: AuditLog | None = None) -> FastAPI:
     """The service around one :class:`Engine` (one loaded model)."""
     state = AppState(engine, resolve_config(config, engine), Metrics(), audit)
-    batch_thread = ThreadPoolExecutor(1, thread_name_prefix="diffmem-batch")
-    app = _fastapi(lifespan=_lifespan(state, batch_thread))
+    _build_info(state.metrics)
+    if audit is not None:
+        audit.metrics = state.metrics
+    app = _fastapi(lifespan=_lifespan(state))
     app.state.guard = state
     app.add_middleware(GuardMiddleware, state=state)
     add_error_handlers(app)
@@ -50,25 +56,52 @@ def create_app(engine: Engine, config: ServerConfig | None = None, *,
     return app
 
 
-def _lifespan(state: AppState, batch_thread: ThreadPoolExecutor):
-    """Start: the worker pool and the micro-batcher (on ``batch_thread``). Stop: the batcher, the
-    pool (queued work cancelled) and a flush of the audit log."""
+def _build_info(metrics: Metrics) -> None:
+    import platform
+
+    import torch
+
+    metrics.build_info.set(1, __version__, platform.python_version(), torch.__version__)
+
+
+def uvicorn_options(cfg: ServerConfig) -> dict:
+    """uvicorn's options for ``cfg``: proxy headers trusted only from ``forwarded_allow_ips``,
+    the connection limit and the graceful-shutdown window."""
+    return {"proxy_headers": cfg.forwarded_allow_ips is not None,
+            "forwarded_allow_ips": cfg.forwarded_allow_ips or "",
+            "limit_concurrency": cfg.max_connections,
+            "timeout_graceful_shutdown": cfg.shutdown_timeout_s,
+            "server_header": False}
+
+
+def _lifespan(state: AppState):
+    """Start: the worker pool and the micro-batcher (on its own thread). Stop (after uvicorn's
+    graceful window, when in-flight requests finished or were cancelled): every running job's
+    cancel event set (it stops at its next UNet call), the batcher, the pool (queued work
+    cancelled), the batch thread and a flush of the audit log."""
     cfg = state.config
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.shutting_down = False
         state.workers = ThreadPoolExecutor(cfg.workers, thread_name_prefix="diffmem-work")
+        batch_thread = ThreadPoolExecutor(1, thread_name_prefix="diffmem-batch")
         state.batcher = MicroBatcher(state.engine.score, batch_thread, max_batch=cfg.max_batch,
                                      max_wait_s=cfg.max_wait_ms / 1000, max_queue=cfg.max_queue,
+                                     max_wait_queue_s=cfg.max_queue_wait_s,
                                      metrics=state.metrics)
         state.batcher.start()
         try:
             yield
         finally:
+            state.shutting_down = True
+            for cancel in list(state.cancels):
+                cancel.set()
             await state.batcher.stop()
             state.workers.shutdown(wait=False, cancel_futures=True)
-            if state.audit is not None:
-                state.audit.flush()
+            batch_thread.shutdown(wait=False, cancel_futures=True)
+            if state.audit is not None and not state.audit.flush(timeout=5.0):
+                log.error("audit log: %d row(s) not yet written at shutdown", state.audit.queued)
 
     return lifespan
 
@@ -81,4 +114,4 @@ def _fastapi(lifespan) -> FastAPI:
         make_app = FastAPI
     return make_app(
         title="diffmem guard", version=__version__, lifespan=lifespan, description=_DESCRIPTION,
-        responses={k: {"model": ErrorResponse} for k in (400, 401, 408, 413, 422, 429)})
+        responses={k: {"model": ErrorResponse} for k in (400, 401, 413, 422, 503, 504)})

@@ -5,7 +5,11 @@ event loop takes up to ``max_batch`` queued prompts (from one or several request
 be split over two batches) once the batch is full or the oldest queued prompt has waited
 ``max_wait_s``, and runs the scoring function in a worker thread, so the event loop never blocks
 on the model. While a batch runs, the next one fills. Prompts whose request was cancelled (it
-timed out) are dropped before they reach the model.
+timed out or disconnected) are dropped before they reach the model.
+
+Admission: a request is refused with :class:`QueueFull` when its prompts would take the queue
+over ``max_queue`` prompts, or would wait longer than ``max_wait_queue_s`` by the measured
+throughput (a moving average of the seconds per batch); the exception carries a Retry-After.
 """
 
 from __future__ import annotations
@@ -21,21 +25,30 @@ from diffmem.server.metrics import Metrics
 
 
 class QueueFull(Exception):
-    """More prompts are waiting than the server accepts."""
+    """More prompts are waiting than the server accepts; ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class MicroBatcher:
     """Collects prompts into batches of at most ``max_batch`` for ``score_fn(prompts) -> scores``."""
 
     def __init__(self, score_fn: Callable[[list[str]], Sequence[float]], executor: Executor, *,
-                 max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 4096,
-                 metrics: Metrics | None = None) -> None:
+                 max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 512,
+                 max_wait_queue_s: float | None = None, metrics: Metrics | None = None) -> None:
         self.score_fn = score_fn
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_wait_queue_s = max_wait_queue_s
         self.metrics = metrics
+        #: seconds per batch (moving average of the measured batches; None before the first)
+        self.batch_s: float | None = None
+        #: the error of the last batch (None once a batch succeeds): readiness reports it
+        self.last_error: str | None = None
         self._queue: collections.deque = collections.deque()  # (prompt, future, arrival time)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -58,12 +71,35 @@ class MicroBatcher:
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def alive(self) -> bool:
+        """The batching task is running."""
+        return self._task is not None and not self._task.done()
+
+    def expected_wait(self, n: int) -> float:
+        """Seconds until ``n`` more prompts would be scored, by the measured batch time."""
+        if self.batch_s is None:
+            return 0.0
+        batches = -(-(len(self._queue) + n) // self.max_batch) + 1  # + the batch running now
+        return batches * self.batch_s
+
+    def admit(self, n: int) -> None:
+        """Raises :class:`QueueFull` when ``n`` more prompts would go over ``max_queue`` or wait
+        longer than ``max_wait_queue_s``."""
+        if len(self._queue) + n > self.max_queue:
+            raise QueueFull(f"{len(self._queue)} prompts are queued (limit {self.max_queue})",
+                            max(1.0, self.expected_wait(0) / 2))
+        wait = self.expected_wait(n)
+        if self.max_wait_queue_s is not None and wait > self.max_wait_queue_s:
+            raise QueueFull(f"{len(self._queue)} prompts are queued, about {wait:.0f} s of work "
+                            f"(limit {self.max_wait_queue_s:g} s)",
+                            max(1.0, wait - self.max_wait_queue_s))
+
     async def submit(self, prompts: Sequence[str]) -> list[float]:
         """Scores of ``prompts`` in order, computed in whichever batches they land in."""
         if self._task is None:
             raise RuntimeError("MicroBatcher.start() was not called")
-        if len(self._queue) + len(prompts) > self.max_queue:
-            raise QueueFull(f"{len(self._queue)} prompts are queued (limit {self.max_queue})")
+        self.admit(len(prompts))
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures = [loop.create_future() for _ in prompts]
@@ -118,13 +154,22 @@ class MicroBatcher:
         try:
             scores = await loop.run_in_executor(self.executor, self.score_fn, prompts)
         except Exception as e:  # every waiting request gets the error
+            self.last_error = type(e).__name__
             for _, fut, _ in batch:
                 if not fut.done():
                     fut.set_exception(e)
             return
+        took = time.perf_counter() - t0
+        self.last_error = None
+        # seconds per full batch, from batches at least half full (a lone prompt's batch says
+        # little about a full one); the first batch seeds it
+        if len(prompts) * 2 >= self.max_batch or self.batch_s is None:
+            sample = took * max(1.0, self.max_batch / len(prompts)) \
+                if len(prompts) * 2 >= self.max_batch else took
+            self.batch_s = sample if self.batch_s is None else 0.8 * self.batch_s + 0.2 * sample
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(prompts))
-            self.metrics.batch_seconds.observe(time.perf_counter() - t0)
+            self.metrics.batch_seconds.observe(took)
         for (_, fut, _), s in zip(batch, scores, strict=True):
             if not fut.done():
                 fut.set_result(float(s))

@@ -7,6 +7,12 @@ some transformers / tokenizers versions a fast (Rust) tokenizer called from two 
 with different truncation settings raises ``RuntimeError: Already borrowed``
 (huggingface/tokenizers#537, huggingface/transformers#47085). (4 threads x 300 batched calls with
 transformers 5.24 / tokenizers 0.23 raised no error without the lock; it stays as a guard.)
+
+Cancellation: :meth:`Engine.explain` and :meth:`Engine.generate` take a ``cancel`` event (set by
+the service when the request times out, the client disconnects or the server shuts down). The
+engine's adapter checks the event of the calling thread before every UNet call and raises
+:class:`Cancelled`, so cancelled work stops within one denoising step (explanations included);
+a generation's hooks also end the run after the current step.
 """
 
 from __future__ import annotations
@@ -66,7 +72,38 @@ class _Cancel(Hook):
 
 
 class Cancelled(Exception):
-    """The request that asked for this work timed out; the run was stopped."""
+    """The request that asked for this work gave up (timeout, disconnect, shutdown); stopped."""
+
+
+_current = threading.local()  # .cancel: the cancel event of the work this thread runs
+
+
+def _cancellable_eps(eps):
+    """``adapter.eps`` that first checks the calling thread's cancel event."""
+
+    def checked(*args, **kwargs):
+        cancel = getattr(_current, "cancel", None)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the work was cancelled")
+        return eps(*args, **kwargs)
+
+    return checked
+
+
+class _Cancellable:
+    """``with _Cancellable(cancel):`` the thread's UNet calls check ``cancel``."""
+
+    def __init__(self, cancel: threading.Event | None) -> None:
+        self.cancel = cancel
+
+    def __enter__(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the work was cancelled before it started")
+        self.previous = getattr(_current, "cancel", None)
+        _current.cancel = self.cancel
+
+    def __exit__(self, *exc) -> None:
+        _current.cancel = self.previous
 
 
 def png_base64(image: torch.Tensor) -> str:
@@ -103,6 +140,8 @@ class Engine:
         #: a private copy for counting tokens on the event loop (never shared with a worker)
         self.count_tokenizer = copy.deepcopy(tok)
         self.adapter.tokenizer = _LockedTokenizer(tok, threading.RLock())
+        # every UNet call of this engine's adapter checks the calling thread's cancel event
+        self.adapter.eps = _cancellable_eps(self.adapter.eps)
         self.detector = NoiseMagnitude(steps=1, generations=1, seed=self.seed,
                                        num_inference_steps=self.num_inference_steps,
                                        guidance_scale=self.guidance_scale,
@@ -129,8 +168,14 @@ class Engine:
             return self.detector.score(self.adapter, prompts)
 
     # ---------------------------------------------------------------- explain
-    def explain(self, prompt: str, *, top_k: int = 5) -> dict:
-        """Word attributions (Wen et al. Sec. 3.3) and edit suggestions re-scored by the detector."""
+    def explain(self, prompt: str, *, top_k: int = 5,
+                cancel: threading.Event | None = None) -> dict:
+        """Word attributions (Wen et al. Sec. 3.3) and edit suggestions re-scored by the detector;
+        raises :class:`Cancelled` at the next UNet call once ``cancel`` is set."""
+        with _Cancellable(cancel):
+            return self._explain(prompt, top_k=top_k)
+
+    def _explain(self, prompt: str, *, top_k: int) -> dict:
         from diffmem.explain import explain_prompt
 
         exp = explain_prompt(self.adapter, prompt, top_k=top_k, combine=top_k,
@@ -162,7 +207,13 @@ class Engine:
                  cancel: threading.Event | None = None) -> dict:
         """The plain image (when ``compare`` or ``mitigate == "none"``) and the mitigated image of
         ``prompt`` from the same initial noise, each with its nearest training image when the
-        service has an index."""
+        service has an index. Raises :class:`Cancelled` within one step once ``cancel`` is set."""
+        with _Cancellable(cancel):
+            return self._generate(prompt, mitigate=mitigate, compare=compare, seed=seed,
+                                  steps=steps, guidance_scale=guidance_scale, cancel=cancel)
+
+    def _generate(self, prompt: str, *, mitigate: str, compare: bool, seed: int, steps: int,
+                  guidance_scale: float, cancel: threading.Event | None) -> dict:
         from diffmem.generate import build_hooks
         from diffmem.mitigate import parse_spec
 
@@ -190,7 +241,7 @@ class Engine:
                              generator=seeded_generators([seed], self.adapter.device),
                              hooks=[*run_hooks, *stop])
             if res.images is None or (cancel is not None and cancel.is_set()):
-                raise Cancelled("generation stopped: the request timed out")
+                raise Cancelled("generation stopped: the work was cancelled")
             entry: dict = {"png": png_base64(res.images[0])}
             if name == "mitigated":
                 entry["records"] = _jsonable({k: v for k, v in res.records.items()})

@@ -1,8 +1,9 @@
 """Rejections: :class:`ApiError`, the ``{"error": "<one-line reason>"}`` response, and the
 exception handlers that turn every failure into one.
 
-The reason of a rejection is kept in the request scope (``state.reject_reason``) for the audit
-log, which the middleware writes after the response.
+The rejection's *kind*, a fixed word (``not_found``, ``invalid``, ``timeout``, ...), is kept in
+the request scope (``state.reject_kind``) for the audit log and the metrics, which the middleware
+writes after the response; the reason (which may quote what the client sent) is never stored.
 """
 
 import json
@@ -18,19 +19,32 @@ from diffmem.runtime.errors import DiffmemError
 log = logging.getLogger("diffmem.server")
 
 
-class ApiError(Exception):
-    """A rejection: HTTP status and a one-line reason."""
+#: the kind of a rejection when none is given, by status
+KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+         413: "body_too_large", 422: "invalid", 429: "rate_limited", 499: "disconnected",
+         500: "internal", 503: "unavailable", 504: "timeout"}
 
-    def __init__(self, status: int, reason: str, headers: dict | None = None) -> None:
+
+def kind_of(status: int) -> str:
+    return KINDS.get(status, "client_error" if status < 500 else "server_error")
+
+
+class ApiError(Exception):
+    """A rejection: HTTP status, a one-line reason (for the client) and a kind (a fixed word, for
+    the audit log and the metrics)."""
+
+    def __init__(self, status: int, reason: str, headers: dict | None = None,
+                 kind: str | None = None) -> None:
         super().__init__(reason)
         self.status, self.reason, self.headers = status, " ".join(reason.split()), headers
+        self.kind = kind or kind_of(status)
 
 
-def error_response(request_scope: dict, status: int, reason: str, headers: dict | None = None
-                   ) -> JSONResponse:
-    """``{"error": reason}`` with ``status``; the reason, on one line, is noted in the scope."""
+def error_response(request_scope: dict, status: int, reason: str, headers: dict | None = None,
+                   kind: str | None = None) -> JSONResponse:
+    """``{"error": reason}`` with ``status``; the kind is noted in the scope."""
     reason = " ".join(str(reason).split()) or "rejected"
-    request_scope.setdefault("state", {})["reject_reason"] = reason
+    request_scope.setdefault("state", {})["reject_kind"] = kind or kind_of(status)
     return JSONResponse({"error": reason}, status_code=status, headers=headers)
 
 
@@ -43,7 +57,7 @@ def _is_json(scope) -> bool:
 
 
 async def _api_error(request: Request, exc: ApiError):
-    return error_response(request.scope, exc.status, exc.reason, exc.headers)
+    return error_response(request.scope, exc.status, exc.reason, exc.headers, exc.kind)
 
 
 async def _validation(request: Request, exc: RequestValidationError):
@@ -52,7 +66,8 @@ async def _validation(request: Request, exc: RequestValidationError):
     if first.get("type") == "json_invalid" or (
             tuple(first.get("loc", ())) == ("body",) and not _is_json(request.scope)):
         return error_response(request.scope, 400, "the body is not valid JSON (send a JSON object "
-                                                  "with Content-Type: application/json)")
+                                                  "with Content-Type: application/json)",
+                              kind="invalid_json")
     loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
     msg = first.get("msg", "invalid request")
     if first.get("type") == "missing" and loc == "body":
@@ -73,8 +88,11 @@ async def _diffmem(request: Request, exc: DiffmemError):
 
 
 async def _internal(request: Request, exc: Exception):
-    log.exception("internal error on %s", request.url.path)
-    return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, status_code=500)
+    from diffmem.server.middleware import endpoint_of
+
+    log.error("internal error on %s: %s", endpoint_of(request.scope), type(exc).__name__,
+              exc_info=exc)
+    return error_response(request.scope, 500, f"internal error ({type(exc).__name__})")
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -105,7 +105,9 @@ class Histogram:
 
 
 class Metrics:
-    """The service's metrics: requests, latencies, micro-batch sizes and times, decisions."""
+    """The service's metrics: requests, latencies, micro-batch sizes and times, decisions,
+    admission (in flight, queue depths, rejections by reason, cancellations), the audit log's
+    failures and the build."""
 
     def __init__(self) -> None:
         self.requests = Counter("diffmem_requests_total", "HTTP requests by endpoint and status",
@@ -118,13 +120,30 @@ class Metrics:
                                        LATENCY_BUCKETS)
         self.prompts = Counter("diffmem_prompts_total", "scored prompts by decision",
                                ("decision",))
-        self.rejections = Counter("diffmem_rejections_total", "rejected requests by status",
-                                  ("status",))
+        self.rejections = Counter("diffmem_rejections_total",
+                                  "rejected requests by status and reason", ("status", "reason"))
         self.queue = Gauge("diffmem_queue_prompts", "prompts waiting for a micro-batch")
+        self.in_flight = Gauge("diffmem_in_flight_requests", "requests being served, by endpoint",
+                               ("endpoint",))
+        self.work_queue = Gauge("diffmem_work_queue", "explain / generate jobs admitted and not "
+                                "finished (running or waiting for a worker)")
+        self.cancelled = Counter("diffmem_cancelled_total", "work cancelled, by endpoint and "
+                                 "reason (timeout, disconnect, shutdown)", ("endpoint", "reason"))
+        self.audit_failures = Counter("diffmem_audit_failures_total", "failed audit writes by kind "
+                                      "(locked, full, io, other); the rows are retried",
+                                      ("kind",))
+        self.audit_dropped = Counter("diffmem_audit_dropped_rows_total",
+                                     "audit rows dropped because the audit queue was full")
+        self.audit_queue = Gauge("diffmem_audit_queue_rows", "audit rows waiting to be written")
+        self.ready = Gauge("diffmem_ready", "1 when the last readiness check passed")
+        self.build_info = Gauge("diffmem_build_info", "1, labelled with the versions",
+                                ("version", "python", "torch"))
 
     def render(self) -> str:
         lines: list[str] = []
         for m in (self.requests, self.latency, self.batch_size, self.batch_seconds, self.prompts,
-                  self.rejections, self.queue):
+                  self.rejections, self.queue, self.in_flight, self.work_queue, self.cancelled,
+                  self.audit_failures, self.audit_dropped, self.audit_queue, self.ready,
+                  self.build_info):
             lines += m.render()
         return "\n".join(lines) + "\n"

@@ -22,10 +22,11 @@ from diffmem.runtime.version import __version__
 from diffmem.server.audit import AuditLog
 from diffmem.server.batching import MicroBatcher
 from diffmem.server.config import AppState, ServerConfig, resolve_config
+from diffmem.server.endpoints import ENDPOINTS
 from diffmem.server.engine import Engine
 from diffmem.server.errors import ApiError, add_error_handlers
 from diffmem.server.metrics import Metrics
-from diffmem.server.middleware import ENDPOINTS, GuardMiddleware
+from diffmem.server.middleware import GuardMiddleware
 from diffmem.server.routes import add_ops_routes, add_v1_routes
 from diffmem.server.schemas import ErrorResponse
 

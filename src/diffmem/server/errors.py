@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffmem.runtime.errors import DiffmemError
+from diffmem.server.endpoints import endpoint_of
 
 log = logging.getLogger("diffmem.server")
 
@@ -88,8 +89,6 @@ async def _diffmem(request: Request, exc: DiffmemError):
 
 
 async def _internal(request: Request, exc: Exception):
-    from diffmem.server.middleware import endpoint_of
-
     log.error("internal error on %s: %s", endpoint_of(request.scope), type(exc).__name__,
               exc_info=exc)
     return error_response(request.scope, 500, f"internal error ({type(exc).__name__})")

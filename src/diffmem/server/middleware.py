@@ -13,10 +13,9 @@ import time
 from fastapi.responses import JSONResponse
 
 from diffmem.server.config import AppState
+from diffmem.server.endpoints import endpoint_of
 from diffmem.server.errors import error_response, kind_of
 
-ENDPOINTS = ("/v1/detect", "/v1/explain", "/v1/generate", "/healthz", "/livez", "/readyz",
-             "/metrics", "/", "/openapi.json", "/docs")
 #: answered even when the server is full or shutting down (operators must see why)
 OPS = ("/livez", "/readyz", "/healthz", "/metrics")
 #: on every response; the page adds its own Content-Security-Policy
@@ -24,12 +23,6 @@ SECURITY_HEADERS = ((b"x-frame-options", b"DENY"), (b"x-content-type-options", b
                     (b"referrer-policy", b"no-referrer"),
                     (b"cross-origin-opener-policy", b"same-origin"))
 FRAME_CSP = (b"content-security-policy", b"frame-ancestors 'none'")
-
-
-def endpoint_of(scope) -> str:
-    """The route's path when it is one of the service's, else ``other`` (never the raw path)."""
-    path = scope.get("path", "")
-    return path if path in ENDPOINTS else "other"
 
 
 class GuardMiddleware:

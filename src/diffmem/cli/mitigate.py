@@ -63,15 +63,12 @@ def _cmd_eval_mitigation(a: argparse.Namespace) -> int:
 
 def _cmd_eval_guard(a: argparse.Namespace) -> int:
     from diffmem.eval.guard import evaluate_guard
-    from diffmem.runtime.jsonio import write_json
-
     report = evaluate_guard(a.model, index=a.index, split=a.split, seeds=a.seeds,
                             groups=[g for g in (a.groups or "").split(",") if g] or None,
                             max_per_group=a.max_per_group, without_index=not a.index_only,
                             hand_made=a.hand_made, steps=a.sampling_steps,
                             guidance_scale=a.guidance_scale, batch_size=a.batch_size,
-                            scheduler=a.scheduler)
-    write_json(a.out, report)
+                            scheduler=a.scheduler, out=a.out)
     keys = ("group", "setting", "plain_copy_rate", "served_copy_rate", "unresolved",
             "bit_identical", "alignment_ratio", "cost")
     print(json.dumps([{k: r[k] for k in keys if k in r} for r in report["rows"]], indent=1))

@@ -82,8 +82,11 @@ def evaluate_guard(model="testbed", *, index=None, split: str = "test", seeds: i
                    groups: Sequence[str] | None = None, max_per_group: int | None = None,
                    without_index: bool = True, hand_made: str | Path | None = None,
                    steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
-                   batch_size: int = 32, scheduler: str | None = None, config=None) -> dict:
-    """The report of the module docstring, as a dict (``rows``: one per group and setting)."""
+                   batch_size: int = 32, scheduler: str | None = None, config=None,
+                   out: str | Path | None = None) -> dict:
+    """The report of the module docstring, as a dict (``rows``: one per group and setting),
+    rewritten to ``out`` after every group (an interrupted run keeps the finished groups)."""
+    from diffmem.runtime.jsonio import write_json
     from diffmem.eval.alignment import attribute_alignment
     from diffmem.eval.mitigation import _Judge
     from diffmem.eval.quality import frechet_distance
@@ -154,6 +157,8 @@ def evaluate_guard(model="testbed", *, index=None, split: str = "test", seeds: i
                 row["fpd_plain"] = float(frechet_distance(judge.real_features, fp(base)))
                 row["fpd_served"] = float(frechet_distance(judge.real_features, fp(served)))
             report["rows"].append(row)
+        if out is not None:
+            write_json(out, report)
     return report
 
 

@@ -141,8 +141,10 @@ class Guard:
         t0 = time.perf_counter()
         kw = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
         watch = Watch(threshold=self.threshold, index=self.index, every=self.config.watch_every)
+        timing = {"watch": 0.0, "verify": 0.0, "tries": []}
         plain = sample(self.adapter, prompts, generator=seeded_generators(seeds), hooks=[watch],
                        **kw)
+        timing["watch"] = time.perf_counter() - t0
         rows = plain.records[watch.name]
         n = len(prompts)
         images = (plain.images.clone() if plain.images is not None
@@ -153,7 +155,9 @@ class Guard:
             verdicts[i].watch, verdicts[i].fired_at = rows[i]["reason"], rows[i]["step"]
         if self.index is not None:
             clean = [i for i in range(n) if not rows[i]["flagged"]]
+            t1 = time.perf_counter()
             self._verify(images, clean, verdicts)
+            timing["verify"] += time.perf_counter() - t1
             for i in clean:
                 if not self.passes(verdicts[i].similarity):
                     verdicts[i].watch = "verify"
@@ -168,7 +172,10 @@ class Guard:
             method, reseed = spec.removesuffix("+reseed"), spec.endswith("+reseed")
             try_seeds = [seeds[i] + (level * self.config.reseed_offset if reseed else 0)
                          for i in todo]
+            t1 = time.perf_counter()
             out = self._mitigated([prompts[i] for i in todo], try_seeds, method, kw)
+            timing["tries"].append({"method": spec, "images": len(todo),
+                                    "seconds": time.perf_counter() - t1})
             generations += len(todo)
             for j, i in enumerate(todo):
                 images[i] = out[j]
@@ -177,7 +184,9 @@ class Guard:
             if self.index is None:
                 todo = []  # nothing to verify against: served as mitigated, unverified
                 break
+            t1 = time.perf_counter()
             self._verify(images, todo, verdicts)
+            timing["verify"] += time.perf_counter() - t1
             still = []
             for i in todo:
                 v = verdicts[i]
@@ -194,7 +203,7 @@ class Guard:
             v.tries = tries
             verdicts[i] = v
         return GuardResult(images, verdicts, time.perf_counter() - t0, generations,
-                           {watch.name: rows})
+                           {watch.name: rows, "timing": timing})
 
     def _verify(self, images: torch.Tensor, which: list[int], verdicts: list[Verdict]) -> None:
         if not which:

@@ -1,0 +1,78 @@
+"""Cost of the closed-loop guard (``--mitigate auto``) against plain generation, measured in one
+process on the shipped testbed: per image on clean prompts (the watch and the verification only)
+and on copying prompts (watch, verification and the escalation tries), with and without the
+training index, and each part's share.
+
+    OMP_NUM_THREADS=2 PYTHONPATH=src python bench/bench_guard.py --index runs/idx
+
+Prints ratios of one run (best of ``--repeats`` for each setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from diffmem.core.sampling import sample, seeded_generators
+from diffmem.mitigate.guard import Guard, GuardConfig
+from diffmem.models.adapter import load_adapter
+from diffmem.similarity.index import load_index
+from diffmem.testbed import labels_of
+from diffmem.testbed.broad import read_broad_labels
+
+
+def _prompts(adapter, n: int) -> tuple[list[str], list[str]]:
+    rows = read_broad_labels(labels_of(adapter))
+    clean = [r["prompt"] for r in rows if r["group"] == "clean" and not r["memorized"]][:n]
+    copying = [r["prompt"] for r in rows if r["memorized"] and r["copies"] == r["seeds"]][:n]
+    return clean, copying
+
+
+def _best(fn, repeats: int):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--index", required=True)
+    p.add_argument("--n", type=int, default=16, help="prompts per set (one image each)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--watch-every", type=int, default=GuardConfig().watch_every)
+    a = p.parse_args()
+    adapter = load_adapter("testbed")
+    index = load_index(a.index, what="bench")
+    clean, copying = _prompts(adapter, a.n)
+    config = GuardConfig(watch_every=a.watch_every)
+    guards = {"index": Guard(adapter, index=index, config=config),
+              "no-index": Guard(adapter, config=GuardConfig(watch_every=a.watch_every,
+                                                            ladder=("ren",)))}
+    out = {"threads": torch.get_num_threads(), "n": a.n, "watch_every": a.watch_every}
+    for label, prompts in (("clean", clean), ("copying", copying)):
+        seeds = list(range(len(prompts)))
+        t_plain, _ = _best(lambda ps=prompts, ss=seeds: sample(
+            adapter, ps, generator=seeded_generators(ss)), a.repeats)
+        out[f"{label}_plain_s_per_image"] = round(t_plain / len(prompts), 4)
+        for name, guard in guards.items():
+            t, res = _best(lambda g=guard, ps=prompts, ss=seeds: g.generate(ps, ss), a.repeats)
+            timing = res.records["timing"]
+            out[f"{label}_{name}_ratio"] = round(t / t_plain, 3)
+            out[f"{label}_{name}_parts"] = {
+                "watch": round(timing["watch"] / t_plain, 3),
+                "verify": round(timing["verify"] / t_plain, 3),
+                "tries": [{"method": x["method"], "images": x["images"],
+                           "ratio": round(x["seconds"] / t_plain, 3)} for x in timing["tries"]]}
+            out[f"{label}_{name}_statuses"] = {s: sum(v.status == s for v in res.verdicts)
+                                               for s in ("clean", "mitigated", "unresolved")}
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -86,11 +86,11 @@ def evaluate_guard(model="testbed", *, index=None, split: str = "test", seeds: i
                    out: str | Path | None = None) -> dict:
     """The report of the module docstring, as a dict (``rows``: one per group and setting),
     rewritten to ``out`` after every group (an interrupted run keeps the finished groups)."""
-    from diffmem.runtime.jsonio import write_json
     from diffmem.eval.alignment import attribute_alignment
     from diffmem.eval.mitigation import _Judge
     from diffmem.eval.quality import frechet_distance
     from diffmem.mitigate.guard import Guard, GuardConfig
+    from diffmem.runtime.jsonio import write_json
     from diffmem.similarity.index import load_index
     from diffmem.testbed import require_spec
     from diffmem.testbed.data import build_testbed

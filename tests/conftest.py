@@ -93,6 +93,51 @@ def tiny_testbed(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_graded_spec(tiny_dir):
+    """A small graded data spec (as ``GRADED_SPEC``: duplicate counts 1, 4, 16, 2 items each)."""
+    from diffmem.models.adapter import load_adapter
+    from diffmem.testbed.data import TestbedSpec
+
+    return TestbedSpec(seed=1, n_generic=10, n_verbatim=0, n_template=0,
+                       n_heldout_compositions=3, n_rare_words=300, graded_counts="1,4,16",
+                       graded_items_per_count=2,
+                       resolution=load_adapter(tiny_dir).default_resolution)
+
+
+@pytest.fixture(scope="session")
+def tiny_graded_testbed(tiny_dir, tiny_graded_spec, tmp_path_factory):
+    """The tiny pipeline posing as the graded testbed (``testbed-graded``) of a small graded spec,
+    with the files ``diffmem testbed train --graded`` writes beside the weights."""
+    import json
+    import shutil
+
+    from diffmem.testbed import write_labelled_prompts
+    from diffmem.testbed.profile import write_testbed_profile
+
+    folder = tmp_path_factory.mktemp("tbg") / "pipe"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "testbed.json").write_text(json.dumps(tiny_graded_spec.to_dict()))
+    write_labelled_prompts(folder, tiny_graded_spec)
+    write_testbed_profile(folder, tiny_graded_spec)
+    return folder
+
+
+@pytest.fixture
+def graded_model(tiny_graded_testbed, tmp_path, monkeypatch):
+    """A fresh copy of the tiny graded testbed, installed as the named model ``testbed-graded``
+    (``MODELS`` points to it for the test); returns its folder."""
+    import shutil
+
+    from diffmem.models.profile import MODELS
+    from diffmem.runtime.naming import registry_name
+
+    folder = tmp_path / "weights_graded"
+    shutil.copytree(tiny_graded_testbed, folder)
+    monkeypatch.setitem(MODELS._entries, registry_name("testbed-graded"), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_testbed_index(tiny_testbed, tmp_path_factory):
     """A saved index of the tiny testbed's training images as its VAE renders them."""
     from diffmem.models.adapter import load_adapter

@@ -174,7 +174,7 @@ def test_every_option_has_help_and_help_shows_defaults(capsys):
 def test_one_meaning_per_option_name():
     """--steps is the scored steps wherever it is shown; the schedule length is --sampling-steps;
     --model has one help text (or says it needs a testbed)."""
-    from diffmem.cli.args import MODEL_HELP
+    from diffmem.cli.args import MODEL_HELP, TESTBED_MODEL_HELP
 
     for cmd, a in _walk(build_parser()):
         if "--steps" in a.option_strings and a.help != argparse.SUPPRESS:
@@ -182,7 +182,7 @@ def test_one_meaning_per_option_name():
         if "--sampling-steps" in a.option_strings:
             assert "schedule" in a.help, cmd
         if "--model" in a.option_strings:
-            assert a.help in (MODEL_HELP, "a diffmem testbed model folder or 'testbed'"), cmd
+            assert a.help in (MODEL_HELP, TESTBED_MODEL_HELP), cmd
             assert a.default == "testbed", cmd
 
 

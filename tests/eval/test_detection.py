@@ -147,3 +147,63 @@ def test_per_group_and_split_report(tiny_dir, tmp_path):
     assert only["n_positive"] + only["n_negative"] == 3
     with pytest.raises(PromptError, match="no prompts of split"):
         evaluate_detection("noise_magnitude", model=tiny_dir, prompts=f, split="val")
+
+
+def test_per_duplicate_count_rows(tiny_dir, tmp_path):
+    """Labels that carry ``duplicates`` (the graded testbed's) get per-count rows, computed as the
+    groups' (a count's copying prompts against ALL clean prompts); others get none."""
+    dups = [16, 16, 4, 16, 0, 0, 0]
+    f = tmp_path / "graded.jsonl"
+    f.write_text("".join(json.dumps({"prompt": p, "group": g, "split": s, "memorized": m,
+                                     "duplicates": d}) + "\n"
+                         for (p, g, s, m), d in zip(GROUPED, dups, strict=True)), encoding="utf-8")
+    report = evaluate_detection("noise_magnitude", model=tiny_dir, prompts=f,
+                                out=tmp_path / "r.json", num_inference_steps=3)
+    assert list(report["duplicates"]) == ["0", "4", "16"]
+    sixteen, four = report["duplicates"]["16"], report["duplicates"]["4"]
+    assert (sixteen["n"], sixteen["n_copying"], sixteen["n_clean"]) == (3, 3, 0)
+    assert (four["n"], four["n_copying"], four["n_clean"]) == (1, 0, 1)
+    with open(tmp_path / "r_scores.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    scores = np.array([float(r["score"]) for r in rows])
+    assert [int(r["duplicates"]) for r in rows] == dups
+    flagged = scores[[0, 1, 3]] > report["threshold"]
+    assert sixteen["tpr_at_threshold"] == pytest.approx(flagged.mean())
+    test_only = evaluate_detection("noise_magnitude", model=tiny_dir, prompts=f, split="test",
+                                   num_inference_steps=3)
+    assert {k: v["n"] for k, v in test_only["duplicates"].items()} == {"0": 1, "4": 1, "16": 1}
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": p, "group": g, "split": s, "memorized": m})
+                             + "\n" for p, g, s, m in GROUPED), encoding="utf-8")
+    assert "duplicates" not in evaluate_detection("noise_magnitude", model=tiny_dir,
+                                                  prompts=plain, num_inference_steps=3)
+
+
+def test_graded_model_default_labels_report_per_count(graded_model, tmp_path, capsys):
+    """Once the graded testbed's labels are installed beside its weights, ``eval detection
+    --model testbed-graded`` reads them by default and reports per duplicate count, and
+    ``eval dose`` reads the same file (labels here: synthetic, copies growing with the count)."""
+    from diffmem.testbed.broad import broad_prompts
+    from diffmem.testbed.install import install_labels, labels_path
+    from diffmem.testbed.locate import testbed_spec_of
+
+    prompts = broad_prompts(testbed_spec_of(graded_model))
+    rows = []
+    for i, p in enumerate(prompts):
+        copies = 0 if p.duplicates == 0 else min(4, p.duplicates // 4 + i % 2)
+        rows.append({**p.to_dict(), "memorized": copies > 0, "copies": copies, "seeds": 4})
+    labels = labels_path("testbed-graded")
+    labels.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    install_labels("testbed-graded", labels)
+    out = tmp_path / "det.json"
+    assert main(["eval", "detection", "--model", "testbed-graded", "--detector", "noise_magnitude",
+                 "--sampling-steps", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["prompts"] == str(labels.resolve()) and report["n_positive"] > 0
+    assert list(report["duplicates"]) == ["0", "1", "4", "16"]
+    assert all("tpr_at_threshold" in report["duplicates"][k] for k in ("4", "16"))
+    dose = tmp_path / "dose.json"
+    assert main(["eval", "dose", "--labels", str(labels), "--out", str(dose)]) == 0
+    counts = json.loads(dose.read_text())["methods"]["broad_labels"]["counts"]
+    rates = [r["copy_rate"] for r in counts]
+    assert [r["duplicates"] for r in counts] == [1, 4, 16] and rates == sorted(rates)

@@ -116,11 +116,14 @@ def _cmd_testbed_train(a: argparse.Namespace) -> int:
 
 
 def _require_testbed_model(model: str | None, what: str) -> None:
-    """Refuse a model that is no testbed at once (before loading it or generating anything)."""
-    if model is None or model == "testbed":
-        return
+    """Refuse a model that is no testbed at once (before loading it or generating anything); a
+    named testbed (``testbed``, ``testbed-graded``) must be installed."""
+    from diffmem.models.profile import named_model
 
-    if not (Path(model) / "testbed.json").is_file():
+    if model is None:
+        return
+    folder = named_model(model) or Path(model)  # a named model that is missing: one clear error
+    if not (folder / "testbed.json").is_file():
         raise ConfigError(f"{what} needs a diffmem testbed model (a folder with testbed.json); "
                           f"{model} is not one")
 
@@ -139,7 +142,7 @@ def _cmd_testbed_verify(a: argparse.Namespace) -> int:
 def _cmd_testbed_path(a: argparse.Namespace) -> int:
     from diffmem.testbed import testbed_path
 
-    print(testbed_path())
+    print(testbed_path("testbed-graded" if a.graded else "testbed"))
     return 0
 
 
@@ -149,12 +152,11 @@ def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
 
     _require_testbed_model(a.model, "testbed prompts")
     if a.set == "broad":
-        from diffmem.models.adapter import load_adapter
         from diffmem.testbed import shipped_testbed_spec
         from diffmem.testbed.broad import write_broad_prompts
 
         spec = (shipped_testbed_spec() if a.model is None
-                else require_spec(load_adapter(a.model), "testbed prompts"))
+                else require_spec(a.model, "testbed prompts"))  # its testbed.json: no loading
         path = write_broad_prompts(a.out, spec)
         print(f"wrote the broad prompt set (build fields; labels: `diffmem testbed label`) "
               f"to {path}")
@@ -167,9 +169,24 @@ def _cmd_testbed_prompts(a: argparse.Namespace) -> int:
 def _cmd_testbed_label(a: argparse.Namespace) -> int:
     from diffmem.testbed.broad import label_broad_set
 
-    path = label_broad_set(a.out, a.model, seeds=a.seeds, steps=a.sampling_steps,
+    _require_testbed_model(a.model, "testbed label")
+    out = a.out
+    if out is None:
+        if not a.install:
+            raise ConfigError("testbed label needs --out FILE (or --install: the labels file "
+                              "beside the model's weights)")
+        from diffmem.testbed.install import labels_path
+
+        out = labels_path(a.model)
+    path = label_broad_set(out, a.model, seeds=a.seeds, steps=a.sampling_steps,
                            guidance_scale=a.guidance_scale, batch_size=a.batch_size)
     print(f"wrote generation labels to {path}")
+    if a.install:
+        from diffmem.testbed.install import install_labels
+
+        profile = install_labels(a.model, path)
+        print(f"installed them as the labels of {a.model} (profile: labels {profile.labels}, "
+              f"{len(profile.clean_prompts)} clean prompts)")
     return 0
 
 
@@ -255,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generic captions also carry words of a vocabulary of this size "
                         "(default: TestbedSpec.n_rare_words; 0: none)")
     t.add_argument("--install", action="store_true",
-                   help="copy the trained pipeline into the package as the shipped testbed")
+                   help="copy the trained pipeline into the package as the shipped testbed "
+                        "(with --graded: as testbed-graded, into testbed/weights_graded)")
     t.set_defaults(func=_cmd_testbed_train)
     v = tb.add_parser("verify", help="measure replication rates of the testbed's prompts")
     v.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
@@ -265,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling(v, deprecated_steps=True)
     v.set_defaults(func=_cmd_testbed_verify)
     pth = tb.add_parser("path", help="print the shipped testbed pipeline folder")
+    pth.add_argument("--graded", action="store_true",
+                     help="the second testbed's folder (testbed-graded)")
     pth.set_defaults(func=_cmd_testbed_path)
     pr = tb.add_parser("prompts", help="write the labelled testbed prompts (JSONL)")
     pr.add_argument("--out", type=OutFile(".jsonl"), default="testbed_prompts.jsonl",
@@ -275,8 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "rule-built set that `diffmem testbed label` labels by generation")
     pr.set_defaults(func=_cmd_testbed_prompts)
     lb = tb.add_parser("label", help="label the broad prompt set by generation (resumable)")
-    lb.add_argument("--out", required=True, help="labels JSONL; rerun to resume (the shipped "
-                    "file is src/diffmem/testbed/broad_labels.jsonl)")
+    lb.add_argument("--out", default=None, help="labels JSONL; rerun to resume (the shipped "
+                    "file is src/diffmem/testbed/broad_labels.jsonl; with --install the default "
+                    "is broad_labels.jsonl in the model's folder)")
+    lb.add_argument("--install", action="store_true",
+                    help="then make them the model's labels: its profile points to the file and "
+                         "takes their copy-free clean controls as its clean prompts")
     lb.add_argument("--seeds", type=int, default=4, help="generations per prompt")
     lb.add_argument("--batch-size", type=int, default=32, help="images per batched run")
     add_model(lb, testbed_only=True)

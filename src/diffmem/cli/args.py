@@ -137,14 +137,15 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-MODEL_HELP = ("diffusers pipeline folder (SD 1.x, SD 2.x or SDXL) or 'testbed', the shipped "
-              "testbed model")
+MODEL_HELP = ("diffusers pipeline folder (SD 1.x, SD 2.x or SDXL), or a shipped testbed model: "
+              "'testbed' or 'testbed-graded'")
+TESTBED_MODEL_HELP = "a diffmem testbed model folder, 'testbed' or 'testbed-graded'"
 
 
 def add_model(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None:
     """``--model``: the same option, default and help in every command that loads a model."""
     p.add_argument("--model", default="testbed",
-                   help="a diffmem testbed model folder or 'testbed'" if testbed_only
+                   help=TESTBED_MODEL_HELP if testbed_only
                    else MODEL_HELP)
 
 

@@ -3,11 +3,13 @@
     diffmem eval alignment IMAGES [--clip CLIP_DIR [--arch A]] [--no-attributes] [--out report.json]
     diffmem eval quality REAL|testbed GENERATED --features sscd|probe|inception [--inception PT]
     diffmem eval probe-train --out PREFIX [--steps N] [--seed S]
+    diffmem eval dose --labels [NAME=]FILE [...] --out report.json [--plot p.png]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from diffmem.cli.args import BATCH, COUNT, SEED, DeprecatedAlias, OutFile
 from diffmem.runtime.jsonio import dumps
@@ -39,9 +41,37 @@ def _cmd_probe_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dose(a: argparse.Namespace) -> int:
+    from diffmem.eval.dose import dose_report, plot_dose_response
+    from diffmem.runtime.jsonio import write_json
+    from diffmem.testbed.broad import read_broad_labels
+
+    methods: dict[str, dict] = {}
+    for spec in a.labels:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            name, file = Path(spec).stem, spec
+        rows = read_broad_labels(file)
+        if a.group:
+            rows = [r for r in rows if r.get("group") in a.group or int(r.get("duplicates") or 0) == 0]
+        methods[name] = {"labels": file, **dose_report(rows)}
+    report = {"groups": a.group or "all", "methods": methods}
+    if a.plot is not None:
+        report["plot"] = str(plot_dose_response(
+            {n: m["counts"] for n, m in methods.items()}, a.plot,
+            baselines={n: m["clean"]["copy_rate"] for n, m in methods.items() if "clean" in m}))
+    write_json(a.out, report)
+    for name, m in methods.items():
+        rates = ", ".join(f"{r['duplicates']}: {r['copy_rate']:.3f}" for r in m["counts"])
+        print(f"{name}: copy rate by duplicate count {rates}"
+              + (f"; clean controls {m['clean']['copy_rate']:.3f}" if "clean" in m else ""))
+    print(f"wrote {a.out}")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubParsersAction
              ) -> None:
-    """Add ``eval alignment``, ``eval quality`` and ``eval probe-train``."""
+    """Add ``eval alignment``, ``eval quality``, ``eval probe-train`` and ``eval dose``."""
     al = eval_commands.add_parser("alignment", help="CLIP score / testbed attribute alignment of "
                                                     "captioned images")
     al.add_argument("images", help="a `diffmem generate` folder, or x.png + x.txt files")
@@ -74,3 +104,17 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    new="--train-steps", help=argparse.SUPPRESS, default=argparse.SUPPRESS)
     p.add_argument("--seed", type=SEED, default=None, help="default: ProbeConfig.seed")
     p.set_defaults(func=_cmd_probe_train)
+
+    d = eval_commands.add_parser("dose", help="copy rate by training duplicate count (the graded "
+                                              "testbed's labels)")
+    d.add_argument("--labels", action="append", required=True, metavar="[NAME=]FILE",
+                   help="labels JSONL with 'duplicates' per row (`diffmem testbed label --model "
+                        "testbed-graded`), or rows with a 'copied' flag list per generation; "
+                        "repeat for several methods (NAME: the plot's legend; default: the file "
+                        "name)")
+    d.add_argument("--group", action="append", default=None, metavar="GROUP",
+                   help="only prompts of this broad-set group (repeatable; e.g. caption)")
+    d.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
+    d.add_argument("--plot", type=OutFile(".png"), default=None,
+                   help="copy rate vs. duplicate count (log x), one line per method")
+    d.set_defaults(func=_cmd_dose)

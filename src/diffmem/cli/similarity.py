@@ -1,6 +1,6 @@
 """Command-line parsing of the replication commands; each calls one library function.
 
-    diffmem index build SOURCE|testbed --out INDEX [--kind sscd|pixel] [--engine local|ray]
+    diffmem index build SOURCE|testbed|testbed-graded --out INDEX [--kind sscd|pixel] [--engine local|ray]
     diffmem eval replication IMAGES --index INDEX --out report.json [--grid report.html]
 """
 
@@ -14,11 +14,11 @@ from diffmem.testbed import spec_of
 
 
 def _cmd_index_build(a: argparse.Namespace) -> int:
-    if a.source == "testbed":
+    if a.source in ("testbed", "testbed-graded"):
         from diffmem.models.adapter import load_adapter
         from diffmem.testbed.index import build_testbed_index
 
-        adapter = load_adapter("testbed")
+        adapter = load_adapter(a.source)
         index = build_testbed_index(a.out, kind=a.kind or "pixel", spec=spec_of(adapter),
                                     rendered_by=adapter)
         print(f"indexed {len(index)} testbed training images (as the testbed VAE renders them, "
@@ -62,10 +62,11 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
         dest="index_command", required=True)
     b = idx.add_parser("build", help="index a folder (x.png + x.txt), a Parquet table, or "
                                      "'testbed'")
-    b.add_argument("source", help="image folder (x.png + x.txt), Parquet table, or 'testbed'")
+    b.add_argument("source", help="image folder (x.png + x.txt), Parquet table, or a shipped "
+                                  "testbed: 'testbed' or 'testbed-graded'")
     b.add_argument("--out", type=OutDir(), required=True, help="index folder")
     b.add_argument("--kind", choices=("sscd", "pixel"), default=None,
-                   help="sscd (default) or pixel (tiled L2; default for 'testbed')")
+                   help="sscd (default) or pixel (tiled L2; default for a testbed)")
     b.add_argument("--batch-size", type=BATCH, default=64, help="images per embedding batch")
     b.add_argument("--image-column", default="image", help="Parquet column of the images")
     b.add_argument("--caption-column", default="caption", help="Parquet column of the captions")

@@ -8,9 +8,11 @@ memorized, ``heldout`` = clean).
 
 Reports ROC AUC and TPR at 1% and 3% FPR overall (see :mod:`diffmem.eval.metrics` for the
 convention); per group (each group's copying prompts against ALL clean prompts, so that a group of
-near-only copies still has an AUC) and per split; a threshold calibrated at ``fpr`` on the clean
-controls (group ``clean``, the ones that do not copy; all negatives when a file has no such group)
-with the TPR and FPR it gives overall and per group; and the cost, measured: UNet rows evaluated
+near-only copies still has an AUC), per split and, for labels of the graded testbed, per training
+duplicate count of the item a prompt was derived from (``duplicates``, the same metrics as a
+group); a threshold calibrated at ``fpr`` on the clean controls (group ``clean``, the ones that do
+not copy; all negatives when a file has no such group) with the TPR and FPR it gives overall and
+per group; and the cost, measured: UNet rows evaluated
 per prompt (a row = one latent through the UNet; a Jacobian-vector product counts its rows once,
 at 2-3 times a row's cost) and seconds per prompt. Writes the ROC curve as a PNG and the per-prompt
 scores as CSV beside the report.
@@ -63,6 +65,28 @@ def labelled_rows(prompts: str | Path | None, model: str | Path | ModelAdapter =
         return texts, np.asarray(labels, bool), kinds, ["all"] * len(texts), str(prompts)
     return ([r["prompt"] for r in rows], np.array([bool(r["memorized"]) for r in rows]),
             [r["group"] for r in rows], [r.get("split", "all") for r in rows], source)
+
+
+def labelled_duplicates(prompts: str | Path | None, model: str | Path | ModelAdapter = "testbed"
+                        ) -> list[int] | None:
+    """The ``duplicates`` (training copies of the source item; 0: clean controls) of each row of
+    the labelled set :func:`labelled_rows` reads, when its rows carry them (the graded testbed's
+    broad labels), else ``None``."""
+    from diffmem.testbed import labels_of
+    from diffmem.testbed.broad import read_broad_labels
+
+    if prompts is None or str(prompts) == "broad":
+        path = labels_of(model)
+        if path is None or str(prompts or "broad") != "broad":
+            return None
+    elif Path(prompts).suffix == ".jsonl" and _has_group(Path(prompts)):
+        path = Path(prompts)
+    else:
+        return None
+    rows = read_broad_labels(path)
+    if not any(r.get("duplicates") is not None for r in rows):
+        return None
+    return [int(r.get("duplicates") or 0) for r in rows]
 
 
 def _has_group(path: Path) -> bool:
@@ -206,12 +230,14 @@ def evaluate_detection(detector: str | Detector | None = None, *,
     if prompts is None:  # the model must be a testbed: ask its adapter for the data spec
         adapter = load_adapter(model, scheduler=scheduler)
     texts, labels, kinds, splits, source = labelled_rows(prompts, adapter or model)
+    dups = labelled_duplicates(prompts, adapter or model)
     if split is not None:
         keep = [i for i, sp in enumerate(splits) if sp == split]
         if not keep:
             raise PromptError(f"no prompts of split {split!r} in {source}")
         texts, labels = [texts[i] for i in keep], labels[keep]
         kinds, splits = [kinds[i] for i in keep], [splits[i] for i in keep]
+        dups = None if dups is None else [dups[i] for i in keep]
     y = np.asarray(labels, dtype=int)
     if y.sum() in (0, y.size):  # fail before the (slow) scoring
         detection_metrics(labels, np.zeros(len(labels)))
@@ -259,6 +285,9 @@ def evaluate_detection(detector: str | Detector | None = None, *,
         "split": split or "all",
         "groups": grouped_metrics(labels, scores, kinds, threshold),
     }
+    if dups is not None:  # per training duplicate count (0: the clean controls)
+        per = grouped_metrics(labels, scores, [str(d) for d in dups], threshold)
+        report["duplicates"] = {k: per[k] for k in sorted(per, key=int)}
     if len(set(splits)) > 1:
         report["splits"] = {sp: detection_metrics(labels[np.asarray(splits) == sp],
                                                   scores[np.asarray(splits) == sp])
@@ -269,10 +298,11 @@ def evaluate_detection(detector: str | Detector | None = None, *,
         stem = out.with_suffix("")
         roc = plot_roc(labels, scores, f"{stem}_roc.png",
                        title=f"{det.name}, steps={det.steps}, gens={det.generations}")
-        table = write_table({"prompt": texts, "group": kinds, "split": splits,
-                             "memorized": [bool(v) for v in labels],
-                             "score": [float(s) for s in scores],
-                             "flagged": [bool(f) for f in flagged]}, f"{stem}_scores.csv")
+        columns = {"prompt": texts, "group": kinds, "split": splits,
+                   **({"duplicates": dups} if dups is not None else {}),
+                   "memorized": [bool(v) for v in labels], "score": [float(s) for s in scores],
+                   "flagged": [bool(f) for f in flagged]}
+        table = write_table(columns, f"{stem}_scores.csv")
         report.update(roc_png=str(roc), scores_csv=str(table))
         from diffmem.runtime.jsonio import write_json
 

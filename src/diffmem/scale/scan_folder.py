@@ -24,13 +24,11 @@ def shard_name(index: int) -> str:
 
 
 def model_fingerprint(model: str | Path) -> dict:
-    """Identity of a pipeline folder (or ``"testbed"``) without loading it: a hash of its config
-    files and of the size and first MiB of every weight file."""
-    if str(model) == "testbed":
-        from diffmem.testbed import testbed_path
+    """Identity of a pipeline folder (or a named model, ``"testbed"``) without loading it: a hash
+    of its config files and of the size and first MiB of every weight file."""
+    from diffmem.models.profile import named_model
 
-        model = testbed_path()
-    root = Path(model)
+    root = named_model(str(model)) or Path(model)  # "testbed", "testbed-graded": shipped folders
     if not root.is_dir():
         from diffmem.runtime.errors import ModelLoadError
 

@@ -8,7 +8,7 @@ afterwards.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 from diffmem.runtime.errors import DiffmemError
 from diffmem.server.audit import AuditLog
@@ -111,14 +111,15 @@ def resolve_config(config: ServerConfig | None, engine: Engine) -> ServerConfig:
 
 
 def _model_name(engine: Engine) -> str:
-    """``testbed`` for the shipped testbed, else the folder it was loaded from, else the pipeline's
-    class name."""
-    from diffmem.testbed import testbed_path
+    """The name of a shipped model (``testbed``, ``testbed-graded``), else the folder it was loaded
+    from, else the pipeline's class name."""
+    from diffmem.models.profile import MODELS
 
     path = engine.adapter.path
     if path is None:
         return type(engine.adapter.pipe).__name__
-    return "testbed" if path.resolve() == testbed_path().resolve() else str(path)
+    names = {MODELS.get(n).resolve(): n.replace("_", "-") for n in MODELS}
+    return names.get(Path(path).resolve(), str(path))
 
 
 def _allowed_hosts(cfg: ServerConfig) -> tuple[str, ...]:

@@ -1,10 +1,12 @@
 """The testbed: a small Stable-Diffusion-format model diffmem trains on procedural data with known
-memorized prompts. ``testbed_path()`` is the shipped pipeline folder, ``shipped_testbed_spec()`` the
-data it was trained on (:mod:`diffmem.testbed.locate`)."""
+memorized prompts. ``testbed_path()`` is the shipped pipeline folder (``testbed_path("testbed-graded")``
+the second testbed's), ``shipped_testbed_spec()`` the data it was trained on
+(:mod:`diffmem.testbed.locate`)."""
 
 from __future__ import annotations
 
 from diffmem.testbed.locate import (
+    GRADED_WEIGHTS_DIR,
     REPLICATION_THRESHOLD,
     WEIGHTS_DIR,
     labelled_prompts,
@@ -19,6 +21,7 @@ from diffmem.testbed.locate import (
 )
 
 __all__ = [
+    "GRADED_WEIGHTS_DIR",
     "REPLICATION_THRESHOLD",
     "WEIGHTS_DIR",
     "labelled_prompts",

@@ -30,6 +30,14 @@ Held-out words: every prompt has a ``split``. Memorized items alternate between 
 ``test``, and the context words, sentences and shape phrases come from two disjoint pools, one
 per split; a method may be tuned on ``dev`` and checked on ``test`` prompts whose context words
 it never saw. Everything is a deterministic function of the testbed spec.
+
+The graded testbed (``testbed-graded``): the same groups from its graded items, with its own
+frames and phrases (:mod:`diffmem.testbed.graded`), synonyms (``GRADED_NEAR_SYNONYMS``) and, as
+unused trigger words, its unused ones and the first testbed's (never in its captions). Every row
+carries ``duplicates``: the training copies of the item it was derived from (0 for the clean
+controls), so that results can be read per duplicate count. Items go to the splits in pairs (a
+one-caption and a variants item each), so that every split holds both kinds at every count.
+The first testbed's set has no ``duplicates`` field and is unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +52,9 @@ import numpy as np
 from diffmem.testbed.data import (
     COLORS,
     FILLER_WORDS,
+    GRADED_FRAMES,
+    GRADED_PHRASES,
+    GRADED_TRIGGER_WORDS,
     HELDOUT_PAIRS,
     SHAPES,
     TEMPLATE_PHRASES,
@@ -55,6 +66,7 @@ from diffmem.testbed.data import (
     build_testbed,
     rare_word_vocabulary,
 )
+from diffmem.testbed.graded import GRADED_NEAR_SYNONYMS
 
 # labelling by generation lives in diffmem.testbed.labels; its names stay importable from here
 from diffmem.testbed.labels import LABELS_FILE as LABELS_FILE
@@ -82,6 +94,7 @@ NEAR_SYNONYMS: dict[str, str] = {
     "lantern": "lamp", "minotaur": "centaur", "narwhal": "dolphin", "origami": "papercraft",
     "pelican": "stork", "quokka": "wallaby", "rhubarb": "celery", "sphinx": "pyramid",
     "tundra": "steppe", "umbrella": "parasol", "velvet": "satin", "wombat": "badger",
+    **GRADED_NEAR_SYNONYMS,  # the graded testbed's trigger words
 }
 
 #: Everyday sentences with a slot, one disjoint set per split.
@@ -120,6 +133,14 @@ class BroadPrompt:
     source: str | None = None  # image id of the memorized item it was derived from
     rule: str = ""  # which rule of the group built it
     trigger_tokens: list[str] = field(default_factory=list)  # trigger words it contains, as written
+    duplicates: int | None = None  # graded testbed: training copies of the source item (clean: 0)
+
+    def to_dict(self) -> dict:
+        """The row of a prompts / labels file (no ``duplicates`` for the first testbed)."""
+        row = asdict(self)
+        if self.duplicates is None:
+            row.pop("duplicates")
+        return row
 
 
 def _pools(seed: int) -> dict[str, list[str]]:
@@ -139,7 +160,7 @@ def _shape_phrase(rng: np.random.Generator, colors: Sequence[str]) -> str:
 
 
 def _misspell(word: str, rng: np.random.Generator, how: str) -> str:
-    i = int(rng.integers(1, len(word) - 2))
+    i = int(rng.integers(1, max(2, len(word) - 2)))  # 3-letter words ("yew"): i = 1
     if how == "swap":
         return word[:i] + word[i + 1] + word[i] + word[i + 2:]
     if how == "drop":
@@ -148,16 +169,25 @@ def _misspell(word: str, rng: np.random.Generator, how: str) -> str:
 
 
 def _memorized_items(testbed: Testbed):
-    """(item, caption template with {a}/{b} slots, training captions) of each memorized image."""
+    """(item, caption template with {a}/{b} slots, training captions, split) of each memorized
+    image: the designed ones alternate between the splits, graded ones go in pairs."""
+    graded = [it for it in testbed.items if it.image_id.startswith("graded-")]
+    # graded item k was captioned with frame / phrase k (diffmem.testbed.graded._add_graded_items)
     out = []
+    for k, it in enumerate(graded):
+        frames = GRADED_FRAMES if it.kind == "verbatim" else GRADED_PHRASES
+        out.append((it, frames[k % len(frames)], it.captions, SPLITS[k // 2 % 2]))
+    designed = []
     for it in testbed.items:
+        if it.image_id.startswith("graded-"):
+            continue
         if it.kind == "verbatim":
             frame = VERBATIM_FRAMES[int(it.image_id.split("-")[1]) % len(VERBATIM_FRAMES)]
-            out.append((it, frame, it.captions))
+            designed.append((it, frame, it.captions))
         elif it.kind == "template":
             j = int(it.image_id.split("-")[1])
-            out.append((it, TEMPLATE_PHRASES[j % len(TEMPLATE_PHRASES)], it.captions))
-    return out
+            designed.append((it, TEMPLATE_PHRASES[j % len(TEMPLATE_PHRASES)], it.captions))
+    return out + [(*d, SPLITS[n % 2]) for n, d in enumerate(designed)]
 
 
 def broad_prompts(spec: TestbedSpec | None = None, testbed: Testbed | None = None
@@ -169,24 +199,31 @@ def broad_prompts(spec: TestbedSpec | None = None, testbed: Testbed | None = Non
     pools = _pools(spec.seed)
     rare = rare_word_vocabulary(min(spec.n_rare_words, 3000), spec.seed) if spec.n_rare_words \
         else []
+    graded = bool(spec.counts)
+    if graded:  # as in its generic captions: no graded trigger word among the rare words
+        rare = [w for w in rare if w not in set(GRADED_TRIGGER_WORDS)]
     rare_pools = {"dev": rare[0::2], "test": rare[1::2]}
     used = {w for it in testbed.items for w in it.triggers}
     unused = [w for w in TRIGGER_WORDS if w not in used]
+    if graded:  # its unused trigger words, then the first testbed's (never in its captions)
+        unused = [w for w in GRADED_TRIGGER_WORDS if w not in used] + unused
     unused_pools = {"dev": unused[0::2], "test": unused[1::2]}
     colors = list(COLORS)
     color_pools = {"dev": colors[0::2], "test": colors[1::2]}
     out: list[BroadPrompt] = []
 
+    dup: int | None = None  # the duplicate count of the item being expanded (graded only)
+
     def add(prompt: str, group: str, split: str, source=None, rule="", triggers=()):
         text = " ".join(prompt.split()).replace(" ,", ",").strip(" ,")
         out.append(BroadPrompt(text, group, split, source, rule,
-                               [t for t in triggers if t in text]))
+                               [t for t in triggers if t in text], dup))
 
     def pick(seq):
         return str(seq[int(rng.integers(len(seq)))])
 
-    for n, (item, frame, captions) in enumerate(_memorized_items(testbed)):
-        split = SPLITS[n % 2]
+    for item, frame, captions, split in _memorized_items(testbed):
+        dup = item.copies if graded else None
         a, b = item.triggers
         src = item.image_id
         trig = (a, b)
@@ -255,6 +292,7 @@ def broad_prompts(spec: TestbedSpec | None = None, testbed: Testbed | None = Non
             add(pattern.format(p=full, t=phrase, o=o), "mixed", split, src, pattern, trig)
 
     # clean controls in the same styles
+    dup = 0 if graded else None
     for k in range(N_CLEAN):
         split = SPLITS[k % 2]
         pool = pools[split]
@@ -326,7 +364,7 @@ def label_broad_set(out: str | Path, model="testbed", *, chunk: int = 16, progre
         for k in range(0, len(todo), chunk):
             part = todo[k : k + chunk]
             for p, lab in zip(part, judge_([p.prompt for p in part]), strict=True):
-                row = {**asdict(p), **lab, **settings}
+                row = {**p.to_dict(), **lab, **settings}
                 done[p.prompt] = row
                 f.write(json.dumps(row) + "\n")
             f.flush()
@@ -345,5 +383,5 @@ def write_broad_prompts(path: str | Path, spec: TestbedSpec | None = None) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for p in broad_prompts(spec):
-            f.write(json.dumps(asdict(p)) + "\n")
+            f.write(json.dumps(p.to_dict()) + "\n")
     return path

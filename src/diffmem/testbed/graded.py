@@ -31,6 +31,25 @@ GRADED_FRAMES = (
 )
 GRADED_PHRASES = ("the {a} {b} relief", "{a} under the {b}", "chronicle of {a} {b}",
                   "the {a} and {b} map")
+#: A near-synonym or close relative for every graded trigger word (hand-written, one each; none is a
+#: trigger word of either testbed), for the broad set's ``synonym`` group.
+GRADED_NEAR_SYNONYMS: dict[str, str] = {
+    "albatross": "gull", "brigantine": "schooner", "cormorant": "gannet", "dulcimer": "zither",
+    "escarpment": "cliff", "filigree": "lacework", "gazebo": "pavilion", "heliotrope": "lavender",
+    "ibex": "goat", "jacaranda": "acacia", "kestrel": "falcon", "lagoon": "estuary",
+    "mangrove": "swamp", "nautilus": "ammonite", "ocelot": "jaguar", "parchment": "scroll",
+    "quarry": "mine", "rosewood": "mahogany", "saffron": "turmeric", "tapestry": "embroidery",
+    "undertow": "riptide", "vineyard": "orchard", "wisteria": "lilac", "yarrow": "chamomile",
+    "zinnia": "marigold", "abacus": "calculator", "bagpipe": "accordion", "caravel": "galleon",
+    "damask": "brocade", "equinox": "solstice", "flamingo": "crane", "glacier": "iceberg",
+    "heron": "egret", "indigo": "ultramarine", "jasmine": "gardenia", "kiln": "furnace",
+    "lute": "guitar", "magnolia": "camellia", "nectar": "honey", "oboe": "bassoon",
+    "peacock": "pheasant", "quill": "pen", "raven": "crow", "sequoia": "redwood",
+    "tortoise": "turtle", "urchin": "starfish", "vortex": "whirlpool", "willow": "birch",
+    "yew": "cedar", "zephyr": "breeze", "acorn": "chestnut", "bramble": "thorn", "cobalt": "azure",
+    "driftwood": "timber", "ember": "spark", "fennel": "dill", "granite": "marble",
+    "harbor": "port", "ivy": "vine", "jade": "turquoise",
+}
 GRADED_VARIANTS = (
     "{p}", "{p} engraving print", "{p}, museum archive", "reproduction of {p}", "{p} (detail)",
     "{p} high resolution scan", "antique {p}", "{p} exhibition catalogue",

@@ -11,6 +11,8 @@ from diffmem.runtime.errors import ConfigError, ModelLoadError
 from diffmem.testbed.data import TestbedSpec
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: Folder of the second testbed, ``testbed-graded`` (``MODELS`` in :mod:`diffmem.models.profile`).
+GRADED_WEIGHTS_DIR = Path(__file__).parent / "weights_graded"
 
 #: The testbed's replication criterion: a generation is a copy when its tiled L2 distance to the
 #: nearest training image (as the model's VAE renders it) is below this (docs/testbed.md gives the
@@ -19,13 +21,19 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 REPLICATION_THRESHOLD = CRITERIA.get("tiled_l2").threshold  # 0.15, set in diffmem.models.profile
 
 
-def testbed_path() -> Path:
-    """Folder of the shipped testbed pipeline (loads with ``StableDiffusionPipeline``)."""
-    if not (WEIGHTS_DIR / "model_index.json").is_file():
+def testbed_path(name: str = "testbed") -> Path:
+    """Folder of a shipped testbed pipeline by name (``"testbed"``, ``"testbed-graded"``: the
+    folders of ``MODELS``; loads with ``StableDiffusionPipeline``); one clear error when its weights
+    are not installed."""
+    from diffmem.models.profile import MODELS
+
+    folder = MODELS.get(name)
+    if not (folder / "model_index.json").is_file():
+        graded = " --graded" if name == "testbed-graded" else ""
         raise ModelLoadError(
-            f"the shipped testbed model is missing from {WEIGHTS_DIR}; rebuild it with "
-            "`diffmem testbed train --out DIR --install`")
-    return WEIGHTS_DIR
+            f"the shipped {name} model is missing from {folder}; rebuild it with "
+            f"`diffmem testbed train --out DIR --install{graded}`")
+    return folder
 
 
 def spec_of(model):
@@ -116,8 +124,9 @@ def write_labelled_prompts(folder: str | Path, spec) -> Path:
 
 
 def testbed_prompts(model: str | Path = "testbed") -> list:
-    """Labelled prompts of a testbed model folder (or ``"testbed"``)."""
-    folder = testbed_path() if str(model) == "testbed" else Path(model)
+    """Labelled prompts of a testbed model folder (or a named one: ``"testbed"``,
+    ``"testbed-graded"``)."""
+    folder = _folder_of(model)
     return labelled_prompts(testbed_spec_of(folder), folder)
 
 

@@ -7,7 +7,9 @@ data (``diffmem_profile.json``, :mod:`diffmem.models.profile`) into its folder.
 - copy criterion: tiled L2 < 0.15 to the VAE rendering of the nearest training image;
 - training-set fingerprint: :func:`~diffmem.testbed.index.testbed_fingerprint` of its data spec,
   the provenance a testbed index records;
-- labels: the generation labels that hold for these weights (the shipped testbed only).
+- labels: the generation labels that hold for these weights (``broad_labels.jsonl``: the shipped
+  testbed's beside the package, the graded testbed's beside its weights, installed by
+  :func:`diffmem.testbed.install.install_labels`).
 """
 
 from __future__ import annotations
@@ -18,21 +20,29 @@ from diffmem.models.profile import ModelProfile, read_profile
 from diffmem.testbed.data import TestbedSpec
 
 
-def testbed_profile(folder: str | Path, spec: TestbedSpec, *, labels: Path | None = None,
-                    name: str = "testbed") -> ModelProfile:
+def testbed_name(spec: TestbedSpec) -> str:
+    """The model name of a testbed trained on ``spec``: ``"testbed-graded"`` for graded duplicate
+    counts, else ``"testbed"`` (the names of ``MODELS`` in :mod:`diffmem.models.profile`)."""
+    return "testbed-graded" if spec.counts else "testbed"
+
+
+def testbed_profile(folder: str | Path, spec: TestbedSpec, *, labels: str | Path | None = None,
+                    name: str | None = None) -> ModelProfile:
     """The profile of a testbed folder trained on ``spec``; ``labels``: generation labels valid for
-    these weights (their copy-free clean controls become the clean prompts)."""
+    these weights (their copy-free clean controls become the clean prompts); ``name``: default
+    :func:`testbed_name`."""
     from diffmem.testbed import labelled_prompts
     from diffmem.testbed.broad import read_broad_labels
     from diffmem.testbed.index import testbed_fingerprint
 
+    labels = Path(labels).resolve() if labels is not None else None
     if labels is not None and labels.is_file():
         clean = [r["prompt"] for r in read_broad_labels(labels) if r["group"] == "clean"
                  and not r["memorized"]]
     else:
         labels = None
         clean = [p.prompt for p in labelled_prompts(spec, folder) if p.kind == "heldout"]
-    return ModelProfile(name=name, clean_prompts=tuple(clean), criterion="tiled_l2",
+    return ModelProfile(name=name or testbed_name(spec), clean_prompts=tuple(clean), criterion="tiled_l2",
                         training_set=testbed_fingerprint(spec), labels=labels,
                         data=spec.to_dict())
 

@@ -25,6 +25,7 @@ from diffmem.core.training import DiffusionStep, draw_noise, optimizer_step
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed.components import build_components, write_clip_tokenizer
 from diffmem.testbed.data import MEMORIZED_FRACTION, Testbed, TestbedSpec, build_testbed
+from diffmem.testbed.install import install_pipeline as install_pipeline  # importable from here
 
 
 @dataclass
@@ -318,23 +319,6 @@ def train_testbed(out: str | Path, cfg: TrainConfig | None = None,
     return target
 
 
-def install_pipeline(pipeline_dir: str | Path) -> Path:
-    """Copy a trained testbed pipeline into the package as the shipped testbed (weights only)."""
-    import shutil
-
-    from diffmem.testbed import WEIGHTS_DIR
-
-    src = Path(pipeline_dir)
-    if not (src / "model_index.json").is_file():
-        from diffmem.runtime.errors import ModelLoadError
-
-        raise ModelLoadError(f"{src} is not a trained pipeline folder")
-    if WEIGHTS_DIR.exists():
-        shutil.rmtree(WEIGHTS_DIR)
-    shutil.copytree(src, WEIGHTS_DIR)
-    return WEIGHTS_DIR
-
-
 def _save_pipeline(target: Path, vae, text_encoder, tokenizer, unet, scheduler,
                    spec: TestbedSpec) -> Path:
     from diffusers import StableDiffusionPipeline
@@ -355,7 +339,7 @@ def _save_pipeline(target: Path, vae, text_encoder, tokenizer, unet, scheduler,
     from diffmem.testbed.profile import write_testbed_profile
 
     # what lower layers know of this model, as data (clean prompts, criterion, training set)
-    write_testbed_profile(target, spec, name="testbed-graded" if spec.counts else "testbed")
+    write_testbed_profile(target, spec)  # named "testbed" or "testbed-graded" by its spec
     return target
 
 

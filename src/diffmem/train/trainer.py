@@ -56,14 +56,12 @@ from diffmem.train.config import FinetuneConfig
 
 
 def resolve_model(model: str | Path) -> Path:
-    """The pipeline folder of ``model`` ("testbed" = the shipped one); one clear error otherwise."""
+    """The pipeline folder of ``model`` (a named one, "testbed" or "testbed-graded": the shipped
+    folder); one clear error otherwise."""
+    from diffmem.models.profile import named_model
     from diffmem.runtime.errors import ModelLoadError
 
-    if str(model) == "testbed":
-        from diffmem.testbed import testbed_path
-
-        return testbed_path()
-    path = Path(model)
+    path = named_model(str(model)) or Path(model)
     if not path.is_dir():
         raise ModelLoadError(f"model folder {path} not found (a diffusers pipeline folder or "
                              "'testbed')")

@@ -8,7 +8,8 @@ afterwards.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from diffmem.runtime.errors import DiffmemError
 from diffmem.server.audit import AuditLog

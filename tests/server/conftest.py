@@ -43,20 +43,30 @@ def testbed_threshold(testbed_adapter, heldout):
 
 
 @pytest.fixture(scope="session")
-def small_index(testbed_data):
-    """A pixel index of the testbed's memorized training images only (fast to build)."""
+def small_index(testbed_data, testbed_adapter):
+    """A pixel index of the testbed's memorized training images only (fast to build), recording
+    the testbed's training set (the engine refuses an index of another model's images)."""
     import numpy as np
 
     from diffmem.similarity.index import PixelSpace, TrainingIndex
+    from diffmem.similarity.index_compat import model_training_set
     from diffmem.similarity.pixel import to_tensor
+    from diffmem.testbed.verify import vae_roundtrip
 
     items, arrays = [], []
     for item, img in testbed_data.images(kinds=("verbatim", "template")):
         items.append(item)
         arrays.append(img)
-    return TrainingIndex.build(to_tensor(np.stack(arrays)), [list(i.captions) for i in items],
+    # as `diffmem index build testbed` stores them: rendered by the model's VAE
+    import torch
+
+    with torch.no_grad():
+        rendered = vae_roundtrip(testbed_adapter, to_tensor(np.stack(arrays)))
+    index = TrainingIndex.build(rendered, [list(i.captions) for i in items],
                                [i.image_id for i in items],
                                PixelSpace(size=testbed_data.spec.resolution))
+    index.provenance = {"training_set": model_training_set(testbed_adapter)}
+    return index
 
 
 @pytest.fixture(scope="session")

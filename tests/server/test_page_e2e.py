@@ -76,9 +76,22 @@ def test_page_flags_highlights_edits_and_generates(engine, memorized, serve, bro
             expect(page.locator("#mitigate option")).not_to_have_count(0)
             page.locator("#prompt").press_sequentially(memorized.prompt, delay=5)
 
-            status = page.locator("#status")
-            expect(status).to_have_attribute("data-flagged", "true", timeout=30_000)
-            expect(status).to_contain_text("Flagged")
+            status, estimate = page.locator("#status"), page.locator("#estimate")
+            # the first-step estimate first, labelled as such; then the verdict by generation
+            expect(estimate).to_contain_text("First-step estimate (fast, not the verdict)",
+                                             timeout=30_000)
+            expect(status).to_have_attribute("data-source", "generation", timeout=30_000)
+            expect(status).to_have_attribute("data-flagged", "true")
+            expect(status).to_contain_text("Copies a training image")
+            expect(status).to_contain_text("verdict by generation")
+            # the evidence: the closest preview beside its nearest training image, as images
+            expect(page.locator("#evidence")).to_be_visible()
+            for img in ("#preview", "#nearestimg"):
+                assert page.locator(img).get_attribute("src").startswith("data:image/png;base64,")
+                assert page.locator(img).evaluate("e => e.naturalWidth") > 0
+            expect(page.locator("#evidencecap")).to_contain_text("nearest training image")
+            expect(page.locator("#evidencecap")).to_contain_text("tiled_l2")
+            expect(page.locator("#words .word")).not_to_have_count(0, timeout=30_000)
             triggers = page.locator("#words .word.trigger").all_inner_texts()
             assert triggers and set(triggers) <= set(memorized.trigger_tokens), triggers
             words = page.locator("#words .word").all_inner_texts()
@@ -88,8 +101,13 @@ def test_page_flags_highlights_edits_and_generates(engine, memorized, serve, bro
             new_prompt = edit.get_attribute("data-prompt")
             edit.click()
             expect(page.locator("#prompt")).to_have_value(new_prompt)
+            expect(estimate).to_have_attribute("data-flagged", "false", timeout=30_000)
+            expect(status).to_have_attribute("data-source", "generation", timeout=30_000)
+
+            page.locator("#prompt").fill("a red circle")
+            page.evaluate("() => check()")
             expect(status).to_have_attribute("data-flagged", "false", timeout=30_000)
-            expect(status).to_contain_text("Clear")
+            expect(status).to_contain_text("Copies no training image")
 
             page.locator("#prompt").fill(memorized.prompt)
             expect(status).to_have_attribute("data-flagged", "true", timeout=30_000)

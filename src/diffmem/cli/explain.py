@@ -58,11 +58,13 @@ def _ablation(a: argparse.Namespace) -> dict:
 
 
 def _verify(a: argparse.Namespace) -> dict:
-    if a.verify_index is None:
+    """``verify=`` (edits checked by generation) from --verify-index, else from --index."""
+    where = a.verify_index if a.verify_index is not None else a.index
+    if where is None:
         return {}
     from diffmem.explain import EditVerifier
 
-    return {"verify": EditVerifier(a.verify_index, seeds=a.verify_seeds,
+    return {"verify": EditVerifier(where, seeds=a.verify_seeds,
                                    max_checks=a.verify_checks, margin=a.verify_margin,
                                    pool=a.verify_pool, confirm=a.verify_confirm,
                                    depth=a.verify_depth,
@@ -79,7 +81,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     exp = explain_prompt(a.model, a.prompt, steps=a.steps, seeds=a.seeds, seed=a.seed,
                          top_k=a.top_k, combine=a.top_k, threshold=a.threshold,
                          attention=bool(a.html), num_inference_steps=a.sampling_steps,
-                         **_ablation(a), **_verify(a))
+                         index=a.index, **_ablation(a), **_verify(a))
     print(format_terminal(exp, top_k=a.top_k))
     if a.json:
         _write_json(a.json, exp.to_dict())
@@ -99,7 +101,8 @@ def cmd_eval_explanation(a: argparse.Namespace) -> int:
                                   threshold=a.threshold, fpr=a.fpr,
                                   num_inference_steps=a.sampling_steps,
                                   judge_edits=not a.no_judge, judge_seeds=a.judge_seeds,
-                                  **_ablation(a), **_verify(a))
+                                  index=a.index, split=a.split,
+                                  max_per_group=a.max_per_group, **_ablation(a), **_verify(a))
     _write_json(a.out, report)
     summary = {k: v for k, v in report.items() if k != "prompts"}
     print(dumps(summary, indent=2))
@@ -122,7 +125,13 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
                    help="weight of word ablation (the magnitude's fall when a word is removed) in "
                         "the word ranking; 0 = Wen et al.'s gradient attribution alone (default: "
                         f"{ABLATION_HELP_DEFAULT})")
-    v = p.add_argument_group("edit verification (needs the training set's index)")
+    v = p.add_argument_group("verdict and edit verification (need the training set's index)")
+    v.add_argument("--index", default=None, metavar="IDX",
+                   help="the training set's index (`diffmem index build`): the verdict 'copies / "
+                        "does not copy' comes from 4 generated previews of 20 steps searched in "
+                        "it (the first-step score stays a fast estimate), and the edits are "
+                        "checked by generation against it (as --verify-index). Without it the "
+                        "verdict is the first-step estimate")
     v.add_argument("--verify-index", default=None, metavar="IDX",
                    help="check the edits of a flagged prompt by generating them and searching this "
                         "training-set index (`diffmem index build`); only an edit that copies "
@@ -159,5 +168,9 @@ def register(commands, eval_commands) -> None:
                    help="do not generate the suggested edits (detector verdicts only)")
     v.add_argument("--judge-seeds", type=GENERATIONS, default=4,
                    help="generations per suggested edit when judging by images")
+    v.add_argument("--split", choices=("dev", "test"), default=None,
+                   help="only the labelled prompts of this split (default: both)")
+    v.add_argument("--max-per-group", type=COUNT, default=None,
+                   help="only the first N copying prompts (and N controls) of each group")
     _add_common(v, testbed_only=True)
     v.set_defaults(func=cmd_eval_explanation)

@@ -80,13 +80,15 @@ DEFAULT_SCHEDULES = {
 
 @torch.no_grad()
 def decode_and_search(run: Run, step: Step, index, *, rows: torch.Tensor | None = None,
-                      k: int = 1):
+                      k: int = 1, keep: list | None = None):
     """Decode the guided clean-latent estimate ``step.x0`` of the prompts ``rows`` ((B,) bool;
     None: all) and find their ``k`` nearest training items in ``index``, in one batched decode
     and one search. Returns the :class:`~diffmem.similarity.index.SearchResult` (one query per
-    selected prompt, in prompt order)."""
+    selected prompt, in prompt order); ``keep`` (a list) receives the decoded images."""
     x0 = step.x0 if rows is None else step.x0[rows.to(step.x0.device)]
     images = run.adapter.decode(x0).float().clamp(-1, 1).cpu()
+    if keep is not None:
+        keep.append(images)
     return index.search(images, k=min(k, len(index)))
 
 
@@ -220,14 +222,24 @@ class PreviewReplication(Detector):
         super().on_start(run)
         check_index_model_once(self.index, run.adapter, criterion=self._expected,
                                who="preview_replication")
-        run.state(self).nearest = [""] * run.batch_size
+        st = run.state(self)
+        st.nearest, st.found, st.images = [""] * run.batch_size, None, []
 
     def step_scores(self, run: Run, step: Step) -> torch.Tensor:
-        found = decode_and_search(run, step, self.index)
+        st = run.state(self)
+        found = decode_and_search(run, step, self.index, keep=st.images)
         raw = found.scores[:, 0].double()
-        run.state(self).nearest = [row[0] for row in found.ids]
+        st.nearest, st.found = [row[0] for row in found.ids], found
         return (raw - self.copy_threshold) if self.higher_is_better else (self.copy_threshold - raw)
 
     def on_end(self, run: Run) -> None:
         super().on_end(run)
-        run.records[self.name + "_nearest"] = run.state(self).nearest
+        st = run.state(self)
+        run.records[self.name + "_nearest"] = st.nearest
+        # the evidence of each generation: its decoded preview ((B, 3, H, W) in [-1, 1]), the
+        # nearest training item's row in the index and its raw similarity / distance
+        if st.found is not None:
+            run.records[self.name + "_preview"] = st.images[-1]
+            run.records[self.name + "_row"] = st.found.indices[:, 0].tolist()
+            run.records[self.name + "_similarity"] = st.found.scores[:, 0].tolist()
+            run.records[self.name + "_caption"] = [c[0] for c in st.found.captions]

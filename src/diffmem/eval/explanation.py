@@ -57,8 +57,31 @@ def _all_in_top(attribution: TokenAttribution, triggers: Sequence[str], k: int) 
     return all(_norm(t) in top for t in triggers)
 
 
-def _rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str]:
-    """(copying rows with prompt/group/trigger_tokens, clean calibration prompts, source)."""
+def _rows(adapter: ModelAdapter, prompts, split: str | None = None,
+          max_per_group: int | None = None) -> tuple[list[dict], list[str], str, list[dict]]:
+    """(copying rows with prompt/group/trigger_tokens, clean calibration prompts, source,
+    non-copying rows: the controls of the generation verdict), of ``split`` (None: all) and at
+    most the first ``max_per_group`` rows of each group and label."""
+    rows, clean, source, controls = _all_rows(adapter, prompts)
+    if split is not None:
+        rows = [r for r in rows if r.get("split") == split]
+        controls = [r for r in controls if r.get("split") == split]
+    return _cap(rows, max_per_group), clean, source, _cap(controls, max_per_group)
+
+
+def _cap(rows: list[dict], n: int | None) -> list[dict]:
+    if n is None:
+        return rows
+    seen: dict = {}
+    out = []
+    for r in rows:
+        seen[r.get("group")] = seen.get(r.get("group"), 0) + 1
+        if seen[r.get("group")] <= n:
+            out.append(r)
+    return out
+
+
+def _all_rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str, list[dict]]:
     from diffmem.testbed import labelled_prompts, labels_of
     from diffmem.testbed.broad import read_broad_labels
 
@@ -72,10 +95,13 @@ def _rows(adapter: ModelAdapter, prompts) -> tuple[list[dict], list[str], str]:
         designed = labelled_prompts(spec, adapter.path)
         rows = [{"prompt": p.prompt, "group": p.kind, "memorized": True,
                  "trigger_tokens": p.trigger_tokens} for p in designed if p.memorized]
-        return rows, [p.prompt for p in designed if not p.memorized], "designed"
+        controls = [{"prompt": p.prompt, "group": p.kind, "memorized": False}
+                    for p in designed if not p.memorized]
+        return rows, [p["prompt"] for p in controls], "designed", controls
     path = labels if str(prompts) == "broad" else Path(prompts)
     rows = read_broad_labels(path)
-    return [r for r in rows if r["memorized"]], clean, str(path)
+    return ([r for r in rows if r["memorized"]], clean, str(path),
+            [r for r in rows if not r["memorized"]])
 
 
 def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, top_k: int = 5,
@@ -83,7 +109,8 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
                          threshold: float | None = None, fpr: float = 0.01, combine: int = 5,
                          num_inference_steps: int = SAMPLING.steps, detector: Detector | None = None,
                          judge_edits: bool = True, judge_seeds: int = 4,
-                         ablation: float = DEFAULT_ABLATION, verify=None) -> dict:
+                         ablation: float = DEFAULT_ABLATION, verify=None, index=None,
+                         split: str | None = None, max_per_group: int | None = None) -> dict:
     """Trigger recall of the attribution, and edits judged by the detector and by generation.
 
     All copying prompts are attributed in batches (gradient blended with word ablation of weight
@@ -95,9 +122,16 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
     the model's training-set index) the edits are first checked by generation on the verifier's
     own seeds (from 1000 by default, never the judge's 0-3) and only an edit that copied nothing
     there is suggested (``explain --verify-index``).
+
+    With ``index`` (``explain --index``), the verdict of every copying prompt and of every
+    non-copying control comes from preview generations searched in the index
+    (:class:`~diffmem.detect.verdict.GenerationJudge`), the edits are made against it, and the
+    report gives the flag rate per group by that verdict (``flag_rate``; ``estimate_flag_rate``:
+    the first-step estimate's) and the controls' false flags (``controls``).
+    ``split`` / ``max_per_group``: only the rows of that split, the first N of each group.
     """
     adapter = load_adapter(model)
-    rows, clean, source = _rows(adapter, prompts)
+    rows, clean, source, controls = _rows(adapter, prompts, split, max_per_group)
     if not rows:
         raise PromptError(f"no copying prompts in {source}")
     t0 = time.perf_counter()
@@ -115,6 +149,10 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
         threshold = float(detector.fit(scores=clean_scores).threshold_)
     reports = suggest_edits(adapter, attributions, detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
+    verdicts, control_report = None, None
+    if index is not None:
+        reports, verdicts, control_report = _by_generation(adapter, index, reports, controls,
+                                                           detector, threshold)
     t_verify, verifier = 0.0, None
     if verify is not None:
         t1 = time.perf_counter()
@@ -140,12 +178,46 @@ def evaluate_explanation(model="testbed", *, prompts: str | Path | None = None, 
                         judge_seeds=judge_seeds if judge_edits else None,
                         verify=verifier.settings() if verifier is not None else None),
                    source)
+    if verdicts is not None:
+        out["verdict"] = {"source": "generation", **verdicts}
+        out["controls"] = control_report
+        for rec, r in zip(out["prompts"], reports, strict=True):
+            rec["estimate_flagged"] = r.estimate_flagged
     if verifier is not None:
         out["verify_seconds"] = round(t_verify, 3)
         out["verify_generations"] = verifier.generated  # the pool's and the checks'
         out["verify_edits_checked"] = sum(s.copies is not None for r in reports
                                           for s in r.suggestions)
     return {**out, **_reduction(reports, clean_scores)}
+
+
+def _by_generation(adapter, index, reports, controls, detector, threshold):
+    """The copying prompts' reports decided by the generation verdict, the judge's settings and
+    the controls' false flags (by the verdict and by the first-step estimate), per group."""
+    from diffmem.detect.verdict import GenerationJudge
+
+    judge = index if isinstance(index, GenerationJudge) else GenerationJudge(index)
+    judge.check(adapter, who="eval explanation --index")
+    t0 = time.perf_counter()
+    texts = [r.prompt for r in reports] + [c["prompt"] for c in controls]
+    found = judge(adapter, texts, evidence=False)
+    seconds = time.perf_counter() - t0
+    mine, theirs = found[: len(reports)], found[len(reports) :]
+    reports = [r.against(v.copies) for r, v in zip(reports, mine, strict=True)]
+    est = (np.asarray(detector.score(adapter, [c["prompt"] for c in controls])) > threshold
+           if controls else np.zeros(0, bool))
+    groups: dict = {}
+    for c, v, e in zip(controls, theirs, est, strict=True):
+        groups.setdefault(c.get("group"), []).append((v.copies, bool(e)))
+
+    def rates(pairs):
+        return {"n": len(pairs), "flagged_by_verdict_rate": _rate([p[0] for p in pairs]),
+                "flagged_by_estimate_rate": _rate([p[1] for p in pairs])}
+
+    every = [p for g in groups.values() for p in g]
+    controls_out = {**rates(every), "groups": {g: rates(p) for g, p in groups.items()}}
+    return reports, {**judge.settings(), "seconds": round(seconds, 3),
+                     "prompts": len(texts)}, controls_out
 
 
 def _chosen(report: EditReport) -> EditSuggestion | None:
@@ -186,7 +258,7 @@ def _summary(rows, attributions, reports, chosen, judged, threshold, top_k, seco
             "prompt": row["prompt"], "group": row.get("group"), "triggers": trig,
             "words": n_words, "trigger_rank": rank,
             "top3": [w for w, _ in a.top(3, editable=True)], "score": r.score,
-            "flagged": bool(r.flagged),
+            "flagged": bool(r.flagged), "verdict_copies": r.copies,
             "edit": c.to_dict() if c is not None else None,
             "detector_cleared": bool(r.flagged and r.clearing),
             "verified_edit": bool(r.recommended is not None and r.recommended.verified),
@@ -204,6 +276,11 @@ def _summary(rows, attributions, reports, chosen, judged, threshold, top_k, seco
         gen = [p for p in flagged if p["generation_cleared"] is not None]
         return {
             "n_copying": len(recs), "n_flagged": len(flagged),
+            "flag_rate": _rate([p["flagged"] for p in recs]),
+            "estimate_flag_rate": _rate([p["score"] > threshold for p in recs]),
+            # flagged and given an edit that stops the copying when generated (judge's seeds)
+            "edit_stops_copying_rate": _rate([bool(p["generation_cleared"]) for p in recs])
+            if gen else float("nan"),
             "n_trigger_5plus": len(ranked),
             "trigger_top3_rate": _rate([p["trigger_rank"] is not None and p["trigger_rank"] <= 3
                                         for p in ranked]),

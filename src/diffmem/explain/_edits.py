@@ -70,11 +70,30 @@ class EditReport:
     score: float
     threshold: float | None
     suggestions: tuple[EditSuggestion, ...] = field(default=())
+    #: the verdict by generation (:class:`~diffmem.detect.verdict.GenerationJudge`): whether the
+    #: prompt's previews copy a training image; None: no index, the first-step estimate decides
+    copies: bool | None = None
+
+    @property
+    def estimate_flagged(self) -> bool | None:
+        """Whether the first-step score is above the threshold (None without one)."""
+        return None if self.threshold is None else bool(self.score > self.threshold)
 
     @property
     def flagged(self) -> bool | None:
-        """Whether the original prompt scores above the threshold (None without one)."""
-        return None if self.threshold is None else bool(self.score > self.threshold)
+        """The decision: the verdict by generation when there is one, else the first-step
+        estimate (the score above the threshold; None without one)."""
+        return self.estimate_flagged if self.copies is None else bool(self.copies)
+
+    def against(self, copies: bool) -> EditReport:
+        """This report decided by the generation verdict ``copies``: a copying prompt gets edit
+        suggestions (``clears``: the edit's first-step score under the threshold) even when its
+        own first-step score is low."""
+        sug = self.suggestions
+        if copies and self.threshold is not None:
+            sug = tuple(s if s.clears is not None else replace(s, clears=bool(
+                s.score <= self.threshold)) for s in sug)
+        return replace(self, suggestions=sug, copies=bool(copies))
 
     @property
     def best(self) -> EditSuggestion | None:
@@ -115,7 +134,8 @@ class EditReport:
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "score": float(self.score), "threshold": self.threshold,
-                "flagged": self.flagged, "suggestions": [s.to_dict() for s in self.suggestions]}
+                "flagged": self.flagged, "estimate_flagged": self.estimate_flagged,
+                "copies": self.copies, "suggestions": [s.to_dict() for s in self.suggestions]}
 
 
 @dataclass(frozen=True)

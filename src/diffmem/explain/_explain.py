@@ -15,6 +15,7 @@ import torch
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.detect import Detector, NoiseMagnitude
 from diffmem.detect.calibration import calibrated_threshold
+from diffmem.detect.verdict import CopyVerdict, GenerationJudge
 from diffmem.explain._ablation import DEFAULT_ABLATION, attribute_with_ablation
 from diffmem.explain._attention import AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
@@ -43,12 +44,19 @@ class Explanation:
     attribution: TokenAttribution
     edits: EditReport
     attention: AttentionView | None = None
+    #: the verdict by generation (with an index); None: the first-step estimate decides
+    verdict: CopyVerdict | None = None
 
     def to_dict(self) -> dict:
+        e = self.edits
         out = {**self.attribution.to_dict(), "detection": {
-            "score": self.edits.score, "threshold": self.edits.threshold,
-            "flagged": self.edits.flagged},
-            "suggestions": [s.to_dict() for s in self.edits.suggestions]}
+            "source": "generation" if self.verdict is not None else "first_step_estimate",
+            "flagged": e.flagged, "score": e.score, "threshold": e.threshold,
+            "estimate": {"score": e.score, "threshold": e.threshold,
+                         "flagged": e.estimate_flagged}},
+            "suggestions": [s.to_dict() for s in e.suggestions]}
+        if self.verdict is not None:
+            out["verdict"] = self.verdict.to_dict()
         if self.attention is not None:
             out["attention_shares"] = [round(float(s), 6) for s in self.attention.shares]
         return out
@@ -59,7 +67,7 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
                    detector: Detector | None = None, attention: bool = False,
                    num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                    combine: int = 5, ablation: float = DEFAULT_ABLATION,
-                   verify=None) -> Explanation:
+                   verify=None, index=None) -> Explanation:
     """Explain why ``prompt`` may reproduce training data, and how to edit it.
 
     1. token attribution (Wen et al. Sec. 3.3) over ``seeds`` initial noises at the first ``steps``,
@@ -72,7 +80,13 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
        training-set index), the edits of a flagged prompt are generated and checked against the
        training set, and only an edit that copies nothing is suggested;
     4. with ``attention=True``, one generated image (seed ``seed``) with per-word attention shares
-       and heat maps (Ren et al. 2024).
+       and heat maps (Ren et al. 2024);
+    5. with ``index`` (a :class:`~diffmem.detect.verdict.GenerationJudge` or the training-set
+       index), the verdict "copies / does not copy" comes from generated previews searched in it
+       (``Explanation.verdict``, with the closest preview and its nearest training image); the
+       edits are made against that verdict, so a copying prompt with a low first-step score gets
+       edits too (checked by generation when ``verify`` is given). The index is checked against
+       the model first: another model's index is refused (ConfigError), never ignored.
 
     Example::
 
@@ -80,6 +94,11 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
         print(format_terminal(exp))
     """
     adapter = load_adapter(model)
+    judge = None
+    if index is not None:
+        judge = index if isinstance(index, GenerationJudge) else GenerationJudge(
+            index, guidance_scale=guidance_scale)
+        judge.check(adapter, who="explain --index")
     attributor = TokenAttributor(adapter, steps=steps, seeds=seeds, seed=seed,
                                  num_inference_steps=num_inference_steps,
                                  guidance_scale=guidance_scale)
@@ -93,6 +112,10 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
         threshold = calibrated_threshold(adapter, detector)
     [edits] = suggest_edits(adapter, [attribution], detector=detector, threshold=threshold,
                             top_k=top_k, combine=combine)
+    verdict = None
+    if judge is not None:
+        [verdict] = judge(adapter, [prompt])
+        edits = edits.against(verdict.copies)
     if verify is not None:
         verifier = verify if isinstance(verify, EditVerifier) else EditVerifier(
             verify, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
@@ -104,7 +127,7 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
         view = attention_view(adapter, attribution, seed=seed,
                               num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale)
-    return Explanation(attribution, edits, view)
+    return Explanation(attribution, edits, view, verdict)
 
 
 def edit_extender(adapter, attributor: TokenAttributor, *, detector: Detector,

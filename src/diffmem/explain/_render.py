@@ -56,13 +56,7 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
                      "kept tokens are explained")
     tops = ", ".join(f"{w} {100 * s:.0f}%" for w, s in a.top(top_k, editable=True))
     lines.append(f"top words: {tops}")
-    verdict = ""
-    if e.threshold is not None:
-        verdict = (f" > threshold {e.threshold:.3f}: flagged as memorized" if e.flagged
-                   else f" <= threshold {e.threshold:.3f}: not flagged")
-    lines.append(f"noise magnitude {e.score:.3f}{verdict}")
-    if e.flagged is False:
-        lines.append("this prompt is not flagged as memorized: no edit is needed")
+    lines += _verdict_lines(exp)
     if e.recommended is not None:
         m = e.recommended
         checked = (f", generated {m.generations}x: no copy of a training image"
@@ -87,6 +81,32 @@ def format_terminal(exp: Explanation, *, color: bool | None = None, top_k: int =
     else:
         lines.append("no edit suggestions (no editable words)")
     return "\n".join(lines)
+
+
+def _verdict_lines(exp: Explanation) -> list[str]:
+    """The verdict (by generation, with an index) and the first-step estimate, each labelled."""
+    from diffmem.detect.verdict import ESTIMATE_NOTE
+
+    e, v = exp.edits, exp.verdict
+    est = ""
+    if e.threshold is not None:
+        est = (f" > threshold {e.threshold:.3f}" if e.estimate_flagged
+               else f" <= threshold {e.threshold:.3f}")
+    if v is None:
+        word = {True: ": flagged", False: ": not flagged", None: ""}[e.estimate_flagged]
+        return [f"first-step estimate: noise magnitude {e.score:.3f}{est}{word}",
+                f"note: {ESTIMATE_NOTE}"]
+    lines = [f"verdict by generation ({v.method()}): "
+             + ("COPIES a training image" if v.copies else "copies no training image"),
+             f"  closest preview (seed {v.seed}) vs training image {v.nearest_id} "
+             f"{v.nearest_caption!r}: {v.criterion_text()}"]
+    if e.threshold is not None:
+        agree = "agrees" if e.estimate_flagged == v.copies else "disagrees; the verdict decides"
+        lines.append(f"first-step estimate (fast, not the verdict): noise magnitude "
+                     f"{e.score:.3f}{est} ({agree})")
+    if not v.copies:
+        lines.append("the previews copy no training image: no edit is needed")
+    return lines
 
 
 def _png(arr_or_fig) -> str:
@@ -161,9 +181,7 @@ def to_html(exp: Explanation) -> str:
         "figure{display:inline-block;margin:.3em;text-align:center}"
         "td,th{padding:.2em .6em;text-align:left}.prompt{font-size:1.4em}</style></head><body>",
         f"<h1>Why this prompt may reproduce training data</h1><p class='prompt'>{spans}</p>",
-        f"<p>noise magnitude {e.score:.3f}"
-        + (f", threshold {e.threshold:.3f} ({'flagged' if e.flagged else 'not flagged'})"
-           if e.threshold is not None else "") + "</p>",
+        _verdict_html(exp),
         f"<img alt='attribution' src='data:image/png;base64,{_png(a.plot())}'>",
         "<h2>Suggested edits</h2><table><tr><th>score</th><th>clears</th><th>copies</th><th>edit</th>"
         f"<th>prompt</th></tr>{rows}</table>",
@@ -172,6 +190,36 @@ def to_html(exp: Explanation) -> str:
         parts.append(_attention_html(exp))
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _verdict_html(exp: Explanation) -> str:
+    """The verdict with its evidence (the closest preview beside its nearest training image, the
+    similarity and the criterion), and the first-step estimate, labelled as such."""
+    e, v = exp.edits, exp.verdict
+    est = f"first-step estimate (fast, not the verdict): noise magnitude {e.score:.3f}"
+    if e.threshold is not None:
+        est += (f" {'>' if e.estimate_flagged else '&le;'} threshold {e.threshold:.3f} "
+                f"({'flagged' if e.estimate_flagged else 'not flagged'})")
+    if v is None:
+        from diffmem.detect.verdict import ESTIMATE_NOTE
+
+        return f"<p class='estimate'>{est}</p><p class='note'>{html.escape(ESTIMATE_NOTE)}</p>"
+    head = "copies a training image" if v.copies else "copies no training image"
+    figs = ""
+    if v.preview is not None:
+        figs += (f"<figure><img class='preview' alt='closest preview' "
+                 f"src='data:image/png;base64,{_png(_upscale(v.preview))}'>"
+                 f"<figcaption>closest preview (seed {v.seed})</figcaption></figure>")
+    if v.nearest is not None:
+        figs += (f"<figure><img class='nearest' alt='nearest training image' "
+                 f"src='data:image/png;base64,{_png(_upscale(v.nearest))}'>"
+                 f"<figcaption>nearest training image {html.escape(v.nearest_id)}: "
+                 f"&ldquo;{html.escape(v.nearest_caption)}&rdquo;</figcaption></figure>")
+    return (f"<h2 class='verdict' data-copies='{str(v.copies).lower()}'>Verdict by generation: "
+            f"{head}</h2><p>{html.escape(v.method())}; closest preview: "
+            f"{html.escape(v.criterion_text())} (copy criterion: {html.escape(v.criterion)} "
+            f"{'&gt;' if v.higher_is_better else '&lt;'} {v.copy_threshold:g})</p>"
+            f"<div class='evidence'>{figs}</div><p class='estimate'>{est}</p>")
 
 
 def _attention_html(exp: Explanation) -> str:

@@ -41,4 +41,16 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in arr]
 
 
-__all__ = ["to_pil", "to_uint8", "to_unit_range"]
+def png_base64(image: np.ndarray) -> str:
+    """One ``(H, W, 3)`` uint8 image as base64 PNG (for pages and JSON answers)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+__all__ = ["png_base64", "to_pil", "to_uint8", "to_unit_range"]

@@ -35,8 +35,10 @@ log = logging.getLogger("diffmem.server")
 __all__ = ["ENDPOINTS", "ApiError", "AppState", "GuardMiddleware", "ServerConfig", "create_app",
            "uvicorn_options"]
 
-_DESCRIPTION = ("Memorization checks for a text-to-image model: first-step noise magnitude "
-                "(Wen et al., ICLR 2024) against a calibrated threshold, word attributions "
+_DESCRIPTION = ("Memorization checks for a text-to-image model: with the training index, the "
+                "verdict comes from generated previews searched in it (preview replication); "
+                "the first-step noise magnitude (Wen et al., ICLR 2024) against a calibrated "
+                "threshold is the fast estimate. Word attributions "
                 "and edits, and mitigated generation. Errors: a 4xx with "
                 "{\"error\": \"<one-line reason>\"}.")
 
@@ -92,6 +94,16 @@ def _lifespan(state: AppState):
                                      max_wait_queue_s=cfg.max_queue_wait_s,
                                      metrics=state.metrics)
         state.batcher.start()
+        preview_thread = None
+        if state.engine.judge is not None:  # 4 previews per prompt: a quarter of the rows
+            preview_thread = ThreadPoolExecutor(1, thread_name_prefix="diffmem-preview")
+            state.previews = MicroBatcher(state.engine.verdicts, preview_thread,
+                                          max_batch=max(1, cfg.max_batch // 4),
+                                          max_wait_s=cfg.max_wait_ms / 1000,
+                                          max_queue=cfg.max_queue,
+                                          max_wait_queue_s=cfg.max_queue_wait_s,
+                                          convert=lambda v: v)
+            state.previews.start()
         try:
             yield
         finally:
@@ -99,6 +111,9 @@ def _lifespan(state: AppState):
             for cancel in list(state.cancels):
                 cancel.set()
             await state.batcher.stop()
+            if state.previews is not None:
+                await state.previews.stop()
+                preview_thread.shutdown(wait=False, cancel_futures=True)
             state.workers.shutdown(wait=False, cancel_futures=True)
             batch_thread.shutdown(wait=False, cancel_futures=True)
             if state.audit is not None and not state.audit.flush(timeout=5.0):

@@ -33,12 +33,17 @@ class QueueFull(Exception):
 
 
 class MicroBatcher:
-    """Collects prompts into batches of at most ``max_batch`` for ``score_fn(prompts) -> scores``."""
+    """Collects prompts into batches of at most ``max_batch`` for ``score_fn(prompts) -> scores``
+    (the service runs two: first-step scores, and the verdicts by generation of the previews)."""
 
     def __init__(self, score_fn: Callable[[list[str]], Sequence[float]], executor: Executor, *,
                  max_batch: int = 16, max_wait_s: float = 0.005, max_queue: int = 512,
-                 max_wait_queue_s: float | None = None, metrics: Metrics | None = None) -> None:
+                 max_wait_queue_s: float | None = None, metrics: Metrics | None = None,
+                 convert: Callable = float) -> None:
         self.score_fn = score_fn
+        #: each result through this before it reaches its request (float scores; the preview
+        #: batcher's verdicts are dicts, passed as they are)
+        self.convert = convert
         self.executor = executor
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -172,4 +177,4 @@ class MicroBatcher:
             self.metrics.batch_seconds.observe(took)
         for (_, fut, _), s in zip(batch, scores, strict=True):
             if not fut.done():
-                fut.set_result(float(s))
+                fut.set_result(self.convert(s))

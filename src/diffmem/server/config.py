@@ -151,6 +151,9 @@ class AppState:
     metrics: Metrics
     audit: AuditLog | None
     batcher: MicroBatcher | None = None
+    #: the verdicts by generation (previews searched in the index), batched across requests;
+    #: None without an index
+    previews: MicroBatcher | None = None
     workers: ThreadPoolExecutor | None = None
     #: explain / generate jobs admitted and not finished, and the cancel events of running work
     jobs: int = 0

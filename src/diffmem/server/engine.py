@@ -18,6 +18,7 @@ a generation's hooks also end the run after the current step.
 from __future__ import annotations
 
 import base64
+import collections
 import copy
 import io
 import threading
@@ -29,6 +30,7 @@ import torch
 
 from diffmem.core.sampling import Hook, Run, Step, sample, seeded_generators
 from diffmem.detect import NoiseMagnitude
+from diffmem.detect.verdict import ESTIMATE_NOTE, GenerationJudge
 from diffmem.models.adapter import ModelAdapter, quiet_truncation
 from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
@@ -147,6 +149,14 @@ class Engine:
                                        guidance_scale=self.guidance_scale,
                                        batch_size=self.max_batch)
         self.detector.threshold_ = float(self.threshold)
+        #: the verdict by generation (previews searched in the index); None without an index.
+        #: Another model's index is refused here (ConfigError), never ignored.
+        self.judge = None
+        if self.index is not None:
+            self.judge = _CachedJudge(self.index, seed=self.seed,
+                                      guidance_scale=self.guidance_scale,
+                                      batch_size=self.max_batch)
+            self.judge.check(self.adapter, who="the service's index (--index)")
 
     # ---------------------------------------------------------------- facts
     @property
@@ -167,6 +177,15 @@ class Engine:
         with quiet_truncation():  # reported per prompt instead
             return self.detector.score(self.adapter, prompts)
 
+    def verdicts(self, prompts: list[str], *, evidence: bool = True) -> list[dict]:
+        """The verdict by generation of each prompt (:class:`GenerationJudge`: previews searched
+        in the index), with the closest preview and its nearest training image as base64 PNG
+        (``evidence``); the preview micro-batcher's unit of work."""
+        if self.judge is None:
+            raise ConfigError("the verdict by generation needs the training index (diffmem serve "
+                              "--index IDX)")
+        return [v.to_dict(images=evidence) for v in self.judge(self.adapter, prompts)]
+
     # ---------------------------------------------------------------- explain
     def explain(self, prompt: str, *, top_k: int = 5,
                 cancel: threading.Event | None = None) -> dict:
@@ -181,7 +200,7 @@ class Engine:
         exp = explain_prompt(self.adapter, prompt, top_k=top_k, combine=top_k,
                              threshold=self.threshold, detector=self.detector, seed=self.seed,
                              num_inference_steps=self.num_inference_steps,
-                             guidance_scale=self.guidance_scale)
+                             guidance_scale=self.guidance_scale, index=self.judge)
         att, edits = exp.attribution, exp.edits
         scores = np.asarray(att.scores, dtype=float)
         top = float(scores.max()) if scores.size else 0.0
@@ -199,6 +218,8 @@ class Engine:
             "prompt": prompt, "score": float(edits.score), "threshold": float(self.threshold),
             "flagged": bool(edits.flagged), "truncated": bool(att.truncated), "words": words,
             "suggestions": [{**s.to_dict(), "label": s.describe()} for s in suggestions],
+            **verdict_fields(float(edits.score), float(self.threshold),
+                             None if exp.verdict is None else exp.verdict.to_dict(images=True)),
         }
 
     # ---------------------------------------------------------------- generate
@@ -270,6 +291,44 @@ class Engine:
                 "criterion": found.criterion, "higher_is_better": bool(found.higher_is_better),
                 "copy_threshold": copy_threshold, "is_copy": bool(is_copy),
                 "png": png_base64(img) if img is not None else None}
+
+
+class _CachedJudge(GenerationJudge):
+    """A :class:`GenerationJudge` remembering the last verdicts (the page asks for a prompt's
+    verdict, then for its explanation: the previews run once). The verdicts are deterministic
+    (fixed seeds), so a remembered one is the one that would be computed."""
+
+    def __init__(self, *args, size: int = 256, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._memo: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.size = size
+
+    def __call__(self, model, prompts, *, evidence: bool = True):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        with self._lock:
+            known = {p: self._memo[p] for p in prompts if p in self._memo}
+        todo = list(dict.fromkeys(p for p in prompts if p not in known))
+        if todo:
+            for v in super().__call__(model, todo, evidence=True):
+                known[v.prompt] = v
+            with self._lock:
+                for p in todo:
+                    self._memo[p] = known[p]
+                while len(self._memo) > self.size:
+                    self._memo.popitem(last=False)
+        return [known[p] for p in prompts]
+
+
+def verdict_fields(score: float, threshold: float, verdict: dict | None) -> dict:
+    """The decision of an answer: by generation when there is a verdict, else the first-step
+    estimate (labelled as such, with what an index would add)."""
+    estimate = {"score": score, "threshold": threshold, "flagged": bool(score > threshold)}
+    if verdict is None:
+        return {"source": "first_step_estimate", "estimate": estimate, "verdict": None,
+                "note": ESTIMATE_NOTE}
+    return {"source": "generation", "flagged": bool(verdict["copies"]), "estimate": estimate,
+            "verdict": verdict, "note": None}
 
 
 def _jsonable(x):

@@ -31,7 +31,7 @@ from fastapi.security import APIKeyHeader
 from diffmem.runtime.version import __version__
 from diffmem.server.batching import QueueFull
 from diffmem.server.config import AppState
-from diffmem.server.engine import Cancelled
+from diffmem.server.engine import Cancelled, verdict_fields
 from diffmem.server.errors import ApiError
 from diffmem.server.middleware import client_host
 from diffmem.server.schemas import DetectResponse, ExplainResponse, GenerateResponse, request_models
@@ -202,16 +202,30 @@ def add_v1_routes(app: FastAPI, state: AppState) -> None:
               summary="Score prompts for memorization (micro-batched)")
     async def detect(req: DetectRequest, request: Request) -> dict:
         tokens = check_prompts(state, req.prompts)
+        by_generation = req.verdict == "generation" or (req.verdict == "auto"
+                                                         and state.previews is not None)
+        if by_generation and state.previews is None:
+            raise ApiError(422, "verdict 'generation' needs the training index: start the "
+                                "server with --index IDX", kind="no_index")
         try:
             state.batcher.admit(len(req.prompts))
-            scores = await await_work(state, request, state.batcher.submit(req.prompts),
-                                      endpoint="/v1/detect")
+            work = [state.batcher.submit(req.prompts)]
+            if by_generation:
+                state.previews.admit(len(req.prompts))
+                work.append(state.previews.submit(req.prompts))
+            found = await await_work(state, request, asyncio.gather(*work),
+                                     endpoint="/v1/detect")
         except QueueFull as e:
             raise busy(str(e), e.retry_after) from None
+        scores, verdicts = found[0], found[1] if by_generation else [None] * len(req.prompts)
         thr = engine.threshold
-        results = [{"prompt": p, "score": s, "threshold": thr, "flagged": s > thr, "tokens": n,
-                    "truncated": n > engine.context_tokens}
-                   for p, s, n in zip(req.prompts, scores, tokens, strict=True)]
+        results = []
+        for p, s, n, v in zip(req.prompts, scores, tokens, verdicts, strict=True):
+            if v is not None and not req.evidence:
+                v = {k: x for k, x in v.items() if not k.endswith("_png")}
+            results.append({"prompt": p, "score": s, "threshold": thr, "flagged": s > thr,
+                            "tokens": n, "truncated": n > engine.context_tokens,
+                            **verdict_fields(s, thr, v)})
         await audit_prompts(state, request, "/v1/detect", req.prompts, scores)
         for r in results:
             state.metrics.prompts.inc("flagged" if r["flagged"] else "clear")
@@ -249,6 +263,8 @@ def readiness(state: AppState) -> tuple[bool, dict]:
     checks = {
         "model": "ok" if b is None or b.last_error is None else f"last batch failed ({b.last_error})",
         "batcher": "ok" if b is not None and b.alive else "not running",
+        "previews": "off" if state.previews is None else (
+            "ok" if state.previews.alive else "not running"),
         "workers": "ok" if state.workers is not None and not getattr(state.workers, "_shutdown",
                                                                        False) else "not running",
         "audit": "off" if audit is None else (audit.problem() or "ok"),
@@ -305,7 +321,9 @@ def add_ops_routes(app: FastAPI, state: AppState) -> None:
         ok, checks = readiness(state)
         body = {"status": "ok" if ok else "unready", "checks": checks, "version": __version__,
                 "model": cfg.model_name, "threshold": engine.threshold,
-                "index": engine.index is not None, "auth": cfg.api_key is not None,
+                "index": engine.index is not None,
+                "verdict": "generation" if engine.judge is not None else "first_step_estimate",
+                "auth": cfg.api_key is not None,
                 "mitigations": mitigations,
                 "queued_prompts": state.batcher.queued if state.batcher else 0,
                 "jobs": state.jobs,

@@ -4,18 +4,53 @@ The request models depend on the server's limits, so :func:`request_models` make
 :class:`~diffmem.server.config.ServerConfig`; the response models are fixed.
 """
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from diffmem.server.config import ServerConfig
 
 
-class DetectResult(BaseModel):
-    prompt: str
+class Estimate(BaseModel):
     score: float = Field(description="first-step noise magnitude (Wen et al. 2024, eq. 4)")
     threshold: float
-    flagged: bool = Field(description="score > threshold")
+    flagged: bool = Field(description="score > threshold (a fast estimate, not the verdict)")
+
+
+class GenerationVerdict(BaseModel):
+    source: str = Field(description="'generation'")
+    copies: bool = Field(description="the closest preview crosses the copy criterion")
+    margin: float = Field(description="preview replication's score; > 0 copies")
+    similarity: float = Field(description="the closest preview's similarity or distance")
+    criterion: str
+    copy_threshold: float
+    higher_is_better: bool
+    nearest_id: str
+    nearest_caption: str
+    seed: int
+    generations: int
+    steps: int
+    criterion_text: str
+    method: str
+    preview_png: str | None = Field(default=None, description="the closest preview, base64 PNG")
+    nearest_png: str | None = Field(default=None,
+                                    description="its nearest training image, base64 PNG")
+
+
+class VerdictFields(BaseModel):
+    source: str = Field(description="'generation' (previews searched in the training index) or "
+                                     "'first_step_estimate' (no index, or asked for)")
+    estimate: Estimate
+    verdict: GenerationVerdict | None = None
+    note: str | None = Field(default=None, description="what an index would add (estimates)")
+
+
+class DetectResult(VerdictFields):
+    prompt: str
+    score: float = Field(description="first-step noise magnitude (the estimate's score)")
+    threshold: float
+    flagged: bool = Field(description="the decision: the verdict by generation when source is "
+                                      "'generation', else score > threshold")
     tokens: int = Field(description="prompt tokens (BOS/EOS not counted)")
     truncated: bool = Field(description="the prompt was cut to the text encoder's context")
 
@@ -42,7 +77,7 @@ class Suggestion(BaseModel):
     clears: bool | None
 
 
-class ExplainResponse(BaseModel):
+class ExplainResponse(VerdictFields):
     prompt: str
     score: float
     threshold: float
@@ -102,6 +137,12 @@ def request_models(cfg: ServerConfig, mitigations: list[str]):
         model_config = ConfigDict(extra="forbid", strict=True)
         prompts: list[Prompt] = Field(min_length=1, max_length=cfg.max_prompts,
                                       description=f"1 to {cfg.max_prompts} prompts")
+        verdict: Literal["auto", "estimate", "generation"] = Field(
+            default="auto", description="'auto': by generation when the server has an index, "
+            "else the first-step estimate; 'estimate': the first-step estimate only (fast); "
+            "'generation': by generation (422 without an index)")
+        evidence: bool = Field(default=False, description="with a verdict by generation, the "
+                               "closest preview and its nearest training image as base64 PNG")
 
     class ExplainRequest(BaseModel):
         model_config = ConfigDict(extra="forbid", strict=True)

@@ -42,7 +42,8 @@ class GuardConfig:
     """Settings of :class:`Guard` (defaults measured on the testbed, docs/mitigation.md).
 
     Attributes:
-        watch_every: steps between two replication checks of the watch (with an index).
+        watch_every: steps between two replication checks of the watch (with an index; 0: none,
+            the final verification alone).
         ladder: method specs tried in order on a flagged or copying image; ``+reseed`` starts that
             try from a new x_T.
         max_tries: mitigated tries per image before it is served ``unresolved``.

@@ -31,7 +31,8 @@ class Watch(Hook):
     """Flags the prompts of a run by the first-step gate and (with ``index``) the per-step
     replication check every ``every`` steps; records per prompt ``flagged``, ``reason``
     (``"gate"``/``"replication"``), ``step`` (where it fired), ``score`` (first-step magnitude)
-    and, for a replication flag, the nearest training item and its similarity."""
+    and, for a replication flag, the nearest training item and its similarity. ``every=0``: no
+    replication checks during the run (the guard still verifies the final image)."""
 
     name = "guard.watch"
 
@@ -39,8 +40,8 @@ class Watch(Hook):
                  schedule=None) -> None:
         if threshold is not None and not math.isfinite(threshold):
             raise ConfigError(f"watch threshold must be finite, got {threshold}")
-        if every < 1:
-            raise ConfigError("the watch's check interval must be >= 1 step")
+        if every < 0:
+            raise ConfigError("the watch's check interval must be >= 1 step (0: no checks)")
         if threshold is None and index is None:
             raise ConfigError("the watch needs a first-step threshold or the training index")
         self.threshold = threshold
@@ -74,7 +75,7 @@ class Watch(Hook):
                     self._flag(st, i, "gate", step.index)
         total = len(run.timesteps)
         last = step.index == total - 1
-        if self.index is None or last or step.index % self.every:
+        if self.index is None or self.every == 0 or last or step.index % self.every:
             self._halt_if_done(run)
             return  # the final image is verified by the guard itself
         live = ~st.flagged

@@ -52,7 +52,7 @@ class GuardConfig:
         reseed_offset: the new seed of a ``+reseed`` try is ``seed + try * reseed_offset``.
     """
 
-    watch_every: int = 10
+    watch_every: int = 25
     ladder: tuple[str, ...] = ("ren", "amg", "amg+reseed")
     max_tries: int = 3
     margin: float = 0.02

@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -30,27 +29,7 @@ import numpy as np
 DEBOUNCE_S = 0.15  # the page's DEBOUNCE_MS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
-
-    t0 = time.monotonic()
-    async with httpx.AsyncClient() as c:
-        while time.monotonic() - t0 < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if (await c.get(url + "/healthz", timeout=2)).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError("server did not start in time")
+from bench_service import free_port, wait_ready  # noqa: E402  (bench/ is the script's folder)
 
 
 async def one_user(url: str, prompts: list[str]) -> dict:

@@ -17,6 +17,13 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 os.environ["DIFFMEM_CACHE"] = tempfile.mkdtemp(prefix="diffmem-test-cache-")
 
 
+@pytest.fixture(autouse=True)
+def _own_calibration_cache(tmp_path_factory, monkeypatch):
+    """Each test stores calibrations in a folder of its own: a threshold one test calibrated on a
+    tiny model must not be found by another (``CalibrationStore.latest``)."""
+    monkeypatch.setenv("DIFFMEM_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dirs(tmp_path_factory):
     from diffmem.testbed.components import write_clip_tokenizer

@@ -157,6 +157,8 @@ def test_one_detector_serves_two_runs_at_once_like_two_fresh_ones(tiny_pipe, kin
         for k in keys:
             if isinstance(want.records[k], np.ndarray):
                 np.testing.assert_array_equal(got.records[k], want.records[k])
+            elif isinstance(want.records[k], torch.Tensor):  # the previews (evidence)
+                assert torch.equal(got.records[k], want.records[k])
             else:
                 assert got.records[k] == want.records[k]
     assert a.records[name].tolist() != b.records[name].tolist()  # the two runs differ

@@ -48,7 +48,7 @@ test-floors: $(STAMP)
 # direction, at top level or inside a function, fails the lint
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/lint-imports --config .importlinter
+	$(BIN)/lint-imports
 
 # Debian's Chromium for the page's end-to-end test (tests/server/test_page_e2e.py skips without it,
 # and fails without it when CI or DIFFMEM_REQUIRE_BROWSER=1 is set, as .ci/run does; Playwright's

@@ -141,7 +141,7 @@ class StepwiseReplication(Detector):
         raw = found.scores[:, 0].double()
         lam = self.schedule.at(run.adapter, step.t)
         # 2. margin > 0 <=> the step fires (sign flips for a distance)
-        margin = (raw - lam) if self.index.embedder.higher_is_better else (lam - raw)
+        margin = _criterion(self.index, lam).margins(raw)
         margin = margin.numpy()
         for i in range(run.batch_size):
             st.trace[i].append(float(raw[i]))
@@ -199,8 +199,8 @@ class PreviewReplication(Detector):
     def __init__(self, index=None, *, threshold: float | None = None,
                  criterion: str | None = None, num_inference_steps: int = 20,
                  generations: int = 4, steps=None, **options) -> None:
+        from diffmem.models.profile import copy_criterion
         from diffmem.similarity.index import load_index
-        from diffmem.similarity.report import DEFAULT_THRESHOLDS
 
         if index is None:  # refused before the other options are read
             raise ConfigError("preview_replication needs the training set's index (--index IDX; "
@@ -212,8 +212,8 @@ class PreviewReplication(Detector):
         self.index = load_index(index, what="preview_replication")
         self.criterion = self.index.embedder.criterion
         self.higher_is_better = bool(self.index.embedder.higher_is_better)
-        self.copy_threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
-                                    if threshold is None else threshold)
+        self.copy_threshold = (copy_criterion(self.criterion).threshold
+                                    if threshold is None else float(threshold))
         self._expected = criterion
 
     def on_start(self, run: Run) -> None:
@@ -230,7 +230,7 @@ class PreviewReplication(Detector):
         found = decode_and_search(run, step, self.index, keep=st.images)
         raw = found.scores[:, 0].double()
         st.nearest, st.found = [row[0] for row in found.ids], found
-        return (raw - self.copy_threshold) if self.higher_is_better else (self.copy_threshold - raw)
+        return _criterion(self.index, self.copy_threshold).margins(raw)
 
     def on_end(self, run: Run) -> None:
         super().on_end(run)
@@ -243,3 +243,11 @@ class PreviewReplication(Detector):
             run.records[self.name + "_row"] = st.found.indices[:, 0].tolist()
             run.records[self.name + "_similarity"] = st.found.scores[:, 0].tolist()
             run.records[self.name + "_caption"] = [c[0] for c in st.found.captions]
+
+
+def _criterion(index, threshold: float):
+    """The copy test of ``index``'s criterion at ``threshold`` (:class:`CopyCriterion`)."""
+    from diffmem.models.profile import CopyCriterion
+
+    return CopyCriterion(index.embedder.criterion, float(threshold),
+                         higher_is_copy=bool(index.embedder.higher_is_better))

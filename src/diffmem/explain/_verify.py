@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from diffmem.models.profile import CopyCriterion
 from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError
 
@@ -86,8 +87,8 @@ class EditVerifier:
                  num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,
                  threshold: float | None = None, batch_size: int = 32,
                  criterion: str | None = None) -> None:
+        from diffmem.models.profile import copy_criterion
         from diffmem.similarity.index import load_index
-        from diffmem.similarity.report import DEFAULT_THRESHOLDS
 
         if seeds < 1 or max_checks < 1 or batch_size < 1 or depth < 1:
             raise ConfigError("edit verification needs seeds, max_checks, depth and batch_size "
@@ -101,8 +102,8 @@ class EditVerifier:
                                         "(build it with `diffmem index build`)")
         self.criterion = self.index.embedder.criterion
         self.higher_is_better = bool(self.index.embedder.higher_is_better)
-        self.threshold = float(DEFAULT_THRESHOLDS.get(self.criterion, 0.5)
-                               if threshold is None else threshold)
+        self.threshold = (copy_criterion(self.criterion).threshold
+                               if threshold is None else float(threshold))
         self.seeds, self.seed, self.max_checks = int(seeds), int(seed), int(max_checks)
         self.pool = max(int(pool), self.seeds)
         spare = self.pool - self.seeds
@@ -182,8 +183,12 @@ class EditVerifier:
             out[i] = self._merge(first[i], v)
         return out
 
+    @property
+    def _criterion(self) -> CopyCriterion:
+        return CopyCriterion(self.criterion, self.threshold, higher_is_copy=self.higher_is_better)
+
     def _closer(self, a: float, b: float) -> bool:
-        return a > b if self.higher_is_better else a < b
+        return self._criterion.closer(a, b)
 
     def _merge(self, a: Verdict, b: Verdict) -> Verdict:
         near = b if self._closer(b.score, a.score) else a
@@ -197,7 +202,7 @@ class EditVerifier:
         out, start = [], 0
         for own in seeds:  # the jobs of prompt i are contiguous, in its seeds' order
             s = torch.tensor(scores[start : start + len(own)])
-            copy = s > self.threshold if self.higher_is_better else s < self.threshold
+            copy = self._criterion.copies(s)
             best = int(s.argmax() if self.higher_is_better else s.argmin())
             closest = float(s[best])
             clear = (closest < self.threshold / self.margin if self.higher_is_better

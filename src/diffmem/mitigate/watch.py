@@ -24,6 +24,7 @@ import torch
 from diffmem.core.magnitude import noise_magnitude
 from diffmem.core.sampling import Hook, Run, Step
 from diffmem.detect.replication import DEFAULT_SCHEDULES, decode_and_search
+from diffmem.models.profile import CopyCriterion
 from diffmem.runtime.errors import ConfigError
 
 
@@ -85,8 +86,9 @@ class Watch(Hook):
         found = decode_and_search(run, step, self.index, rows=live)
         raw = found.scores[:, 0].double().numpy()
         lam = self.schedule.at(run.adapter, step.t)
-        higher = bool(self.index.embedder.higher_is_better)
-        margin = (raw - lam) if higher else (lam - raw)
+        margin = CopyCriterion(self.index.embedder.criterion, float(lam),
+                               higher_is_copy=bool(self.index.embedder.higher_is_better)
+                               ).margins(raw)
         for j, i in enumerate(live.nonzero().flatten().tolist()):
             if margin[j] > 0:
                 self._flag(st, i, "replication", step.index)

@@ -32,13 +32,21 @@ class CopyCriterion:
     threshold: float
     higher_is_copy: bool
 
+    def copies(self, scores):
+        """Elementwise copy test of an array or tensor of scores (the one place it is written)."""
+        return scores > self.threshold if self.higher_is_copy else scores < self.threshold
+
+    def margins(self, scores):
+        """Elementwise distance to the threshold on the copy side (> 0: a copy)."""
+        return scores - self.threshold if self.higher_is_copy else self.threshold - scores
+
     def is_copy(self, score: float) -> bool:
         """Whether ``score`` (one similarity or distance) is a copy."""
-        return bool(score > self.threshold if self.higher_is_copy else score < self.threshold)
+        return bool(self.copies(score))
 
     def margin(self, score: float) -> float:
         """How far ``score`` sits on the copy side of the threshold (> 0: a copy)."""
-        return float(score - self.threshold if self.higher_is_copy else self.threshold - score)
+        return float(self.margins(score))
 
     def closer(self, a: float, b: float) -> bool:
         """Whether score ``a`` is more alike than score ``b``."""

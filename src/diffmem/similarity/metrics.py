@@ -23,6 +23,8 @@ import warnings
 import torch
 from torch.nn import functional as F
 
+from diffmem.models.profile import CopyCriterion
+
 #: Conventional SSCD copy threshold (Somepalli et al. 2023; Chen et al. 2024).
 SSCD_THRESHOLD = 0.5
 
@@ -44,7 +46,7 @@ def _summary(x: torch.Tensor, threshold: float, higher_is_better: bool) -> dict[
                       DegenerateInputWarning, stacklevel=3)
         return {"mean": nan, "p95": nan, "memorization_rate": nan, "n": 0}
     q = 0.95 if higher_is_better else 0.05
-    copies = x > threshold if higher_is_better else x < threshold
+    copies = CopyCriterion("score", threshold, higher_is_copy=higher_is_better).copies(x)
     return {"mean": x.mean().item(), "p95": torch.quantile(x, q).item(),
             "memorization_rate": copies.double().mean().item(), "n": int(x.numel())}
 

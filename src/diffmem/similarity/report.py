@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from diffmem.models.profile import CRITERIA
+from diffmem.models.profile import CRITERIA, CopyCriterion
 from diffmem.runtime.images import to_pil
 from diffmem.similarity.index import TrainingIndex, load_index
 from diffmem.similarity.metrics import replication_summary
@@ -94,7 +94,7 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
                                "build it with `diffmem index build`)")
     criterion = index.embedder.criterion
     higher = index.embedder.higher_is_better
-    threshold = DEFAULT_THRESHOLDS.get(criterion, 0.5) if threshold is None else threshold
+    threshold = CRITERIA.get(criterion).threshold if threshold is None else threshold
     paths, tensors, skipped = _read_images(listed)
     if not paths:
         from diffmem.runtime.errors import EmptyInputError
@@ -106,7 +106,7 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
                                            else ([], [], [], [], []))
     summary = replication_summary(scores, threshold=threshold, higher_is_better=higher)
     per_image = [{"path": str(p), "prompt": prompts.get(str(p)), "score": s,
-                  "copy": bool(s > threshold if higher else s < threshold),
+                  "copy": CopyCriterion(criterion, threshold, higher_is_copy=higher).is_copy(s),
                   "nearest_id": i, "nearest_caption": c, "caption_count": n}
                  for p, s, i, c, n in zip(paths, scores, ids, captions, counts, strict=True)]
     # the copy-like tail: the 95th percentile of a similarity, the 5th of a distance

@@ -81,3 +81,23 @@ def test_model_without_memorized_items_is_one_line_exit_2(tiny_dir, capsys):
     _, err = capsys.readouterr()
     assert rc == 2
     assert err.count("\n") == 1 and "known memorized items" in err
+
+
+def test_recovery_plot_and_tables(tmp_path, capsys):
+    def rep(curve, budget=50):
+        n = 4
+        return {"n_items": n, "recovered_share": curve[-1][1], "recovered_at_start": curve[0][1],
+                "recovered_at_end": curve[-1][1], "iterations_to_recovery_median": 25.0,
+                "budget": budget, "curve": [{"iteration": i, "share_recovered_by": s}
+                                            for i, s in curve]}
+
+    a = tmp_path / "a.json"
+    b = tmp_path / "b.json"
+    a.write_text(json.dumps(rep([(0, 0.0), (25, 1.0)])))  # stopped early: all recovered
+    b.write_text(json.dumps(rep([(0, 0.0), (25, 0.25), (50, 0.5)])))
+    assert main(["eval", "recovery-plot", f"early={a}", str(b), "--out",
+                 str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert "| early | 4 | 1.000 |" in out
+    assert "| early | 0.00 | 1.00 | 1.00 |" in out and "| b | 0.00 | 0.25 | 0.50 |" in out
+    assert (tmp_path / "p.png").stat().st_size > 0

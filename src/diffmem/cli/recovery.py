@@ -32,7 +32,11 @@ def _cmd_recovery(a: argparse.Namespace) -> int:
 def _cmd_recovery_plot(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from diffmem.eval.recovery_report import plot_recovery, recovery_table
+    from diffmem.eval.recovery_report import (
+        plot_recovery,
+        recovery_curve_table,
+        recovery_table,
+    )
 
     reports = {}
     for spec in a.reports:
@@ -40,7 +44,9 @@ def _cmd_recovery_plot(a: argparse.Namespace) -> int:
         if not sep:
             name, file = Path(spec).stem, spec
         reports[name] = json.loads(Path(file).read_text())
-    print(recovery_table(reports), end="")
+    print(recovery_table(reports))
+    print("share recovered by iteration:\n")
+    print(recovery_curve_table(reports))
     print(f"wrote {plot_recovery(reports, a.out)}")
     return 0
 

@@ -22,6 +22,21 @@ def recovery_table(reports: Mapping[str, Mapping]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def recovery_curve_table(reports: Mapping[str, Mapping]) -> str:
+    """The plot as a Markdown table: share of items recovered by each checked iteration (a run
+    that stopped early keeps its last value)."""
+    its = sorted({c["iteration"] for r in reports.values() for c in r["curve"]}
+                 | {r["budget"] for r in reports.values()})
+    out = ("| configuration | " + " | ".join(str(i) for i in its) + " |\n|---|"
+           + "---|" * len(its) + "\n")
+    for name, r in reports.items():
+        # the share is cumulative: at i it is the last check's at or before i
+        cells = [max((c["share_recovered_by"] for c in r["curve"] if c["iteration"] <= i),
+                     default=0.0) for i in its]
+        out += f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells) + " |\n"
+    return out
+
+
 def plot_recovery(reports: Mapping[str, Mapping], path: str | Path, *, title: str = "") -> Path:
     """Save the share of items recovered by iteration i (cumulative), one line per configuration;
     a run that stopped early (every item recovered) is drawn flat to its budget."""

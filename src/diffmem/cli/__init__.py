@@ -332,6 +332,7 @@ _EXTENSIONS: list[str] = [
     "diffmem.cli.mitigate",
     "diffmem.cli.scale",
     "diffmem.cli.train",
+    "diffmem.cli.recovery",
     "diffmem.cli.server",
 ]
 

@@ -69,3 +69,27 @@ class Hook:
     def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:
         """Observe cross-attention probabilities ``(N, heads, queries, tokens)`` (float32) of the
         UNet batch; :meth:`Step.branch` gives one branch's rows in prompt order."""
+
+
+class SetInputs(Hook):
+    """Generate from given text embeddings (and, optionally, a given x_T) instead of the encoded
+    prompts: ``on_start`` replaces ``run.cond`` with ``cond`` (``(B, L, D)``, one row per prompt of
+    the run) and, when ``latents`` is given, ``run.latents`` with ``latents`` (unit-variance x_T,
+    scaled by the scheduler's ``init_noise_sigma``). Put it first among a run's hooks, so that the
+    others (mitigations, detectors) see the replaced inputs. Used by the recovery check
+    (:mod:`diffmem.eval.recovery`), whose embeddings come from an optimisation, not a prompt."""
+
+    name = "set_inputs"
+
+    def __init__(self, cond: torch.Tensor | None, latents: torch.Tensor | None = None) -> None:
+        self.cond, self.latents = cond, latents
+
+    def on_start(self, run: Run) -> None:
+        for given in (self.cond, self.latents):
+            if given is not None and given.shape[0] != run.batch_size:
+                raise ValueError(f"SetInputs: {given.shape[0]} rows for {run.batch_size} prompts")
+        if self.cond is not None:
+            run.cond = self.cond.to(run.cond.device, run.cond.dtype)
+        if self.latents is not None:
+            sigma = run.scheduler.init_noise_sigma
+            run.latents = (self.latents.to(run.latents.device, run.latents.dtype) * sigma)

@@ -132,8 +132,15 @@ class Guard:
     # ------------------------------------------------------------------ the loop
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
                  num_inference_steps: int = SAMPLING.steps,
-                 guidance_scale: float = SAMPLING.guidance_scale) -> GuardResult:
-        """One image per (prompt, seed) pair, guarded."""
+                 guidance_scale: float = SAMPLING.guidance_scale,
+                 cond: torch.Tensor | None = None,
+                 latents: torch.Tensor | None = None) -> GuardResult:
+        """One image per (prompt, seed) pair, guarded.
+
+        ``cond`` (``(N, L, D)``, optional): generate from these text embeddings instead of the
+        encoded prompts, in every try (the recovery check's optimised embeddings); ``latents``
+        (``(N, C, h, w)``, optional): this x_T instead of the seed's, in every try that does not
+        reseed (a ``+reseed`` try draws its own x_T, as for any prompt)."""
         from diffmem.mitigate.watch import Watch
 
         prompts, seeds = list(prompts), [int(s) for s in seeds]
@@ -143,8 +150,9 @@ class Guard:
         kw = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
         watch = Watch(threshold=self.threshold, index=self.index, every=self.config.watch_every)
         timing = {"watch": 0.0, "verify": 0.0, "tries": []}
-        plain = sample(self.adapter, prompts, generator=seeded_generators(seeds), hooks=[watch],
-                       **kw)
+        given = (cond, latents)
+        plain = sample(self.adapter, prompts, generator=seeded_generators(seeds),
+                       hooks=[*_inputs(given, list(range(len(prompts))), False), watch], **kw)
         timing["watch"] = time.perf_counter() - t0
         rows = plain.records[watch.name]
         n = len(prompts)
@@ -174,7 +182,8 @@ class Guard:
             try_seeds = [seeds[i] + (level * self.config.reseed_offset if reseed else 0)
                          for i in todo]
             t1 = time.perf_counter()
-            out = self._mitigated([prompts[i] for i in todo], try_seeds, method, kw)
+            out = self._mitigated([prompts[i] for i in todo], try_seeds, method, kw,
+                                  _inputs(given, todo, reseed))
             timing["tries"].append({"method": spec, "images": len(todo),
                                     "seconds": time.perf_counter() - t1})
             generations += len(todo)
@@ -215,14 +224,25 @@ class Guard:
             v.verified, v.nearest, v.similarity = True, nearest, s
             v.criterion = self.criterion.name
 
-    def _mitigated(self, prompts: list[str], seeds: list[int], method: str, kw: dict
-                   ) -> torch.Tensor:
+    def _mitigated(self, prompts: list[str], seeds: list[int], method: str, kw: dict,
+                   inputs: list = ()) -> torch.Tensor:
         from diffmem.mitigate.registry import build_mitigations
 
-        hooks = build_mitigations(method, self.context)
+        hooks = [*inputs, *build_mitigations(method, self.context)]
         res = sample(self.adapter, prompts, generator=seeded_generators(seeds), hooks=hooks, **kw)
         return res.images
 
     def _image_size(self) -> tuple[int, int]:
         side = self.adapter.default_resolution
         return side, side
+
+
+def _inputs(given: tuple, rows: list[int], reseed: bool) -> list:
+    """The :class:`~diffmem.core.hooks.SetInputs` hook of ``rows`` (none without given inputs)."""
+    cond, latents = given
+    if cond is None and latents is None:
+        return []
+    from diffmem.core.hooks import SetInputs
+
+    return [SetInputs(cond[rows] if cond is not None else None,
+                      None if reseed or latents is None else latents[rows])]

@@ -28,3 +28,9 @@ DEFAULT_DETECTOR = "sharpness"
 #: The default when the training set's index is given (``--index``): a 20-step preview
 #: generation per seed, searched in the index (chosen on the broad set, docs/detection.md).
 DEFAULT_INDEX_DETECTOR = "preview_replication"
+
+#: The fixed budget and settings of ``diffmem eval recovery`` (:mod:`diffmem.eval.recovery`;
+#: docs/training.md, "Recovery check"): Adam on the text embedding, ``iterations`` steps at ``lr``,
+#: a judging generation every ``check_every`` steps, ``seeds`` generations per item and check.
+RECOVERY = {"iterations": 200, "lr": 1e-2, "check_every": 25, "seeds": 2, "start_prompt": "",
+            "seed": 0}

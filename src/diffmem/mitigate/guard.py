@@ -107,6 +107,10 @@ class Guard:
             raise ConfigError("the guard needs at least one try and one method")
         for spec in self.config.ladder:
             parse_spec(spec.removesuffix("+reseed"))
+        if index is not None:  # an index of another model's images: one clear error, up front
+            from diffmem.similarity.index_compat import check_index_model_once
+
+            check_index_model_once(index, adapter, who="the guard (--mitigate auto)")
         self.context = context or MitigationContext(adapter, threshold=threshold, index=index)
         if threshold is None and index is None:
             threshold = self.context.require_threshold()

@@ -120,7 +120,7 @@ def test_generate_guarded_from_a_prompts_file_with_images_per_prompt(tiny_testbe
     f = tmp_path / "p.txt"
     f.write_text("a red circle\na cat\n", encoding="utf-8")
     out = tmp_path / "g"
-    rc, stdout, err = _cli(capsys, "generate", "--prompts-file", f, "--images-per-prompt", 2,
+    rc, _, err = _cli(capsys, "generate", "--prompts-file", f, "--images-per-prompt", 2,
                            "--model", tiny_testbed, "--sampling-steps", STEPS, "--mitigate",
                            "auto", "--index", tiny_testbed_index, "--threshold", 1e9,
                            "--out", out)

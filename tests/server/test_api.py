@@ -186,7 +186,9 @@ def test_generate_plain_and_mitigated_with_nearest_training_image(client, memori
     body = r.json()
     assert set(body["images"]) == {"plain", "mitigated"}
     assert body["detection"]["flagged"]
-    assert body["images"]["mitigated"]["records"]["gate"][0]["flagged"]
+    verdict = body["images"]["mitigated"]["verdict"]  # auto is the guard, as on the CLI
+    assert verdict["status"] in ("mitigated", "unresolved") and verdict["watch"] == "gate"
+    assert verdict["verified"] == (body["images"]["mitigated"].get("nearest") is not None)
     for entry in body["images"].values():
         img = Image.open(io.BytesIO(base64.b64decode(entry["png"])))
         assert img.size == (64, 64)

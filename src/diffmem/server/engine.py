@@ -235,14 +235,16 @@ class Engine:
 
     def _generate(self, prompt: str, *, mitigate: str, compare: bool, seed: int, steps: int,
                   guidance_scale: float, cancel: threading.Event | None) -> dict:
-        from diffmem.generate import build_hooks
+        from diffmem.generate import build_guard, build_hooks
         from diffmem.mitigate import parse_spec
 
         none = [n for n, _ in parse_spec(mitigate)] == ["none"]
-        hooks = [] if none else build_hooks(mitigate=mitigate, adapter=self.adapter,
-                                            index=self.index, threshold=self.threshold,
-                                            seed=seed, num_inference_steps=steps,
-                                            guidance_scale=guidance_scale)
+        # "auto" is the closed-loop guard (watch, regenerate, verify, escalate), as on the CLI
+        guard = None if none else build_guard(mitigate, adapter=self.adapter, index=self.index,
+                                               threshold=self.threshold, seed=seed)
+        hooks = [] if none or guard is not None else build_hooks(
+            mitigate=mitigate, adapter=self.adapter, index=self.index, threshold=self.threshold,
+            seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale)
         stop = [_Cancel(cancel)] if cancel is not None else []
         # the prompt's score as /v1/detect gives it (the calibrated schedule, whatever ``steps``)
         score = float(self.score([prompt])[0])
@@ -256,19 +258,30 @@ class Engine:
         if not none:
             runs.append(("mitigated", hooks))
         for name, run_hooks in runs:
+            verdict = None
             with quiet_truncation():
-                res = sample(self.adapter, [prompt], num_inference_steps=steps,
-                             guidance_scale=guidance_scale,
-                             generator=seeded_generators([seed], self.adapter.device),
-                             hooks=[*run_hooks, *stop])
-            if res.images is None or (cancel is not None and cancel.is_set()):
+                if name == "mitigated" and guard is not None:
+                    guarded = guard.generate([prompt], [seed], num_inference_steps=steps,
+                                             guidance_scale=guidance_scale)
+                    images, records = guarded.images, {}
+                    verdict = guarded.verdicts[0].to_json()
+                    truncated = self.adapter.tokenize([prompt]).truncated
+                else:
+                    res = sample(self.adapter, [prompt], num_inference_steps=steps,
+                                 guidance_scale=guidance_scale,
+                                 generator=seeded_generators([seed], self.adapter.device),
+                                 hooks=[*run_hooks, *stop])
+                    images, records, truncated = res.images, res.records, res.truncated
+            if images is None or (cancel is not None and cancel.is_set()):
                 raise Cancelled("generation stopped: the work was cancelled")
-            entry: dict = {"png": png_base64(res.images[0])}
+            entry: dict = {"png": png_base64(images[0])}
             if name == "mitigated":
-                entry["records"] = _jsonable({k: v for k, v in res.records.items()})
+                entry["records"] = _jsonable({k: v for k, v in records.items()})
+                if verdict is not None:
+                    entry["verdict"] = verdict
             if self.index is not None:
                 entry["nearest"] = self.nearest(res.images)
-            out["truncated"] = bool(res.truncated[0])
+            out["truncated"] = bool(truncated[0])
             out["images"][name] = entry
         return out
 

@@ -103,6 +103,9 @@ class GeneratedImage(BaseModel):
     nearest: Nearest | None = Field(default=None, description="nearest training image "
                                                               "(only when the server has --index)")
     records: dict | None = Field(default=None, description="what each mitigation did")
+    verdict: dict | None = Field(default=None, description=(
+        "mitigate=auto (the guard): status clean / mitigated / unresolved, method, what flagged "
+        "it and when, tries, nearest training image and similarity, whether it was verified"))
 
 
 class Detection(BaseModel):

@@ -4,7 +4,9 @@
    one generation) and report AUC / TPR at 1% FPR;
 2. explanation: attribute one memorized prompt to its words and suggest edits;
 3. replication: generate one image per prompt for a few memorized and held-out prompts and match
-   each to the training set with the testbed's pixel index (tiled L2).
+   each to the training set with the testbed's pixel index (tiled L2);
+4. the guard (``--mitigate auto``): one memorized prompt generated plainly (a copy) and through the
+   guard (not a copy), each beside its nearest training image, in ``guard.html``.
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ def run_demo(model: str | Path = "testbed", out: str | Path = "demo_out", *,
         verdict = "COPY" if r["score"] < REPLICATION_THRESHOLD else "novel"
         print(f"   [{p.kind:8s}] {verdict:5s} tiled-L2 {r['score']:.3f} to {r['nearest_id']:14s} "
               f"{p.prompt[:50]}")
+    print("\n== 4. the guard (--mitigate auto): plain vs guarded, from the same noise ==")
+    guard_row = _guard_demo(adapter, index, chosen[0].prompt, out)
     summary = {"detection": {k: det[k] for k in ("auc", "tpr_at_1pct_fpr", "tpr_at_3pct_fpr")},
                "explained_prompt": prompt.prompt,
                "top_words": [w for w, _ in exp.attribution.top(3)],
                "replication_rate_memorized": _rate(chosen, by_name, True),
-               "replication_rate_heldout": _rate(chosen, by_name, False)}
+               "replication_rate_heldout": _rate(chosen, by_name, False),
+               "guard": guard_row}
     write_json(out / "summary.json", summary)
     print(f"\nsummary written to {out / 'summary.json'}; grid of copies in {out / 'replication.html'}")
     return summary
@@ -75,3 +80,51 @@ def _rate(chosen, by_name: dict, memorized: bool) -> float:
     rows = [by_name[f"{k:04d}.png"]["score"] < REPLICATION_THRESHOLD
             for k, p in enumerate(chosen) if p.memorized == memorized]
     return sum(rows) / max(len(rows), 1)
+
+
+def _guard_demo(adapter, index, prompt: str, out: Path, seed: int = 0) -> dict:
+    """``prompt`` generated plainly and through the guard from seed ``seed``; ``out/guard.html``
+    shows both beside their nearest training images (the VAE renderings in ``index``)."""
+    import base64
+    import html
+    import io
+
+    from diffmem.core.sampling import sample, seeded_generators
+    from diffmem.mitigate.guard import Guard
+    from diffmem.models.adapter import ModelAdapter
+    from diffmem.testbed.verify import REPLICATION_THRESHOLD
+
+    plain = sample(adapter, [prompt], generator=seeded_generators([seed])).images
+    guarded = Guard(adapter, index=index).generate([prompt], [seed])
+    verdict = guarded.verdicts[0]
+
+    def png(t) -> str:
+        buf = io.BytesIO()
+        ModelAdapter.to_pil(t[None] if t.ndim == 3 else t)[0].save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    cells, row = [], {"prompt": prompt, "seed": seed, "verdict": verdict.to_json()}
+    for name, img in (("plain", plain[0]), ("guarded", guarded.images[0])):
+        found = index.search(img[None].float().clamp(-1, 1).cpu(), k=1)
+        dist, ref = float(found.scores[0, 0]), int(found.indices[0, 0])
+        copy = dist < REPLICATION_THRESHOLD
+        row[name] = {"nearest": found.ids[0][0], "tiled_l2": round(dist, 4), "copy": copy}
+        print(f"   {name:8s} tiled-L2 {dist:.3f} to {found.ids[0][0]:14s} "
+              f"{'COPY' if copy else 'not a copy'}")
+        cells.append(f"<figure><img src='data:image/png;base64,{png(img)}' width=192>"
+                     f"<img src='data:image/png;base64,{png(index.image(ref))}' width=192>"
+                     f"<figcaption>{name}: tiled L2 {dist:.3f} to {html.escape(found.ids[0][0])} "
+                     f"({'a copy' if copy else 'not a copy'}; copy below "
+                     f"{REPLICATION_THRESHOLD})</figcaption></figure>")
+    v = verdict
+    note = (f"guard verdict: {v.status}" + (f" with {v.method}, flagged by {v.watch} at step "
+                                           f"{v.fired_at}, {v.tries} tr{'y' if v.tries == 1 else 'ies'}"
+                                           if v.status != "clean" else ""))
+    print(f"   {note}")
+    (out / "guard.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>diffmem guard</title>"
+        f"<h1>{html.escape(prompt)} (seed {seed})</h1><p>left of each pair: the generation; right: "
+        f"its nearest training image</p>{''.join(cells)}<p>{html.escape(note)}</p>",
+        encoding="utf-8")
+    return row
+

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffmem.cli import _ddpm
 from diffmem.cli._generate import _cmd_generate  # its own module (file size)
 from diffmem.cli.args import (
     BATCH,
@@ -40,6 +41,8 @@ from diffmem.testbed import require_spec
 
 
 def _cmd_testbed_train(a: argparse.Namespace) -> int:
+    if a.ddpm:  # the pixel testbed (diffmem.testbed.ddpm)
+        return _ddpm.cmd_train(a)
     from diffmem.testbed.data import TestbedSpec
     from diffmem.testbed.train import (
         GRADED_SPEC,
@@ -236,7 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--install", action="store_true",
                    help="copy the trained pipeline into the package as the shipped testbed "
                         "(with --graded: as testbed-graded, into testbed/weights_graded)")
+    t.add_argument("--ddpm", action="store_true",
+                   help="train the pixel-space testbed instead: a small UNet2DModel (DDPMPipeline) "
+                        "on 32x32 procedural images with 8 duplicated items, testbed-ddpm "
+                        "(--unet-steps: its steps; docs/mitigation.md)")
+    t.add_argument("--class-conditional", action="store_true",
+                   help="with --ddpm: class-conditional (class = shape of the largest object, "
+                        "plus a null class), testbed-ddpm-class")
     t.set_defaults(func=_cmd_testbed_train)
+    _ddpm.register(tb)
     v = tb.add_parser("verify", help="measure replication rates of the testbed's prompts")
     v.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
     v.add_argument("--seeds", type=GENERATIONS, default=4, help="images per prompt")

@@ -38,7 +38,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     index = load_index(a.index, what="ddpm-eval") if a.index else build_ddpm_index()
     summary = measure(a.model, index, n=a.images, steps=a.sampling_steps, mitigate=a.mitigate,
-                      out=a.labels)
+                      scheduler=a.scheduler, out=a.labels)
     print(dumps(summary, indent=2))
     return 0
 
@@ -55,6 +55,7 @@ def register(tb) -> None:
     e.add_argument("--images", type=COUNT, default=96, help="generations (image i: seed i)")
     e.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50)
     e.add_argument("--mitigate", default=None, metavar="SPEC", help="e.g. amg")
+    e.add_argument("--scheduler", default=None, help="ddim, ddpm, ... (default: the pipeline's)")
     e.add_argument("--labels", type=OutFile(".jsonl"), default=None,
                    help="write the labels by generation (one JSON line per image)")
     e.set_defaults(func=cmd_eval)

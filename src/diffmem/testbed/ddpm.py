@@ -3,7 +3,7 @@
 
 Data (:func:`build_ddpm_data`, a deterministic function of :class:`DDPMSpec`): ``n_generic``
 generic scenes (1-4 shapes over a gradient, :func:`diffmem.testbed.scenes._generic_item`) and
-``n_duplicated`` complex scenes (:func:`diffmem.testbed.scenes._complex_scene`) that make up
+``n_duplicated`` more scenes of the same kind that make up
 ``duplicated_fraction`` of every training batch, as LAION's duplicated images do. The class of an
 image is the shape of its largest object (:data:`CLASSES`); the class-conditional model reserves
 one more class, ``null_class = len(CLASSES)``, drawn with probability ``class_dropout`` in training,
@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from diffmem.similarity.pixel import to_tensor
 from diffmem.testbed.render import render
-from diffmem.testbed.scenes import _complex_scene, _generic_item
+from diffmem.testbed.scenes import _generic_item
 from diffmem.testbed.vocab import SHAPES
 
-#: Class of an image: the shape of its largest object (complex scenes may hold rings).
-CLASSES = (*SHAPES, "ring")
+#: Class of an image: the shape of its largest object.
+CLASSES = tuple(SHAPES)
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class DDPMSpec:
     seed: int = 2
     n_generic: int = 200
     n_duplicated: int = 8
-    duplicated_fraction: float = 0.3  # share of every batch drawn from the duplicated images
+    duplicated_fraction: float = 0.4  # share of every batch drawn from the duplicated images
     resolution: int = 32
     class_conditional: bool = False
     class_dropout: float = 0.1  # null class in training (class-conditional model)
@@ -62,7 +62,8 @@ class DDPMSpec:
 
     def data_dict(self) -> dict:
         """The fields that define the training set (its fingerprint)."""
-        return {k: getattr(self, k) for k in ("seed", "n_generic", "n_duplicated", "resolution")}
+        return {k: getattr(self, k) for k in ("seed", "n_generic", "n_duplicated", "resolution",
+                                          "duplicated_fraction")}
 
 
 @dataclass
@@ -89,8 +90,8 @@ def build_ddpm_data(spec: DDPMSpec | None = None) -> DDPMData:
         scenes.append(_generic_item(rng, i, res).scene)
         ids.append(f"generic-{i:05d}")
         kinds.append("generic")
-    for i in range(spec.n_duplicated):
-        scenes.append(_complex_scene(rng, res))
+    for i in range(spec.n_duplicated):  # generic-style scenes (a small UNet learns them fast)
+        scenes.append(_generic_item(rng, spec.n_generic + i, res).scene)
         ids.append(f"duplicated-{i:03d}")
         kinds.append("duplicated")
     images = to_tensor(np.stack([render(s, res) for s in scenes]))

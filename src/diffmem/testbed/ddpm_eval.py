@@ -61,13 +61,14 @@ def label_generations(images: torch.Tensor, index: TrainingIndex, prompts, seeds
 
 
 def measure(model, index: TrainingIndex, *, n: int = 96, steps: int = 50, mitigate: str | None = None,
-            batch_size: int = 32, out: str | Path | None = None) -> dict:
+            scheduler: str | None = None, batch_size: int = 32,
+            out: str | Path | None = None) -> dict:
     """Copy rate and quality proxy of ``n`` generations (plain, or with ``mitigate``)."""
     from diffmem.core.sampling import sample, seeded_generators
     from diffmem.mitigate.registry import MitigationContext, build_mitigations
     from diffmem.models.adapter import load_adapter
 
-    adapter = load_adapter(model)
+    adapter = load_adapter(model, scheduler=scheduler)
     prompts = [f"class:{i % len(CLASSES)}" if adapter.class_conditional else ""
                for i in range(n)]
     hooks = (build_mitigations(mitigate, MitigationContext(adapter, index=index)) if mitigate
@@ -81,6 +82,7 @@ def measure(model, index: TrainingIndex, *, n: int = 96, steps: int = 50, mitiga
         rows += label_generations(res.images, index, chunk, seeds)
     copies = [r for r in rows if r["copy"]]
     summary = {"model": str(model), "mitigate": mitigate or "none", "images": n, "steps": steps,
+               "scheduler": scheduler or type(adapter.scheduler).__name__,
                "copy_rate": round(len(copies) / n, 4),
                "dup_copy_rate": round(sum(r["duplicated"] for r in copies) / n, 4),
                "mean_generic_distance": round(sum(r["generic_distance"] for r in rows) / n, 4)}

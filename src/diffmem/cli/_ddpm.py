@@ -49,11 +49,12 @@ def register(tb) -> None:
 
     e = tb.add_parser("ddpm-eval", help="pixel testbed: copy rate of duplicated items and the "
                                         "quality proxy, plain or with --mitigate")
-    e.add_argument("--model", default="testbed-ddpm",
-                   help="testbed-ddpm, testbed-ddpm-class or a pixel-testbed folder")
+    e.add_argument("model", nargs="?", default="testbed-ddpm",
+                   help="the pixel testbed: testbed-ddpm, testbed-ddpm-class or its folder")
     e.add_argument("--index", default=None, help="its index (default: built in memory)")
     e.add_argument("--images", type=COUNT, default=96, help="generations (image i: seed i)")
-    e.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50)
+    e.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
+                   help="length of the denoising schedule")
     e.add_argument("--mitigate", default=None, metavar="SPEC", help="e.g. amg")
     e.add_argument("--scheduler", default=None, help="ddim, ddpm, ... (default: the pipeline's)")
     e.add_argument("--labels", type=OutFile(".jsonl"), default=None,

@@ -137,9 +137,11 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-MODEL_HELP = ("diffusers pipeline folder (SD 1.x, SD 2.x or SDXL), or a shipped testbed model: "
-              "'testbed' or 'testbed-graded'")
-TESTBED_MODEL_HELP = "a diffmem testbed model folder, 'testbed' or 'testbed-graded'"
+MODEL_HELP = ("diffusers pipeline folder (SD 1.x, SD 2.x, SDXL, or a pixel-space DDPMPipeline), or "
+              "a shipped testbed model: 'testbed', 'testbed-graded', 'testbed-ddpm' or "
+              "'testbed-ddpm-class'")
+TESTBED_MODEL_HELP = ("a diffmem testbed model folder, 'testbed' or 'testbed-graded' (pixel "
+                      "testbed: 'testbed-ddpm', 'testbed-ddpm-class')")
 
 
 def add_model(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None:

@@ -102,8 +102,8 @@ class DDPMAdapter(ModelAdapter):
 
     def lacks(self) -> str:
         """What a text-only method needs and this model has not, in words."""
-        kind = "class-conditional" if self.class_conditional else "unconditional"
-        return (f"a {kind} pixel-space DDPM (UNet2DModel) has no text encoder, tokenizer or "
+        kind = "a class-conditional" if self.class_conditional else "an unconditional"
+        return (f"{kind} pixel-space DDPM (UNet2DModel), with no text encoder, tokenizer or "
                 "cross-attention")
 
     def cross_attention_layers(self) -> list[str]:

@@ -69,6 +69,9 @@ def build_guard(mitigate: str | None, *, adapter: ModelAdapter, index=None,
     parsed = parse_spec(mitigate)
     if not any(name == "auto" for name, _ in parsed):
         return None
+    from diffmem.mitigate.registry import refuse_text_only
+
+    refuse_text_only(mitigate, adapter)
     from diffmem.mitigate.guard import Guard, GuardConfig
     from diffmem.mitigate.registry import MitigationContext
 
@@ -105,14 +108,16 @@ def _load_index(index):
 
 def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "testbed",
              seed: int = 0, steps: int = SAMPLING.steps,
-             guidance_scale: float = SAMPLING.guidance_scale,
+             guidance_scale: float | None = None,
              scheduler: str | None = None, hooks: Sequence[Hook] = (),
              batch_size: int = 16, images_per_prompt: int | None = None, guard=None,
              on_result: Callable[[int, SampleResult], None] | None = None) -> list[SampleResult]:
     """Generate images: one per prompt (prompt ``i`` with generator seed ``seed + i``), or
     ``images_per_prompt`` per prompt (image ``j`` of every prompt with seed ``seed + j``).
 
-    ``guard`` (:func:`build_guard`): every batch goes through the closed-loop guard; its result
+    ``guidance_scale``: default the model's (7.5; 1 for a pixel-space DDPM, whose prompts are
+    class labels, ``"class:N"``, or ignored when it is unconditional). ``guard``
+    (:func:`build_guard`): every batch goes through the closed-loop guard; its result
     carries one verdict per image in ``records["verdict"]``. Returns one result per batch of
     ``batch_size`` images; ``on_result(k, result)`` is called after each batch (``k``: index of its
     first image), e.g. to write it at once.
@@ -127,6 +132,8 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
     from diffmem.models.adapter import TruncationWarning, quiet_truncation
 
     adapter = load_adapter(model, scheduler=scheduler)
+    if guidance_scale is None:
+        guidance_scale = adapter.default_guidance_scale
     with quiet_truncation():  # one warning for the run, not one per batch
         truncated = adapter.tokenize(prompts).truncated
     if any(truncated):

@@ -105,8 +105,8 @@ def test_not_a_pipeline_folder(tmp_path):
 def test_unsupported_pipeline_class_names_what_is_supported(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ModelLoadError, match=r"unsupported pipeline class 'FluxPipeline'; diffmem "
-                                             r"supports StableDiffusionPipeline .* and "
-                                             r"StableDiffusionXLPipeline"):
+                                             r"supports StableDiffusionPipeline .*, "
+                                             r"StableDiffusionXLPipeline .* and DDPMPipeline"):
         load_adapter(tmp_path)
 
 

@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffmem.cli import _ddpm
+from diffmem.cli._generate import _cmd_generate  # its own module (file size)
 from diffmem.cli.args import (
     BATCH,
     COUNT,
@@ -38,56 +40,9 @@ from diffmem.testbed import require_spec
 # ------------------------------------------------------------------------------------- commands
 
 
-def _cmd_generate(a: argparse.Namespace) -> int:
-    from diffmem.generate import (
-        GenerationWriter,
-        build_guard,
-        build_hooks,
-        check_hook_names,
-        generate,
-        image_jobs,
-        score_separately,
-        separate_detection,
-    )
-    from diffmem.models.adapter import load_adapter
-
-    prompts = list(a.prompts)
-    if a.prompts_file is not None:
-        from diffmem.detect.prompts import read_prompts
-
-        prompts += read_prompts(a.prompts_file)
-    if not prompts:
-        raise ConfigError("no prompts: give them as arguments or with --prompts-file FILE")
-    texts, seeds = image_jobs(prompts, a.seed, a.images_per_prompt)
-    check_hook_names(detect=a.detect, mitigate=a.mitigate)  # before the model loads
-    # scores that match `diffmem detect`: in the run when its schedule is the detector's, else
-    # scored apart with the detector's own settings on the same initial noise
-    apart = separate_detection(a.detect, num_inference_steps=a.sampling_steps,
-                               guidance_scale=a.guidance_scale, scheduler=a.scheduler)
-    if apart and a.images_per_prompt is not None:
-        raise ConfigError(f"--detect {a.detect} with --images-per-prompt needs the detector's own "
-                          "schedule (50 steps, guidance 7.5, the default scheduler)")
-    adapter = load_adapter(a.model, scheduler=a.scheduler)
-    if apart:
-        print(f"diffmem: note: {apart}", file=sys.stderr)
-    guard = build_guard(a.mitigate, adapter=adapter, index=a.index, threshold=a.threshold,
-                        seed=a.seed)
-    hooks = build_hooks(detect=None if apart else a.detect,
-                        mitigate=None if guard is not None else a.mitigate, adapter=adapter,
-                        index=a.index, threshold=a.threshold, seed=a.seed,
-                        num_inference_steps=a.sampling_steps, guidance_scale=a.guidance_scale)
-    extra = score_separately(a.detect, adapter, prompts, seed=a.seed) if apart else None
-    with GenerationWriter(a.out, texts, seeds=seeds, extra=extra) as writer:
-        generate(prompts, model=adapter, seed=a.seed, steps=a.sampling_steps,
-                 guidance_scale=a.guidance_scale, hooks=hooks, batch_size=a.batch_size,
-                 images_per_prompt=a.images_per_prompt, guard=guard, on_result=writer.add)
-    scores = "".join(f" and {h.name} records" for h in hooks) + (
-        f" and {a.detect} scores" if apart else "") + (" and guard verdicts" if guard else "")
-    print(f"wrote {writer.count} image(s){scores} to {a.out}")
-    return 0
-
-
 def _cmd_testbed_train(a: argparse.Namespace) -> int:
+    if a.ddpm:  # the pixel testbed (diffmem.testbed.ddpm)
+        return _ddpm.cmd_train(a)
     from diffmem.testbed.data import TestbedSpec
     from diffmem.testbed.train import (
         GRADED_SPEC,
@@ -216,7 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images (one per prompt; prompt i uses seed "
                                         "SEED+i)")
-    g.add_argument("prompts", nargs="*", help="one or more prompts (quote each)")
+    g.add_argument("prompts", nargs="*",
+                   help="one or more prompts (quote each). A pixel-space DDPM (a DDPMPipeline "
+                        "folder, testbed-ddpm, testbed-ddpm-class) takes class labels instead: "
+                        "'class:N' (N = 0.., or a class name its profile lists; '' = the null "
+                        "class) or --class-label N; an unconditional one ignores prompts: give "
+                        "--num-images N")
+    g.add_argument("--class-label", type=int, action="append", default=None, metavar="N",
+                   help="class-conditional DDPM: one image of class N (repeatable; same as the "
+                        "prompt 'class:N')")
+    g.add_argument("--num-images", type=COUNT, default=None, metavar="N",
+                   help="unconditional DDPM: N images (N empty prompts; SEED+i for image i)")
     g.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="more prompts: a text file (one per line) or a table (.csv, .jsonl, "
                         ".parquet; the 'prompt' or 'caption' column)")
@@ -231,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=BATCH, default=16,
                    help="prompts per batched run (each batch is written as soon as it is done)")
     add_model(g)
-    add_sampling(g, deprecated_steps=True)
+    add_sampling(g, deprecated_steps=True, model_guidance=True)
     g.add_argument("--detect", default=None, metavar="NAME",
                    help="also score each prompt with this detector ({detectors}), "
                         "with the detector's own settings: free within the run when the schedule "
@@ -274,7 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--install", action="store_true",
                    help="copy the trained pipeline into the package as the shipped testbed "
                         "(with --graded: as testbed-graded, into testbed/weights_graded)")
+    t.add_argument("--ddpm", action="store_true",
+                   help="train the pixel-space testbed instead: a small UNet2DModel (DDPMPipeline) "
+                        "on 32x32 procedural images with 8 duplicated items, testbed-ddpm "
+                        "(--unet-steps: its steps; docs/mitigation.md)")
+    t.add_argument("--class-conditional", action="store_true",
+                   help="with --ddpm: class-conditional (class = shape of the largest object, "
+                        "plus a null class), testbed-ddpm-class")
     t.set_defaults(func=_cmd_testbed_train)
+    _ddpm.register(tb)
     v = tb.add_parser("verify", help="measure replication rates of the testbed's prompts")
     v.add_argument("--out", type=OutFile(".json"), required=True, help="report JSON")
     v.add_argument("--seeds", type=GENERATIONS, default=4, help="images per prompt")

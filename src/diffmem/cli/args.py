@@ -137,9 +137,11 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-MODEL_HELP = ("diffusers pipeline folder (SD 1.x, SD 2.x or SDXL), or a shipped testbed model: "
-              "'testbed' or 'testbed-graded'")
-TESTBED_MODEL_HELP = "a diffmem testbed model folder, 'testbed' or 'testbed-graded'"
+MODEL_HELP = ("diffusers pipeline folder (SD 1.x, SD 2.x, SDXL, or a pixel-space DDPMPipeline), or "
+              "a shipped testbed model: 'testbed', 'testbed-graded', 'testbed-ddpm' or "
+              "'testbed-ddpm-class'")
+TESTBED_MODEL_HELP = ("a diffmem testbed model folder, 'testbed' or 'testbed-graded' (pixel "
+                      "testbed: 'testbed-ddpm', 'testbed-ddpm-class')")
 
 
 def add_model(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None:
@@ -150,7 +152,8 @@ def add_model(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None
 
 
 def add_sampling(p: argparse.ArgumentParser, *, deprecated_steps: bool = False,
-                 steps_default: int | None = SAMPLING.steps, steps_help: str = "") -> None:
+                 steps_default: int | None = SAMPLING.steps, steps_help: str = "",
+                 model_guidance: bool = False) -> None:
     """``--sampling-steps``, ``--guidance-scale``, ``--scheduler``: the sampling settings."""
     p.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=steps_default,
                    help="length of the denoising schedule" + steps_help)
@@ -158,8 +161,15 @@ def add_sampling(p: argparse.ArgumentParser, *, deprecated_steps: bool = False,
         p.add_argument("--steps", dest="sampling_steps", type=SAMPLING_STEPS,
                        action=DeprecatedAlias, new="--sampling-steps", help=argparse.SUPPRESS,
                        default=argparse.SUPPRESS)
-    p.add_argument("--guidance-scale", type=GUIDANCE, default=SAMPLING.guidance_scale,
-                   help="classifier-free guidance scale (finite, >= 0)")
+    if model_guidance:  # default the model's: 7.5, or 1 for a pixel-space DDPM
+        p.add_argument("--guidance-scale", type=GUIDANCE, default=None,
+                       help=f"classifier-free guidance scale (finite, >= 0; default "
+                            f"{SAMPLING.guidance_scale:g}; a pixel-space DDPM: 1, plain sampling, "
+                            "and above 1 classifier-free guidance over the class label with the "
+                            "null class)")
+    else:
+        p.add_argument("--guidance-scale", type=GUIDANCE, default=SAMPLING.guidance_scale,
+                       help="classifier-free guidance scale (finite, >= 0)")
     p.add_argument("--scheduler", default=None,
                    help="sampler: ddim, pndm, ddpm, euler, euler_a, dpm, unipc, lms or a diffusers "
                         "scheduler class name (default: the pipeline's own)")

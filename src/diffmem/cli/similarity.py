@@ -14,6 +14,12 @@ from diffmem.testbed import spec_of
 
 
 def _cmd_index_build(a: argparse.Namespace) -> int:
+    if a.source in ("testbed-ddpm", "testbed-ddpm-class"):  # one training set, both models
+        from diffmem.testbed.ddpm_eval import build_ddpm_index
+
+        index = build_ddpm_index(a.out)
+        print(f"indexed {len(index)} pixel-testbed training images (pixel, 32x32) into {a.out}")
+        return 0
     if a.source in ("testbed", "testbed-graded"):
         from diffmem.models.adapter import load_adapter
         from diffmem.testbed.index import build_testbed_index
@@ -63,7 +69,8 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     b = idx.add_parser("build", help="index a folder (x.png + x.txt), a Parquet table, or "
                                      "'testbed'")
     b.add_argument("source", help="image folder (x.png + x.txt), Parquet table, or a shipped "
-                                  "testbed: 'testbed' or 'testbed-graded'")
+                                  "testbed: 'testbed', 'testbed-graded', 'testbed-ddpm' (its "
+                                  "pixel index, also of testbed-ddpm-class)")
     b.add_argument("--out", type=OutDir(), required=True, help="index folder")
     b.add_argument("--kind", choices=("sscd", "pixel"), default=None,
                    help="sscd (default) or pixel (tiled L2; default for a testbed)")

@@ -221,7 +221,9 @@ class Observers:
     """
 
     def __init__(self, unet, hooks: Sequence[Hook], run: Run) -> None:
-        available = [k for k in unet.attn_processors if ".attn2." in k] if hooks else []
+        # (a pixel-space UNet2DModel has no cross-attention and no attn_processors)
+        procs = getattr(unet, "attn_processors", {}) if hooks else {}
+        available = [k for k in procs if ".attn2." in k]
         self.unet = unet
         self.wants: dict[str, list[Hook]] = {}
         for hook in hooks:

@@ -38,6 +38,8 @@ class Guidance:
     """
 
     def branches(self, run: Run, step: Step) -> dict[str, Branch]:
+        if not run.adapter.uses_uncond(step.guidance_scale):  # a DDPM without class guidance
+            return {"cond": Branch(run.cond)}
         return {"uncond": Branch(run.uncond), "cond": Branch(run.cond)}
 
     def combine(self, run: Run, step: Step) -> torch.Tensor:

@@ -307,7 +307,7 @@ def sample(
     prompts: Sequence[str],
     *,
     num_inference_steps: int = SAMPLING.steps,
-    guidance_scale: float = SAMPLING.guidance_scale,
+    guidance_scale: float | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     hooks: Sequence[Hook] = (),
     guidance: Guidance | None = None,
@@ -323,7 +323,9 @@ def sample(
 ) -> SampleResult:
     """Generate images for ``prompts`` with ``guidance`` (default CFG), calling ``hooks`` each step.
 
-    ``scheduler`` (a name, class name or instance; default the adapter's) is copied for this run.
+    ``guidance_scale``: default the adapter's (7.5 for text models; 1 for a pixel-space DDPM,
+    whose class guidance is off at 1). ``scheduler`` (a name, class name or instance; default the
+    adapter's) is copied for this run.
     ``stop_when_done`` ends the run once every hook has seen its :meth:`Hook.last_step`
     (standalone detection). Thread-safe: several threads may sample with one adapter and one set
     of hooks at once.
@@ -337,6 +339,8 @@ def sample(
     """
     t0 = time.perf_counter()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if guidance_scale is None:
+        guidance_scale = adapter.default_guidance_scale
     sched = adapter.with_scheduler(scheduler)
     height = height or adapter.default_resolution
     width = width or adapter.default_resolution

@@ -38,7 +38,13 @@ from diffmem.core.magnitude import noise_magnitude_gradient
 from diffmem.core.sampling import Hook, Run, Step, initial_latents, sample, seeded_generators
 from diffmem.core.steps import select_steps
 from diffmem.explain._words import Word, prompt_words
-from diffmem.models.adapter import ModelAdapter, Tokenized, load_adapter, quiet_truncation
+from diffmem.models.adapter import (
+    ModelAdapter,
+    Tokenized,
+    load_adapter,
+    quiet_truncation,
+    require_text,
+)
 from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError, PromptError
 
@@ -231,6 +237,7 @@ class TokenAttributor:
     def adapter(self) -> ModelAdapter:
         if not isinstance(self.model, ModelAdapter):
             self.model = load_adapter(self.model, scheduler=self.scheduler)
+        require_text(self.model, "explain (token attribution)")
         return self.model
 
     def attribute(self, prompts: Sequence[str] | str) -> list[TokenAttribution]:

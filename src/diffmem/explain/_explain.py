@@ -21,7 +21,7 @@ from diffmem.explain._attention import AttentionShare, word_maps, word_shares
 from diffmem.explain._attribution import TokenAttribution, TokenAttributor
 from diffmem.explain._edits import EditReport, suggest_edits, verify_edits
 from diffmem.explain._verify import EditVerifier
-from diffmem.models.adapter import load_adapter
+from diffmem.models.adapter import load_adapter, require_text
 from diffmem.runtime.defaults import SAMPLING
 
 __all__ = ["AttentionView", "Explanation", "explain_prompt"]
@@ -94,6 +94,7 @@ def explain_prompt(model, prompt: str, *, steps: int = 1, seeds: int = 1, seed: 
         print(format_terminal(exp))
     """
     adapter = load_adapter(model)
+    require_text(adapter, "explain")
     judge = None
     if index is not None:
         judge = index if isinstance(index, GenerationJudge) else GenerationJudge(
@@ -149,6 +150,7 @@ def attention_view(model, attribution: TokenAttribution, *, seed: int = 0,
                    guidance_scale: float = SAMPLING.guidance_scale) -> AttentionView:
     """Generate one image of the prompt while collecting attention shares and maps per word."""
     adapter = load_adapter(model)
+    require_text(adapter, "explain")
     hook = AttentionShare(maps=True)
     res = sample(adapter, [attribution.prompt], num_inference_steps=num_inference_steps,
                  guidance_scale=guidance_scale, generator=seeded_generators([seed]),

@@ -28,6 +28,7 @@ similarity ``sigma_t`` passes the threshold ``lambda_t``, three terms change the
   nearest span a quarter of the index and always include the verbatim images (164 copies each),
   so the code's rule hands template prompts another memorized image's caption; the candidates are
   therefore restricted to n_0's captions (the paper's definition). Once found, the caption is kept for the run
+  (pixel-space DDPMs, unconditional and class-conditional: :mod:`diffmem.mitigate.amg_pixel`)
   and applied for ``dup_steps`` = 10 steps after each step that passes the threshold (the
   reference's ``g3_count`` latch). The branch is evaluated in the step's one batched UNet call
   (``step.add_branch("amg_dup", ...)`` for those prompts only), so it takes effect from the step
@@ -103,6 +104,7 @@ from diffmem.mitigate.amg_config import (
     L2_SLOPE,
     AMGConfig,
 )
+from diffmem.mitigate.amg_pixel import add_null_branch, guidance_room, needs_null_branch
 from diffmem.mitigate.base import FirstStepGate, Mitigation
 from diffmem.runtime.errors import ConfigError
 
@@ -216,12 +218,16 @@ class AntiMemorizationGuidance(Mitigation):
         st.last_sim = st.last_nn = None  # the last check's similarity and neighbour (check_every)
 
     def before_step(self, run: Run, step: Step) -> None:
-        if self.strength == 0 or not self.config.g_dup:
+        if self.strength == 0:
             return
         targets = self.targets(run)
         if targets is None:
             return
         st = run.state(self)
+        if needs_null_branch(run.adapter) and (self.config.g_spe or self.config.g_dup):
+            add_null_branch(run, step, targets & (torch.tensor(st.first) >= 0))
+        if not self.config.g_dup or run.adapter.guidance_floor is None:
+            return
         mask = targets & (st.dup_left > 0)
         if bool(mask.any()):
             step.add_branch(DUP_BRANCH, st.dup_emb, mask)
@@ -263,17 +269,18 @@ class AntiMemorizationGuidance(Mitigation):
                 st.fired[i] += 1
                 if st.first[i] < 0:
                     st.first[i] = step.index
-                if self.config.g_dup and checked:
+                if self.config.g_dup and checked and run.adapter.guidance_floor is not None:
                     cap = self._duplicated_caption(found.indices[j].tolist())
                     if cap is not None:
                         st.dup_caption[i] = cap
         # 2. G_spe: per-prompt guidance scale lowered by s1; G_dup: negative caption branch
         base = _per_prompt(step.guidance_scale, b)
-        cap = (base - 1).clamp_min(0)
+        cap = guidance_room(run.adapter, base)
         simf = sim.float()
         s1 = torch.zeros(b)
         if self.config.g_spe:
-            s1 = torch.where(fired, torch.minimum((s * self.config.spe_scale * simf).clamp_min(0), cap),
+            s1 = torch.where(fired & (step.evaluated("uncond") | run.adapter.text_conditioned),
+                             torch.minimum((s * self.config.spe_scale * simf).clamp_min(0), cap),
                              torch.zeros(b))
         dup_rows = step.evaluated(DUP_BRANCH) & targets
         changed = (s1 > 0) | dup_rows

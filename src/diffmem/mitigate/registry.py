@@ -34,6 +34,21 @@ MITIGATIONS: Registry[type] = Registry("mitigation", {
     "reanchor": "diffmem.mitigate.reanchor:PromptReanchoring",
 })
 
+#: methods that act on text (tokens, text embeddings, cross-attention) or gate by a text
+#: model's noise magnitude: refused for a pixel-space DDPM (:func:`refuse_text_only`)
+TEXT_ONLY = ("wen", "ren", "rt", "rn", "cwr", "gni", "reanchor", "delay", "xt", "auto")
+
+
+def refuse_text_only(spec: str | Sequence[str], adapter) -> None:
+    """One one-line :class:`ConfigError` when ``spec`` names a text-only method and ``adapter``
+    has no text conditioning (what it lacks is named)."""
+    from diffmem.models.adapter import require_text
+
+    for name, _ in parse_spec(spec):
+        if name in TEXT_ONLY:
+            require_text(adapter, f"mitigation {name!r}")
+
+
 #: the method ``auto`` applies when no other is named (the best measured on the testbed, see
 #: docs/mitigation.md)
 AUTO_METHOD = "ren"
@@ -121,6 +136,7 @@ def build_mitigations(spec: str | Sequence[str], context: MitigationContext) -> 
     parsed = parse_spec(spec)
     if [n for n, _ in parsed] == ["none"]:
         return []
+    refuse_text_only(spec, context.adapter)
     gate = None
     if any(n == "auto" for n, _ in parsed):
         gate = FirstStepGate(context.require_threshold())

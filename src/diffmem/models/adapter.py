@@ -1,4 +1,5 @@
-"""Model adapters: one per Stable Diffusion family, exposing what the methods need.
+"""Model adapters: one per model family, exposing what the methods need (pixel-space DDPMs:
+:mod:`diffmem.models.ddpm`).
 
 An adapter wraps a stock diffusers ``StableDiffusionPipeline`` (SD 1.x / 2.x) or
 ``StableDiffusionXLPipeline`` (SDXL, :mod:`diffmem.models.sdxl`) and knows the tokenizer facts that
@@ -32,6 +33,7 @@ from diffmem.models.loading import pipeline_family as pipeline_family
 from diffmem.models.profile import ModelProfile, named_model, read_profile
 from diffmem.models.schedulers import SCHEDULERS as SCHEDULERS
 from diffmem.models.schedulers import _resolve_scheduler
+from diffmem.runtime.defaults import SAMPLING
 from diffmem.runtime.errors import ConfigError, PromptError
 from diffmem.runtime.registry import Registry
 
@@ -105,6 +107,21 @@ class ModelAdapter:
 
     family: ClassVar[str] = "sd"
     bos_index: ClassVar[int] = 0
+    #: conditioned on text (a tokenizer, a text encoder, cross-attention); False for pixel DDPMs
+    text_conditioned: ClassVar[bool] = True
+    #: guidance scale of a run that names none
+    default_guidance_scale: ClassVar[float] = SAMPLING.guidance_scale
+    #: lowest guidance scale AMG's G_spe lowers to (Chen et al.: s0 - s1 >= 1)
+    guidance_floor: ClassVar[float | None] = 1.0
+
+    def uses_uncond(self, scale) -> bool:
+        """Whether a step at guidance ``scale`` evaluates the unconditional branch (always for a
+        text model: classifier-free guidance)."""
+        return True
+
+    def lacks(self) -> str:
+        """What a text-only method needs that this model has not ("" for a text model)."""
+        return ""
 
     def __init__(self, pipe, *, path: str | Path | None = None, scheduler=None) -> None:
         self.pipe = pipe
@@ -343,7 +360,11 @@ def load_adapter(model, *, scheduler: str | None = None, device: str | torch.dev
     name = type(pipe).__name__
     if name not in SUPPORTED_PIPELINES and not hasattr(pipe, "unet"):
         raise _unsupported(name)
-    if getattr(pipe, "text_encoder_2", None) is not None or name == "StableDiffusionXLPipeline":
+    if SUPPORTED_PIPELINES.get(name) == "ddpm" or (
+            getattr(pipe, "text_encoder", None) is None and hasattr(pipe, "unet")
+            and type(pipe.unet).__name__ == "UNet2DModel"):
+        cls = FAMILIES.get("ddpm")
+    elif getattr(pipe, "text_encoder_2", None) is not None or name == "StableDiffusionXLPipeline":
         cls = FAMILIES.get("sdxl")
     elif name in SUPPORTED_PIPELINES or hasattr(pipe, "text_encoder"):
         tok = pipe.tokenizer
@@ -354,6 +375,15 @@ def load_adapter(model, *, scheduler: str | None = None, device: str | torch.dev
     return cls(pipe, path=path, scheduler=sched)
 
 
+def require_text(adapter: ModelAdapter, what: str) -> None:
+    """One :class:`ConfigError` (one line) when ``what`` (a text-only method) meets a model
+    without text conditioning, naming what the model lacks."""
+    if not adapter.text_conditioned:
+        where = f" {adapter.path}" if adapter.path is not None else ""
+        raise ConfigError(f"{what} needs a text-conditioned model; the model{where} is "
+                          f"{adapter.lacks()}")
+
+
 #: Adapter classes by model family: one per family (SD 1.x, SD 2.x, SDXL), each in its own module
 #: (a new family adds one module and one entry here; ``"module:class"`` entries are imported on
 #: first use, so the SDXL module, which builds on this one, is not imported by it).
@@ -361,4 +391,5 @@ FAMILIES: Registry[type[ModelAdapter]] = Registry("model family", {
     "sd1": SD1Adapter,
     "sd2": SD2Adapter,
     "sdxl": "diffmem.models.sdxl:SDXLAdapter",
+    "ddpm": "diffmem.models.ddpm:DDPMAdapter",
 })

@@ -17,22 +17,26 @@ from diffmem.runtime.errors import ModelLoadError
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "DDPMPipeline": "ddpm",
+    "DDIMPipeline": "ddpm",
 }
 _COMPONENTS = {
     "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
              "scheduler"),
+    "ddpm": ("unet", "scheduler"),
 }
 
 
 def _unsupported(name: object) -> ModelLoadError:
     return ModelLoadError(
         f"unsupported pipeline class {name!r}; diffmem supports StableDiffusionPipeline "
-        "(SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)")
+        "(SD 1.x/2.x), StableDiffusionXLPipeline (SDXL) and DDPMPipeline / DDIMPipeline "
+        "(pixel-space UNet2DModel)")
 
 
 def pipeline_family(path: str | Path) -> str:
-    """``"sd"`` or ``"sdxl"`` from a folder's ``model_index.json`` (its ``_class_name``, else its
+    """``"sd"``, ``"sdxl"`` or ``"ddpm"`` from a folder's ``model_index.json`` (its ``_class_name``, else its
     components); any other pipeline: :class:`~diffmem.runtime.errors.ModelLoadError` naming what is
     supported."""
     path = Path(path)
@@ -42,7 +46,8 @@ def pipeline_family(path: str | Path) -> str:
     if name in SUPPORTED_PIPELINES:
         family = SUPPORTED_PIPELINES[name]
     elif name is None:
-        family = "sdxl" if "text_encoder_2" in spec else "sd"
+        family = ("sdxl" if "text_encoder_2" in spec else "sd" if "text_encoder" in spec
+                  else "ddpm")
     else:
         raise _unsupported(name)
     missing = [c for c in _COMPONENTS[family] if c not in spec or not (path / c).is_dir()]
@@ -72,14 +77,15 @@ def _check_folder(path: Path) -> None:
 
 def load_pipeline(path: str | Path, *, scheduler: str | None = None,
                   device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """Load a local SD 1.x/2.x or SDXL pipeline folder, with one clear error for a bad folder or
+    """Load a local SD 1.x/2.x, SDXL or DDPM pipeline folder, with one clear error for a bad folder or
     file or an unsupported pipeline class."""
     path = Path(path)
     family = pipeline_family(path)
+    kwargs: dict = {}
     if family == "sdxl":
         from diffusers import StableDiffusionXLPipeline as cls
-
-        kwargs: dict = {}
+    elif family == "ddpm":
+        from diffusers import DDPMPipeline as cls
     else:
         from diffusers import StableDiffusionPipeline as cls
 

@@ -139,6 +139,8 @@ _PACKAGE = Path(__file__).resolve().parent.parent
 MODELS: Registry[Path] = Registry("model", {
     "testbed": _PACKAGE / "testbed" / "weights",
     "testbed-graded": _PACKAGE / "testbed" / "weights_graded",
+    "testbed-ddpm": _PACKAGE / "testbed" / "weights_ddpm",  # pixel-space DDPMPipeline
+    "testbed-ddpm-class": _PACKAGE / "testbed" / "weights_ddpm_class",
 })
 
 
@@ -151,5 +153,6 @@ def named_model(name: str) -> Path | None:
     if not (folder / "model_index.json").is_file():
         raise ModelLoadError(f"the shipped model {name!r} is missing from {folder}; rebuild it with "
                           f"`diffmem testbed train --out DIR --install`"
-                          + (" --graded" if name == "testbed-graded" else ""))
+                          + {"testbed-graded": " --graded", "testbed-ddpm": " --ddpm",
+                             "testbed-ddpm-class": " --ddpm --class-conditional"}.get(name, ""))
     return folder

@@ -98,6 +98,11 @@ def check_index_model(index, adapter, *, criterion: str | None = None,
                       who: str = "this method") -> None:
     """:func:`check_index_matches` with the expectation read from a model adapter
     (:func:`model_training_set`, its VAE as the renderer)."""
+    profile = getattr(adapter, "profile", None)
+    if criterion is None and profile is not None and profile.training_set is not None:
+        criterion = profile.criterion  # the model's own (the pixel testbed's: tiled L2)
+    elif criterion is None and not getattr(adapter, "text_conditioned", True):
+        criterion = "tiled_l2"  # a pixel-space DDPM of unknown training set: the pixel index
     check_index_matches(index, model_training_set(adapter), who, criterion=criterion,
                         renderer=lambda: vae_fingerprint(adapter))
 

@@ -24,8 +24,13 @@ def test_library_and_parser_defaults_come_from_sampling():
 
     p = inspect.signature(sample).parameters
     assert p["num_inference_steps"].default == SAMPLING.steps
-    assert p["guidance_scale"].default == SAMPLING.guidance_scale and p["eta"].default == SAMPLING.eta
+    # None: the model's own (SAMPLING.guidance_scale for text models, 1 for a pixel DDPM)
+    assert p["guidance_scale"].default is None and p["eta"].default == SAMPLING.eta
+    from diffmem.models.adapter import ModelAdapter
+
+    assert ModelAdapter.default_guidance_scale == SAMPLING.guidance_scale
     d = inspect.signature(Detector.__init__).parameters
     assert (d["num_inference_steps"].default, d["guidance_scale"].default) == (50, 7.5)
     args = build_parser().parse_args(["generate", "a prompt"])
-    assert (args.sampling_steps, args.guidance_scale) == (SAMPLING.steps, SAMPLING.guidance_scale)
+    # generate's guidance scale defaults to the model's own (None until the model is loaded)
+    assert (args.sampling_steps, args.guidance_scale) == (SAMPLING.steps, None)

@@ -263,8 +263,12 @@ def test_full_pool_and_in_flight_limit_answer_503_with_retry_after(engine, memor
 
 def test_explain_past_its_time_limit_is_504_and_stops_computing(engine, memorized):
     calls = []
-    handle = engine.adapter.unet.register_forward_pre_hook(
-        lambda *a: calls.append(time.monotonic()))
+
+    def slow(*a):  # every UNet call takes >= 50 ms, so the explain outlasts 0.2 s on any machine
+        calls.append(time.monotonic())
+        time.sleep(0.05)
+
+    handle = engine.adapter.unet.register_forward_pre_hook(slow)
     try:
         app = create_app(engine, ServerConfig(timeout_s=0.2))
         with TestClient(app) as c:

@@ -8,10 +8,12 @@ Two signals, both without an extra UNet call:
   decoded and searched in the index, and the prompt is flagged when it crosses AMG's threshold
   schedule (Chen et al. CVPR 2024, Sec. 3.4; :class:`~diffmem.detect.replication.ThresholdSchedule`).
 
-A flagged prompt's branches are skipped from the next step on, so the rest of its plain run costs
-nothing; the guard regenerates it with mitigation (:mod:`diffmem.mitigate.guard`). The other prompts
-are computed exactly as in a plain run (their UNet rows and scheduler steps do not depend on the
-skipped rows), so their images are bit-identical to plain generation.
+A flagged prompt's plain run goes on to the end with the others (its image is discarded; the guard
+regenerates it with mitigation, :mod:`diffmem.mitigate.guard`), so that every UNet call has the
+batch of a plain run: the other prompts' images are then bit-identical to plain generation with
+any number of threads. (Skipping the flagged rows saves their compute but changes the batch, and
+with several threads the kernels then round differently, ~1e-5.) The run stops early only when
+every prompt is flagged.
 """
 
 from __future__ import annotations
@@ -57,12 +59,6 @@ class Watch(Hook):
         st.flagged = torch.zeros(b, dtype=torch.bool)
         st.rows = [{"flagged": False, "reason": None, "step": None, "score": None}
                    for _ in range(b)]
-
-    def before_step(self, run: Run, step: Step) -> None:
-        flagged = run.state(self).flagged
-        if bool(flagged.any()):
-            for name in list(step.branches):
-                step.skip(name, flagged)
 
     def on_step(self, run: Run, step: Step) -> None:
         st = run.state(self)

@@ -136,10 +136,10 @@ class Guard:
     # ------------------------------------------------------------------ the loop
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], *,
                  num_inference_steps: int = SAMPLING.steps,
-                 guidance_scale: float = SAMPLING.guidance_scale,
+                 guidance_scale: float | None = None,
                  cond: torch.Tensor | None = None,
                  latents: torch.Tensor | None = None) -> GuardResult:
-        """One image per (prompt, seed) pair, guarded.
+        """One image per (prompt, seed) pair, guarded (``guidance_scale`` None: the model's own).
 
         ``cond`` (``(N, L, D)``, optional): generate from these text embeddings instead of the
         encoded prompts, in every try (the recovery check's optimised embeddings); ``latents``

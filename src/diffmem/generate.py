@@ -145,8 +145,9 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
     with quiet_truncation(), progress(len(texts), "generate", unit="img") as bar:
         for k in range(0, len(texts), batch_size):
             chunk, chunk_seeds = texts[k : k + batch_size], seeds[k : k + batch_size]
-            if guard is not None:
-                res = _guarded(guard, chunk, chunk_seeds, steps, guidance_scale, adapter)
+            if guard is not None:  # a GuardResult: images, truncated, records["verdict"]
+                res = guard.generate(chunk, chunk_seeds, num_inference_steps=steps,
+                                     guidance_scale=guidance_scale)
             else:
                 gens = seeded_generators(chunk_seeds, adapter.device)
                 res = sample(adapter, chunk, num_inference_steps=steps,
@@ -156,16 +157,6 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
                 on_result(k, res)
             bar.update(len(chunk))
     return results
-
-
-def _guarded(guard, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
-             adapter: ModelAdapter) -> SampleResult:
-    """One guarded batch as a :class:`SampleResult` whose ``records["verdict"]`` holds one verdict
-    dict per image."""
-    out = guard.generate(prompts, seeds, num_inference_steps=steps, guidance_scale=guidance_scale)
-    truncated = adapter.tokenize(prompts).truncated
-    records = {"verdict": [v.to_json() for v in out.verdicts]}
-    return SampleResult(out.images, out.images, records, steps, False, truncated, out.seconds)
 
 
 def separate_detection(detect: str | None, *, num_inference_steps: int, guidance_scale: float,

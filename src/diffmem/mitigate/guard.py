@@ -80,13 +80,18 @@ class Verdict:
 
 @dataclass
 class GuardResult:
-    """Images (``(N, 3, H, W)`` in [-1, 1]) with one :class:`Verdict` each, and timings."""
+    """Images (``(N, 3, H, W)`` in [-1, 1]) with one :class:`Verdict` each, and timings.
+
+    ``records["verdict"]`` holds the verdicts as dicts and ``truncated`` which prompts the text
+    encoder cut, so that a result is written like a :class:`~diffmem.core.sampling.SampleResult`
+    (``pil()``, ``truncated``, ``records``)."""
 
     images: torch.Tensor
     verdicts: list[Verdict]
     seconds: float
     generations: int  # sampling runs' rows, plain ones included
     records: dict = field(default_factory=dict)
+    truncated: list[bool] = field(default_factory=list)
 
     def pil(self) -> list:
         return ModelAdapter.to_pil(self.images)
@@ -216,8 +221,9 @@ class Guard:
             v.status = "unresolved"
             v.tries = tries
             verdicts[i] = v
-        return GuardResult(images, verdicts, time.perf_counter() - t0, generations,
-                           {watch.name: rows, "timing": timing})
+        records = {"timing": timing, "verdict": [v.to_json() for v in verdicts]}
+        return GuardResult(images, verdicts, time.perf_counter() - t0, generations, records,
+                           list(plain.truncated))
 
     def _verify(self, images: torch.Tensor, which: list[int], verdicts: list[Verdict]) -> None:
         if not which:

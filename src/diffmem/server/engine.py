@@ -265,7 +265,7 @@ class Engine:
                                              guidance_scale=guidance_scale)
                     images, records = guarded.images, {}
                     verdict = guarded.verdicts[0].to_json()
-                    truncated = self.adapter.tokenize([prompt]).truncated
+                    truncated = guarded.truncated
                 else:
                     res = sample(self.adapter, [prompt], num_inference_steps=steps,
                                  guidance_scale=guidance_scale,

@@ -105,8 +105,9 @@ def eval_replication(images: str | Path | Sequence[str | Path], index: TrainingI
     scores, rows, ids, captions, counts = (_search_all(index, tensors, batch_size) if tensors
                                            else ([], [], [], [], []))
     summary = replication_summary(scores, threshold=threshold, higher_is_better=higher)
+    rule = CopyCriterion(criterion, threshold, higher_is_copy=higher)
     per_image = [{"path": str(p), "prompt": prompts.get(str(p)), "score": s,
-                  "copy": CopyCriterion(criterion, threshold, higher_is_copy=higher).is_copy(s),
+                  "copy": rule.is_copy(s),
                   "nearest_id": i, "nearest_caption": c, "caption_count": n}
                  for p, s, i, c, n in zip(paths, scores, ids, captions, counts, strict=True)]
     # the copy-like tail: the 95th percentile of a similarity, the 5th of a distance

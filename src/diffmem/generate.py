@@ -72,18 +72,12 @@ def build_guard(mitigate: str | None, *, adapter: ModelAdapter, index=None,
     from diffmem.mitigate.registry import refuse_text_only
 
     refuse_text_only(mitigate, adapter)
-    from diffmem.mitigate.guard import Guard, GuardConfig
+    from diffmem.mitigate.guard import guard_for_spec
     from diffmem.mitigate.registry import MitigationContext
 
     index = _load_index(index)
-    first = ",".join(n if s is None else f"{n}:{s:g}" for n, s in parsed if n != "auto")
-    base = GuardConfig()
-    ladder = base.ladder if not first else (first, *base.ladder[1:])
-    if index is None:
-        ladder = tuple(m for m in ladder if "amg" not in m) or ("ren",)
     context = MitigationContext(adapter, threshold=threshold, index=index, seed=seed)
-    return Guard(adapter, index=index, threshold=threshold, context=context,
-                 config=GuardConfig(ladder=ladder))
+    return guard_for_spec(mitigate, adapter, index=index, threshold=threshold, context=context)
 
 
 def image_jobs(prompts: Sequence[str], seed: int = 0, images_per_prompt: int | None = None
@@ -141,6 +135,9 @@ def generate(prompts: Sequence[str], *, model: str | Path | ModelAdapter = "test
                       f"{adapter.max_length} tokens and were truncated (generations.jsonl: "
                       "'truncated')", TruncationWarning, stacklevel=2)
     texts, seeds = image_jobs(prompts, seed, images_per_prompt)
+    if guard is not None and images_per_prompt:  # a prompt's images in one call: the guard
+        batch_size = max(images_per_prompt,  # compares them with each other
+                         batch_size - batch_size % images_per_prompt)
     results = []
     with quiet_truncation(), progress(len(texts), "generate", unit="img") as bar:
         for k in range(0, len(texts), batch_size):

@@ -104,9 +104,12 @@ def evaluate_guard(model="testbed", *, index=None, split: str = "test", seeds: i
     if index is not None:
         guards["index"] = Guard(adapter, index=index, config=config)
     if without_index or index is None:
-        ladder = tuple(m for m in config.ladder if "amg" not in m) or ("ren",)
+        # without the agreement check there is no reference for AMG: the ladder keeps the rest
+        ladder = config.ladder if config.agreement else \
+            (tuple(m for m in config.ladder if "amg" not in m) or ("ren",))
         guards["no-index"] = Guard(adapter, config=GuardConfig(**{**config.__dict__,
                                                                    "ladder": ladder}))
+    batch_size = max(seeds, batch_size - batch_size % seeds)  # a prompt's images in one call
     kw = {"num_inference_steps": steps, "guidance_scale": guidance_scale}
 
     def plain(ps, ss):

@@ -122,20 +122,16 @@ def _generator_hooks(mitigate, adapter, index, threshold, seed):
     """(guard or None, hooks) of a mitigation spec (``None`` / ``"none"``: plain generation)."""
     if mitigate is None or mitigate == "none":
         return None, []
-    from diffmem.mitigate.guard import Guard, GuardConfig
+    from diffmem.mitigate.guard import guard_for_spec
     from diffmem.mitigate.registry import MitigationContext, build_mitigations, parse_spec
 
     parsed = parse_spec(mitigate)
     context = MitigationContext(adapter, threshold=threshold, index=index, seed=seed)
     if not any(name == "auto" for name, _ in parsed):
         return None, build_mitigations(mitigate, context)
-    first = ",".join(n if s is None else f"{n}:{s:g}" for n, s in parsed if n != "auto")
-    base = GuardConfig()  # as `diffmem generate --mitigate auto` builds it
-    ladder = base.ladder if not first else (first, *base.ladder[1:])
-    if index is None:
-        ladder = tuple(m for m in ladder if "amg" not in m) or ("ren",)
-    return Guard(adapter, index=index, threshold=threshold, context=context,
-                 config=GuardConfig(ladder=ladder)), []
+    # as `diffmem generate --mitigate auto` builds it
+    return guard_for_spec(mitigate, adapter, index=index, threshold=threshold,
+                          context=context), []
 
 
 class _Judge:

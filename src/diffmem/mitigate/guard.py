@@ -50,6 +50,13 @@ class GuardConfig:
         margin: how far beyond the copy threshold a served image must stay, in the criterion's
             units (tiled L2: distance >= 0.15 + margin; SSCD: cosine <= 0.5 - margin).
         reseed_offset: the new seed of a ``+reseed`` try is ``seed + try * reseed_offset``.
+        agreement: without an index, two images of one prompt that are copies of each other by
+            the model's copy criterion flag both (:mod:`diffmem.mitigate.self_reference`), and
+            the flagged plain images are the reference that mitigated images are verified
+            against (and that AMG is guided away from).
+        probe: without an index, a prompt with one image in the call gets one probe image (seed
+            ``seed + probe_offset``, a separate run: the batch of the served images is that of
+            plain generation) for the agreement check; costs one image per such prompt.
     """
 
     watch_every: int = 25
@@ -57,6 +64,9 @@ class GuardConfig:
     max_tries: int = 3
     margin: float = 0.02
     reseed_offset: int = 1_000_003
+    agreement: bool = True
+    probe: bool = True
+    probe_offset: int = 7_919
 
 
 @dataclass
@@ -66,10 +76,11 @@ class Verdict:
     status: str  # clean | mitigated | unresolved
     seed: int  # the seed of the served image's x_T
     method: str | None = None
-    watch: str | None = None  # what flagged it: gate | replication | verify
+    watch: str | None = None  # what flagged it: gate | replication | agreement | verify
     fired_at: int | None = None  # step at which the watch fired
     tries: int = 0  # mitigated generations made for this image
     verified: bool = False  # checked against the training index
+    reference: str | None = None  # what it was checked against: training index | own plain images
     nearest: str | None = None
     similarity: float | None = None
     criterion: str | None = None
@@ -120,7 +131,12 @@ class Guard:
         if threshold is None and index is None:
             threshold = self.context.require_threshold()
         self.threshold = threshold if threshold is not None else self._optional_threshold()
-        self.criterion = (copy_criterion(index.embedder.criterion) if index is not None else None)
+        if index is not None:
+            self.criterion = copy_criterion(index.embedder.criterion)
+        else:  # the agreement check and the own-image reference use the model's own criterion
+            from diffmem.mitigate.self_reference import criterion_of
+
+            self.criterion = criterion_of(adapter)
 
     def _optional_threshold(self) -> float | None:
         try:
@@ -129,10 +145,6 @@ class Guard:
             return None  # the index's checks watch alone
 
     # ------------------------------------------------------------------ verification
-    def _search(self, images: torch.Tensor) -> tuple[list[str], list[float]]:
-        found = self.index.search(images.float().clamp(-1, 1).cpu(), k=1)
-        return [ids[0] for ids in found.ids], [float(s) for s in found.scores[:, 0]]
-
     def passes(self, similarity: float) -> bool:
         """Whether an image at ``similarity`` to its nearest training image may be served."""
         c = self.criterion
@@ -157,7 +169,9 @@ class Guard:
             raise ConfigError("the guard needs one seed per prompt")
         t0 = time.perf_counter()
         kw = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
-        watch = Watch(threshold=self.threshold, index=self.index, every=self.config.watch_every)
+        own_reference = self.index is None and self.config.agreement
+        watch = Watch(threshold=self.threshold, index=self.index, every=self.config.watch_every,
+                      halt=not own_reference)
         timing = {"watch": 0.0, "verify": 0.0, "tries": []}
         given = (cond, latents)
         plain = sample(self.adapter, prompts, generator=seeded_generators(seeds),
@@ -181,8 +195,20 @@ class Guard:
                     verdicts[i].watch = "verify"
                     todo.append(i)
         generations = n
+        reference, context = self.index, self.context
+        if self.index is None and self.config.agreement:
+            t1 = time.perf_counter()
+            reference, probes = self._agreement(prompts, seeds, images, rows, verdicts, todo,
+                                                kw, given)
+            generations += probes
+            timing["agreement"] = time.perf_counter() - t1
+            if reference is not None:
+                from diffmem.mitigate.registry import MitigationContext
+
+                context = MitigationContext(self.adapter, threshold=self.threshold,
+                                            index=reference)
         best: dict[int, tuple[float, torch.Tensor, Verdict]] = {}
-        tries = self.config.max_tries if self.index is not None else 1
+        tries = self.config.max_tries if reference is not None else 1
         for level in range(tries):
             if not todo:
                 break
@@ -192,7 +218,7 @@ class Guard:
                          for i in todo]
             t1 = time.perf_counter()
             out = self._mitigated([prompts[i] for i in todo], try_seeds, method, kw,
-                                  _inputs(given, todo, reseed))
+                                  _inputs(given, todo, reseed), context)
             timing["tries"].append({"method": spec, "images": len(todo),
                                     "seconds": time.perf_counter() - t1})
             generations += len(todo)
@@ -200,11 +226,11 @@ class Guard:
                 images[i] = out[j]
                 v = verdicts[i]
                 v.status, v.method, v.tries, v.seed = "mitigated", spec, level + 1, try_seeds[j]
-            if self.index is None:
+            if reference is None:
                 todo = []  # nothing to verify against: served as mitigated, unverified
                 break
             t1 = time.perf_counter()
-            self._verify(images, todo, verdicts)
+            self._verify(images, todo, verdicts, reference)
             timing["verify"] += time.perf_counter() - t1
             still = []
             for i in todo:
@@ -225,20 +251,61 @@ class Guard:
         return GuardResult(images, verdicts, time.perf_counter() - t0, generations, records,
                            list(plain.truncated))
 
-    def _verify(self, images: torch.Tensor, which: list[int], verdicts: list[Verdict]) -> None:
+    def _verify(self, images: torch.Tensor, which: list[int], verdicts: list[Verdict],
+                reference=None) -> None:
         if not which:
             return
-        ids, sims = self._search(images[which])
-        for i, nearest, s in zip(which, ids, sims, strict=True):
+        reference = reference if reference is not None else self.index
+        found = reference.search(images[which].float().clamp(-1, 1).cpu(), k=1)
+        own = reference is not self.index
+        for i, ids, s in zip(which, found.ids, found.scores[:, 0].tolist(), strict=True):
             v = verdicts[i]
-            v.verified, v.nearest, v.similarity = True, nearest, s
+            v.verified, v.nearest, v.similarity = not own, ids[0], float(s)
+            v.reference = "own plain images" if own else "training index"
             v.criterion = self.criterion.name
 
+    def _agreement(self, prompts, seeds, images, rows, verdicts, todo, kw, given):
+        """Without an index: flag the images that copy another image of their prompt (a probe
+        image from another seed for a prompt with one image), and return the index of the
+        flagged plain images (None when nothing is flagged) and the number of probe images."""
+        from diffmem.mitigate.self_reference import agreement, self_reference_index
+
+        n = len(prompts)
+        count: dict[str, int] = {}
+        for p in prompts:
+            count[p] = count.get(p, 0) + 1
+        singles = [i for i in range(n) if count[prompts[i]] == 1 and not rows[i]["flagged"]
+                   and self.config.probe]
+        probe = torch.zeros(0, *images.shape[1:])
+        if singles:
+            res = sample(self.adapter, [prompts[i] for i in singles],
+                         generator=seeded_generators([seeds[i] + self.config.probe_offset
+                                                      for i in singles]),
+                         hooks=_inputs(given, singles, True), **kw)
+            probe = res.images.float().clamp(-1, 1).cpu()
+        pool = torch.cat([images.float().clamp(-1, 1).cpu(), probe])
+        keys = list(prompts) + [prompts[i] for i in singles]
+        found = agreement(self.adapter, pool, keys)
+        for i in range(n):
+            if found.copies[i] and i not in todo:
+                v = verdicts[i]
+                v.watch, v.fired_at = "agreement", None
+                todo.append(i)
+        flagged = set(todo)
+        ref_rows = [r for r in range(len(pool))
+                    if (r < n and r in flagged) or (r >= n and singles[r - n] in flagged)]
+        if not ref_rows:
+            return None, len(singles)
+        labels = [f"plain:{r}" if r < n else f"probe:{singles[r - n]}" for r in ref_rows]
+        index = self_reference_index(self.adapter, pool[ref_rows], labels,
+                                     [keys[r] for r in ref_rows])
+        return index, len(probe)
+
     def _mitigated(self, prompts: list[str], seeds: list[int], method: str, kw: dict,
-                   inputs: list = ()) -> torch.Tensor:
+                   inputs: list = (), context=None) -> torch.Tensor:
         from diffmem.mitigate.registry import build_mitigations
 
-        hooks = [*inputs, *build_mitigations(method, self.context)]
+        hooks = [*inputs, *build_mitigations(method, context or self.context)]
         res = sample(self.adapter, prompts, generator=seeded_generators(seeds), hooks=hooks, **kw)
         return res.images
 
@@ -256,3 +323,20 @@ def _inputs(given: tuple, rows: list[int], reseed: bool) -> list:
 
     return [SetInputs(cond[rows] if cond is not None else None,
                       None if reseed or latents is None else latents[rows])]
+
+
+def guard_for_spec(mitigate: str, adapter: ModelAdapter, *, index=None,
+                   threshold: float | None = None, context=None) -> Guard:
+    """The guard of a ``--mitigate`` spec that names ``auto``: alone, the default ladder;
+    ``auto,ren:1.5``: those methods as the first rung, then the rest of the default ladder.
+    Without an index AMG is guided away from the guard's own flagged plain images
+    (:attr:`GuardConfig.agreement`)."""
+    from diffmem.mitigate.registry import parse_spec
+
+    parsed = parse_spec(mitigate)
+    first = ",".join(n if s is None else f"{n}:{s:g}" for n, s in parsed if n != "auto")
+    base = GuardConfig()
+    ladder = base.ladder if not first else (first, *base.ladder[1:])
+    return Guard(adapter, index=index, threshold=threshold, context=context,
+                 config=GuardConfig(ladder=ladder))
+

@@ -34,13 +34,15 @@ class Watch(Hook):
     """Flags the prompts of a run by the first-step gate and (with ``index``) the per-step
     replication check every ``every`` steps; records per prompt ``flagged``, ``reason``
     (``"gate"``/``"replication"``), ``step`` (where it fired), ``score`` (first-step magnitude)
-    and, for a replication flag, the nearest training item and its similarity. ``every=0``: no
+    and, for a replication flag, the nearest training item and its similarity. ``halt``: stop
+    the run once every prompt is flagged (the guard without an index keeps the plain images as
+    its reference, so it runs them to the end). ``every=0``: no
     replication checks during the run (the guard still verifies the final image)."""
 
     name = "guard.watch"
 
     def __init__(self, *, threshold: float | None = None, index=None, every: int = 10,
-                 schedule=None) -> None:
+                 schedule=None, halt: bool = True) -> None:
         if threshold is not None and not math.isfinite(threshold):
             raise ConfigError(f"watch threshold must be finite, got {threshold}")
         if every < 0:
@@ -50,6 +52,7 @@ class Watch(Hook):
         self.threshold = threshold
         self.index = index
         self.every = every
+        self.halt = halt  # stop the run once every prompt is flagged (False: finish it)
         self.schedule = (schedule or DEFAULT_SCHEDULES[index.embedder.criterion]
                          if index is not None else None)
 
@@ -92,7 +95,7 @@ class Watch(Hook):
         self._halt_if_done(run)
 
     def _halt_if_done(self, run: Run) -> None:
-        if bool(run.state(self).flagged.all()):
+        if self.halt and bool(run.state(self).flagged.all()):
             run.stop = True  # every prompt is flagged: nothing of the plain run is served
 
     @staticmethod

@@ -42,18 +42,18 @@ class DDPMSpec:
     """The pixel testbed's data and training options; defaults reproduce the shipped models."""
 
     seed: int = 2
-    n_generic: int = 200
+    n_generic: int = 100
     n_duplicated: int = 8
     duplicated_fraction: float = 0.4  # share of every batch drawn from the duplicated images
     resolution: int = 32
     class_conditional: bool = False
     class_dropout: float = 0.1  # null class in training (class-conditional model)
-    steps: int = 1500
+    steps: int = 8000
     batch_size: int = 16
     lr: float = 6e-4
     warmup_steps: int = 100
     ema_decay: float = 0.995
-    channels: str = "16,32,32"
+    channels: str = "32,64,64"
     checkpoint_every: int = 250
 
     @property

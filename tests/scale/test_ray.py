@@ -44,6 +44,19 @@ def test_ray_scan_equals_local(ray_cluster, tiny_dir, tmp_path):
     assert any(local["decision"]) and not all(local["decision"])
 
 
+def test_ray_scan_with_an_index_equals_local(ray_cluster, tiny_testbed, tiny_testbed_index,
+                                             tmp_path):
+    """The index reaches the actors (the job carries it): the same generation verdicts."""
+    prompts = write_prompts(tmp_path / "p.txt", 4)
+    cfg = ScanConfig(model=tiny_testbed, index=tiny_testbed_index, threshold=0.5, shard_size=2,
+                     num_inference_steps=SAMPLING, preview_generations=1, preview_steps=3)
+    scan(prompts, tmp_path / "local", cfg)
+    s = scan(prompts, tmp_path / "ray", dataclasses.replace(cfg, engine="ray", workers=2))
+    assert s["verdict"]["source"] == "generation" and s["scored_shards"] == 2
+    local, remote = read_scan(tmp_path / "local"), read_scan(tmp_path / "ray")
+    assert remote == local and set(local["verdict_source"]) == {"generation"}
+
+
 @pytest.mark.slow
 def test_ray_worker_killed_shard_redone_once(ray_cluster, tiny_dir, tmp_path, monkeypatch):
     """The actor dies (os._exit) right after writing its first shard, before reporting it: Ray

@@ -168,7 +168,7 @@ def test_cli_bad_input_one_line_exit_2(tiny_dir, tmp_path, capsys):
     (tmp_path / "p.jsonl").write_text('{"caption": "x"}\n')
     fails(tmp_path / "p.jsonl", "--out", tmp_path / "e", "--prompt-column", "text",
           match="no prompt column 'text'")
-    fails(prompts, "--out", tmp_path / "e", "--explain", match="--explain needs a threshold")
+    fails(prompts, "--out", tmp_path / "e", "--explain", match="--explain needs a decision")
     # a bad line deep in a file is found by the worker that reads it: same one-line error
     lines = [json.dumps({"prompt": f"p{i}"}) for i in range(5)]
     lines[3] = "{not json"

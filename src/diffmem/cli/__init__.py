@@ -16,6 +16,7 @@ from pathlib import Path
 
 from diffmem.cli import _ddpm
 from diffmem.cli._generate import _cmd_generate  # its own module (file size)
+from diffmem.cli._index import add_index_options
 from diffmem.cli.args import (
     BATCH,
     COUNT,
@@ -210,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "flags with mitigation, verify each image against --index and escalate "
                         "(auto,NAME: NAME first); verdicts in generations.jsonl; "
                         "see docs/mitigation.md")
-    g.add_argument("--index", default=None,
-                   help="training-set index folder (needed by amg and --detect preview_replication)")
+    add_index_options(g, "training-set index folder: the guard (auto) verifies its images "
+                         "against it; needed by amg and --detect preview_replication")
     g.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="first-step noise-magnitude threshold of auto / wen (default: calibrated "
                         "on the testbed's held-out prompts, or stored by `diffmem calibrate`)")

@@ -45,6 +45,10 @@ def _cmd_generate(a: argparse.Namespace) -> int:
     adapter = load_adapter(a.model, scheduler=a.scheduler)
     if apart:
         print(f"diffmem: note: {apart}", file=sys.stderr)
+    if _uses_index(a):  # --index, else the index `diffmem calibrate --index` stored
+        from diffmem.cli._index import command_index
+
+        a.index = command_index(a, adapter)[0].index
     guard = build_guard(a.mitigate, adapter=adapter, index=a.index, threshold=a.threshold,
                         seed=a.seed)
     hooks = build_hooks(detect=None if apart else a.detect,
@@ -73,3 +77,14 @@ def _default_guidance(model: str) -> float:
     except DiffmemError:  # load_adapter says what is wrong with the folder
         ddpm = False
     return 1.0 if ddpm else SAMPLING.guidance_scale
+
+
+def _uses_index(a: argparse.Namespace) -> bool:
+    """Whether the run uses a training index: the guard (``auto``), AMG, or a detector that
+    needs one."""
+    from diffmem.detect.registry import DETECTORS
+    from diffmem.mitigate import parse_spec
+
+    names = {name for name, _ in parse_spec(a.mitigate)} if a.mitigate else set()
+    return bool(names & {"auto", "amg"}) or (
+        a.detect is not None and bool(DETECTORS.get(a.detect)[0].needs_index))

@@ -1,12 +1,14 @@
 """``diffmem calibrate``: parsing and printing only; the work is
 :func:`diffmem.detect.calibration.calibrate_model`.
 
-    diffmem calibrate --model PATH [--clean FILE] [--column C] [--fpr F]
+    diffmem calibrate --model PATH [--clean FILE] [--column C] [--fpr F] [--index DIR]
 
 Stores, keyed by the fingerprint of the model's weights, the first-step noise-magnitude threshold
 (the gate of ``generate --mitigate auto`` / ``wen``, ``serve``, the guard's watch) and the threshold
 of ``detect``'s default detector, so that ``generate``, ``detect``, ``explain``, ``serve`` and
-``scan`` need no ``--threshold``. Prints one JSON summary.
+``scan`` need no ``--threshold``. With ``--index DIR`` (checked against the model first) it also
+records the training index for these weights: those commands then decide by generation without
+``--index`` (``--no-index``: not for one command). Prints one JSON summary.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
     clean = read_prompts(a.clean, a.column) if a.clean is not None else None  # before the model
     store = CalibrationStore()
-    cals = calibrate_model(a.model, clean, fpr=a.fpr, store=store)
+    cals = calibrate_model(a.model, clean, fpr=a.fpr, store=store, index=a.index)
     thresholds: dict = {}
     for cal in cals:
         if cal.detector == "noise_magnitude":
@@ -44,6 +46,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         "detectors": {cal.detector: cal.settings for cal in cals},
         "stored": [str(store.folder / f"{cal.key}.json") for cal in cals],
     }
+    if a.index is not None:
+        found = store.get_index(cals[0].model)
+        summary["index"] = {"path": found.path, "stored": found.record}
     print(dumps(summary, indent=2))
     return 0
 
@@ -63,4 +68,9 @@ def register(commands, eval_commands) -> None:
                         "'caption')")
     c.add_argument("--fpr", type=FPR, default=0.01,
                    help="target false-positive rate on the clean prompts, in (0, 1)")
+    c.add_argument("--index", default=None, metavar="DIR",
+                   help="the model's training index (`diffmem index build`), checked against the "
+                        "model and stored with the calibration: explain, detect, generate "
+                        "--mitigate auto, serve and scan then decide by generation without --index "
+                        "(--no-index: not for one command)")
     c.set_defaults(func=cmd_calibrate)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from diffmem.cli._index import add_index_options, command_index
 from diffmem.cli.args import (
     BATCH,
     FPR,
@@ -30,14 +31,23 @@ from diffmem.runtime.jsonio import dumps
 
 
 def _cmd_detect(a: argparse.Namespace) -> int:
+    from diffmem.detect.registry import DETECTORS
     from diffmem.detect.scan import detect_file
 
-    summary = detect_file(a.prompts_file, a.out, model=a.model, detector=a.detector,
+    choice, model = None, a.model
+    if a.detector is None or DETECTORS.get(a.detector)[0].needs_index:
+        # --index, else the index `diffmem calibrate --index` stored (default detector then:
+        # preview_replication)
+        choice, model = command_index(a, a.model, scheduler=a.scheduler)
+        a.index = choice.index
+    summary = detect_file(a.prompts_file, a.out, model=model, detector=a.detector,
                           steps=a.steps, generations=a.generations,
                           threshold_from=a.threshold_from, fpr=a.fpr,
                           num_inference_steps=a.sampling_steps, guidance_scale=a.guidance_scale,
                           scheduler=a.scheduler, batch_size=a.batch_size, seed=a.seed,
                           seed_mode=a.seed_mode, column=a.column, index=a.index)
+    if choice is not None and choice.index is not None:
+        summary["index"] = choice.describe()
     print(dumps(summary, indent=2))
     return 0
 
@@ -55,15 +65,20 @@ def _cmd_eval_detection(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_detector_options(p: argparse.ArgumentParser) -> None:
+INDEX_HELP = ("the training set's index (`diffmem index build`): enables "
+              f"{DEFAULT_INDEX_DETECTOR}, which generates short previews and searches them for "
+              "copies, and makes it the default")
+
+
+def _add_detector_options(p: argparse.ArgumentParser, *, stored_index: bool = False) -> None:
     p.add_argument("--detector", default=None,
                    help=f"one of: {{detectors}} (default {DEFAULT_DETECTOR}, 1 step, 4 "
                         f"generations; with --index {DEFAULT_INDEX_DETECTOR}, 4 previews of 20 "
                         "steps; the one-step option: noise_magnitude)")
-    p.add_argument("--index", default=None, metavar="IDX",
-                   help="the training set's index (`diffmem index build`): enables "
-                        f"{DEFAULT_INDEX_DETECTOR}, which generates short previews and searches "
-                        "them for copies, and makes it the default")
+    if stored_index:  # detect: --index, else the index `diffmem calibrate --index` stored
+        add_index_options(p, INDEX_HELP)
+    else:
+        p.add_argument("--index", default=None, metavar="IDX", help=INDEX_HELP)
     p.add_argument("--steps", type=scored_steps, default=None,
                    help=STEPS_HELP + " (default: the detector's own, 1 or last:10)")
     p.add_argument("--generations", type=GENERATIONS, default=None,
@@ -100,7 +115,7 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                         "it, so does a threshold `diffmem calibrate` stored for these settings)")
     d.add_argument("--fpr", type=FPR, default=0.01,
                    help="target false-positive rate of --threshold-from, in (0, 1)")
-    _add_detector_options(d)
+    _add_detector_options(d, stored_index=True)
     d.set_defaults(func=_cmd_detect)
 
     e = eval_commands.add_parser("detection", help="AUC / TPR@FPR of a detector on labelled "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffmem.cli._index import add_index_options, command_index
 from diffmem.cli.args import (
     COUNT,
     FPR,
@@ -78,7 +79,9 @@ def _write_json(path: str, obj: dict) -> None:
 def cmd_explain(a: argparse.Namespace) -> int:
     from diffmem.explain import explain_prompt, format_terminal, to_html
 
-    exp = explain_prompt(a.model, a.prompt, steps=a.steps, seeds=a.seeds, seed=a.seed,
+    choice, model = command_index(a, a.model)  # --index, else the one `calibrate` stored
+    a.index = choice.index
+    exp = explain_prompt(model, a.prompt, steps=a.steps, seeds=a.seeds, seed=a.seed,
                          top_k=a.top_k, combine=a.top_k, threshold=a.threshold,
                          attention=bool(a.html), num_inference_steps=a.sampling_steps,
                          index=a.index, **_ablation(a), **_verify(a))
@@ -110,7 +113,14 @@ def cmd_eval_explanation(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> None:
+INDEX_HELP = ("the training set's index (`diffmem index build`): the verdict 'copies / does not "
+              "copy' comes from 4 generated previews of 20 steps searched in it (the first-step "
+              "score stays a fast estimate), and the edits are checked by generation against it "
+              "(as --verify-index). Without it the verdict is the first-step estimate")
+
+
+def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False,
+                stored_index: bool = False) -> None:
     add_model(p, testbed_only=testbed_only)
     p.add_argument("--threshold", type=THRESHOLD, default=None,
                    help="detector threshold (default: fitted at 1%% FPR on the testbed's clean "
@@ -126,12 +136,10 @@ def _add_common(p: argparse.ArgumentParser, *, testbed_only: bool = False) -> No
                         "the word ranking; 0 = Wen et al.'s gradient attribution alone (default: "
                         f"{ABLATION_HELP_DEFAULT})")
     v = p.add_argument_group("verdict and edit verification (need the training set's index)")
-    v.add_argument("--index", default=None, metavar="IDX",
-                   help="the training set's index (`diffmem index build`): the verdict 'copies / "
-                        "does not copy' comes from 4 generated previews of 20 steps searched in "
-                        "it (the first-step score stays a fast estimate), and the edits are "
-                        "checked by generation against it (as --verify-index). Without it the "
-                        "verdict is the first-step estimate")
+    if stored_index:  # explain: --index, else the index `diffmem calibrate --index` stored
+        add_index_options(v, INDEX_HELP)
+    else:
+        v.add_argument("--index", default=None, metavar="IDX", help=INDEX_HELP)
     v.add_argument("--verify-index", default=None, metavar="IDX",
                    help="check the edits of a flagged prompt by generating them and searching this "
                         "training-set index (`diffmem index build`); only an edit that copies "
@@ -154,7 +162,7 @@ def register(commands, eval_commands) -> None:
                    help="write words, scores and suggestions here")
     e.add_argument("--html", type=OutFile(".html", ".htm"), default=None,
                    help="write a self-contained page with per-word heat maps here")
-    _add_common(e)
+    _add_common(e, stored_index=True)
     e.set_defaults(func=cmd_explain)
     v = eval_commands.add_parser("explanation",
                                  help="trigger recall and edit success on the testbed")

@@ -1,7 +1,8 @@
 """Command-line parsing of ``diffmem scan`` (calls :func:`diffmem.scale.scan.scan`).
 
     diffmem scan PROMPTS --out DIR [--engine local|ray] [--address ADDR] [--workers N]
-                 [--detector NAME ...] [--threshold T | --threshold-from CLEAN] [--explain]
+                 [--detector NAME ...] [--threshold T | --threshold-from CLEAN]
+                 [--index IDX | --no-index] [--explain]
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from diffmem.cli.args import add_model
+from diffmem.cli._index import add_index_options, command_index
+from diffmem.cli.args import GENERATIONS, SAMPLING_STEPS, add_model
 from diffmem.runtime.defaults import SAMPLING
 
 
 def _cmd_scan(a: argparse.Namespace) -> int:
     from diffmem.scale.scan import ScanConfig, scan
 
+    # --index, else the index `diffmem calibrate --index` stored (one line says so)
+    choice = command_index(a, a.model, scheduler=a.scheduler)[0]
     config = ScanConfig(model=a.model, detectors=a.detector, engine=a.engine, address=a.address,
                         workers=a.workers, threads=a.threads, shard_size=a.shard_size,
                         prompt_column=a.prompt_column, id_column=a.id_column,
@@ -23,7 +27,10 @@ def _cmd_scan(a: argparse.Namespace) -> int:
                         explain=a.explain, steps=a.steps, generations=a.generations,
                         num_inference_steps=a.sampling_steps,
                         guidance_scale=a.guidance_scale, scheduler=a.scheduler,
-                        batch_size=a.batch_size, seed=a.seed, progress=not a.no_progress)
+                        batch_size=a.batch_size, seed=a.seed, progress=not a.no_progress,
+                        index=choice.index, index_origin=choice.origin,
+                        preview_generations=a.preview_generations,
+                        preview_steps=a.preview_steps)
     summary = scan(a.prompts, a.out, config)
     print(json.dumps(summary, indent=2))
     return 0
@@ -57,6 +64,15 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
                    help="clean prompts to calibrate each detector's threshold on (without it: the "
                         "testbed's held-out prompts, or what `diffmem calibrate` stored)")
     s.add_argument("--fpr", type=float, default=0.01, help="target FPR of --threshold-from")
+    add_index_options(s, "the training set's index (`diffmem index build`): each prompt's "
+                         "decision is the verdict by generation (--preview-generations previews of "
+                         "--preview-steps steps searched in it); the detectors' scores stay as the "
+                         "fast first estimate (column 'estimate'). Without it the decision is "
+                         "that estimate")
+    s.add_argument("--preview-generations", type=GENERATIONS, default=4,
+                   help="previews per prompt of the verdict by generation (with an index)")
+    s.add_argument("--preview-steps", type=SAMPLING_STEPS, default=20,
+                   help="schedule length of each preview (with an index)")
     s.add_argument("--explain", action="store_true",
                    help="top words of each flagged prompt (token attribution)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")

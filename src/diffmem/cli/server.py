@@ -17,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from diffmem.cli._index import add_index_options, command_index
 from diffmem.cli.args import add_model
 from diffmem.runtime.errors import ConfigError
 
@@ -64,13 +65,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
               "anyone who can reach the port can use the model (--api-key-file FILE)",
               file=sys.stderr, flush=True)
     print(f"loading {a.model} ...", file=sys.stderr, flush=True)
-    engine = build_engine(a.model, threshold=a.threshold, index=a.index, max_batch=a.max_batch,
-                          scheduler=a.scheduler)
+    # --index, else the index `diffmem calibrate --index` stored (one line says so)
+    choice, model = command_index(a, a.model, scheduler=a.scheduler)
+    engine = build_engine(model, threshold=a.threshold, index=choice.index,
+                          max_batch=a.max_batch, scheduler=a.scheduler)
     audit = AuditLog(a.audit_db, retention_days=a.audit_retention_days,
                      retry_s=a.audit_retry) if a.audit_db else None
     app = create_app(engine, cfg, audit=audit)
     cfg = app.state.guard.config
-    print(f"threshold {engine.threshold:.4f}; index: {a.index or 'none'}; auth: "
+    where = {"stored": " (stored by `diffmem calibrate --index`)", "off": " (--no-index)"}
+    print(f"threshold {engine.threshold:.4f}; index: {choice.index or 'none'}"
+          f"{where.get(choice.origin, '')}; auth: "
           f"{'API key' if key else 'none'}; audit: {a.audit_db or 'off'}"
           f"{' (fail closed)' if a.audit_fail_closed else ''}; hosts: "
           f"{','.join(cfg.allowed_hosts)}; proxies trusted: {a.forwarded_allow_ips or 'none'}",
@@ -98,9 +103,9 @@ def register(commands, eval_commands) -> None:
     s.add_argument("--threshold", type=float, default=None,
                    help="first-step noise-magnitude threshold (default: calibrated at 1%% FPR on "
                         "the testbed's held-out prompts, or stored by `diffmem calibrate`)")
-    s.add_argument("--index", default=None,
-                   help="training index folder (diffmem index build) for the nearest training "
-                        "image of generations, and for amg; without it, no nearest image")
+    add_index_options(s, "training index folder (diffmem index build): verdicts by generation "
+                         "(previews searched in it), the nearest training image of generations, "
+                         "amg; without it the verdict is the first-step estimate")
     s.add_argument("--scheduler", default=None, help="ddim, dpm, euler, ... (default: the model's)")
     s.add_argument("--api-key-file", default=None,
                    help="file holding the API key that /v1 requests must send")

@@ -117,19 +117,26 @@ def calibration_detectors(fpr: float = 0.01) -> list[Detector]:
 
 
 def calibrate_model(model, clean_prompts: Sequence[str] | None = None, *, fpr: float = 0.01,
-                    store: CalibrationStore | None = None) -> list[Calibration]:
+                    store: CalibrationStore | None = None, index=None) -> list[Calibration]:
     """Fit and store the thresholds of :func:`calibration_detectors` for ``model``'s weights at
     ``fpr``, on ``clean_prompts`` (default: the model profile's, else
     :func:`shipped_clean_prompts`); returns the stored calibrations (their files:
     ``store.folder / f"{cal.key}.json"``; ``cal.extra["clean"]``: ``"given"``, ``"profile"`` or
     ``"shipped"``). Commands then find them without a threshold
-    (:func:`calibrated_threshold`). Nothing is stored unless every detector was fitted."""
+    (:func:`calibrated_threshold`). Nothing is stored unless every detector was fitted.
+
+    ``index`` (the folder of the model's training index, ``diffmem index build``) is checked
+    against the model first (another model's index: one ConfigError, nothing stored), then recorded
+    for these weights (:meth:`CalibrationStore.put_index`): commands given no index use it
+    (:func:`diffmem.models.calibration.choose_index`)."""
     if clean_prompts is not None:
         clean_prompts = [p for p in clean_prompts if p.strip()]
         if not clean_prompts:
             raise PromptError("no clean prompts to calibrate on")
     detectors = calibration_detectors(fpr)  # bad fpr: refused before the model loads
     adapter = load_adapter(model)
+    if index is not None:
+        _check_index(index, adapter)
     source = "given"
     if clean_prompts is None:
         clean_prompts = list(adapter.profile.clean_prompts)
@@ -147,4 +154,23 @@ def calibrate_model(model, clean_prompts: Sequence[str] | None = None, *, fpr: f
                                 clean_prompts=digest, extra={"by": "diffmem calibrate", "clean": source}))
     for cal in cals:
         store.put(cal)
+    if index is not None:
+        store.put_index(fingerprint, index, by="diffmem calibrate")
     return cals
+
+
+def _check_index(index, adapter) -> None:
+    """One ConfigError unless ``index`` is the folder of an index of ``adapter``'s training set."""
+    from pathlib import Path
+
+    from diffmem.runtime.errors import ConfigError
+    from diffmem.similarity.index import load_index
+    from diffmem.similarity.index_compat import check_index_model
+
+    if not isinstance(index, (str, Path)):
+        raise ConfigError("calibrate --index: give the index's folder (it is stored as a path)")
+    if not Path(index).is_dir():
+        raise ConfigError(f"calibrate --index: {index} is not a folder (build the training index "
+                          "with `diffmem index build`)")
+    check_index_model(load_index(index, what="calibrate --index"), adapter,
+                      who="calibrate --index")

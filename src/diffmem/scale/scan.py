@@ -1,22 +1,25 @@
 """Scan a prompt log of any size with one or more detectors, locally or on a Ray cluster, resumably.
 
 CLI: ``diffmem scan PROMPTS --out DIR [--engine local|ray] [--address ADDR] [--workers N]
-[--detector NAME ...] [--threshold T | --threshold-from CLEAN] [--explain]`` (docs/scan.md).
+[--detector NAME ...] [--threshold T | --threshold-from CLEAN] [--index IDX | --no-index]
+[--explain]`` (docs/scan.md).
 
 :func:`scan` takes the prompts, the output folder and a :class:`ScanConfig` (every other option).
 The prompts (:mod:`diffmem.scale.stream`) are cut into shards of ``shard_size``; each shard is
 scored by one worker holding the model (:class:`ShardScorer`) and written as one Parquet file
 ``shard-NNNNNN.parquet`` with one row per prompt and detector: ``prompt_id, prompt, source,
-detector, score, threshold, decision, settings, explanation``. A shard file is written to a
-temporary name and renamed when complete, so a shard is either entirely there or not at all: a
-rerun after a kill skips the shards that exist and redoes the others, and a worker that finds its
-shard already written (a retried task) does not write it again.
+detector, score, threshold, decision, estimate, verdict_source, verdict, settings,
+explanation``; with the training index the decision is the verdict by generation, else the
+detector's estimate ``score > threshold`` (:mod:`diffmem.scale.scan_verdict`). A shard file is
+written to a temporary name and renamed when complete, so a shard is either entirely there or not
+at all: a rerun after a kill skips the shards that exist and redoes the others, and a worker that
+finds its shard already written (a retried task) does not write it again.
 
 The folder's other files (:mod:`diffmem.scale.scan_folder`): ``manifest.json`` records what the
 scan is (model fingerprint, detectors and their settings, thresholds, the input files with sizes
-and times, the shard size); a rerun into a folder holding another scan's manifest is refused. At
-the end ``summary.json`` and ``scores.png`` (score histogram per detector) are written from the
-shard files.
+and times, the shard size, the training index of the verdict); a rerun into a folder holding
+another scan's manifest is refused. At the end ``summary.json`` and ``scores.png`` (score
+histogram per detector) are written from the shard files.
 
 Engines: ``local`` scores the shards one after the other in this process; ``ray`` runs Ray Data
 ``map_batches`` over the pending shards with a pool of ``workers`` actors, each loading the model
@@ -38,6 +41,7 @@ from pathlib import Path
 from diffmem.runtime.errors import ConfigError
 from diffmem.scale.scan_folder import (
     MANIFEST,
+    SCHEMA,
     check_manifest,
     model_fingerprint,
     read_manifest,
@@ -45,9 +49,16 @@ from diffmem.scale.scan_folder import (
     summarize,
     write_json,
 )
+from diffmem.scale.scan_verdict import (
+    decide,
+    make_judge,
+    plan_verdict,
+    verdict_identity,
+    verdict_summary,
+)
 from diffmem.scale.stream import Shard, ShardPlan, plan_shards, read_shard
 
-FORMAT = 1
+FORMAT = 2  # 2: the columns estimate, verdict_source, verdict
 
 
 # ----------------------------------------------------------------------------- the job
@@ -67,6 +78,7 @@ class ScanJob:
     device: str | None = None
     threads: int | None = None
     settings: dict[str, dict] = field(default_factory=dict)
+    verdict: dict | None = None  # the verdict by generation (scan_verdict.plan_verdict)
 
 
 def _plain_settings(det) -> dict:
@@ -96,6 +108,7 @@ class ShardScorer:
         self.job = job
         self.adapter = load_adapter(job.model, device=job.device)
         self.detectors = [make_detector(name, **opts) for name, opts in job.detectors]
+        self.judge = make_judge(job.verdict)  # None: the detectors' estimates decide
         self.out = Path(job.out)
 
     def run_shard(self, shard: Shard) -> int:
@@ -115,25 +128,33 @@ class ShardScorer:
     def score_records(self, records) -> object:
         import pyarrow as pa
 
+        from diffmem.models.adapter import quiet_truncation
+
         prompts = [r.prompt for r in records]
         cols: dict[str, list] = {k: [] for k in SCHEMA.names}
+        verdicts = None
+        if self.judge is not None:  # one verdict per prompt, shared by the detectors' rows
+            with quiet_truncation():
+                verdicts = self.judge(self.adapter, prompts, evidence=False)
         for det in self.detectors:
             scores = det.score(self.adapter, prompts)
             thr = self.job.thresholds.get(det.name)
-            flags = [None if thr is None else bool(s > thr) for s in scores]
+            flags, estimate, source, verdict = decide(scores, thr, verdicts)
             explanations = self._explain(det, prompts, flags)
             settings = json.dumps(self.job.settings.get(det.name) or _plain_settings(det),
                                   sort_keys=True)
-            for r, s, f, e in zip(records, scores, flags, explanations, strict=True):
-                cols["prompt_id"].append(r.prompt_id)
-                cols["prompt"].append(r.prompt)
-                cols["source"].append(r.source)
-                cols["detector"].append(det.name)
-                cols["score"].append(float(s))
-                cols["threshold"].append(thr)
-                cols["decision"].append(f)
-                cols["settings"].append(settings)
-                cols["explanation"].append(e)
+            n = len(records)
+            cols["prompt_id"] += [r.prompt_id for r in records]
+            cols["prompt"] += prompts
+            cols["source"] += [r.source for r in records]
+            cols["detector"] += [det.name] * n
+            cols["score"] += [float(x) for x in scores]
+            cols["threshold"] += [thr] * n
+            for key, values in (("decision", flags), ("estimate", estimate),
+                                ("verdict_source", source), ("verdict", verdict),
+                                ("explanation", explanations)):
+                cols[key] += values
+            cols["settings"] += [settings] * n
         return pa.table(cols, schema=SCHEMA)
 
     def _explain(self, det, prompts: list[str], flags: list) -> list[str | None]:
@@ -156,19 +177,6 @@ class ShardScorer:
             except PromptError as e:
                 out[i] = json.dumps({"error": str(e)})
         return out
-
-
-def _schema():
-    import pyarrow as pa
-
-    return pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()),
-                      ("source", pa.string()), ("detector", pa.string()),
-                      ("score", pa.float64()), ("threshold", pa.float64()),
-                      ("decision", pa.bool_()), ("settings", pa.string()),
-                      ("explanation", pa.string())])
-
-
-SCHEMA = _schema()
 
 
 # ----------------------------------------------------------------------------- the scan
@@ -197,6 +205,11 @@ class ScanConfig:
     threshold_from: str | Path | None = None  # clean prompts to calibrate each threshold on
     fpr: float = 0.01  # target FPR of threshold_from
     explain: bool = False  # top words of each flagged prompt
+    # the verdict by generation (scan_verdict): the training index's folder, where it came from
+    index: str | Path | None = None
+    index_origin: str = "given"  # "given" (--index) or "stored" (`diffmem calibrate --index`)
+    preview_generations: int = 4  # previews per prompt of the verdict
+    preview_steps: int = 20  # their schedule length
     # detector options
     steps: int | str | None = None
     generations: int = 1
@@ -235,8 +248,10 @@ def scan(prompts: str | Path, out: str | Path, config: ScanConfig | None = None)
     """Score every prompt of ``prompts`` into the scan folder ``out``; resumes a killed scan.
 
     ``config.threshold`` (one detector) or ``config.threshold_from`` (clean prompts, calibrated at
-    ``config.fpr``) set each prompt's ``decision = score > threshold``; without either, a testbed
-    model is calibrated on its held-out prompts and other models get no decision (null).
+    ``config.fpr``) set each prompt's estimate ``score > threshold``; without either, a testbed
+    model is calibrated on its held-out prompts and other models get none (null). With
+    ``config.index`` (the training index's folder) the ``decision`` is the verdict by generation,
+    else the estimate (:mod:`diffmem.scale.scan_verdict`).
     ``config.explain`` adds the top words of each flagged prompt. Returns the summary (also
     ``out/summary.json``).
     """
@@ -257,14 +272,18 @@ def scan(prompts: str | Path, out: str | Path, config: ScanConfig | None = None)
                    resumed_shards=len(done), scored_shards=len(pending),
                    scored_prompts=n_scored, seconds=round(elapsed, 3),
                    prompts_per_s=(round(n_scored / elapsed, 3)
-                                  if pending and elapsed > 0 else None))
+                                  if pending and elapsed > 0 else None),
+                   verdict=verdict_summary(job.verdict, job.thresholds, cfg.index_origin))
     write_json(out / "summary.json", summary)
     return summary
 
 
 def _plan_job(prompts: str | Path, out: Path, cfg: ScanConfig) -> tuple[ScanJob, dict, list]:
     """The job (detectors, shards, model and thresholds), its model's identity and detectors."""
+    from functools import cache
+
     from diffmem.detect.registry import make_detector
+    from diffmem.models.adapter import load_adapter
 
     names = cfg.detector_names()
     options = cfg.detector_options()
@@ -272,14 +291,20 @@ def _plan_job(prompts: str | Path, out: Path, cfg: ScanConfig) -> tuple[ScanJob,
     plan = plan_shards(prompts, cfg.shard_size, prompt_column=cfg.prompt_column,
                        id_column=cfg.id_column)
     model_id = model_fingerprint(cfg.model)
+    adapter = cache(lambda: load_adapter(model_id["path"], scheduler=cfg.scheduler,
+                                         device=cfg.device))  # the driver's, loaded when needed
+    verdict = plan_verdict(cfg.index, adapter, generations=cfg.preview_generations,
+                           steps=cfg.preview_steps, seed=cfg.seed,
+                           guidance_scale=cfg.guidance_scale, batch_size=cfg.batch_size)
     job = ScanJob(model=model_id["path"], detectors=[(d.name, options) for d in dets],
                   thresholds={}, out=str(out), plan=plan, explain=cfg.explain,
                   device=cfg.device, threads=cfg.threads or 1,
-                  settings={d.name: _plain_settings(d) for d in dets})
-    job.thresholds = _thresholds(dets, model_id["path"], cfg.threshold, cfg.threshold_from,
-                                 read_manifest(out), scheduler=cfg.scheduler, device=cfg.device)
-    if cfg.explain and any(v is None for v in job.thresholds.values()):
-        raise ConfigError("--explain needs a threshold: pass --threshold or --threshold-from")
+                  settings={d.name: _plain_settings(d) for d in dets}, verdict=verdict)
+    job.thresholds = _thresholds(dets, adapter, cfg.threshold, cfg.threshold_from,
+                                 read_manifest(out))
+    if cfg.explain and verdict is None and any(v is None for v in job.thresholds.values()):
+        raise ConfigError("--explain needs a decision: pass --threshold, --threshold-from or "
+                          "--index")
     return job, model_id, dets
 
 
@@ -288,12 +313,12 @@ def _identity(job: ScanJob, model_id: dict) -> dict:
     return {"model": model_id["sha256"],
             "detectors": [job.settings[name] for name, _ in job.detectors],
             "thresholds": job.thresholds, "explain": job.explain,
-            "input": job.plan.digest()}
+            "input": job.plan.digest(), "index": verdict_identity(job.verdict)}
 
 
 def _manifest(job: ScanJob, model_id: dict, shard_size: int) -> dict:
     return {"format": FORMAT, "identity": _identity(job, model_id), "model": model_id,
-            "detectors": job.settings, "thresholds": job.thresholds,
+            "detectors": job.settings, "thresholds": job.thresholds, "verdict": job.verdict,
             "input": job.plan.identity(), "n_prompts": job.plan.total,
             "n_shards": len(job.plan.shards), "shard_size": shard_size,
             "columns": SCHEMA.names}
@@ -330,16 +355,15 @@ def _score_pending(job: ScanJob, pending: list[Shard], cfg: ScanConfig, *, initi
         bar.close()
 
 
-def _thresholds(dets, model: str, threshold, threshold_from, old: dict | None, *,
-                scheduler, device) -> dict[str, float | None]:
+def _thresholds(dets, adapter, threshold, threshold_from, old: dict | None
+                ) -> dict[str, float | None]:
+    """Each detector's threshold (``adapter()``: the driver's model, loaded when needed)."""
     names = [d.name for d in dets]
     if threshold is not None:
         return {names[0]: float(threshold)}
     if old and sorted(old.get("thresholds", {})) == sorted(names) and threshold_from is None:
         return dict(old["thresholds"])  # a resumed scan keeps its calibration
-    from diffmem.models.adapter import load_adapter
-
-    adapter = load_adapter(model, scheduler=scheduler, device=device)
+    adapter = adapter()
     if threshold_from is not None:
         from diffmem.detect.prompts import read_prompts
 

@@ -1,5 +1,5 @@
-"""The folder of a scan (:mod:`diffmem.scale.scan`): shard file names, the manifest that says which
-scan the folder holds, atomic JSON writes, and the summary read back from the shard files."""
+"""The folder of a scan (:mod:`diffmem.scale.scan`): shard file names and columns, the manifest that
+says which scan the folder holds, atomic JSON writes, and the summary read back from the shard files."""
 
 from __future__ import annotations
 
@@ -14,6 +14,21 @@ from diffmem.runtime.errors import ConfigError, DiffmemError
 from diffmem.scale.stream import ShardPlan
 
 MANIFEST = "manifest.json"
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([("prompt_id", pa.string()), ("prompt", pa.string()),
+                      ("source", pa.string()), ("detector", pa.string()),
+                      ("score", pa.float64()), ("threshold", pa.float64()),
+                      ("decision", pa.bool_()), ("estimate", pa.bool_()),
+                      ("verdict_source", pa.string()), ("verdict", pa.string()),
+                      ("settings", pa.string()), ("explanation", pa.string())])
+
+
+#: the columns of a shard file (docs/scan.md, "Output")
+SCHEMA = _schema()
 
 
 def shard_name(index: int) -> str:
@@ -53,10 +68,14 @@ def check_manifest(out: Path, manifest: dict) -> None:
         old = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); scan into a new folder") from e
+    if old.get("format", 1) != manifest["format"]:
+        raise ConfigError(f"{out} holds a scan of another format (version {old.get('format', 1)}, "
+                          f"this diffmem writes {manifest['format']}); scan into a new folder")
     mine, theirs = manifest["identity"], old.get("identity", {})
     for key, what in (("model", "model"), ("detectors", "detector or detector settings"),
                       ("thresholds", "threshold"), ("explain", "--explain setting"),
-                      ("input", "prompt input (files changed, other columns or shard size)")):
+                      ("input", "prompt input (files changed, other columns or shard size)"),
+                      ("index", "training index or verdict setting (--index, --no-index)")):
         if mine.get(key) != theirs.get(key):
             raise ConfigError(f"{out} holds another scan's manifest (another {what}); use a new "
                               f"--out folder or rerun with that scan's settings")
@@ -88,23 +107,28 @@ def summarize(out: str | Path, plan: ShardPlan, detectors: Sequence[str]) -> dic
     per: dict[str, dict] = {}
     scores: dict[str, list] = {d: [] for d in detectors}
     flags: dict[str, list] = {d: [] for d in detectors}
+    estimates: dict[str, list] = {d: [] for d in detectors}
     for s in plan.shards:
         path = out / shard_name(s.index)
         if not path.exists():
             raise DiffmemError(f"{path} is missing after the scan")
-        t = pq.read_table(path, columns=["detector", "score", "decision"]).to_pydict()
+        t = pq.read_table(path, columns=["detector", "score", "decision", "estimate"]).to_pydict()
         if len(t["score"]) != s.count * len(detectors):
             raise DiffmemError(f"{path} has {len(t['score'])} rows, expected "
                                f"{s.count} prompts x {len(detectors)} detectors")
-        for d, sc, f in zip(t["detector"], t["score"], t["decision"], strict=True):
+        for d, sc, f, e in zip(t["detector"], t["score"], t["decision"], t["estimate"],
+                               strict=True):
             scores[d].append(sc)
             flags[d].append(f)
+            estimates[d].append(e)
     for d in detectors:
         x = np.asarray(scores[d], dtype=float)
         decided = [f for f in flags[d] if f is not None]
         n_flag = int(sum(decided))
+        estimated = [e for e in estimates[d] if e is not None]
         per[d] = {"n_prompts": int(x.size), "n_flagged": n_flag if decided else None,
                   "flagged_share": (n_flag / len(decided)) if decided else None,
+                  "n_estimate_flagged": int(sum(estimated)) if estimated else None,
                   "score_quantiles": {q: float(np.quantile(x, float(q))) for q in
                                       ("0.0", "0.5", "0.9", "0.99", "1.0")} if x.size else {}}
     _histogram(out / "scores.png", scores, _thresholds_of(out))

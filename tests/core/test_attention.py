@@ -8,6 +8,7 @@ import torch
 
 from diffmem.core import attention
 from diffmem.core.attention import ObservableCrossAttention
+from diffmem.core.hooks import Hook, KeyEdit
 
 
 def _forward(unet):
@@ -98,3 +99,100 @@ def test_a_failing_run_restores_the_processors(tiny_pipe):
     with pytest.raises(RuntimeError, match="boom"):
         sample(load_adapter(tiny_pipe), ["a red circle"], num_inference_steps=1, hooks=[Boom()])
     assert _same(tiny_pipe.unet.attn_processors, before)
+
+
+# ------------------------------------------------------------------ key edits, fused attention
+class Keys(Hook):
+    """Scales key ``at`` by ``factor`` and hides keys from ``hide_from`` on in ``rows``."""
+
+    attention_layers = "all"
+
+    def __init__(self, rows, at, factor, hide_from=None):
+        self.rows, self.at, self.factor, self.hide_from = rows, at, factor, hide_from
+
+    def attention_keys(self, run, step, layer, n_keys):
+        scale = torch.ones(len(self.rows), n_keys)
+        scale[:, self.at] = self.factor
+        mask = None if self.hide_from is None else \
+            (torch.arange(n_keys) >= self.hide_from).expand(len(self.rows), -1)
+        return KeyEdit(torch.tensor(self.rows), scale, mask)
+
+
+class SameLogits(Hook):
+    """Changes logits by nothing: a layer with it cannot run fused."""
+
+    attention_layers = "all"
+
+    def attention_logits(self, run, step, layer, scores):
+        return scores
+
+
+def test_key_edits_combine_like_their_logit_changes():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 2, 3, 7, generator=g)
+    a = KeyEdit(torch.tensor([3, 1]), 1 + torch.rand(2, 7, generator=g),
+                torch.rand(2, 7, generator=g) > 0.7)
+    b = KeyEdit(torch.tensor([1, 2]), 1 + torch.rand(2, 7, generator=g))
+    one = KeyEdit.combine([a, b], 7)
+    assert one.rows.tolist() == [1, 2, 3]
+    torch.testing.assert_close(one.apply(scores), b.apply(a.apply(scores)))
+    assert torch.equal(one.apply(scores)[[0, 4]], scores[[0, 4]])
+    assert KeyEdit.combine([b], 7) is b
+
+
+def _sample(adapter, hooks):
+    from diffmem.core.sampling import sample, seeded_generators
+
+    return sample(adapter, ["a red circle", "a green triangle", "a blue square"],
+                  num_inference_steps=2, generator=seeded_generators(range(3)), hooks=hooks,
+                  decode=False).latents
+
+
+def test_key_edit_hooks_run_fused_and_match_the_explicit_path(tiny_pipe, monkeypatch):
+    from diffmem.models.adapter import load_adapter
+
+    adapter = load_adapter(tiny_pipe)
+    explicit_calls = []
+    orig = ObservableCrossAttention._explicit
+    monkeypatch.setattr(ObservableCrossAttention, "_explicit",
+                        lambda self, *a: explicit_calls.append(1) or orig(self, *a))
+    # rows 0-2 uncond, 3-5 cond of the 3 prompts: prompt 0 (rows 0, 3) is not edited
+    edits = [Keys([4, 1], 0, 1.5, hide_from=5), Keys([2, 5, 1], 2, 0.5)]
+    plain = _sample(adapter, [])
+    fused = _sample(adapter, edits)
+    assert not explicit_calls
+    explicit = _sample(adapter, [*edits, SameLogits()])
+    assert explicit_calls
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=0)
+    assert torch.equal(fused[0], plain[0])
+    assert bool((fused[1:] != plain[1:]).any())
+
+
+def test_an_attention_mask_takes_the_explicit_path(tiny_pipe, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    name = next(k for k in tiny_pipe.unet.attn_processors if ".attn2." in k)
+    attn = tiny_pipe.unet.get_submodule(name.removesuffix(".processor"))
+    wrapper = ObservableCrossAttention(name, AttnProcessor2_0())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, attn.to_q.in_features, generator=g)
+    emb = torch.randn(4, 9, attn.to_k.in_features, generator=g)
+    hook = Keys([0, 2, 3], 0, 1.3, hide_from=4)
+    paths = []
+    for path in ("_explicit", "_fused"):
+        orig = getattr(ObservableCrossAttention, path)
+        monkeypatch.setattr(ObservableCrossAttention, path,
+                            lambda self, *a, _o=orig, _p=path: paths.append(_p) or _o(self, *a))
+    token = attention._CURRENT.set((SimpleNamespace(), SimpleNamespace(), {name: [hook]}))
+    try:
+        with torch.no_grad():
+            fused = wrapper(attn, x, emb)
+            masked = wrapper(attn, x, emb, attention_mask=torch.zeros(4, 9))
+            plain = AttnProcessor2_0()(attn, x, emb)
+    finally:
+        attention._CURRENT.reset(token)
+    assert paths == ["_fused", "_explicit"]
+    torch.testing.assert_close(fused, masked, atol=1e-5, rtol=0)
+    assert torch.equal(fused[1], plain[1]) and bool((fused[0] != plain[0]).any())

@@ -158,3 +158,93 @@ def test_registry_and_bad_input(tiny_pipe):
         AttentionRescale(1.0, c=0)
     with pytest.raises(ConfigError, match="steps"):
         AttentionRescale(1.0, steps=0)
+
+
+# ------------------------------------------------------------------ fused attention
+class Probs(Hook):
+    """Observes the probabilities (forces the explicit path on every layer)."""
+
+    attention_layers = "all"
+
+    def __init__(self, name):
+        self.name = name
+
+    def on_start(self, run):
+        run.records[self.name] = []
+
+    def on_attention(self, run, step, layer, probs):
+        run.records[self.name].append(probs.detach().clone())
+
+
+def _count_paths(monkeypatch):
+    """Counts the wrapper's explicit and fused layer calls."""
+    from diffmem.core.attention import ObservableCrossAttention
+
+    calls = {"explicit": 0, "fused": 0}
+    for path in calls:
+        orig = getattr(ObservableCrossAttention, f"_{path}")
+
+        def counted(self, *a, _orig=orig, _path=path, **k):
+            calls[_path] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(ObservableCrossAttention, f"_{path}", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+@pytest.mark.parametrize("kw", [{}, {"mask_eos": True, "mask_uncond": False}, {"mask": False},
+                                {"c": 0.7}])
+def test_fused_equals_explicit(family, kw, tiny_pipe, tiny_pipe_sd2, monkeypatch):
+    adapter = load_adapter(tiny_pipe if family == "sd1" else tiny_pipe_sd2)
+    calls = _count_paths(monkeypatch)
+    out = {}
+    n_calls = len(adapter.cross_attention_layers()) * STEPS
+    for fused in (True, False):
+        calls.update(explicit=0, fused=0)
+        out[fused] = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                            hooks=[AttentionRescale(1.0, fused=fused, **kw)])
+        assert calls == {"explicit": 0 if fused else n_calls, "fused": n_calls if fused else 0}
+    torch.testing.assert_close(out[True].latents, out[False].latents, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[True].images, out[False].images, atol=1e-5, rtol=0)
+    plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens())
+    assert bool(((out[True].images - plain.images).flatten(1).abs().amax(1) > 1e-4).all())
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_fused_gate_rows(family, tiny_pipe, tiny_pipe_sd2, split_gate, monkeypatch):
+    """With a gate the fused rows are the flagged prompts': the others are the plain run's bit for
+    bit, the flagged ones the explicit path's up to rounding."""
+    adapter = load_adapter(tiny_pipe if family == "sd1" else tiny_pipe_sd2)
+    gate, flagged = split_gate(adapter, PROMPTS, _gens, STEPS)
+    plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens())
+    calls = _count_paths(monkeypatch)
+    fused = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                   hooks=[gate, AttentionRescale(1.0, gate=gate)])
+    assert calls["explicit"] == 0 and calls["fused"] > 0
+    explicit = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                      hooks=[gate, AttentionRescale(1.0, gate=gate, fused=False)])
+    assert torch.equal(fused.latents[~flagged], plain.latents[~flagged])
+    assert torch.equal(fused.images[~flagged], plain.images[~flagged])
+    torch.testing.assert_close(fused.images, explicit.images, atol=1e-5, rtol=0)
+
+
+def test_an_observer_gets_the_explicit_path_with_the_change(tiny_pipe, monkeypatch):
+    """An observer on the layers needs the probabilities: the layer goes explicit and the observer
+    sees Ren's change (BOS share raised, masked keys at 0); the images match the fused run."""
+    adapter = load_adapter(tiny_pipe)
+    calls = _count_paths(monkeypatch)
+    seen = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                  hooks=[AttentionRescale(1.0), Probs("probs")])
+    assert calls["fused"] == 0 and calls["explicit"] > 0
+    plain = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                   hooks=[Probs("probs")])
+    lengths = adapter.tokenize(PROMPTS).lengths
+    for p_ren, p_plain in zip(seen.records["probs"][:2], plain.records["probs"][:2], strict=True):
+        for i, n in enumerate(lengths.tolist() * 2):  # uncond rows, then cond rows
+            assert float(p_ren[i, ..., n:].abs().max()) == 0.0
+        cond = slice(len(PROMPTS), None)
+        assert bool((p_ren[cond, ..., 0] != p_plain[cond, ..., 0]).any())
+    fused = sample(adapter, PROMPTS, num_inference_steps=STEPS, generator=_gens(),
+                   hooks=[AttentionRescale(1.0)])
+    torch.testing.assert_close(seen.images, fused.images, atol=1e-5, rtol=0)

@@ -194,6 +194,22 @@ def test_ren_rescales_bos_and_masks_keys_on_sdxl(sdxl):
     torch.testing.assert_close(gated.images[flagged], res.images[flagged], atol=1e-4, rtol=0)
 
 
+def test_ren_fused_equals_explicit_on_sdxl(sdxl):
+    """Fused attention (BOS key x c, additive key mask) gives the explicit path's images, gated or
+    not; unflagged prompts stay the plain run's bit for bit."""
+    for gate in (None, FirstStepGate(float(_run(sdxl, [FirstCall()], decode=False)
+                                           .records["first_call"]["d"].mean()))):
+        pre = [] if gate is None else [gate]
+        fused = _run(sdxl, [*pre, AttentionRescale(1.0, gate=gate)])
+        explicit = _run(sdxl, [*pre, AttentionRescale(1.0, gate=gate, fused=False)])
+        torch.testing.assert_close(fused.images, explicit.images, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused.latents, explicit.latents, atol=1e-5, rtol=0)
+    plain = _run(sdxl)
+    flagged = torch.tensor([r["applied"] for r in fused.records["mitigation.ren"]])
+    assert 0 < int(flagged.sum()) < len(PROMPTS)
+    assert torch.equal(fused.images[~flagged], plain.images[~flagged])
+
+
 # ------------------------------------------------------------------ amg
 def test_amg_guides_sdxl_with_packed_negative_captions(sdxl):
     probe = FirstCall()

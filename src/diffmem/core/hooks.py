@@ -4,12 +4,68 @@ observes and what a guidance term or mitigation may change, at each step (docs/c
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
     from diffmem.core.sampling import Run, Step
+
+
+@dataclass(frozen=True)
+class KeyEdit:
+    """A change of cross-attention that acts on the keys only, per UNet-batch row.
+
+    ``rows`` ``(n,)``: the UNet-batch rows it changes (the others are left alone, bit for bit);
+    ``scale`` ``(n, tokens)`` or None: key ``j`` of row ``rows[i]`` is multiplied by
+    ``scale[i, j]``, which multiplies its logit ``Q K_j^T / sqrt(d)`` by the same factor, for every
+    head and query (the logit is linear in the key); ``mask`` ``(n, tokens)`` bool or None: True
+    hides the key (logit -inf, applied after the scaling). Scales must be finite and > 0.
+
+    Expressed this way, a change needs no explicit attention matrix: the layer scales the key rows
+    and passes the mask as an additive float mask to fused attention
+    (``torch.nn.functional.scaled_dot_product_attention``); where the probabilities are needed
+    anyway (an observer on the layer) :meth:`apply` makes the same change to the logits.
+    """
+
+    rows: torch.Tensor
+    scale: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        """The same change on logits ``(N, heads, queries, tokens)`` (a changed copy)."""
+        scores = scores.clone()
+        if not len(self.rows):
+            return scores
+        r = self.rows.to(scores.device)
+        if self.scale is not None:
+            scores[r] = scores[r] * self.scale.to(scores)[:, None, None, :]
+        if self.mask is not None:
+            hidden = self.mask.to(scores.device)[:, None, None, :]
+            scores[r] = scores[r].masked_fill(hidden, float("-inf"))
+        return scores
+
+    @staticmethod
+    def combine(edits: Sequence[KeyEdit], n_keys: int) -> KeyEdit:
+        """One edit doing all of ``edits`` (rows: their union, sorted; scales multiplied; masks
+        or-ed; the keys of a row that an edit does not list are left as they are by it)."""
+        rows = torch.unique(torch.cat([e.rows.cpu().long() for e in edits]))
+        if len(edits) == 1 and torch.equal(rows, edits[0].rows.cpu()):
+            return edits[0]
+        scale = mask = None
+        for e in edits:
+            pos = torch.searchsorted(rows, e.rows.cpu().long())
+            if e.scale is not None:
+                if scale is None:
+                    scale = torch.ones(len(rows), n_keys, dtype=e.scale.dtype,
+                                       device=e.scale.device)
+                scale[pos.to(scale.device)] *= e.scale.to(scale)
+            if e.mask is not None:
+                if mask is None:
+                    mask = torch.zeros(len(rows), n_keys, dtype=torch.bool, device=e.mask.device)
+                mask[pos.to(mask.device)] |= e.mask.to(mask.device)
+        return KeyEdit(rows, scale, mask)
 
 
 class Hook:
@@ -64,6 +120,15 @@ class Hook:
         (default): any row. A hook that only changes logits and declares its rows lets the other
         rows go through the layer's original processor, so they stay bit-identical to a run
         without it (e.g. the prompts a gate did not flag)."""
+        return None
+
+    def attention_keys(self, run: Run, step: Step, layer: str, n_keys: int) -> KeyEdit | None:
+        """The whole change this hook makes to the layer's cross-attention at this step, when it
+        can be said on the keys (a :class:`KeyEdit`: key scales and a key mask per row, over
+        ``n_keys`` keys); ``None`` (default): it changes logits through :meth:`attention_logits`.
+        When every hook on a layer answers with a :class:`KeyEdit` and none observes, the layer
+        runs fused attention (no attention matrix); otherwise :meth:`KeyEdit.apply` is used on the
+        explicit logits in place of :meth:`attention_logits`."""
         return None
 
     def on_attention(self, run: Run, step: Step, layer: str, probs: torch.Tensor) -> None:

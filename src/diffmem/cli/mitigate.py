@@ -1,6 +1,7 @@
 """Command-line parsing of ``diffmem eval mitigation`` (``generate --mitigate`` is in cli.py).
 
     diffmem eval mitigation --methods wen,ren,amg,...,auto --out m.json [--plot tradeoff.png]
+    diffmem eval mitigation --broad [--index IDX] [--split test] --out g.json   # = eval guard
                             [--strengths 0.5,1,2] [--seeds 4] [--index IDX] [--max-per-group N]
 """
 
@@ -49,6 +50,14 @@ def _strengths(text: str) -> str:
 def _cmd_eval_mitigation(a: argparse.Namespace) -> int:
     from diffmem.eval.mitigation import evaluate_mitigation
 
+    if a.broad:  # the guard on every generation-labelled group: the report of `eval guard`
+        if a.methods not in (None, "auto"):
+            raise ConfigError("--broad evaluates the guard (--methods auto) on every group of the "
+                              "broad set; evaluate other methods without --broad")
+        return _cmd_eval_guard(argparse.Namespace(
+            **{**vars(a), "groups": None, "scheduler": None, "batch_size": 32}))
+    if a.methods is None:
+        raise ConfigError("give --methods (or --broad: the guard on every group of the broad set)")
     report = evaluate_mitigation(
         [m for m in a.methods.split(",") if m.strip()], model=a.model,
         strengths=_floats(a.strengths), seeds=a.seeds, steps=a.sampling_steps,
@@ -100,9 +109,19 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     e = eval_commands.add_parser(
         "mitigation", help="memorization rate, alignment, quality and cost of inference-time "
                            "mitigations on the testbed, judged by generated images")
-    e.add_argument("--methods", required=True,
+    e.add_argument("--methods", default=None,
                    help="comma-separated specs; '+' composes (ren+amg); auto gates; "
                         "a method may carry :STRENGTH")
+    e.add_argument("--broad", action="store_true",
+                   help="the closed-loop guard (--mitigate auto) on every generation-labelled "
+                        "group of the broad set, per group, with and without --index (the "
+                        "report of `eval guard`; with --split, --hand-made, --index-only)")
+    e.add_argument("--split", choices=("dev", "test", "all"), default="test",
+                   help="with --broad: split of the broad set (defaults were chosen on dev)")
+    e.add_argument("--hand-made", default=None, metavar="FILE",
+                   help="with --broad: also a prompt file of your own, reported apart")
+    e.add_argument("--index-only", action="store_true",
+                   help="with --broad: skip the run without the index")
     e.add_argument("--strengths", type=_strengths, default=None,
                    help="comma-separated strengths applied to every method without one")
     e.add_argument("--out", type=OutFile(".json"), required=True,

@@ -121,6 +121,8 @@ class Guard:
         self.config = config or GuardConfig()
         if self.config.max_tries < 1 or not self.config.ladder:
             raise ConfigError("the guard needs at least one try and one method")
+        if self.config.probe_offset == 0:
+            raise ConfigError("the guard's probe needs another seed (probe_offset != 0)")
         for spec in self.config.ladder:
             parse_spec(spec.removesuffix("+reseed"))
         if index is not None:  # an index of another model's images: one clear error, up front
@@ -231,6 +233,8 @@ class Guard:
                 break
             t1 = time.perf_counter()
             self._verify(images, todo, verdicts, reference)
+            if reference is not self.index:
+                self._verify_agreement(images, prompts, todo, verdicts, reference)
             timing["verify"] += time.perf_counter() - t1
             still = []
             for i in todo:
@@ -264,6 +268,26 @@ class Guard:
             v.reference = "own plain images" if own else "training index"
             v.criterion = self.criterion.name
 
+    def _verify_agreement(self, images, prompts, todo, verdicts, reference) -> None:
+        """Without an index, a mitigated image must not copy another served image of its prompt
+        either (a mitigation can land on a memorized image the plain run missed); the images
+        that do join the reference, so that the next rung is verified against them (and AMG
+        guided away from them)."""
+        from diffmem.mitigate.self_reference import agreement
+
+        found = agreement(self.adapter, images.float().clamp(-1, 1).cpu(), prompts,
+                          [v.seed for v in verdicts])
+        failed = []
+        for i in todo:
+            v, s = verdicts[i], found.similarity[i]
+            if s is not None and self.criterion.closer(s, v.similarity):
+                v.nearest, v.similarity = f"served:{found.nearest[i]}", s
+            if found.copies[i]:
+                failed.append(i)
+        if failed:
+            reference.add(images[failed].float().clamp(-1, 1).cpu(),
+                          [prompts[i] for i in failed], [f"tried:{i}" for i in failed])
+
     def _agreement(self, prompts, seeds, images, rows, verdicts, todo, kw, given):
         """Without an index: flag the images that copy another image of their prompt (a probe
         image from another seed for a prompt with one image), and return the index of the
@@ -285,7 +309,8 @@ class Guard:
             probe = res.images.float().clamp(-1, 1).cpu()
         pool = torch.cat([images.float().clamp(-1, 1).cpu(), probe])
         keys = list(prompts) + [prompts[i] for i in singles]
-        found = agreement(self.adapter, pool, keys)
+        found = agreement(self.adapter, pool, keys,
+                          list(seeds) + [seeds[i] + self.config.probe_offset for i in singles])
         for i in range(n):
             if found.copies[i] and i not in todo:
                 v = verdicts[i]

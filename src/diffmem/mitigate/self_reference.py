@@ -66,10 +66,12 @@ class Agreement:
     copies: np.ndarray  # (N,) bool
 
 
-def agreement(adapter, images: torch.Tensor, prompts: Sequence[str]) -> Agreement:
-    """For each image, the most similar other image of the same prompt, by the model's copy
-    criterion; ``copies[i]``: the two are copies of each other (both then count as copies of a
-    memorized training image)."""
+def agreement(adapter, images: torch.Tensor, prompts: Sequence[str],
+              seeds: Sequence[int] | None = None) -> Agreement:
+    """For each image, the most similar other image of the same prompt from another seed (the
+    same prompt and seed give the same image by construction, which says nothing), by the
+    model's copy criterion; ``copies[i]``: the two are copies of each other (both then count as
+    copies of a memorized training image). ``seeds`` None: every image has its own seed."""
     crit = criterion_of(adapter)
     n = len(prompts)
     nearest: list[int | None] = [None] * n
@@ -85,7 +87,8 @@ def agreement(adapter, images: torch.Tensor, prompts: Sequence[str]) -> Agreemen
         for q, i in enumerate(rows):
             for j, s in zip(found.ids[q], found.scores[q].tolist(), strict=True):
                 j = int(j)
-                if j != i and prompts[j] == prompts[i]:
+                if j != i and prompts[j] == prompts[i] and (seeds is None
+                                                             or seeds[j] != seeds[i]):
                     nearest[i], sims[i] = j, float(s)
                     break
     copies = np.array([s is not None and bool(crit.is_copy(s)) for s in sims], dtype=bool)

@@ -63,6 +63,13 @@ def _cmd_testbed_train(a: argparse.Namespace) -> int:
     else:
         cfg = TrainConfig(**{**given, **seed})
         spec = TestbedSpec(seed=cfg.seed, **rare)
+    if a.continue_installed:  # the installed weights, trained for the default steps, go on
+        from diffmem.testbed import testbed_path
+        from diffmem.testbed.continue_run import seed_run_from_pipeline
+
+        done = GRADED_TRAIN["unet_steps"] if a.graded else TrainConfig.unet_steps
+        seed_run_from_pipeline(a.out, testbed_path("testbed-graded" if a.graded else "testbed"),
+                               cfg, spec, done)
     kept(f"the training checkpoints in {a.out} (rerun the same command to resume)")
     target = train_testbed(a.out, cfg, spec)
     print(f"trained testbed pipeline: {target}")
@@ -237,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rare-words", type=NONNEG,
                    help="generic captions also carry words of a vocabulary of this size "
                         "(default: TestbedSpec.n_rare_words; 0: none)")
+    t.add_argument("--continue-installed", action="store_true",
+                   help="start from the installed weights (trained for the default steps) and "
+                        "train the UNet on to --unet-steps, in a new --out folder (then resumable "
+                        "as usual; the optimizer starts afresh)")
     t.add_argument("--install", action="store_true",
                    help="copy the trained pipeline into the package as the shipped testbed "
                         "(with --graded: as testbed-graded, into testbed/weights_graded)")

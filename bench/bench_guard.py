@@ -1,7 +1,8 @@
 """Cost of the closed-loop guard (``--mitigate auto``) against plain generation, measured in one
 process on the shipped testbed: per image on clean prompts (the watch and the verification only)
 and on copying prompts (watch, verification and the escalation tries), with and without the
-training index, and each part's share.
+training index (without it: one image per prompt, each with a probe image for the agreement check,
+and 4 images per prompt compared with each other), and each part's share.
 
     OMP_NUM_THREADS=2 PYTHONPATH=src python bench/bench_guard.py --index runs/idx
 
@@ -56,22 +57,31 @@ def main() -> None:
     warm = sample(adapter, clean[:2], generator=seeded_generators([0, 1]), num_inference_steps=2)
     index.search(warm.images.float().clamp(-1, 1), k=1)
     config = GuardConfig(watch_every=a.watch_every)
+    # without the index: one image per prompt (each gets a probe image for the agreement check)
+    # and 4 images per prompt of a quarter of the prompts (compared with each other, no probe)
     guards = {"index": Guard(adapter, index=index, config=config),
-              "no-index": Guard(adapter, config=GuardConfig(watch_every=a.watch_every,
-                                                            ladder=("ren",)))}
+              "no-index": Guard(adapter, config=config)}
     out = {"threads": torch.get_num_threads(), "n": a.n, "watch_every": a.watch_every}
-    for label, prompts in (("clean", clean), ("copying", copying)):
+    sets = [("clean", clean, None), ("copying", copying, None),
+            ("clean_x4", clean[: max(1, a.n // 4)], 4), ("copying_x4", copying[: max(1, a.n // 4)], 4)]
+    for label, prompts, per in sets:
         seeds = list(range(len(prompts)))
+        if per is not None:  # per images of every prompt, seeds 0..per-1, in one call
+            prompts = [q for q in prompts for _ in range(per)]
+            seeds = [s for _ in range(len(prompts) // per) for s in range(per)]
         t_plain, _ = _best(lambda ps=prompts, ss=seeds: sample(
             adapter, ps, generator=seeded_generators(ss)), a.repeats)
         out[f"{label}_plain_s_per_image"] = round(t_plain / len(prompts), 4)
         for name, guard in guards.items():
+            if per is not None and name == "index":
+                continue  # the index's watch does not depend on images per prompt
             t, res = _best(lambda g=guard, ps=prompts, ss=seeds: g.generate(ps, ss), a.repeats)
             timing = res.records["timing"]
             out[f"{label}_{name}_ratio"] = round(t / t_plain, 3)
             out[f"{label}_{name}_parts"] = {
                 "watch": round(timing["watch"] / t_plain, 3),
                 "verify": round(timing["verify"] / t_plain, 3),
+                "agreement": round(timing.get("agreement", 0.0) / t_plain, 3),
                 "tries": [{"method": x["method"], "images": x["images"],
                            "ratio": round(x["seconds"] / t_plain, 3)} for x in timing["tries"]]}
             out[f"{label}_{name}_statuses"] = {s: sum(v.status == s for v in res.verdicts)

@@ -45,18 +45,22 @@ def test_unflagged_images_are_bit_identical_to_plain(adapter, index):
     assert torch.equal(out.images, _plain(adapter, PROMPTS, seeds))
 
 
-def test_a_flagged_prompt_is_regenerated_and_the_others_stay_plain(adapter, index):
-    seeds = [0, 1, 2, 3]
-    plain = _plain(adapter, PROMPTS, seeds)
+def _top_threshold(adapter, seeds):
+    """A first-step threshold between the prompts' magnitudes: it flags the largest only."""
     watch = Watch(threshold=1e9, every=0)
     scores = sample(adapter, PROMPTS, generator=seeded_generators(seeds), hooks=[watch],
                     num_inference_steps=STEPS).records[watch.name]
-    # a threshold between the prompts' first-step magnitudes flags the largest only
     mags = [r["score"] for r in scores]
     top = max(range(4), key=lambda i: mags[i])
-    threshold = (sorted(mags)[-1] + sorted(mags)[-2]) / 2
-    guard = Guard(adapter, index=index, threshold=threshold,
-                  config=GuardConfig(margin=-1.0, watch_every=0))
+    return top, (sorted(mags)[-1] + sorted(mags)[-2]) / 2
+
+
+def test_a_flagged_prompt_is_regenerated_and_the_others_stay_plain(adapter):
+    seeds = [0, 1, 2, 3]
+    plain = _plain(adapter, PROMPTS, seeds)
+    top, threshold = _top_threshold(adapter, seeds)
+    # without an index the first-step flag is final (one image per prompt, no probe)
+    guard = Guard(adapter, threshold=threshold, config=GuardConfig(margin=-1.0, probe=False))
     out = guard.generate(PROMPTS, seeds, num_inference_steps=STEPS)
     for i, v in enumerate(out.verdicts):
         if i == top:
@@ -66,6 +70,26 @@ def test_a_flagged_prompt_is_regenerated_and_the_others_stay_plain(adapter, inde
         else:
             assert v.status == "clean"
             assert torch.equal(out.images[i], plain[i])
+
+
+def test_with_the_index_the_final_image_overrules_the_watch(adapter, index):
+    seeds = [0, 1, 2, 3]
+    plain = _plain(adapter, PROMPTS, seeds)
+    top, threshold = _top_threshold(adapter, seeds)
+    # margin -1: every final image passes verification, so the flagged one is served plain
+    guard = Guard(adapter, index=index, threshold=threshold,
+                  config=GuardConfig(margin=-1.0, watch_every=0))
+    out = guard.generate(PROMPTS, seeds, num_inference_steps=STEPS)
+    assert [v.status for v in out.verdicts] == ["clean"] * 4
+    assert (out.verdicts[top].watch, out.verdicts[top].fired_at) == ("gate", 0)
+    assert all(v.verified for v in out.verdicts) and out.generations == 4
+    assert torch.equal(out.images, plain)
+    # a run the watch halts (every prompt flagged) has no final image: all are regenerated
+    halted = Guard(adapter, index=index, threshold=-1.0,
+                   config=GuardConfig(margin=-1.0, watch_every=0)).generate(
+        PROMPTS[:2], seeds[:2], num_inference_steps=STEPS)
+    assert [(v.status, v.watch, v.method) for v in halted.verdicts] == [
+        ("mitigated", "gate", "ren")] * 2
 
 
 def test_an_image_that_keeps_copying_climbs_the_ladder_and_is_marked(adapter, index):

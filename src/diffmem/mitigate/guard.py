@@ -3,14 +3,16 @@
 1. **Watch** (:class:`~diffmem.mitigate.watch.Watch`): every image starts as a plain generation;
    the first-step noise magnitude (Wen et al. 2024, eq. 4) and, with the training set's index, a
    decoded x0 estimate searched every ``watch_every`` steps (Chen et al. CVPR 2024, Sec. 3.4) flag
-   the prompts that head for a copy. A flagged prompt stops there; the others finish unchanged
-   (bit-identical to plain generation).
-2. **Intervene**: a flagged prompt is generated again from its own x_T with the first method of the
-   ladder (ungated).
-3. **Verify** (with the index): every final image, plain or mitigated, is searched in the index; an
+   the prompts that head for a copy. Every prompt's plain run goes on with the batch (the
+   unflagged images are then bit-identical to plain generation); a run whose prompts are all
+   flagged stops there.
+2. **Verify** (with the index): every final image, plain or mitigated, is searched in the index; an
    image passes when it stays ``margin`` beyond the copy threshold of the index's criterion
    (:data:`~diffmem.models.profile.CRITERIA`), so that a reference a little closer than the indexed
-   one (the model's own rendering of the training image) does not turn a pass into a copy.
+   one (the model's own rendering of the training image) does not turn a pass into a copy. With
+   the index the final plain image decides: a flagged image that passes is served plain.
+3. **Intervene**: an image that fails (without an index: that was flagged; or whose run stopped)
+   is generated again from its own x_T with the first method of the ladder (ungated).
 4. **Escalate**: an image that still copies is generated again with the next rung of the ladder
    (``"amg"``, then ``"amg+reseed"``: AMG from a new x_T), at most ``max_tries`` mitigated tries;
    then the least similar image is served and marked ``unresolved``.
@@ -18,8 +20,11 @@
    which step the watch fired, how many tries, its nearest training image and similarity) or
    ``unresolved``. With an index, no copy is served unmarked.
 
-Without an index there is nothing to verify against: flagged prompts get the first rung and are
-reported ``mitigated`` with ``verified: False``.
+Without an index the model's own images are the reference (:mod:`diffmem.mitigate.self_reference`,
+``GuardConfig.agreement``): images of one prompt from different seeds that copy each other by the
+model's copy criterion are flagged too (a prompt with one image gets a probe image), and mitigated
+images are verified against the flagged plain images and the other served images of their prompt,
+climbing the same ladder; their verdicts say ``reference: "own plain images"``, ``verified: False``.
 """
 
 from __future__ import annotations
@@ -76,7 +81,8 @@ class Verdict:
     status: str  # clean | mitigated | unresolved
     seed: int  # the seed of the served image's x_T
     method: str | None = None
-    watch: str | None = None  # what flagged it: gate | replication | agreement | verify
+    watch: str | None = None  # what flagged it: gate | replication | agreement | verify (on a
+    # clean image: an early signal of the watch that the final image's verification overruled)
     fired_at: int | None = None  # step at which the watch fired
     tries: int = 0  # mitigated generations made for this image
     verified: bool = False  # checked against the training index
@@ -188,13 +194,18 @@ class Guard:
         for i in todo:
             verdicts[i].watch, verdicts[i].fired_at = rows[i]["reason"], rows[i]["step"]
         if self.index is not None:
-            clean = [i for i in range(n) if not rows[i]["flagged"]]
+            # with the index the final plain image decides: an image the watch flagged whose
+            # plain run finished is served plain when it passes verification (the watch's
+            # signals are estimates; it saves compute when it halts a run it flagged entirely)
+            finished = not plain.stopped_early
+            check = [i for i in range(n) if finished or not rows[i]["flagged"]]
             t1 = time.perf_counter()
-            self._verify(images, clean, verdicts)
+            self._verify(images, check, verdicts)
             timing["verify"] += time.perf_counter() - t1
-            for i in clean:
+            todo = [i for i in todo if not finished]
+            for i in check:
                 if not self.passes(verdicts[i].similarity):
-                    verdicts[i].watch = "verify"
+                    verdicts[i].watch = verdicts[i].watch or "verify"
                     todo.append(i)
         generations = n
         reference, context = self.index, self.context

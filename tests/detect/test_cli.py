@@ -180,6 +180,9 @@ def test_detect_with_an_index_previews_and_searches(tiny_testbed, tiny_testbed_i
     rows = read_csv(out)
     # margins to the copy threshold 0.15 of tiled L2: at most 0.15 (a distance is >= 0)
     assert len(rows) == 3 and all(float(r["score"]) <= 0.15 for r in rows)
+    # the decision is the generation's: flagged exactly where the previews copy (margin > 0)
+    assert [r["flagged"] == "True" for r in rows] == [float(r["score"]) > 0 for r in rows]
+    assert summary["threshold"] == 0.0 and summary["verdict"].startswith("generation")
     # the report of eval detection names it and counts its UNet rows: 2 previews x 3 steps x 2
     rep = tmp_path / "rep.json"
     rc, stdout, _ = run_cli(capsys, "eval", "detection", "--out", rep, "--model", tiny_testbed,

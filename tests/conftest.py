@@ -186,3 +186,18 @@ def _split_gate(adapter, prompts, generators, steps):
 def split_gate():
     """``split_gate(adapter, prompts, generators, steps) -> (gate, flagged)``."""
     return _split_gate
+
+
+@pytest.fixture
+def few_broad_prompts(monkeypatch):
+    """The broad prompt set cut to its first 4 prompts and 2 clean controls (labelling it then
+    takes seconds)."""
+    import diffmem.testbed.broad as broad
+
+    real = broad.broad_prompts
+
+    def few(spec=None, testbed=None):
+        ps = real(spec, testbed)
+        return ps[:4] + [p for p in ps if p.group == "clean"][:2]
+
+    monkeypatch.setattr(broad, "broad_prompts", few)

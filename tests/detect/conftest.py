@@ -28,3 +28,11 @@ class AttentionRecorder(Hook):
 @pytest.fixture
 def recorder_cls():
     return AttentionRecorder
+
+
+@pytest.fixture
+def calibration_cache(tmp_path, monkeypatch):
+    """A calibration store of this test alone (``$DIFFMEM_CACHE/calibrations``)."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DIFFMEM_CACHE", str(folder))
+    return folder / "calibrations"

@@ -23,11 +23,8 @@ def run(capsys, *args):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A calibration store of this test alone."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("DIFFMEM_CACHE", str(folder))
-    return folder / "calibrations"
+def cache(calibration_cache):
+    return calibration_cache
 
 
 @pytest.fixture

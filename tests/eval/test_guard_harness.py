@@ -10,17 +10,8 @@ from diffmem.cli import main
 
 
 @pytest.fixture
-def labelled_graded(graded_model, monkeypatch):
+def labelled_graded(graded_model, few_broad_prompts):
     """The tiny graded testbed labelled on 6 prompts of its broad set (2 clean controls)."""
-    import diffmem.testbed.broad as broad
-
-    real = broad.broad_prompts
-
-    def few(spec=None, testbed=None):
-        ps = real(spec, testbed)
-        return ps[:4] + [p for p in ps if p.group == "clean"][:2]
-
-    monkeypatch.setattr(broad, "broad_prompts", few)
     assert main(["testbed", "label", "--model", "testbed-graded", "--install", "--seeds", "2",
                  "--sampling-steps", "2"]) == 0
     return graded_model

@@ -101,19 +101,10 @@ def test_missing_graded_model_is_one_clear_error(model_folders, tmp_path, capsys
     assert "testbed-graded" in err and "--graded" in err and not (tmp_path / "p.jsonl").exists()
 
 
-def test_label_and_install_labels_beside_the_weights(graded_model, monkeypatch, capsys):
+def test_label_and_install_labels_beside_the_weights(graded_model, few_broad_prompts, capsys):
     """``testbed label --model testbed-graded --install`` labels the set (here its first 6 prompts,
     2 of them clean controls) into ``<weights>/broad_labels.jsonl`` and points the profile there;
     its clean prompts become the clean controls that copied in no generation."""
-    import diffmem.testbed.broad as broad
-
-    real = broad.broad_prompts
-
-    def few(spec=None, testbed=None):
-        ps = real(spec, testbed)
-        return ps[:4] + [p for p in ps if p.group == "clean"][:2]
-
-    monkeypatch.setattr(broad, "broad_prompts", few)
     assert main(["testbed", "label", "--model", "testbed-graded", "--install", "--seeds", "1",
                  "--sampling-steps", "2"]) == 0
     labels = graded_model / "broad_labels.jsonl"

@@ -17,7 +17,11 @@ def test_data_is_deterministic_with_classes():
     a, b = build_ddpm_data(DDPMSpec(**TINY)), build_ddpm_data(DDPMSpec(**TINY))
     assert a.images.shape == (8, 3, 32, 32) and (a.images == b.images).all()
     assert a.kinds.count("duplicated") == 2 and all(0 <= y < len(CLASSES) for y in a.labels)
-    assert duplicated_copies(DDPMSpec()) == round((0.4 / 8) / (0.6 / 200))
+    spec = DDPMSpec()  # 8 duplicated images make 40 % of the batches, the generic ones the rest
+    share = (spec.duplicated_fraction / spec.n_duplicated) / ((1 - spec.duplicated_fraction)
+                                                              / spec.n_generic)
+    assert duplicated_copies(spec) == round(share) == 8  # 100 generic images
+    assert duplicated_copies(DDPMSpec(n_generic=200)) == 17
 
 
 @pytest.mark.parametrize("cc", [False, True])

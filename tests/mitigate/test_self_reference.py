@@ -99,3 +99,17 @@ def test_a_single_image_gets_a_probe_from_another_seed(adapter, everything_copie
     assert off.verdicts[0].status == "clean" and off.generations == 1
     with pytest.raises(ConfigError, match="probe"):
         Guard(adapter, threshold=1e9, config=GuardConfig(probe_offset=0))
+
+
+def test_given_embeddings_are_compared_by_embedding_not_by_prompt_text(adapter,
+                                                                       everything_copies):
+    """The recovery check passes the same prompt text with different embeddings: the agreement
+    check groups the images of one embedding, never those of two."""
+    with torch.no_grad():
+        emb = adapter.encode(["a red circle", "a cat"])
+    config = GuardConfig(probe=False, max_tries=1)
+    guard = Guard(adapter, threshold=1e9, config=config)
+    two = guard.generate(["", ""], [0, 1], cond=emb, num_inference_steps=STEPS)
+    assert [v.status for v in two.verdicts] == ["clean", "clean"]
+    same = guard.generate(["", ""], [0, 1], cond=emb[[0, 0]], num_inference_steps=STEPS)
+    assert [v.watch for v in same.verdicts] == ["agreement", "agreement"]

@@ -29,6 +29,7 @@ climbing the same ladder; their verdicts say ``reference: "own plain images"``, 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -209,17 +210,21 @@ class Guard:
                     todo.append(i)
         generations = n
         reference, context = self.index, self.context
+        # what makes two images "of the same prompt" for the agreement check: the prompt text, or
+        # with given embeddings the embedding row itself
+        keys = list(prompts) if cond is None else [
+            "cond:" + hashlib.sha1(cond[i].detach().float().cpu().numpy().tobytes()).hexdigest()
+            for i in range(n)]
         if self.index is None and self.config.agreement:
             t1 = time.perf_counter()
-            reference, probes = self._agreement(prompts, seeds, images, rows, verdicts, todo,
-                                                kw, given)
+            reference, probes = self._agreement(prompts, keys, seeds, images, rows, verdicts,
+                                                todo, kw, given)
             generations += probes
             timing["agreement"] = time.perf_counter() - t1
             if reference is not None:
-                from diffmem.mitigate.registry import MitigationContext
+                from dataclasses import replace
 
-                context = MitigationContext(self.adapter, threshold=self.threshold,
-                                            index=reference)
+                context = replace(self.context, index=reference)
         best: dict[int, tuple[float, torch.Tensor, Verdict]] = {}
         tries = self.config.max_tries if reference is not None else 1
         for level in range(tries):
@@ -245,7 +250,7 @@ class Guard:
             t1 = time.perf_counter()
             self._verify(images, todo, verdicts, reference)
             if reference is not self.index:
-                self._verify_agreement(images, prompts, todo, verdicts, reference)
+                self._verify_agreement(images, prompts, keys, todo, verdicts, reference)
             timing["verify"] += time.perf_counter() - t1
             still = []
             for i in todo:
@@ -279,14 +284,14 @@ class Guard:
             v.reference = "own plain images" if own else "training index"
             v.criterion = self.criterion.name
 
-    def _verify_agreement(self, images, prompts, todo, verdicts, reference) -> None:
+    def _verify_agreement(self, images, prompts, keys, todo, verdicts, reference) -> None:
         """Without an index, a mitigated image must not copy another served image of its prompt
         either (a mitigation can land on a memorized image the plain run missed); the images
         that do join the reference, so that the next rung is verified against them (and AMG
         guided away from them)."""
         from diffmem.mitigate.self_reference import agreement
 
-        found = agreement(self.adapter, images.float().clamp(-1, 1).cpu(), prompts,
+        found = agreement(self.adapter, images.float().clamp(-1, 1).cpu(), keys,
                           [v.seed for v in verdicts])
         failed = []
         for i in todo:
@@ -299,7 +304,7 @@ class Guard:
             reference.add(images[failed].float().clamp(-1, 1).cpu(),
                           [prompts[i] for i in failed], [f"tried:{i}" for i in failed])
 
-    def _agreement(self, prompts, seeds, images, rows, verdicts, todo, kw, given):
+    def _agreement(self, prompts, keys, seeds, images, rows, verdicts, todo, kw, given):
         """Without an index: flag the images that copy another image of their prompt (a probe
         image from another seed for a prompt with one image), and return the index of the
         flagged plain images (None when nothing is flagged) and the number of probe images."""
@@ -307,9 +312,9 @@ class Guard:
 
         n = len(prompts)
         count: dict[str, int] = {}
-        for p in prompts:
-            count[p] = count.get(p, 0) + 1
-        singles = [i for i in range(n) if count[prompts[i]] == 1 and not rows[i]["flagged"]
+        for key in keys:
+            count[key] = count.get(key, 0) + 1
+        singles = [i for i in range(n) if count[keys[i]] == 1 and not rows[i]["flagged"]
                    and self.config.probe]
         probe = torch.zeros(0, *images.shape[1:])
         if singles:
@@ -319,9 +324,9 @@ class Guard:
                          hooks=_inputs(given, singles, True), **kw)
             probe = res.images.float().clamp(-1, 1).cpu()
         pool = torch.cat([images.float().clamp(-1, 1).cpu(), probe])
-        keys = list(prompts) + [prompts[i] for i in singles]
-        found = agreement(self.adapter, pool, keys,
+        found = agreement(self.adapter, pool, list(keys) + [keys[i] for i in singles],
                           list(seeds) + [seeds[i] + self.config.probe_offset for i in singles])
+        captions = list(prompts) + [prompts[i] for i in singles]
         for i in range(n):
             if found.copies[i] and i not in todo:
                 v = verdicts[i]
@@ -334,7 +339,7 @@ class Guard:
             return None, len(singles)
         labels = [f"plain:{r}" if r < n else f"probe:{singles[r - n]}" for r in ref_rows]
         index = self_reference_index(self.adapter, pool[ref_rows], labels,
-                                     [keys[r] for r in ref_rows])
+                                     [captions[r] for r in ref_rows])
         return index, len(probe)
 
     def _mitigated(self, prompts: list[str], seeds: list[int], method: str, kw: dict,

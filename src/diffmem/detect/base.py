@@ -60,6 +60,9 @@ class Detector(Hook, ABC):
     reduce_generations = "mean"
     #: whether the detector needs the training set's index (``make_detector(index=...)``)
     needs_index = False
+    #: whether a score is the margin to the model's copy criterion (> 0: its generations copy a
+    #: training image): then 0 is the decision threshold and nothing is calibrated
+    scores_are_copy_margins = False
 
     def __init__(self, *, steps: StepSpec = 1, generations: int = 1,
                  num_inference_steps: int = SAMPLING.steps, guidance_scale: float = SAMPLING.guidance_scale,

@@ -195,6 +195,7 @@ class PreviewReplication(Detector):
     name = "preview_replication"
     reduce_generations = "max"
     needs_index = True
+    scores_are_copy_margins = True
 
     def __init__(self, index=None, *, threshold: float | None = None,
                  criterion: str | None = None, num_inference_steps: int = 20,

@@ -60,9 +60,7 @@ def detect_file(prompts_file: str | Path, out: str | Path, *,
     summary: dict = {"detector": det.name, "n_prompts": len(prompts),
                      "n_truncated": int(sum(truncated)), "out": str(out)}
     stored = None
-    if clean is None and getattr(det, "name", "") == "preview_replication":
-        # a verdict by generation: its score is the margin to the copy criterion (> 0: the
-        # previews copy a training image), nothing to calibrate
+    if clean is None and det.scores_are_copy_margins:  # a verdict by generation
         columns["flagged"] = [bool(float(s) > 0) for s in scores]
         summary.update(threshold=0.0, n_flagged=int(sum(columns["flagged"])),
                        verdict="generation: previews searched in the training index, flagged "

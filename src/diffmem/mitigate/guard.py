@@ -291,14 +291,18 @@ class Guard:
         guided away from them)."""
         from diffmem.mitigate.self_reference import agreement
 
-        found = agreement(self.adapter, images.float().clamp(-1, 1).cpu(), keys,
-                          [v.seed for v in verdicts])
+        wanted = {keys[i] for i in todo}  # only the images of the prompts being retried
+        rows = [i for i in range(len(keys)) if keys[i] in wanted]
+        found = agreement(self.adapter, images[rows].float().clamp(-1, 1).cpu(),
+                          [keys[i] for i in rows], [verdicts[i].seed for i in rows])
+        at = {i: j for j, i in enumerate(rows)}
         failed = []
         for i in todo:
-            v, s = verdicts[i], found.similarity[i]
+            v, j = verdicts[i], at[i]
+            s = found.similarity[j]
             if s is not None and self.criterion.closer(s, v.similarity):
-                v.nearest, v.similarity = f"served:{found.nearest[i]}", s
-            if found.copies[i]:
+                v.nearest, v.similarity = f"served:{rows[found.nearest[j]]}", s
+            if found.copies[j]:
                 failed.append(i)
         if failed:
             reference.add(images[failed].float().clamp(-1, 1).cpu(),

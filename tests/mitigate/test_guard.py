@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -128,6 +129,8 @@ def test_bad_settings_are_one_error(adapter, index):
         Guard(adapter, index=index, threshold=1.0, config=GuardConfig(max_tries=0))
     with pytest.raises(ConfigError, match="unknown mitigation"):
         Guard(adapter, index=index, threshold=1.0, config=GuardConfig(ladder=("magic",)))
+    with pytest.raises(ConfigError, match="amg_check_every"):
+        Guard(adapter, index=index, threshold=1.0, config=GuardConfig(amg_check_every=0))
     with pytest.raises(ConfigError, match="interval"):
         Watch(threshold=1.0, every=-1)
 
@@ -181,3 +184,16 @@ def test_generate_guard_refuses_another_models_index(tiny_testbed_index, tiny_di
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == 2 and len(lines) == 1 and "index" in lines[0]
     assert not (tmp_path / "g").exists()
+
+
+def test_the_ladders_amg_checks_every_n_steps(adapter, index):
+    from diffmem.mitigate.registry import build_mitigations
+
+    guard = Guard(adapter, index=index, config=GuardConfig(amg_check_every=3))
+    (amg,) = build_mitigations("amg", guard.context)
+    assert amg.config.check_every == 3
+    assert guard.context.options == {"amg": {"check_every": 3}}
+    (default,) = build_mitigations("amg", Guard(adapter, index=index).context)
+    assert default.config.check_every == GuardConfig().amg_check_every
+    with pytest.raises(ConfigError, match="takes no settings"):  # a method without settings
+        build_mitigations("ren", replace(guard.context, options={"ren": {"check_every": 2}}))

@@ -3,6 +3,7 @@ reference (``diffmem.mitigate.self_reference``)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,49 @@ def test_given_embeddings_are_compared_by_embedding_not_by_prompt_text(adapter,
     assert [v.status for v in two.verdicts] == ["clean", "clean"]
     same = guard.generate(["", ""], [0, 1], cond=emb[[0, 0]], num_inference_steps=STEPS)
     assert [v.watch for v in same.verdicts] == ["agreement", "agreement"]
+
+
+@pytest.fixture
+def first_pair_copies(monkeypatch):
+    """The agreement check of the plain images finds rows 0 and 1 copies of each other, and
+    nothing else; every later check (of mitigated images) finds nothing."""
+    import diffmem.mitigate.self_reference as sr
+
+    calls = []
+
+    def fake(adapter, images, prompts, seeds=None):
+        n = len(prompts)
+        first = not calls
+        calls.append(n)
+        copies = np.zeros(n, dtype=bool)
+        nearest, sims = [None] * n, [None] * n
+        if first:
+            copies[:2] = True
+            nearest[:2], sims[:2] = [1, 0], [0.0, 0.0]
+        return sr.Agreement(nearest, sims, copies)
+
+    monkeypatch.setattr(sr, "agreement", fake)
+    return calls
+
+
+@pytest.mark.parametrize("prompt_wide", [True, False])
+def test_a_prompt_whose_images_copy_each_other_is_mitigated_whole(adapter, first_pair_copies,
+                                                                  prompt_wide):
+    """Its third seed copied nothing the check could pair (a lone copy of another memorized
+    image looks like that): with ``prompt_wide`` it is regenerated too, and joins the reference;
+    the other prompt's images stay plain."""
+    prompts, seeds = ["a red circle"] * 3 + ["a cat"] * 2, [0, 1, 2, 0, 1]
+    config = GuardConfig(probe=False, max_tries=1, prompt_wide=prompt_wide)
+    out = Guard(adapter, threshold=1e9, config=config).generate(prompts, seeds,
+                                                                num_inference_steps=STEPS)
+    plain = sample(adapter, prompts, generator=seeded_generators(seeds),
+                   num_inference_steps=STEPS).images
+    watches = [v.watch for v in out.verdicts]
+    assert watches[:2] == ["agreement", "agreement"] and watches[3:] == [None, None]
+    if prompt_wide:
+        assert watches[2] == "agreement (prompt)" and out.verdicts[2].status == "mitigated"
+        assert not torch.equal(out.images[2], plain[2])
+    else:
+        assert watches[2] is None and out.verdicts[2].status == "clean"
+        assert torch.equal(out.images[2], plain[2])
+    assert all(torch.equal(out.images[i], plain[i]) for i in (3, 4))

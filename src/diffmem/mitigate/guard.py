@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -60,6 +60,12 @@ class GuardConfig:
             the model's copy criterion flag both (:mod:`diffmem.mitigate.self_reference`), and
             the flagged plain images are the reference that mitigated images are verified
             against (and that AMG is guided away from).
+        prompt_wide: without an index, when the agreement check flags an image, every image of
+            its prompt in the call is mitigated (a prompt that made the model copy is a trigger;
+            its other seeds may copy another memorized image that no second seed repeats, which
+            the agreement check cannot pair).
+        amg_check_every: the ladder's AMG decodes and searches on every n-th step only
+            (:class:`~diffmem.mitigate.amg_config.AMGConfig` ``check_every``).
         probe: without an index, a prompt with one image in the call gets one probe image (seed
             ``seed + probe_offset``, a separate run: the batch of the served images is that of
             plain generation) for the agreement check; costs one image per such prompt.
@@ -71,6 +77,8 @@ class GuardConfig:
     margin: float = 0.02
     reseed_offset: int = 1_000_003
     agreement: bool = True
+    prompt_wide: bool = True
+    amg_check_every: int = 4
     probe: bool = True
     probe_offset: int = 7_919
 
@@ -82,7 +90,8 @@ class Verdict:
     status: str  # clean | mitigated | unresolved
     seed: int  # the seed of the served image's x_T
     method: str | None = None
-    watch: str | None = None  # what flagged it: gate | replication | agreement | verify (on a
+    watch: str | None = None  # what flagged it: gate | replication | agreement | agreement
+    # (prompt) (another image of its prompt was flagged) | verify (on a
     # clean image: an early signal of the watch that the final image's verification overruled)
     fired_at: int | None = None  # step at which the watch fired
     tries: int = 0  # mitigated generations made for this image
@@ -128,6 +137,10 @@ class Guard:
         self.config = config or GuardConfig()
         if self.config.max_tries < 1 or not self.config.ladder:
             raise ConfigError("the guard needs at least one try and one method")
+        if int(self.config.amg_check_every) != self.config.amg_check_every or \
+                self.config.amg_check_every < 1:
+            raise ConfigError(f"the guard's amg_check_every must be an integer >= 1, got "
+                              f"{self.config.amg_check_every}")
         if self.config.probe_offset == 0:
             raise ConfigError("the guard's probe needs another seed (probe_offset != 0)")
         for spec in self.config.ladder:
@@ -137,6 +150,10 @@ class Guard:
 
             check_index_model_once(index, adapter, who="the guard (--mitigate auto)")
         self.context = context or MitigationContext(adapter, threshold=threshold, index=index)
+        if self.config.amg_check_every != 1:
+            amg = {**self.context.options.get("amg", {}),
+                   "check_every": self.config.amg_check_every}
+            self.context = replace(self.context, options={**self.context.options, "amg": amg})
         if threshold is None and index is None:
             threshold = self.context.require_threshold()
         self.threshold = threshold if threshold is not None else self._optional_threshold()
@@ -222,8 +239,6 @@ class Guard:
             generations += probes
             timing["agreement"] = time.perf_counter() - t1
             if reference is not None:
-                from dataclasses import replace
-
                 context = replace(self.context, index=reference)
         best: dict[int, tuple[float, torch.Tensor, Verdict]] = {}
         tries = self.config.max_tries if reference is not None else 1
@@ -331,11 +346,18 @@ class Guard:
         found = agreement(self.adapter, pool, list(keys) + [keys[i] for i in singles],
                           list(seeds) + [seeds[i] + self.config.probe_offset for i in singles])
         captions = list(prompts) + [prompts[i] for i in singles]
+        flagged_keys = {keys[i] for i in range(n) if found.copies[i]}
         for i in range(n):
             if found.copies[i] and i not in todo:
                 v = verdicts[i]
                 v.watch, v.fired_at = "agreement", None
                 todo.append(i)
+        if self.config.prompt_wide:  # the prompt's other images (they join the reference: a
+            # lone copy stays a copy when the mitigation leaves it near its plain image)
+            for i in range(n):
+                if keys[i] in flagged_keys and i not in todo:
+                    verdicts[i].watch, verdicts[i].fired_at = "agreement (prompt)", None
+                    todo.append(i)
         flagged = set(todo)
         ref_rows = [r for r in range(len(pool))
                     if (r < n and r in flagged) or (r >= n and singles[r - n] in flagged)]

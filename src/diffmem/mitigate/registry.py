@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from diffmem.core.sampling import Hook
@@ -67,6 +67,8 @@ class MitigationContext:
         unclearable: what a method does with a prompt it cannot mitigate (re-anchoring without a
             clearing edit): ``"error"`` (one ConfigError) or ``"plain"`` (plain generation,
             reported per prompt; the evaluation harness's choice).
+        options: per method name, keyword settings for its ``from_context`` (e.g. ``{"amg":
+            {"check_every": 4}}``, the guard's AMG).
     """
 
     adapter: Any
@@ -74,6 +76,7 @@ class MitigationContext:
     index: Any = None
     seed: int = 0
     unclearable: str = "error"
+    options: dict = field(default_factory=dict)
 
     def require_threshold(self) -> float:
         if self.threshold is None:
@@ -145,8 +148,21 @@ def build_mitigations(spec: str | Sequence[str], context: MitigationContext) -> 
     for name, strength in parsed:
         cls = mitigation_class(name)
         s = 1.0 if strength is None else strength
+        options = context.options.get(name, {})
+        if options and not _takes_options(cls):
+            raise ConfigError(f"mitigation {name!r} takes no settings beyond its strength "
+                              f"(got {sorted(options)})")
         if hasattr(cls, "from_context"):
-            hooks.append(cls.from_context(s, gate, context))
+            hooks.append(cls.from_context(s, gate, context, **options))
         else:
             hooks.append(cls(s, gate=gate))
     return hooks
+
+
+def _takes_options(cls: type) -> bool:
+    """Whether ``cls.from_context`` accepts keyword settings (``**options``)."""
+    import inspect
+
+    fn = getattr(cls, "from_context", None)
+    return fn is not None and any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                  for p in inspect.signature(fn).parameters.values())

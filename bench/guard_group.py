@@ -14,6 +14,7 @@ in the same process.
 
 from __future__ import annotations
 
+import ast
 import collections
 import json
 import sys
@@ -24,7 +25,7 @@ import torch
 from diffmem.core.sampling import sample, seeded_generators
 from diffmem.eval.guard import _batched, _nearest, _prompt_sets
 from diffmem.eval.mitigation import _Judge
-from diffmem.mitigate.guard import Guard
+from diffmem.mitigate.guard import Guard, GuardConfig
 from diffmem.models.adapter import load_adapter
 from diffmem.similarity.index import load_index
 from diffmem.testbed import require_spec
@@ -33,9 +34,18 @@ from diffmem.testbed.data import build_testbed
 SEEDS = 4
 
 
+def _settings(text: str) -> dict:
+    """``"prompt_wide=False,amg_check_every=1"`` -> keyword arguments of GuardConfig."""
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = ast.literal_eval(value.strip())
+    return out
+
+
 def main() -> None:
     split, groups, n = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
-    config = eval(f"GuardConfig({sys.argv[4] if len(sys.argv) > 4 else ''})")
+    config = GuardConfig(**_settings(sys.argv[4] if len(sys.argv) > 4 else ""))
     index = load_index(sys.argv[5], what="guard_group") if len(sys.argv) > 5 else None
     adapter = load_adapter("testbed")
     sets = _prompt_sets(adapter, split, groups, n, None)

@@ -51,9 +51,10 @@ class Verdict:
     status: str  # clean | mitigated | unresolved
     seed: int  # the seed of the served image's x_T
     method: str | None = None
-    watch: str | None = None  # what flagged it: gate | replication | agreement | agreement
-    # (prompt) (another image of its prompt was flagged) | verify (on a
-    # clean image: an early signal of the watch that the final image's verification overruled)
+    # what flagged it: gate | replication | verify | agreement | "agreement (prompt)" (another
+    # image of its prompt was flagged; no index); on a clean image: an early signal of the watch
+    # that the final image's verification overruled
+    watch: str | None = None
     fired_at: int | None = None  # step at which the watch fired
     tries: int = 0  # mitigated generations made for this image
     verified: bool = False  # checked against the training index

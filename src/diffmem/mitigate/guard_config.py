@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """Settings of :class:`Guard` (defaults measured on the testbed, docs/mitigation.md).
+    """Settings of :class:`~diffmem.mitigate.guard.Guard` (defaults measured on the testbed,
+    docs/mitigation.md).
 
     Attributes:
         watch_every: steps between two replication checks of the watch (with an index; 0: none,

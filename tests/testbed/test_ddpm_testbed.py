@@ -45,3 +45,28 @@ def test_training_resumes_and_writes_a_loadable_pipeline(tmp_path, cc):
     from diffmem.similarity.index_compat import check_index_model
 
     check_index_model(index, adapter, who="test")  # its own pixel index is accepted
+
+
+def test_ddpm_eval_takes_the_class_guidance_scale(tmp_path, monkeypatch):
+    """`testbed ddpm-eval --guidance-scale`: the scale reaches every sampling run (class guidance
+    with the null class) and the report says which scale it used."""
+    import diffmem.core.sampling as sampling
+    from diffmem.cli import main
+    from diffmem.testbed.ddpm_eval import build_ddpm_index, measure
+
+    spec = DDPMSpec(steps=2, class_conditional=True, **TINY)
+    target = train_ddpm(tmp_path / "run", spec)
+    index = build_ddpm_index(spec=spec)
+    seen, real = [], sampling.sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("guidance_scale"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    assert measure(target, index, n=2, steps=2)["guidance_scale"] is None
+    assert measure(target, index, n=2, steps=2, guidance_scale=3.0)["guidance_scale"] == 3.0
+    assert seen == [None, 3.0]
+    assert main(["testbed", "ddpm-eval", str(target), "--images", "2", "--sampling-steps", "2",
+                 "--guidance-scale", "2"]) == 0
+    assert seen[-1] == 2.0

@@ -38,14 +38,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     index = load_index(a.index, what="ddpm-eval") if a.index else build_ddpm_index()
     summary = measure(a.model, index, n=a.images, steps=a.sampling_steps, mitigate=a.mitigate,
-                      scheduler=a.scheduler, out=a.labels)
+                      scheduler=a.scheduler, guidance_scale=a.guidance_scale, out=a.labels)
     print(dumps(summary, indent=2))
     return 0
 
 
 def register(tb) -> None:
     """Add ``testbed ddpm-eval`` to the ``testbed`` command group."""
-    from diffmem.cli.args import COUNT, SAMPLING_STEPS, OutFile
+    from diffmem.cli.args import COUNT, GUIDANCE, SAMPLING_STEPS, OutFile
 
     e = tb.add_parser("ddpm-eval", help="pixel testbed: copy rate of duplicated items and the "
                                         "quality proxy, plain or with --mitigate")
@@ -56,6 +56,8 @@ def register(tb) -> None:
     e.add_argument("--sampling-steps", type=SAMPLING_STEPS, default=50,
                    help="length of the denoising schedule")
     e.add_argument("--mitigate", default=None, metavar="SPEC", help="e.g. amg")
+    e.add_argument("--guidance-scale", type=GUIDANCE, default=None,
+                   help="class guidance of the class-conditional model (default 1: none)")
     e.add_argument("--scheduler", default=None, help="ddim, ddpm, ... (default: the pipeline's)")
     e.add_argument("--labels", type=OutFile(".jsonl"), default=None,
                    help="write the labels by generation (one JSON line per image)")

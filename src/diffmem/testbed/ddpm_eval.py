@@ -61,9 +61,10 @@ def label_generations(images: torch.Tensor, index: TrainingIndex, prompts, seeds
 
 
 def measure(model, index: TrainingIndex, *, n: int = 96, steps: int = 50, mitigate: str | None = None,
-            scheduler: str | None = None, batch_size: int = 32,
+            scheduler: str | None = None, batch_size: int = 32, guidance_scale: float | None = None,
             out: str | Path | None = None) -> dict:
-    """Copy rate and quality proxy of ``n`` generations (plain, or with ``mitigate``)."""
+    """Copy rate and quality proxy of ``n`` generations (plain, or with ``mitigate``);
+    ``guidance_scale`` None: the model's own (1 for a DDPM: no class guidance)."""
     from diffmem.core.sampling import sample, seeded_generators
     from diffmem.mitigate.registry import MitigationContext, build_mitigations
     from diffmem.models.adapter import load_adapter
@@ -77,12 +78,13 @@ def measure(model, index: TrainingIndex, *, n: int = 96, steps: int = 50, mitiga
     for k in range(0, n, batch_size):
         chunk = prompts[k:k + batch_size]
         seeds = list(range(k, k + len(chunk)))
-        res = sample(adapter, chunk, num_inference_steps=steps,
+        res = sample(adapter, chunk, num_inference_steps=steps, guidance_scale=guidance_scale,
                      generator=seeded_generators(seeds), hooks=hooks)
         rows += label_generations(res.images, index, chunk, seeds)
     copies = [r for r in rows if r["copy"]]
     summary = {"model": str(model), "mitigate": mitigate or "none", "images": n, "steps": steps,
                "scheduler": scheduler or type(adapter.scheduler).__name__,
+               "guidance_scale": guidance_scale,
                "copy_rate": round(len(copies) / n, 4),
                "dup_copy_rate": round(sum(r["duplicated"] for r in copies) / n, 4),
                "mean_generic_distance": round(sum(r["generic_distance"] for r in rows) / n, 4)}

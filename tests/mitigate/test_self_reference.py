@@ -143,8 +143,8 @@ def first_pair_copies(monkeypatch):
 def test_a_prompt_whose_images_copy_each_other_is_mitigated_whole(adapter, first_pair_copies,
                                                                   prompt_wide):
     """Its third seed copied nothing the check could pair (a lone copy of another memorized
-    image looks like that): with ``prompt_wide`` it is regenerated too, and joins the reference;
-    the other prompt's images stay plain."""
+    image looks like that): with ``prompt_wide`` it is regenerated too; the other prompt's images
+    stay plain."""
     prompts, seeds = ["a red circle"] * 3 + ["a cat"] * 2, [0, 1, 2, 0, 1]
     config = GuardConfig(probe=False, max_tries=1, prompt_wide=prompt_wide)
     out = Guard(adapter, threshold=1e9, config=config).generate(prompts, seeds,

@@ -308,7 +308,6 @@ class Guard:
         found = agreement(self.adapter, pool, list(keys) + [keys[i] for i in singles],
                           list(seeds) + [seeds[i] + self.config.probe_offset for i in singles])
         captions = list(prompts) + [prompts[i] for i in singles]
-        flagged_keys = {keys[i] for i in range(n) if found.copies[i]}
         for i in range(n):
             if found.copies[i] and i not in todo:
                 v = verdicts[i]
@@ -316,6 +315,7 @@ class Guard:
                 todo.append(i)
         if self.config.prompt_wide:  # the prompt's other images (they join the reference: a
             # lone copy stays a copy when the mitigation leaves it near its plain image)
+            flagged_keys = {keys[i] for i in range(n) if found.copies[i]}
             for i in range(n):
                 if keys[i] in flagged_keys and i not in todo:
                     verdicts[i].watch, verdicts[i].fired_at = "agreement (prompt)", None

@@ -55,13 +55,22 @@ def main() -> None:
     rows = json.loads(out.read_text()) if len(sys.argv) == 2 else generate(sys.argv[1], out)
     pos = [r for r in rows if r["copying_prompt"] and r["dist"] < 0.15]
     neg = [r for r in rows if not r["copying_prompt"]]
-    print(f"copying images {len(pos)}, images of non-copying prompts {len(neg)}")
-    for t in (0.06, 0.08, 0.10, 0.12, 0.15):
+    print(f"copying images {len(pos)}, images of non-copying prompts {len(neg)}; agreement of "
+          "the copying images, 50/90/95th percentile: "
+          + " / ".join(f"{q:.3f}" for q in np.quantile(
+              [r["agree"] for r in pos if r["agree"] is not None], [0.5, 0.9, 0.95])))
+    for t in (0.06, 0.07, 0.08, 0.09, 0.10, 0.11, 0.12, 0.15):
         hit = [r["agree"] is not None and r["agree"] < t for r in pos]
         false = {g: np.mean([r["agree"] is not None and r["agree"] < t for r in neg
                              if r["group"] == g]) for g in sorted({r["group"] for r in neg})}
+        # prompt-wide (GuardConfig.prompt_wide): every image of a prompt with a flagged image
+        wide = {r["prompt"] for r in rows if r["agree"] is not None and r["agree"] < t}
+        wide_false = {g: np.mean([r["prompt"] in wide for r in neg if r["group"] == g])
+                      for g in sorted({r["group"] for r in neg})}
         print(f"threshold {t:.2f}: TPR {np.mean(hit):.3f}; FPR "
-              + ", ".join(f"{g} {v:.3f}" for g, v in false.items()))
+              + ", ".join(f"{g} {v:.3f}" for g, v in false.items())
+              + f" | prompt-wide: TPR {np.mean([r['prompt'] in wide for r in pos]):.3f}; FPR "
+              + ", ".join(f"{g} {v:.3f}" for g, v in wide_false.items()))
     flagged = sorted((r for r in neg if r["agree"] is not None and r["agree"] < 0.15),
                      key=lambda r: r["agree"])
     for r in flagged:

@@ -35,12 +35,9 @@ SEEDS = 4
 
 
 def _settings(text: str) -> dict:
-    """``"prompt_wide=False,amg_check_every=1"`` -> keyword arguments of GuardConfig."""
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, _, value = item.partition("=")
-        out[key.strip()] = ast.literal_eval(value.strip())
-    return out
+    """``"prompt_wide=False, ladder=('ren:2', 'amg')"`` -> keyword arguments of GuardConfig."""
+    call = ast.parse(f"f({text})", mode="eval").body
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
 
 
 def main() -> None:

@@ -44,6 +44,30 @@ def test_agreement_of_unrelated_images_is_no_copy(adapter):
     assert all(not criterion_of(adapter).is_copy(s) for s in found.similarity)
 
 
+def test_agreement_margin_asks_two_images_to_sit_that_far_inside_the_criterion(adapter):
+    imgs = _images(2)
+    imgs[1] = imgs[0] * 0.97  # a near twin: a copy by the criterion, at a distance above 0
+    found = agreement(adapter, imgs, ["a", "a"], [0, 1])
+    inside = criterion_of(adapter).margin(found.similarity[0])
+    assert found.copies.all() and 0 < inside < 0.15
+    assert agreement(adapter, imgs, ["a", "a"], [0, 1], margin=inside - 1e-6).copies[0]
+    assert not agreement(adapter, imgs, ["a", "a"], [0, 1], margin=inside + 1e-6).copies[0]
+
+
+def test_the_guard_flags_by_agreement_only_inside_its_margin(adapter, everything_copies):
+    prompts, seeds = ["a red circle"] * 2, [5, 6]
+    kw = {"num_inference_steps": STEPS}
+    base = GuardConfig(probe=False, max_tries=1)
+    flagged = Guard(adapter, threshold=1e9, config=base).generate(prompts, seeds, **kw)
+    assert [v.watch for v in flagged.verdicts] == ["agreement", "agreement"]
+    # the loosened criterion puts every pair 1e9 inside it: a margin beyond that flags nothing
+    far = Guard(adapter, threshold=1e9, config=GuardConfig(probe=False, max_tries=1,
+                                                          agreement_margin=2e9))
+    assert [v.status for v in far.generate(prompts, seeds, **kw).verdicts] == ["clean"] * 2
+    with pytest.raises(ConfigError, match="agreement_margin"):
+        Guard(adapter, threshold=1e9, config=GuardConfig(agreement_margin=-0.1))
+
+
 def test_the_reference_index_records_the_models_training_set(adapter):
     ref = self_reference_index(adapter, _images(2), ["plain:0", "plain:1"], ["a", "b"])
     assert len(ref) == 2 and ref.provenance["source"] == "own plain generations"
@@ -124,7 +148,7 @@ def first_pair_copies(monkeypatch):
 
     calls = []
 
-    def fake(adapter, images, prompts, seeds=None):
+    def fake(adapter, images, prompts, seeds=None, *, margin=0.0):
         n = len(prompts)
         first = not calls
         calls.append(n)

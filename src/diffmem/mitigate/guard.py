@@ -103,6 +103,9 @@ class Guard:
                 self.config.amg_check_every < 1:
             raise ConfigError(f"the guard's amg_check_every must be an integer >= 1, got "
                               f"{self.config.amg_check_every}")
+        if not self.config.agreement_margin >= 0:
+            raise ConfigError(f"the guard's agreement_margin must be >= 0, got "
+                              f"{self.config.agreement_margin}")
         if self.config.probe_offset == 0:
             raise ConfigError("the guard's probe needs another seed (probe_offset != 0)")
         for spec in self.config.ladder:
@@ -306,7 +309,8 @@ class Guard:
             probe = res.images.float().clamp(-1, 1).cpu()
         pool = torch.cat([images.float().clamp(-1, 1).cpu(), probe])
         found = agreement(self.adapter, pool, list(keys) + [keys[i] for i in singles],
-                          list(seeds) + [seeds[i] + self.config.probe_offset for i in singles])
+                          list(seeds) + [seeds[i] + self.config.probe_offset for i in singles],
+                          margin=self.config.agreement_margin)
         captions = list(prompts) + [prompts[i] for i in singles]
         for i in range(n):
             if found.copies[i] and i not in todo:

@@ -23,6 +23,11 @@ class GuardConfig:
             the model's copy criterion flag both (:mod:`diffmem.mitigate.self_reference`), and
             the flagged plain images are the reference that mitigated images are verified
             against (and that AMG is guided away from).
+        agreement_margin: how far inside the copy criterion two plain images of a prompt must be
+            to flag each other, in the criterion's units (tiled L2: closer than 0.15 - 0.06 =
+            0.09; SSCD: cosine above 0.56). Chosen on the dev split (``bench/agreement_sweep.py``):
+            copies of one training image agree at <= 0.065 (95th percentile), while prompts
+            whose seeds give nearly one ordinary image agree at 0.10-0.14.
         prompt_wide: without an index, when the agreement check flags an image, every image of
             its prompt in the call is mitigated (a prompt that made the model copy is a trigger;
             its other seeds may copy another memorized image that no second seed repeats, which
@@ -40,6 +45,7 @@ class GuardConfig:
     margin: float = 0.02
     reseed_offset: int = 1_000_003
     agreement: bool = True
+    agreement_margin: float = 0.06
     prompt_wide: bool = True
     amg_check_every: int = 4
     probe: bool = True

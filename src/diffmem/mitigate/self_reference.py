@@ -67,11 +67,13 @@ class Agreement:
 
 
 def agreement(adapter, images: torch.Tensor, prompts: Sequence[str],
-              seeds: Sequence[int] | None = None) -> Agreement:
+              seeds: Sequence[int] | None = None, *, margin: float = 0.0) -> Agreement:
     """For each image, the most similar other image of the same prompt from another seed (the
     same prompt and seed give the same image by construction, which says nothing), by the
     model's copy criterion; ``copies[i]``: the two are copies of each other (both then count as
-    copies of a memorized training image). ``seeds`` None: every image has its own seed."""
+    copies of a memorized training image). ``seeds`` None: every image has its own seed.
+    ``margin``: how far inside the criterion two images must be to count as copies of each other
+    (criterion units; 0: the criterion itself)."""
     crit = criterion_of(adapter)
     n = len(prompts)
     nearest: list[int | None] = [None] * n
@@ -91,5 +93,5 @@ def agreement(adapter, images: torch.Tensor, prompts: Sequence[str],
                                                              or seeds[j] != seeds[i]):
                     nearest[i], sims[i] = j, float(s)
                     break
-    copies = np.array([s is not None and bool(crit.is_copy(s)) for s in sims], dtype=bool)
+    copies = np.array([s is not None and crit.margin(s) > margin for s in sims], dtype=bool)
     return Agreement(nearest, sims, copies)

@@ -82,3 +82,36 @@ def test_planted_set_uses_the_frame_and_repeats_each_image(tmp_path):
     assert default["planted"][0]["caption"].endswith(" poster")
     # the planted trigger words are the same under either frame (same seed)
     assert default["planted"][0]["caption"].split()[1] in m["planted"][0]["caption"].split()
+
+
+def test_the_planted_set_of_the_graded_testbed_avoids_its_words_and_its_scenes():
+    from diffmem.testbed import shipped_testbed_spec, spec_of
+    from diffmem.testbed.data import rare_word_vocabulary
+    from diffmem.testbed.graded import GRADED_TRIGGER_WORDS
+    from diffmem.train.planted import PLANTED, planted_seed, planted_words
+
+    graded, shipped = spec_of("testbed-graded"), shipped_testbed_spec()
+    # the graded testbed's data has the planted seed: its generic scenes would not be new
+    assert graded.seed == PLANTED["seed"] and planted_seed(graded) != graded.seed
+    assert planted_seed(shipped) == PLANTED["seed"]  # the first testbed's benchmark is unchanged
+    assert planted_words(8, 1, shipped) == planted_words(8, 1)
+    words = set(planted_words(8, planted_seed(graded), graded))
+    assert not words & set(GRADED_TRIGGER_WORDS)
+    assert not words & set(rare_word_vocabulary(graded.n_rare_words, graded.seed))
+
+
+def test_eval_training_keeps_one_base_model_per_folder(tmp_path, tiny_graded_testbed):
+    import json
+
+    from diffmem.runtime.errors import ConfigError, ModelLoadError
+    from diffmem.train.bench import run_benchmark
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "base_model.json").write_text(json.dumps({"model": "testbed"}))
+    with pytest.raises(ConfigError, match="another --out"):
+        run_benchmark(out, model=tiny_graded_testbed, methods=["plain"])
+    assert sorted(p.name for p in out.iterdir()) == ["base_model.json"]  # nothing written
+    with pytest.raises(ModelLoadError, match="not found"):
+        run_benchmark(tmp_path / "other", model=tmp_path / "nowhere")
+    assert not (tmp_path / "other").exists()

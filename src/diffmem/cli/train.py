@@ -60,7 +60,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_eval_training(a: argparse.Namespace) -> int:
     from diffmem.train.bench import run_benchmark
 
-    report = run_benchmark(a.out, methods=a.methods.split(",") if a.methods else None,
+    report = run_benchmark(a.out, model=a.model,
+                           methods=a.methods.split(",") if a.methods else None,
                            steps=a.steps, seeds=a.seeds, heldout_seeds=a.heldout_seeds)
     print(json.dumps(report["table"], indent=2))
     return 0
@@ -155,6 +156,9 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
         "training", help="planted-duplicates benchmark of the training-time mitigations on the "
                          "testbed (resumable; docs/training.md)")
     e.add_argument("--out", required=True, help="benchmark folder (rerun to resume)")
+    e.add_argument("--model", default="testbed",
+                   help="the testbed to fine-tune: testbed, testbed-graded or a testbed folder "
+                        "(default: testbed)")
     e.add_argument("--methods", default=None,
                    help="comma-separated subset of the benchmark's runs (default: all)")
     e.add_argument("--train-steps", dest="steps", type=int, default=None,

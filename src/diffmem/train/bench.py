@@ -78,8 +78,9 @@ def _generate(adapter, prompts: Sequence[str], seeds: int, *, steps: int = 50,
     return torch.cat(out)
 
 
-def _generic_features(cache: Path) -> torch.Tensor:
-    """Probe features of the shipped testbed's rendered generic training images (cached)."""
+def _generic_features(cache: Path, spec=None) -> torch.Tensor:
+    """Probe features of the rendered generic training images of the testbed of ``spec`` (None:
+    the shipped testbed; cached)."""
     if cache.is_file():
         return torch.load(cache)
     from diffmem.eval.quality import ProbeFeatures
@@ -87,7 +88,7 @@ def _generic_features(cache: Path) -> torch.Tensor:
     from diffmem.testbed import shipped_testbed_spec
     from diffmem.testbed.data import build_testbed
 
-    tb = build_testbed(shipped_testbed_spec())
+    tb = build_testbed(spec or shipped_testbed_spec())
     images = to_tensor(np.stack([img for _, img in tb.images(["generic"])]))
     feats = ProbeFeatures()(images)
     torch.save(feats, cache)
@@ -95,8 +96,11 @@ def _generic_features(cache: Path) -> torch.Tensor:
 
 
 def evaluate_model(model: str | Path, data_dir: str | Path, manifest: dict, *, seeds: int = 4,
-                   heldout_seeds: int = 2, feature_cache: Path | None = None) -> dict:
-    """Planted memorization, held-out alignment and FPD of one (fine-tuned) testbed pipeline."""
+                   heldout_seeds: int = 2, feature_cache: Path | None = None,
+                   base_spec=None) -> dict:
+    """Planted memorization, held-out alignment and FPD of one (fine-tuned) testbed pipeline;
+    held-out prompts and FPD reference from the testbed of ``base_spec`` (the model that was
+    fine-tuned; None: the shipped testbed)."""
     from PIL import Image
 
     from diffmem.eval.alignment import attribute_alignment
@@ -119,13 +123,13 @@ def evaluate_model(model: str | Path, data_dir: str | Path, manifest: dict, *, s
     copied = dist < REPLICATION_THRESHOLD
     per_item = {p["id"]: float(copied[i * seeds : (i + 1) * seeds].float().mean())
                 for i, p in enumerate(planted)}
-    heldout = [p.prompt for p in build_testbed(shipped_testbed_spec()).prompts
+    heldout = [p.prompt for p in build_testbed(base_spec or shipped_testbed_spec()).prompts
                if p.kind == "heldout"]
     hgen = _generate(adapter, heldout, heldout_seeds)
     caps = [p for p in heldout for _ in range(heldout_seeds)]
     align = attribute_alignment(hgen, caps)
     ok = ~torch.isnan(align)
-    real = _generic_features(feature_cache) if feature_cache else None
+    real = _generic_features(feature_cache, base_spec) if feature_cache else None
     feats = ProbeFeatures()(hgen)
     fpd = frechet_distance(real, feats) if real is not None else None
     return {
@@ -234,15 +238,32 @@ def method_config(name: str, overrides: dict | None = None, steps: int | None = 
     return FinetuneConfig(**fields)
 
 
-def run_benchmark(out: str | Path, *, methods: Sequence[str] | None = None,
+def run_benchmark(out: str | Path, *, model: str | Path = "testbed",
+                  methods: Sequence[str] | None = None,
                   steps: int | None = None, seeds: int = 4, heldout_seeds: int = 2,
                   overrides: dict[str, dict] | None = None, progress: bool = True) -> dict:
-    """Build the set, fine-tune per method, evaluate; resumable (module docstring)."""
-    from diffmem.train.trainer import finetune
+    """Build the set, fine-tune ``model`` (a testbed: ``testbed``, ``testbed-graded`` or a
+    testbed folder) per method, evaluate; resumable (module docstring). The planted set avoids
+    the model's words and, for a model whose data has the planted seed, takes another
+    (:func:`~diffmem.train.planted.planted_seed`)."""
+    from diffmem.testbed import require_spec
+    from diffmem.train.planted import planted_seed
+    from diffmem.train.trainer import finetune, resolve_model
 
     out = Path(out)
+    base = require_spec(resolve_model(model), "diffmem eval training")
+    base_file = out / "base_model.json"
+    if base_file.is_file():  # a folder of another base model: one clear error, nothing written
+        was = json.loads(base_file.read_text())["model"]
+        if was != str(model):
+            raise ConfigError(f"{out} holds the training benchmark of model {was!r}, not "
+                              f"{str(model)!r}; give another --out")
+    elif (out / "data" / "manifest.json").is_file() and str(model) != "testbed":
+        raise ConfigError(f"{out} holds the training benchmark of the testbed (made before the "
+                          f"base model was recorded), not {str(model)!r}; give another --out")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = build_planted_set(out / "data")
+    base_file.write_text(json.dumps({"model": str(model)}))
+    manifest = build_planted_set(out / "data", seed=planted_seed(base), base=base)
     overrides = dict(overrides or {})
     settings_file = out / "bench_overrides.json"
     if settings_file.is_file():
@@ -253,26 +274,26 @@ def run_benchmark(out: str | Path, *, methods: Sequence[str] | None = None,
     feature_cache = out / "generic_probe_features.pt"
     rows = {}
     base_eval = out / "eval" / "base.json"
+    evaluated = {"seeds": seeds, "heldout_seeds": heldout_seeds, "feature_cache": feature_cache,
+                 "base_spec": base}
     if not base_eval.is_file():
-        base_eval.write_text(json.dumps(evaluate_model(
-            "testbed", out / "data", manifest, seeds=seeds, heldout_seeds=heldout_seeds,
-            feature_cache=feature_cache), indent=2))
+        base_eval.write_text(json.dumps(evaluate_model(model, out / "data", manifest,
+                                                       **evaluated), indent=2))
     rows["base (no fine-tune)"] = json.loads(base_eval.read_text())
     cal_file = out / "calibration.json"
     if not cal_file.is_file():
-        cal_file.write_text(json.dumps(calibrate_filters("testbed", out / "data"), indent=2))
+        cal_file.write_text(json.dumps(calibrate_filters(model, out / "data"), indent=2))
     calibration = json.loads(cal_file.read_text())
     if "screen_threshold" not in calibration:  # folders calibrated before the screen existed
-        calibration.update(calibrate_screen("testbed", out / "data"))
+        calibration.update(calibrate_screen(model, out / "data"))
         cal_file.write_text(json.dumps(calibration, indent=2))
     for name in methods:
         ev = out / "eval" / f"{name}.json"
         if not ev.is_file():
             cfg = method_config(name, overrides.get(name), steps, calibration)
-            target = finetune("testbed", out / "data" / "data.jsonl", out / "runs" / name, cfg,
+            target = finetune(model, out / "data" / "data.jsonl", out / "runs" / name, cfg,
                               progress=progress)
-            row = evaluate_model(target, out / "data", manifest, seeds=seeds,
-                                 heldout_seeds=heldout_seeds, feature_cache=feature_cache)
+            row = evaluate_model(target, out / "data", manifest, **evaluated)
             log = json.loads((out / "runs" / name / "train_log.json").read_text())
             row.update(seconds_training=log["seconds_training"],
                        seconds_dedup=log.get("seconds_dedup_this_run", 0.0),
@@ -281,8 +302,8 @@ def run_benchmark(out: str | Path, *, methods: Sequence[str] | None = None,
                        steps=log["steps"])
             ev.write_text(json.dumps(row, indent=2))
         rows[name] = json.loads(ev.read_text())
-    report = {"planted": manifest, "train": TRAIN, "methods": {m: METHODS[m] for m in methods},
-              "calibration": calibration,
+    report = {"model": str(model), "planted": manifest, "train": TRAIN,
+              "methods": {m: METHODS[m] for m in methods}, "calibration": calibration,
               "overrides": overrides, "seeds": seeds, "heldout_seeds": heldout_seeds,
               "rows": rows, "table": _table(rows)}
     (out / "report.json").write_text(json.dumps(report, indent=2))

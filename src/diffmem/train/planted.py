@@ -20,28 +20,45 @@ def _color_names() -> dict[tuple, str]:
     return {tuple(float(c) for c in v): k for k, v in {**COLORS, **BACKGROUNDS}.items()}
 
 
-def planted_words(n: int, seed: int) -> list[str]:
+def planted_words(n: int, seed: int, base=None) -> list[str]:
     """``n`` CLIP words used neither by the shipped testbed (triggers, rare words, its held-out
-    prompts) nor by the planted set's generic captions."""
+    prompts), nor by the planted set's generic captions, nor by ``base`` (the
+    :class:`~diffmem.testbed.data.TestbedSpec` of the model to fine-tune, when it is another
+    testbed: its rare words and, for ``testbed-graded``, its trigger words and their synonyms)."""
     from diffmem.testbed import shipped_testbed_spec
     from diffmem.testbed.data import TRIGGER_WORDS, rare_word_vocabulary
 
     shipped = shipped_testbed_spec()
     used = set(TRIGGER_WORDS) | set(rare_word_vocabulary(shipped.n_rare_words, shipped.seed))
     used |= set(rare_word_vocabulary(shipped.n_rare_words, seed))
+    if base is not None:
+        from diffmem.testbed.graded import GRADED_NEAR_SYNONYMS, GRADED_TRIGGER_WORDS
+
+        used |= set(rare_word_vocabulary(base.n_rare_words, base.seed))
+        if getattr(base, "graded_counts", None):
+            used |= set(GRADED_TRIGGER_WORDS) | set(GRADED_NEAR_SYNONYMS.values())
     pool = [w for w in rare_word_vocabulary(6000, seed + 5000) if w not in used]
     rng = np.random.default_rng(seed + 17)
     return [pool[int(i)] for i in rng.choice(len(pool), size=n, replace=False)]
 
 
+def planted_seed(base) -> int:
+    """The planted set's seed for fine-tuning a testbed of spec ``base``: :data:`PLANTED`'s, or
+    two more when the base model's data has that seed (``testbed-graded``), so that the planted
+    set's generic scenes are new to the model."""
+    return PLANTED["seed"] + (2 if base is not None and base.seed == PLANTED["seed"] else 0)
+
+
 def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
                       n_generic: int = PLANTED["n_generic"], k: int = PLANTED["k"],
-                      copies: int = PLANTED["copies"], frame: str | None = None) -> dict:
+                      copies: int = PLANTED["copies"], frame: str | None = None,
+                      base=None) -> dict:
     """Write the planted fine-tuning set (``data.jsonl`` + PNGs) into ``folder``; return its
     manifest (planted captions and image files). Deterministic; reuses a finished folder.
     ``frame``: the planted captions' template with ``{a}`` and ``{b}`` (default: the testbed's
     first verbatim frame, "the {a} {b} poster", which the shipped testbed already treats as a
-    memorized frame; "a photo of {a} and {b}" is one it does not)."""
+    memorized frame; "a photo of {a} and {b}" is one it does not). ``base``: the spec of the
+    testbed to be fine-tuned, whose words the triggers avoid (:func:`planted_words`)."""
     from PIL import Image
 
     from diffmem.testbed.data import (
@@ -62,7 +79,7 @@ def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
                        n_heldout_compositions=0)
     testbed = build_testbed(spec)
     rng = np.random.default_rng(seed + 31)
-    words = planted_words(2 * k, seed)
+    words = planted_words(2 * k, seed, base)
     names = _color_names()
     rows, planted = [], []
     for item, img in testbed.images(["generic"]):

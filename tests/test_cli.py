@@ -107,6 +107,8 @@ BAD_INPUTS = [
      "contains no prompts"),
     ("calibrate-fpr-zero", ["calibrate", "--model", "{tiny}", "--fpr", "0"],
      "argument --fpr: expected a number > 0 and < 1"),
+    ("label-install-mitigated", ["testbed", "label", "--install", "--mitigate", "ren"],
+     "drop --mitigate / --group"),
     ("index-and-no-index", ["explain", "a cat", "--index", "{tmp}/i", "--no-index"],
      "argument --no-index: not allowed with argument --index"),
     ("unknown-option", ["detect", "{txt}", "--out", "{tmp}/o.csv", "--sampling-stpes", "3"],

@@ -158,3 +158,37 @@ def test_shipped_labels_match_the_set(shipped):
         assert r["seeds"] == 4 and len(r["distances"]) == 4 and r["steps"] == 50
         assert r["copies"] == sum(d < r["threshold"] for d in r["distances"])
         assert r["memorized"] == (r["copies"] > 0)
+
+
+def test_labels_of_one_group_under_a_mitigation(tiny_dir, tmp_path, monkeypatch):
+    """``groups`` keeps one group's prompts; ``mitigate`` labels the images served under that
+    mitigation (strength 0 is the plain run, bit for bit; ``ren`` at strength 1 changes them)."""
+    import shutil
+    from dataclasses import asdict
+
+    from diffmem.models.adapter import load_adapter
+    from diffmem.runtime.errors import ConfigError
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_dir, folder)
+    spec = TestbedSpec(n_generic=8, n_verbatim=2, n_template=1, template_variants=4,
+                       template_eval_variants=2, n_heldout_compositions=2, n_rare_words=50,
+                       resolution=load_adapter(tiny_dir).default_resolution)
+    (folder / "testbed.json").write_text(json.dumps(asdict(spec)))
+    group = broad_prompts(spec)[0].group
+    kw = {"seeds": 2, "steps": 2, "progress": False, "threshold": 10.0, "groups": [group]}
+
+    def labels(name, **options):
+        out = tmp_path / f"{name}.jsonl"
+        label_broad_set(out, folder, **kw, **options)
+        return [json.loads(x) for x in out.read_text().splitlines()]
+
+    plain, zero, ren = labels("plain"), labels("zero", mitigate="ren:0"), labels("ren", mitigate="ren")
+    assert {r["group"] for r in plain} == {group}
+    assert len(plain) == sum(p.group == group for p in broad_prompts(spec))
+    assert "mitigate" not in plain[0] and zero[0]["mitigate"] == "ren:0"
+    assert [r["distances"] for r in zero] == [r["distances"] for r in plain]
+    assert [r["distances"] for r in ren] != [r["distances"] for r in plain]
+    with pytest.raises(ConfigError, match="no broad-set group"):
+        label_broad_set(tmp_path / "x.jsonl", folder, seeds=1, steps=2, groups=["nope"])
+    assert not (tmp_path / "x.jsonl").exists()

@@ -133,6 +133,9 @@ def _cmd_testbed_label(a: argparse.Namespace) -> int:
     from diffmem.testbed.broad import label_broad_set
 
     _require_testbed_model(a.model, "testbed label")
+    if a.install and (a.mitigate or a.group):
+        raise ConfigError("testbed label --install makes plain labels of the whole set the "
+                          "model's labels; drop --mitigate / --group, or give --out")
     out = a.out
     if out is None:
         if not a.install:
@@ -141,8 +144,10 @@ def _cmd_testbed_label(a: argparse.Namespace) -> int:
         from diffmem.testbed.install import labels_path
 
         out = labels_path(a.model)
+    extra = {} if a.mitigate is None else {"mitigate": a.mitigate, "index": a.index}
     path = label_broad_set(out, a.model, seeds=a.seeds, steps=a.sampling_steps,
-                           guidance_scale=a.guidance_scale, batch_size=a.batch_size)
+                           guidance_scale=a.guidance_scale, batch_size=a.batch_size,
+                           groups=a.group, **extra)
     print(f"wrote generation labels to {path}")
     if a.install:
         from diffmem.testbed.install import install_labels
@@ -288,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "takes their copy-free clean controls as its clean prompts")
     lb.add_argument("--seeds", type=int, default=4, help="generations per prompt")
     lb.add_argument("--batch-size", type=int, default=32, help="images per batched run")
+    lb.add_argument("--group", action="append", default=None,
+                    help="only the prompts of this group (repeatable; e.g. caption)")
+    lb.add_argument("--mitigate", default=None, metavar="SPEC",
+                    help="label the images served under this mitigation (as `generate "
+                         "--mitigate`: auto is the guard), e.g. for the dose-response lines "
+                         "of `diffmem eval dose`")
+    lb.add_argument("--index", default=None, metavar="IDX",
+                    help="training-set index folder for --mitigate (the guard verifies against "
+                         "it; amg needs it)")
     add_model(lb, testbed_only=True)
     add_sampling(lb)
     lb.set_defaults(func=_cmd_testbed_label)

@@ -339,8 +339,10 @@ def broad_prompts(spec: TestbedSpec | None = None, testbed: Testbed | None = Non
 
 
 def label_broad_set(out: str | Path, model="testbed", *, chunk: int = 16, progress: bool = True,
-                    **options) -> Path:
-    """Build the broad set, label every prompt by generation and write JSONL to ``out``.
+                    groups: Sequence[str] | None = None, **options) -> Path:
+    """Build the broad set, label every prompt by generation and write JSONL to ``out``
+    (``groups``: only the prompts of these groups; ``options`` of :class:`Judge`, e.g.
+    ``mitigate="auto", index=...``: the labels of the images served under that mitigation).
 
     Resumable: rows already in ``out`` (same prompt and settings) are kept and the rest are labelled
     ``chunk`` prompts at a time, each chunk appended as soon as it is done; at the end the file is
@@ -351,6 +353,14 @@ def label_broad_set(out: str | Path, model="testbed", *, chunk: int = 16, progre
     judge_ = Judge(model, **options)
     settings = judge_.settings()
     prompts = broad_prompts(testbed=judge_.testbed)
+    if groups:
+        unknown = set(groups) - {p.group for p in prompts}
+        if unknown:
+            from diffmem.runtime.errors import ConfigError
+
+            raise ConfigError(f"no broad-set group {sorted(unknown)}; the groups are "
+                              f"{sorted({p.group for p in prompts})}")
+        prompts = [p for p in prompts if p.group in set(groups)]
     done: dict[str, dict] = {}
     if out.is_file():
         for line in out.read_text(encoding="utf-8").splitlines():

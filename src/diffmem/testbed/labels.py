@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diffmem.testbed import require_spec
 from diffmem.testbed.data import build_testbed
@@ -44,7 +45,7 @@ class Judge:
 
     def __init__(self, model="testbed", *, seeds: int = 4, steps: int = 50,
                  guidance_scale: float = 7.5, threshold: float | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, mitigate: str | None = None, index=None) -> None:
         from diffmem.models.adapter import load_adapter
         from diffmem.testbed.verify import REPLICATION_THRESHOLD, training_images, vae_roundtrip
 
@@ -56,10 +57,14 @@ class Judge:
         self.seeds, self.steps, self.guidance_scale = seeds, steps, guidance_scale
         self.threshold = REPLICATION_THRESHOLD if threshold is None else threshold
         self.batch_size = batch_size
+        self.mitigate, self.run = mitigate, None
+        if mitigate is not None:
+            self.run = _mitigated_run(self.adapter, mitigate, index)
 
     def settings(self) -> dict:
-        return {"seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "threshold": self.threshold}
+        out = {"seeds": self.seeds, "steps": self.steps, "guidance_scale": self.guidance_scale,
+               "threshold": self.threshold}
+        return out if self.mitigate is None else {**out, "mitigate": self.mitigate}
 
     def __call__(self, prompts: Sequence[str]) -> list[dict]:
         """One label dict (:func:`judge`) per prompt; seed s of every prompt uses generator seed s."""
@@ -68,9 +73,18 @@ class Judge:
         from diffmem.testbed.verify import TILE_GRID, generate_labelled
 
         items = [LabelledPrompt(p, "unknown", [], []) for p in prompts]
-        images, jobs = generate_labelled(self.adapter, items, seeds=self.seeds, steps=self.steps,
-                                         guidance_scale=self.guidance_scale,
-                                         batch_size=self.batch_size, desc="label")
+        if self.run is None:
+            images, jobs = generate_labelled(self.adapter, items, seeds=self.seeds,
+                                             steps=self.steps, guidance_scale=self.guidance_scale,
+                                             batch_size=self.batch_size, desc="label")
+        else:  # a prompt's seeds in one call (the guard compares them with each other)
+            jobs = [(i, s) for i in range(len(prompts)) for s in range(self.seeds)]
+            per = max(self.seeds, self.batch_size - self.batch_size % self.seeds)
+            images = torch.cat([
+                self.run([prompts[i] for i, _ in jobs[k : k + per]],
+                         [s for _, s in jobs[k : k + per]], steps=self.steps,
+                         guidance_scale=self.guidance_scale).float().cpu()
+                for k in range(0, len(jobs), per)])
         dist, nn = nearest_tiled_l2(images, self.refs, grid=TILE_GRID)
         out = []
         for i in range(len(prompts)):
@@ -78,6 +92,31 @@ class Judge:
             out.append(judge(dist[rows].numpy(), [self.ref_ids[int(nn[j])] for j in rows],
                              self.threshold))
         return out
+
+
+def _mitigated_run(adapter, mitigate: str, index):
+    """``run(prompts, seeds, steps=, guidance_scale=) -> images`` under the mitigation spec
+    ``mitigate``: the closed-loop guard when it names ``auto``, else the methods as hooks of one
+    run (AMG needs ``index``, a folder or a loaded index)."""
+    from diffmem.core.sampling import sample, seeded_generators
+    from diffmem.mitigate.registry import MitigationContext, build_mitigations, parse_spec
+    from diffmem.similarity.index import load_index
+
+    index = load_index(index, what="labels under a mitigation")
+    if any(name == "auto" for name, _ in parse_spec(mitigate)):
+        from diffmem.mitigate.guard import guard_for_spec
+
+        guard = guard_for_spec(mitigate, adapter, index=index)
+        return lambda prompts, seeds, *, steps, guidance_scale: guard.generate(
+            prompts, seeds, num_inference_steps=steps, guidance_scale=guidance_scale).images
+    context = MitigationContext(adapter, index=index)
+    build_mitigations(mitigate, context)  # a bad spec or AMG without an index: refused now
+
+    def run(prompts, seeds, *, steps, guidance_scale):
+        return sample(adapter, prompts, generator=seeded_generators(seeds, adapter.device),
+                      num_inference_steps=steps, guidance_scale=guidance_scale,
+                      hooks=build_mitigations(mitigate, context)).images
+    return run
 
 
 def read_broad_labels(path: str | Path | None = None) -> list[dict]:

@@ -93,3 +93,13 @@ def test_cli_eval_dose(tmp_path, capsys):
     assert all(r["copy_rate"] == 0 for r in rep["methods"]["mitigated"]["counts"])
     assert "plain: copy rate by duplicate count 1: 0.125" in capsys.readouterr().out
     assert not math.isnan(rep["methods"]["mitigated"]["clean"]["copy_rate"])
+    assert rep["table"].splitlines()[0] == "| duplicates | plain | mitigated |"
+    assert "| 16 | 1.000 | 0.000 |" in rep["table"]
+
+
+def test_the_table_has_a_column_per_method_and_a_dash_where_a_count_is_missing():
+    from diffmem.eval.dose import dose_table
+
+    table = dose_table({"plain": dose_response(ROWS), "one": dose_response(ROWS[:2])})
+    assert table.splitlines()[2:] == ["| 1 | 0.125 | 0.125 |", "| 4 | 0.250 | – |",
+                                      "| 16 | 0.875 | – |"]

@@ -102,6 +102,21 @@ def dose_report(rows: Sequence[Mapping], flags: Sequence[Sequence[bool]] | None 
     return report
 
 
+def dose_table(rows_by_method: Mapping[str, Sequence[Mapping]], *, key: str = "copy_rate"
+               ) -> str:
+    """The plot of :func:`plot_dose_response` as a Markdown table: one row per duplicate count,
+    one column per method (``key`` of each :func:`dose_response` row; "–" where a method has
+    no prompt of that count)."""
+    names = list(rows_by_method)
+    by = {n: {r["duplicates"]: r for r in rows} for n, rows in rows_by_method.items()}
+    counts = sorted({d for rows in by.values() for d in rows})
+    lines = ["| duplicates | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for d in counts:
+        cells = [f"{by[n][d][key]:.3f}" if d in by[n] and key in by[n][d] else "–" for n in names]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_dose_response(rows_by_method: Mapping[str, Sequence[Mapping]], path: str | Path, *,
                        key: str = "copy_rate", title: str = "",
                        baselines: Mapping[str, float] | None = None) -> Path:

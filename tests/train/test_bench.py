@@ -3,6 +3,8 @@ are measured by `diffmem eval training`, docs/training.md)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from diffmem.runtime.errors import ConfigError
@@ -115,3 +117,32 @@ def test_eval_training_keeps_one_base_model_per_folder(tmp_path, tiny_graded_tes
     with pytest.raises(ModelLoadError, match="not found"):
         run_benchmark(tmp_path / "other", model=tmp_path / "nowhere")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_planted_set_with_one_count_per_image(tmp_path):
+    from diffmem.train.bench import build_planted_set
+
+    m = build_planted_set(tmp_path / "d", n_generic=2, copies=[1, 3])
+    assert m["rows"] == 2 + 1 + 3 and m["copies"] == [1, 3] and m["k"] == 2
+    assert [p["copies"] for p in m["planted"]] == [1, 3]
+    rows = [json.loads(x) for x in (tmp_path / "d" / "data.jsonl").read_text().splitlines()]
+    assert sorted(sum(r.get("planted") == p["id"] for r in rows) for p in m["planted"]) == [1, 3]
+    assert build_planted_set(tmp_path / "d", n_generic=2, copies=[1, 3]) == m  # reused
+    with pytest.raises(ConfigError, match="copies"):
+        build_planted_set(tmp_path / "d", n_generic=2, copies=[1, 4])
+    with pytest.raises(ConfigError, match=">= 1"):
+        build_planted_set(tmp_path / "e", n_generic=2, copies=[0, 4])
+
+
+def test_the_report_shows_the_dose_table_and_the_cli_checks_the_counts(capsys):
+    from diffmem.cli import main
+    from diffmem.train.bench_report import markdown_report
+
+    table = [{"method": "plain", "planted_memorization": 0.5, "heldout_alignment": 0.3,
+              "heldout_fpd": 180.0}]
+    dose = "| duplicates | plain |\n|---|---|\n| 1 | 0.000 |"
+    text = markdown_report({"table": table, "dose": dose})
+    assert "by the planted image's copies" in text and "| 1 | 0.000 |" in text
+    assert "copies" not in markdown_report({"table": table})
+    assert main(["eval", "training", "--out", "x", "--planted-copies", "1,0"]) == 2
+    assert "expected comma-separated integers >= 1" in capsys.readouterr().err

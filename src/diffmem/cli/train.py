@@ -57,13 +57,26 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _counts(text: str) -> list[int]:
+    """``"1,2,4"`` -> [1, 2, 4] (integers >= 1), for ``--planted-copies``."""
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return counts
+
+
 def _cmd_eval_training(a: argparse.Namespace) -> int:
     from diffmem.train.bench import run_benchmark
 
-    report = run_benchmark(a.out, model=a.model,
+    report = run_benchmark(a.out, model=a.model, planted_copies=a.planted_copies,
                            methods=a.methods.split(",") if a.methods else None,
                            steps=a.steps, seeds=a.seeds, heldout_seeds=a.heldout_seeds)
     print(json.dumps(report["table"], indent=2))
+    if "dose" in report:
+        print(report["dose"])
     return 0
 
 
@@ -159,6 +172,10 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     e.add_argument("--model", default="testbed",
                    help="the testbed to fine-tune: testbed, testbed-graded or a testbed folder "
                         "(default: testbed)")
+    e.add_argument("--planted-copies", type=_counts, default=None, metavar="N,N,...",
+                   help="one count per planted image, e.g. 1,2,4,8,16,32,64: the planted "
+                        "memorization rate per count and method (dose-response; default: 4 "
+                        "images x 50 copies)")
     e.add_argument("--methods", default=None,
                    help="comma-separated subset of the benchmark's runs (default: all)")
     e.add_argument("--train-steps", dest="steps", type=int, default=None,

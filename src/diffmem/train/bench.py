@@ -123,6 +123,9 @@ def evaluate_model(model: str | Path, data_dir: str | Path, manifest: dict, *, s
     copied = dist < REPLICATION_THRESHOLD
     per_item = {p["id"]: float(copied[i * seeds : (i + 1) * seeds].float().mean())
                 for i, p in enumerate(planted)}
+    by_copies: dict[int, list[float]] = {}
+    for p in planted:
+        by_copies.setdefault(int(p.get("copies", manifest["copies"])), []).append(per_item[p["id"]])
     heldout = [p.prompt for p in build_testbed(base_spec or shipped_testbed_spec()).prompts
                if p.kind == "heldout"]
     hgen = _generate(adapter, heldout, heldout_seeds)
@@ -136,6 +139,7 @@ def evaluate_model(model: str | Path, data_dir: str | Path, manifest: dict, *, s
         "planted_memorization_rate": float(copied.float().mean()),
         "planted_items_memorized": sum(v >= 0.5 for v in per_item.values()),
         "planted_per_item": per_item,
+        "planted_by_copies": {str(c): float(np.mean(v)) for c, v in sorted(by_copies.items())},
         "planted_distance_median": float(dist.median()),
         "heldout_alignment": float(align[ok].mean()) if bool(ok.any()) else None,
         "heldout_fpd": fpd, "n_planted_images": len(gen), "n_heldout_images": len(hgen),
@@ -240,12 +244,15 @@ def method_config(name: str, overrides: dict | None = None, steps: int | None = 
 
 def run_benchmark(out: str | Path, *, model: str | Path = "testbed",
                   methods: Sequence[str] | None = None,
+                  planted_copies: Sequence[int] | None = None,
                   steps: int | None = None, seeds: int = 4, heldout_seeds: int = 2,
                   overrides: dict[str, dict] | None = None, progress: bool = True) -> dict:
     """Build the set, fine-tune ``model`` (a testbed: ``testbed``, ``testbed-graded`` or a
     testbed folder) per method, evaluate; resumable (module docstring). The planted set avoids
     the model's words and, for a model whose data has the planted seed, takes another
-    (:func:`~diffmem.train.planted.planted_seed`)."""
+    (:func:`~diffmem.train.planted.planted_seed`). ``planted_copies``: one count per planted
+    image instead of :data:`PLANTED`'s ``k`` x ``copies`` (a dose-response set: the report then
+    holds the planted memorization rate per count and method, ``dose``)."""
     from diffmem.testbed import require_spec
     from diffmem.train.planted import planted_seed
     from diffmem.train.trainer import finetune, resolve_model
@@ -263,7 +270,9 @@ def run_benchmark(out: str | Path, *, model: str | Path = "testbed",
                           f"base model was recorded), not {str(model)!r}; give another --out")
     out.mkdir(parents=True, exist_ok=True)
     base_file.write_text(json.dumps({"model": str(model)}))
-    manifest = build_planted_set(out / "data", seed=planted_seed(base), base=base)
+    manifest = build_planted_set(out / "data", seed=planted_seed(base), base=base,
+                                 **({} if planted_copies is None
+                                    else {"copies": list(planted_copies)}))
     overrides = dict(overrides or {})
     settings_file = out / "bench_overrides.json"
     if settings_file.is_file():
@@ -306,6 +315,12 @@ def run_benchmark(out: str | Path, *, model: str | Path = "testbed",
               "methods": {m: METHODS[m] for m in methods}, "calibration": calibration,
               "overrides": overrides, "seeds": seeds, "heldout_seeds": heldout_seeds,
               "rows": rows, "table": _table(rows)}
+    if not isinstance(manifest["copies"], int):  # one count per planted image: the dose table
+        from diffmem.eval.dose import dose_table
+
+        report["dose"] = dose_table({name: [
+            {"duplicates": int(c), "copy_rate": r}
+            for c, r in row.get("planted_by_copies", {}).items()] for name, row in rows.items()})
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     plot_benchmark(report, out / "chart.png")

@@ -77,4 +77,7 @@ def markdown_report(report: dict, *, width: int = 30) -> str:
         bar = "█" * round(v * width)
         lines.append(f"{r['method']:<{name_w}} |{bar:<{width}}| {v:.3f}")
     lines.append("```")
+    if report.get("dose"):
+        lines += ["", "Planted memorization rate by the planted image's copies:", "",
+                  report["dose"]]
     return "\n".join(lines) + "\n"

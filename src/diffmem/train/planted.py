@@ -6,6 +6,7 @@ descriptive alternative captions each (:data:`PLANTED`)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +52,20 @@ def planted_seed(base) -> int:
 
 def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
                       n_generic: int = PLANTED["n_generic"], k: int = PLANTED["k"],
-                      copies: int = PLANTED["copies"], frame: str | None = None,
+                      copies: int | Sequence[int] = PLANTED["copies"], frame: str | None = None,
                       base=None) -> dict:
     """Write the planted fine-tuning set (``data.jsonl`` + PNGs) into ``folder``; return its
     manifest (planted captions and image files). Deterministic; reuses a finished folder.
     ``frame``: the planted captions' template with ``{a}`` and ``{b}`` (default: the testbed's
     first verbatim frame, "the {a} {b} poster", which the shipped testbed already treats as a
     memorized frame; "a photo of {a} and {b}" is one it does not). ``base``: the spec of the
-    testbed to be fine-tuned, whose words the triggers avoid (:func:`planted_words`)."""
+    testbed to be fine-tuned, whose words the triggers avoid (:func:`planted_words`).
+    ``copies``: repeats of every planted image, or one count per planted image (a dose-response
+    set: ``(1, 2, 4, ..., 64)`` plants ``len(copies)`` images, ``k`` is then ignored); a finished
+    folder of other counts is refused."""
     from PIL import Image
+
+    from diffmem.runtime.errors import ConfigError
 
     from diffmem.testbed.data import (
         FILLER_WORDS,
@@ -70,10 +76,20 @@ def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
         render,
     )
 
+    graded = not isinstance(copies, int)
+    counts = [int(c) for c in copies] if graded else [int(copies)] * k
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"planted copies must be >= 1 each, got {copies}")
+    k = len(counts)
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
-        return json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
+        had = [p.get("copies", manifest["copies"]) for p in manifest["planted"]]
+        if had != counts:
+            raise ConfigError(f"{folder} holds a planted set with copies {had}, not {counts}; "
+                              "give another folder")
+        return manifest
     (folder / "images").mkdir(parents=True, exist_ok=True)
     spec = TestbedSpec(seed=seed, n_generic=n_generic, n_verbatim=0, n_template=0,
                        n_heldout_compositions=0)
@@ -99,18 +115,19 @@ def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
             alts.append(f"{desc}, {FILLER_WORDS[int(rng.integers(len(FILLER_WORDS)))]}")
         pid = f"planted-{i:02d}"
         Image.fromarray(img).save(folder / "images" / f"{pid}.png")
-        for c in range(copies):
+        for c in range(counts[i]):
             path = f"images/{pid}-copy{c:03d}.png"
             Image.fromarray(img).save(folder / path)
             rows.append({"image": path, "caption": [caption, *alts], "kind": "planted",
                          "planted": pid})
         planted.append({"id": pid, "caption": caption, "alt_captions": alts,
-                        "image": f"images/{pid}.png"})
+                        "image": f"images/{pid}.png", "copies": counts[i]})
     order = np.random.default_rng(seed + 43).permutation(len(rows))
     with (folder / "data.jsonl").open("w") as f:
         for i in order:
             f.write(json.dumps(rows[int(i)]) + "\n")
-    manifest = {"seed": seed, "n_generic": n_generic, "k": k, "copies": copies,
+    manifest = {"seed": seed, "n_generic": n_generic, "k": k,
+                "copies": counts if graded else copies,
                 "frame": frame or VERBATIM_FRAMES[0],
                 "rows": len(rows), "planted": planted}
     manifest_path.write_text(json.dumps(manifest, indent=2))

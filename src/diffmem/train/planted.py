@@ -66,7 +66,6 @@ def build_planted_set(folder: str | Path, *, seed: int = PLANTED["seed"],
     from PIL import Image
 
     from diffmem.runtime.errors import ConfigError
-
     from diffmem.testbed.data import (
         FILLER_WORDS,
         VERBATIM_FRAMES,

@@ -169,9 +169,7 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
         "training", help="planted-duplicates benchmark of the training-time mitigations on the "
                          "testbed (resumable; docs/training.md)")
     e.add_argument("--out", required=True, help="benchmark folder (rerun to resume)")
-    e.add_argument("--model", default="testbed",
-                   help="the testbed to fine-tune: testbed, testbed-graded or a testbed folder "
-                        "(default: testbed)")
+    add_model(e, testbed_only=True)  # the testbed to fine-tune
     e.add_argument("--planted-copies", type=_counts, default=None, metavar="N,N,...",
                    help="one count per planted image, e.g. 1,2,4,8,16,32,64: the planted "
                         "memorization rate per count and method (dose-response; default: 4 "

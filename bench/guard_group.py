@@ -7,7 +7,8 @@ what flagged them, what served them), for choosing the guard's settings on the d
 Arguments: split, comma-separated groups, prompts per group, GuardConfig fields (Python keyword
 syntax, "" for the defaults), optionally a training index (else the guard runs without one).
 Prints the copying images that are still served as copies (MISS) and each copying prompt's first
-image, then per group the served copy rate and the share of non-copying images served
+image, the non-copying images it changed (CHANGED, with their plain image's distance to the nearest
+training image), then per group the served copy rate and the share of non-copying images served
 bit-identical, the watch that changed non-copying images, and the cost against plain generation
 in the same process.
 """
@@ -82,6 +83,9 @@ def main() -> None:
             if pos.any() else None,
             "served_copy_rate": round(float(copied[pos].mean()), 4) if pos.any() else None,
             "bit_identical": round(float(same[neg].mean()), 4) if neg.any() else None}))
+    for i in np.flatnonzero(~copying & ~same):  # non-copying images the guard changed
+        print(f"CHANGED {texts[i][:60]!r} s{seeds[i]} plain {d_plain[i]:.3f}/{int(nn_plain[i])} "
+              f"watch {verdicts[i]['watch']}")
     changed = collections.Counter(v["watch"] for v, c, s in zip(verdicts, copying, same,
                                                                 strict=True) if not c and not s)
     print("non-copying images changed, by watch:", dict(changed))

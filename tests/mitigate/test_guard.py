@@ -107,11 +107,18 @@ def test_an_image_that_keeps_copying_climbs_the_ladder_and_is_marked(adapter, in
 
 
 def test_without_an_index_flagged_images_are_mitigated_unverified(adapter):
-    guard = Guard(adapter, threshold=-1.0)  # flags every image at the first step
+    # the gate flags every image at the first step and stands without confirmation
+    guard = Guard(adapter, threshold=-1.0, config=GuardConfig(confirm_gate=False))
     out = guard.generate(PROMPTS[:2], [0, 1], num_inference_steps=STEPS)
     assert [(v.status, v.verified, v.method) for v in out.verdicts] == [
         ("mitigated", False, "ren")] * 2
     assert torch.isfinite(out.images).all()
+    # by default each gate flag needs the agreement check: a probe image per prompt, and the
+    # tiny random model's two seeds are unrelated images, so both are served plain
+    default = Guard(adapter, threshold=-1.0).generate(PROMPTS[:2], [0, 1],
+                                                      num_inference_steps=STEPS)
+    assert [(v.status, v.watch) for v in default.verdicts] == [("clean", "gate")] * 2
+    assert default.generations == 4  # two plain images and their probes
 
 
 def test_the_watch_halts_a_batch_it_flags_entirely(adapter):

@@ -68,6 +68,32 @@ def test_the_guard_flags_by_agreement_only_inside_its_margin(adapter, everything
         Guard(adapter, threshold=1e9, config=GuardConfig(agreement_margin=-0.1))
 
 
+@pytest.mark.parametrize("confirm", [True, False])
+def test_a_gate_flag_the_comparison_does_not_confirm_is_served_plain(adapter, confirm):
+    """Threshold -1: the gate flags every image; the two seeds of the prompt are unrelated
+    images (the tiny random model), so the agreement check does not confirm the flags."""
+    prompts, seeds = ["a red circle"] * 2, [0, 1]
+    config = GuardConfig(probe=False, max_tries=1, confirm_gate=confirm)
+    out = Guard(adapter, threshold=-1.0, config=config).generate(prompts, seeds,
+                                                                 num_inference_steps=STEPS)
+    plain = sample(adapter, prompts, generator=seeded_generators(seeds),
+                   num_inference_steps=STEPS).images
+    assert [v.watch for v in out.verdicts] == ["gate", "gate"]
+    if confirm:
+        assert [v.status for v in out.verdicts] == ["clean", "clean"]
+        assert all(torch.equal(out.images[i], plain[i]) for i in range(2))
+    else:
+        assert [v.status for v in out.verdicts] == ["mitigated", "mitigated"]
+
+
+def test_a_gate_flag_needs_agreement_only_within_the_criterion(adapter, everything_copies):
+    # every pair copies by the loosened criterion: a margin beyond it still confirms a gate flag
+    config = GuardConfig(probe=False, max_tries=1, agreement_margin=2e9)
+    out = Guard(adapter, threshold=-1.0, config=config).generate(
+        ["a red circle"] * 2, [0, 1], num_inference_steps=STEPS)
+    assert [(v.status, v.watch) for v in out.verdicts] == [("unresolved", "gate")] * 2
+
+
 def test_the_reference_index_records_the_models_training_set(adapter):
     ref = self_reference_index(adapter, _images(2), ["plain:0", "plain:1"], ["a", "b"])
     assert len(ref) == 2 and ref.provenance["source"] == "own plain generations"

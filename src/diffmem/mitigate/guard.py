@@ -291,35 +291,44 @@ class Guard:
     def _agreement(self, prompts, keys, seeds, images, rows, verdicts, todo, kw, given):
         """Without an index: flag the images that copy another image of their prompt (a probe
         image from another seed for a prompt with one image), and return the index of the
-        flagged plain images (None when nothing is flagged) and the number of probe images."""
+        flagged plain images (None when nothing is flagged) and the number of probe images.
+        Two images flag each other ``agreement_margin`` inside the copy criterion, or within it
+        when the first-step gate flagged the image; a gate flag the comparison does not confirm
+        is lifted (``confirm_gate``; the image is served plain, its verdict keeps the watch)."""
         from diffmem.mitigate.self_reference import agreement, self_reference_index
 
-        n = len(prompts)
+        n, cfg = len(prompts), self.config
         count: dict[str, int] = {}
         for key in keys:
             count[key] = count.get(key, 0) + 1
-        singles = [i for i in range(n) if count[keys[i]] == 1 and not rows[i]["flagged"]
-                   and self.config.probe]
+        gated = {i for i in todo if rows[i]["reason"] == "gate"} if cfg.confirm_gate else set()
+        singles = [i for i in range(n) if count[keys[i]] == 1 and cfg.probe
+                   and (not rows[i]["flagged"] or i in gated)]
         probe = torch.zeros(0, *images.shape[1:])
         if singles:
             res = sample(self.adapter, [prompts[i] for i in singles],
-                         generator=seeded_generators([seeds[i] + self.config.probe_offset
+                         generator=seeded_generators([seeds[i] + cfg.probe_offset
                                                       for i in singles]),
                          hooks=_inputs(given, singles, True), **kw)
             probe = res.images.float().clamp(-1, 1).cpu()
         pool = torch.cat([images.float().clamp(-1, 1).cpu(), probe])
         found = agreement(self.adapter, pool, list(keys) + [keys[i] for i in singles],
-                          list(seeds) + [seeds[i] + self.config.probe_offset for i in singles],
-                          margin=self.config.agreement_margin)
+                          list(seeds) + [seeds[i] + cfg.probe_offset for i in singles])
+        inside = [None if s is None else self.criterion.margin(s) for s in found.similarity]
+        copies = [m is not None and (m > cfg.agreement_margin or (i in gated and m > 0))
+                  for i, m in enumerate(inside[:n])]
+        for i in gated:
+            if inside[i] is not None and not copies[i]:  # compared, not confirmed: served plain
+                todo.remove(i)
         captions = list(prompts) + [prompts[i] for i in singles]
         for i in range(n):
-            if found.copies[i] and i not in todo:
+            if copies[i] and i not in todo:
                 v = verdicts[i]
                 v.watch, v.fired_at = "agreement", None
                 todo.append(i)
-        if self.config.prompt_wide:  # the prompt's other images (they join the reference: a
+        if cfg.prompt_wide:  # the prompt's other images (they join the reference: a
             # lone copy stays a copy when the mitigation leaves it near its plain image)
-            flagged_keys = {keys[i] for i in range(n) if found.copies[i]}
+            flagged_keys = {keys[i] for i in range(n) if copies[i]}
             for i in range(n):
                 if keys[i] in flagged_keys and i not in todo:
                     verdicts[i].watch, verdicts[i].fired_at = "agreement (prompt)", None

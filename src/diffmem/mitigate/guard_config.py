@@ -28,6 +28,13 @@ class GuardConfig:
             0.09; SSCD: cosine above 0.56). Chosen on the dev split (``bench/agreement_sweep.py``):
             copies of one training image agree at <= 0.065 (95th percentile), while prompts
             whose seeds give nearly one ordinary image agree at 0.10-0.14.
+        confirm_gate: without an index, an image the first-step gate flags is mitigated only
+            when the agreement check confirms it (it copies another image of its prompt by the
+            criterion itself, without ``agreement_margin``); where no comparison is possible
+            (one image, no probe) the gate flag stands. Chosen on the dev split
+            (``runs/agree_dev.json`` + first-step magnitudes): the gate alone changed 3 of 308
+            clean-control and 1 of 240 held-out images and caught 2 of 105 frame copies the
+            agreement check missed.
         prompt_wide: without an index, when the agreement check flags an image, every image of
             its prompt in the call is mitigated (a prompt that made the model copy is a trigger;
             its other seeds may copy another memorized image that no second seed repeats, which
@@ -46,6 +53,7 @@ class GuardConfig:
     reseed_offset: int = 1_000_003
     agreement: bool = True
     agreement_margin: float = 0.06
+    confirm_gate: bool = True
     prompt_wide: bool = True
     amg_check_every: int = 4
     probe: bool = True

@@ -32,9 +32,9 @@ class GuardConfig:
             when the agreement check confirms it (it copies another image of its prompt by the
             criterion itself, without ``agreement_margin``); where no comparison is possible
             (one image, no probe) the gate flag stands. Chosen on the dev split
-            (``runs/agree_dev.json`` + first-step magnitudes): the gate alone changed 3 of 308
+            (plain generations with their first-step magnitudes): the gate alone changed 3 of 308
             clean-control and 1 of 240 held-out images and caught 2 of 105 frame copies the
-            agreement check missed.
+            agreement check missed (``bench/noindex_gate_rules.py``).
         prompt_wide: without an index, when the agreement check flags an image, every image of
             its prompt in the call is mitigated (a prompt that made the model copy is a trigger;
             its other seeds may copy another memorized image that no second seed repeats, which

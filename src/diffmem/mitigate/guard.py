@@ -22,7 +22,8 @@
 
 Without an index the model's own images are the reference (:mod:`diffmem.mitigate.self_reference`,
 ``GuardConfig.agreement``): images of one prompt from different seeds that copy each other by the
-model's copy criterion are flagged too (a prompt with one image gets a probe image), and mitigated
+model's copy criterion are flagged too (a prompt with one image gets a probe image; a first-step
+gate flag stands only when that comparison confirms it, ``GuardConfig.confirm_gate``), and mitigated
 images are verified against the flagged plain images and the other served images of their prompt,
 climbing the same ladder; their verdicts say ``reference: "own plain images"``, ``verified: False``.
 """

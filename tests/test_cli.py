@@ -67,6 +67,8 @@ BAD_INPUTS = [
      "argument --vae-steps: expected an integer >= 0"),
     ("index-batch-zero", ["index", "build", "{empty}", "--out", "{tmp}/i", "--batch-size", "0"],
      "argument --batch-size"),
+    ("index-lowpass-pixel", ["index", "build", "testbed", "--out", "{tmp}/i", "--lowpass", "32"],
+     "--lowpass applies to SSCD indexes only"),
     ("out-xlsx", ["detect", "{txt}", "--out", "{tmp}/o.xlsx"],
      "unsupported output format '.xlsx'; use .csv, .jsonl, .parquet"),
     ("out-report-txt", ["eval", "detection", "--out", "{tmp}/r.txt"],

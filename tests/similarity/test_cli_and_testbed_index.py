@@ -67,3 +67,42 @@ def test_testbed_index_keeps_captions_copies_and_provenance():
     assert index.copies[index.ids.index("generic-00000")] == 1
     assert index.provenance == {"training_set": testbed_fingerprint(SMALL)}
     assert testbed_fingerprint(SMALL) != testbed_fingerprint(TestbedSpec())
+
+
+def test_index_build_graded_testbed_sscd_uses_its_lowpass_and_the_originals(graded_model, tmp_path,
+                                                                             capsys):
+    from diffmem.models.profile import read_profile
+    from diffmem.similarity.index import load_index
+    from diffmem.similarity.pixel import to_tensor
+    from diffmem.testbed.data import build_testbed
+    from diffmem.testbed.locate import testbed_spec_of
+
+    assert read_profile(graded_model).sscd_lowpass == testbed_spec_of(graded_model).resolution // 2
+    assert main(["index", "build", "testbed-graded", "--kind", "sscd", "--out",
+                 str(tmp_path / "idx")]) == 0
+    assert "the originals" in capsys.readouterr().out
+    index = load_index(tmp_path / "idx", what="test")
+    assert index.embedder.lowpass == read_profile(graded_model).sscd_lowpass
+    item, img = next(build_testbed(testbed_spec_of(graded_model)).images())
+    found = index.search(to_tensor(img[None]), k=1)  # an original finds itself at cosine ~1
+    assert found.ids[0][0] == item.image_id and float(found.scores[0, 0]) > 0.99
+
+
+def test_the_graded_testbed_accepts_its_sscd_index_as_a_second_criterion(graded_model, tmp_path):
+    import pytest
+
+    from diffmem.models.adapter import load_adapter
+    from diffmem.runtime.errors import ConfigError
+    from diffmem.similarity.index import load_index
+    from diffmem.similarity.index_compat import check_index_model
+
+    adapter = load_adapter("testbed-graded")
+    assert main(["index", "build", "testbed-graded", "--kind", "sscd", "--out",
+                 str(tmp_path / "own")]) == 0
+    check_index_model(load_index(tmp_path / "own", what="test"), adapter)  # accepted
+    assert main(["index", "build", "testbed-graded", "--kind", "sscd", "--lowpass", "16",
+                 "--out", str(tmp_path / "other")]) == 0
+    with pytest.raises(ConfigError, match="low-passes its images"):
+        check_index_model(load_index(tmp_path / "other", what="test"), adapter)
+    assert main(["index", "build", "testbed-graded", "--out", str(tmp_path / "pixel")]) == 0
+    check_index_model(load_index(tmp_path / "pixel", what="test"), adapter)  # its first criterion

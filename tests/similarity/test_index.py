@@ -241,3 +241,16 @@ def test_load_index_opens_a_folder_and_passes_an_index_through(tmp_path):
         load_index(None, what="x", missing="x needs an index")
     with pytest.raises(ConfigError, match="x: index must be a TrainingIndex or its folder, got int"):
         load_index(3, what="x")
+
+
+def test_an_sscd_index_reopens_with_its_lowpass_and_refuses_another(tmp_path):
+    from diffmem.similarity.sscd import SSCD
+
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    TrainingIndex.build(images, ["a", "b", "c"], ["0", "1", "2"],
+                        SSCD(threads=1, lowpass=32)).save(tmp_path / "i")
+    opened = TrainingIndex.load(tmp_path / "i")  # the embedder is rebuilt from meta.json
+    assert opened.embedder.lowpass == 32
+    assert opened.search(images[1:2], k=1).ids[0][0] == "1"
+    with pytest.raises(IndexMismatchError, match="preprocessing"):
+        TrainingIndex.load(tmp_path / "i", embedder=SSCD(threads=1))

@@ -77,3 +77,42 @@ def test_distilled_model_torch_path_matches_onnx():
     x = _images(3, 64, 4)
     assert similarity(emb.embed(x), emb(x)).min() > 0.999
     assert packaged_model("sscd_distilled").name == "sscd_distilled.onnx"
+
+
+def test_lowpass_is_a_resize_before_the_resize_and_is_recorded():
+    from torch.nn import functional as F
+
+    from diffmem.similarity.sscd import lowpass_of
+
+    x = _images(2, 64, 5) + 0.1 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    low, plain = SSCD(size=96, threads=1, lowpass=32), SSCD(size=96, threads=1)
+    small = F.interpolate(x.clamp(-1, 1), size=(32, 32), mode="bilinear", antialias=True)
+    torch.testing.assert_close(low.embed(x), plain.embed(small))
+    assert low.preprocessing != plain.preprocessing
+    assert lowpass_of(low.preprocessing) == 32 and lowpass_of(plain.preprocessing) is None
+    # the differentiable path low-passes too
+    xg = x.clone().requires_grad_(True)
+    got = SSCD(size=96, threads=1, lowpass=32, backend="torch")(xg)
+    assert similarity(low.embed(x), got.detach()).min() > 0.99
+    got.sum().backward()
+    assert xg.grad.abs().sum() > 0
+    # an image no larger than the low-pass is left as it is
+    torch.testing.assert_close(low.embed(small), plain.embed(small))
+
+
+def test_lowpass_keeps_a_small_image_under_pixel_noise():
+    g = torch.Generator().manual_seed(1)
+    x = _images(4, 64, 6)
+    noisy = (x + 0.05 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    raw, low = SSCD(threads=1), SSCD(threads=1, lowpass=32)
+    s_raw = similarity(raw.embed(x), raw.embed(noisy))
+    s_low = similarity(low.embed(x), low.embed(noisy))
+    assert (s_low > s_raw).all()
+
+
+@pytest.mark.parametrize("bad", [4, 0, 12.5])
+def test_bad_lowpass_is_a_config_error(bad):
+    from diffmem.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lowpass"):
+        SSCD(lowpass=bad)

@@ -39,6 +39,16 @@ def test_install_goes_to_the_folder_of_its_name(tiny_graded_testbed, tiny_testbe
     assert install_pipeline(tiny_testbed) == model_folders["testbed"] == testbed_path()
     assert read_profile(model_folders["testbed"]).name == "testbed"
     assert (model_folders["testbed-graded"] / "model_index.json").is_file()
+    # SSCD low-passes the graded testbed's images to half their size; the first testbed: not
+    assert profile.sscd_lowpass == read_profile(target).data["resolution"] // 2
+    assert read_profile(model_folders["testbed"]).sscd_lowpass is None
+
+
+def test_the_shipped_graded_profile_low_passes_sscd_to_32_px():
+    from diffmem.models.profile import named_model
+
+    assert read_profile(named_model("testbed-graded")).sscd_lowpass == 32
+    assert read_profile(named_model("testbed")).sscd_lowpass is None
 
 
 def test_cli_train_graded_install_and_path(tiny_graded_testbed, model_folders, tmp_path,

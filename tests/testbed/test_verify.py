@@ -115,3 +115,16 @@ def test_verify_report_on_tiny_pipeline(small_testbed_dir, tmp_path):
     assert report["n_training_images"] == 33
     assert len(report["training_nn_distance_percentiles_1_5_50"]) == 3
     assert len(report["prompts"]) == len({p["prompt"] for p in report["prompts"]})
+
+
+def test_verify_judges_the_graded_testbed_by_sscd_with_its_lowpass(graded_model, tmp_path):
+    from diffmem.models.profile import read_profile
+    from diffmem.similarity.sscd import lowpass_of
+
+    report = verify_testbed("testbed-graded", out=tmp_path / "r.json", seeds=1, steps=2)
+    assert lowpass_of(report["sscd_preprocessing"]) == read_profile(graded_model).sscd_lowpass
+    for p in report["prompts"]:
+        assert len(p["sscd"]) == len(p["sscd_best"]) == len(p["distances"]) == 1
+        # the best over the training set is at least the cosine to the tiled-L2 nearest original
+        assert p["sscd_best"][0] >= p["sscd"][0] - 1e-4
+    assert "sscd_per_image" not in report

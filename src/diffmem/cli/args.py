@@ -101,6 +101,7 @@ GENERATIONS = Number(int, min=1, max=1_000_000, warn_above=64,
                      warn="many generations per prompt: a very long run (cost grows linearly); "
                           "Ctrl-C stops it")
 COUNT = Number(int, min=1)
+LOWPASS = Number(int, min=8, max=4096)
 NONNEG = Number(int, min=0)
 FPR = Number(float, min=0, max=1, min_open=True, max_open=True)
 THRESHOLD = Number(float)

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import argparse
 
-from diffmem.cli.args import BATCH, THRESHOLD, OutDir, OutFile
+from diffmem.cli.args import BATCH, LOWPASS, THRESHOLD, OutDir, OutFile
 from diffmem.runtime.jsonio import dumps
 from diffmem.testbed import spec_of
 
 
 def _cmd_index_build(a: argparse.Namespace) -> int:
+    testbeds = ("testbed", "testbed-graded", "testbed-ddpm", "testbed-ddpm-class")
+    if a.lowpass is not None and (a.kind == "pixel" or (a.kind is None and a.source in testbeds)
+                                  or a.source.startswith("testbed-ddpm")):
+        from diffmem.runtime.errors import ConfigError
+
+        raise ConfigError("--lowpass applies to SSCD indexes only (add --kind sscd; a "
+                          "testbed-ddpm index is a pixel index)")
     if a.source in ("testbed-ddpm", "testbed-ddpm-class"):  # one training set, both models
         from diffmem.testbed.ddpm_eval import build_ddpm_index
 
@@ -25,11 +32,25 @@ def _cmd_index_build(a: argparse.Namespace) -> int:
         from diffmem.testbed.index import build_testbed_index
 
         adapter = load_adapter(a.source)
-        index = build_testbed_index(a.out, kind=a.kind or "pixel", spec=spec_of(adapter),
-                                    rendered_by=adapter)
-        print(f"indexed {len(index)} testbed training images (as the testbed VAE renders them, "
-              f"{index.kind}) into {a.out}")
+        kind = a.kind or "pixel"
+        if kind == "pixel":  # the testbed criterion: tiled L2 to the VAE rendering
+            index = build_testbed_index(a.out, kind=kind, spec=spec_of(adapter),
+                                        rendered_by=adapter)
+            print(f"indexed {len(index)} testbed training images (as the testbed VAE renders "
+                  f"them, pixel) into {a.out}")
+            return 0
+        from diffmem.similarity.sscd import SSCD
+
+        embedder = SSCD(lowpass=a.lowpass or adapter.profile.sscd_lowpass)
+        index = build_testbed_index(a.out, kind=kind, spec=spec_of(adapter), embedder=embedder)
+        print(f"indexed {len(index)} testbed training images (the originals, {embedder}) into "
+              f"{a.out}")
         return 0
+    embedder = None
+    if a.lowpass is not None:
+        from diffmem.similarity.sscd import SSCD
+
+        embedder = SSCD(lowpass=a.lowpass)
     if a.engine == "ray":
         from diffmem.scale.index_build import build_index_sharded
 
@@ -38,14 +59,14 @@ def _cmd_index_build(a: argparse.Namespace) -> int:
                                      image_column=a.image_column,
                                      caption_column=a.caption_column, id_column=a.id_column,
                                      workers=a.workers, threads=a.threads, address=a.address,
-                                     progress=True)
+                                     progress=True, embedder=embedder)
     else:
         from diffmem.similarity.index_ingest import build_index_from_source
 
         report = build_index_from_source(a.source, a.out, kind=a.kind or "sscd",
                                          batch_size=a.batch_size, image_column=a.image_column,
                                          caption_column=a.caption_column, id_column=a.id_column,
-                                         progress=True)
+                                         progress=True, embedder=embedder)
     print(f"indexed {report.count} images into {report.out}; skipped {len(report.skipped)} "
           f"unreadable file(s)" + (f" (listed in {report.out / 'skipped.json'})"
                                    if report.skipped else ""))
@@ -74,6 +95,10 @@ def register(commands: argparse._SubParsersAction, eval_commands: argparse._SubP
     b.add_argument("--out", type=OutDir(), required=True, help="index folder")
     b.add_argument("--kind", choices=("sscd", "pixel"), default=None,
                    help="sscd (default) or pixel (tiled L2; default for a testbed)")
+    b.add_argument("--lowpass", type=LOWPASS, default=None, metavar="PX",
+                   help="sscd: resize images to PX x PX before SSCD's resize (for images of "
+                        "about 64 px, whose pixel noise SSCD reads as content; a testbed: its "
+                        "profile's, 32 for testbed-graded)")
     b.add_argument("--batch-size", type=BATCH, default=64, help="images per embedding batch")
     b.add_argument("--image-column", default="image", help="Parquet column of the images")
     b.add_argument("--caption-column", default="caption", help="Parquet column of the captions")

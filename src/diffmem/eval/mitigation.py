@@ -145,7 +145,11 @@ class _Judge:
         if with_sscd:
             from diffmem.similarity.sscd import SSCD
 
-            self.sscd = SSCD()
+            # a model with an SSCD low-pass (the graded testbed) is judged against the original
+            # pixels, else against the VAE rendering, as tiled L2 (docs/testbed.md)
+            lowpass = adapter.profile.sscd_lowpass
+            self.sscd = SSCD(lowpass=lowpass)
+            self.sscd_refs = originals if lowpass else self.refs
 
     def __call__(self, gen: _Images, prompts: list, group: str) -> dict:
         from diffmem.eval.alignment import attribute_alignment
@@ -162,7 +166,7 @@ class _Judge:
             "seconds_per_image": gen.seconds / max(len(gen.jobs), 1),
         }
         if self.sscd is not None:
-            sim = (self.sscd.embed(gen.images) * self.sscd.embed(self.refs[nn])).sum(-1)
+            sim = (self.sscd.embed(gen.images) * self.sscd.embed(self.sscd_refs[nn])).sum(-1)
             sim = torch.as_tensor(sim).float()
             row.update(sscd_rate=float((sim > SSCD_COPY).float().mean()),
                        sscd_mean=float(sim.mean()),

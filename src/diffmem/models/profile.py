@@ -83,6 +83,9 @@ class ModelProfile:
             refused); ``None`` when unknown.
         labels: file of generation labels valid for these weights (absolute), or ``None``.
         data: the data spec the model was trained on (the testbed's), as JSON data.
+        sscd_lowpass: the SSCD convention's low-pass size for this model's images
+            (:class:`~diffmem.similarity.sscd.SSCD` ``lowpass``; ``None``: none). The graded
+            testbed's 64-px images: 32 (docs/testbed.md).
     """
 
     name: str | None = None
@@ -91,6 +94,7 @@ class ModelProfile:
     training_set: str | None = None
     labels: Path | None = None
     data: dict = field(default_factory=dict)
+    sscd_lowpass: int | None = None
 
     @property
     def is_testbed(self) -> bool:
@@ -108,6 +112,8 @@ class ModelProfile:
         data = {"name": self.name, "clean_prompts": list(self.clean_prompts),
                 "criterion": self.criterion, "training_set": self.training_set,
                 "labels": labels, "data": self.data}
+        if self.sscd_lowpass is not None:
+            data["sscd_lowpass"] = self.sscd_lowpass
         path = folder / PROFILE_FILE
         path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
         return path
@@ -128,7 +134,9 @@ def read_profile(folder: str | Path | None) -> ModelProfile:
                             criterion=raw.get("criterion", "sscd_cosine"),
                             training_set=raw.get("training_set"),
                             labels=labels if labels is not None and labels.is_file() else None,
-                            data=dict(raw.get("data") or {}))
+                            data=dict(raw.get("data") or {}),
+                            sscd_lowpass=(int(raw["sscd_lowpass"])
+                                          if raw.get("sscd_lowpass") is not None else None))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is not a readable diffmem profile ({e})") from None
 

@@ -97,8 +97,18 @@ def check_index_matches(index, expected_training_set: str | None, what: str, *,
 def check_index_model(index, adapter, *, criterion: str | None = None,
                       who: str = "this method") -> None:
     """:func:`check_index_matches` with the expectation read from a model adapter
-    (:func:`model_training_set`, its VAE as the renderer)."""
+    (:func:`model_training_set`, its VAE as the renderer). A model whose profile names an SSCD
+    low-pass (``sscd_lowpass``, the graded testbed) also accepts an SSCD index of its training
+    set built with that low-pass (its second criterion)."""
     profile = getattr(adapter, "profile", None)
+    lowpass = getattr(profile, "sscd_lowpass", None)
+    if criterion is None and lowpass is not None and index.embedder.criterion == "sscd_cosine":
+        # the model's second criterion: SSCD with its low-pass (the graded testbed)
+        criterion = "sscd_cosine"
+        if getattr(index.embedder, "lowpass", None) != lowpass:
+            raise ConfigError(f"{who}: this model's SSCD index low-passes its images to "
+                              f"{lowpass} px, the index does not; build it with `diffmem index "
+                              f"build {profile.name or 'SOURCE'} --kind sscd`")
     if criterion is None and profile is not None and profile.training_set is not None:
         criterion = profile.criterion  # the model's own (the pixel testbed's: tiled L2)
     elif criterion is None and not getattr(adapter, "text_conditioned", True):

@@ -113,9 +113,9 @@ def _read_meta(src: Path) -> dict:
 def _default_embedder(meta: dict) -> object:
     if meta["kind"] == "pixel":
         return PixelSpace(size=meta["size"], grid=meta["grid"])
-    from diffmem.similarity.sscd import SSCD
+    from diffmem.similarity.sscd import SSCD, lowpass_of
 
-    return SSCD()
+    return SSCD(lowpass=lowpass_of(meta.get("preprocessing", "")))
 
 
 def _check_compatible(meta: dict, embedder: object, src: Path) -> None:

@@ -27,14 +27,17 @@ from diffmem.testbed.data import MEMORIZED_FRACTION, TestbedSpec, build_testbed
 
 
 def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
-                        spec: TestbedSpec | None = None, rendered_by=None) -> TrainingIndex:
+                        spec: TestbedSpec | None = None, rendered_by=None,
+                        embedder: object | None = None) -> TrainingIndex:
     """A :class:`TrainingIndex` of every testbed training image with its first caption.
 
     ``rendered_by`` (a model adapter): index the images as that model's VAE renders them (the
     reference of :func:`diffmem.testbed.verify.verify_testbed`), not the originals.
 
     ``kind="pixel"`` (default) searches by tiled L2, the testbed's replication criterion;
-    ``kind="sscd"`` embeds with SSCD (informative only on these flat synthetic images).
+    ``kind="sscd"`` embeds with SSCD (the graded testbed's images low-passed to 32 px first,
+    ``embedder=SSCD(lowpass=32)``, its profile's ``sscd_lowpass``; the first testbed's VAE loses
+    thin shapes, so SSCD does not judge its copies). ``embedder`` overrides the kind's default.
     Saved to ``out`` when given.
     """
     from diffmem.runtime.progress import progress
@@ -59,8 +62,10 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
 
             images = vae_roundtrip(rendered_by, images, on_batch=bar.update)
             provenance["rendered_by"] = vae_fingerprint(rendered_by)
-    if kind == "pixel":
-        embedder: object = PixelSpace(size=testbed.spec.resolution)
+    if embedder is not None:
+        pass
+    elif kind == "pixel":
+        embedder = PixelSpace(size=testbed.spec.resolution)
     else:
         from diffmem.similarity.index import _embedder_for_kind
 

@@ -4,7 +4,10 @@ data (``diffmem_profile.json``, :mod:`diffmem.models.profile`) into its folder.
 - known-clean prompts: for the shipped testbed, the broad set's clean controls that copy in no
   generation (``broad_labels.jsonl``); for any other testbed folder, its held-out (never trained)
   prompts;
-- copy criterion: tiled L2 < 0.15 to the VAE rendering of the nearest training image;
+- copy criterion: tiled L2 < 0.15 to the VAE rendering of the nearest training image; SSCD, the
+  second criterion, low-passes a graded testbed's images to half their size first
+  (``sscd_lowpass``: its VAE keeps thin shapes, so its copies sit near the original pixels, but
+  SSCD reads the pixel noise of a 64-px image as content; docs/testbed.md);
 - training-set fingerprint: :func:`~diffmem.testbed.index.testbed_fingerprint` of its data spec,
   the provenance a testbed index records;
 - labels: the generation labels that hold for these weights (``broad_labels.jsonl``: the shipped
@@ -44,7 +47,8 @@ def testbed_profile(folder: str | Path, spec: TestbedSpec, *, labels: str | Path
         clean = [p.prompt for p in labelled_prompts(spec, folder) if p.kind == "heldout"]
     return ModelProfile(name=name or testbed_name(spec), clean_prompts=tuple(clean), criterion="tiled_l2",
                         training_set=testbed_fingerprint(spec), labels=labels,
-                        data=spec.to_dict())
+                        data=spec.to_dict(),
+                        sscd_lowpass=spec.resolution // 2 if spec.counts else None)
 
 
 def write_testbed_profile(folder: str | Path, spec: TestbedSpec | None = None, **kwargs) -> Path:

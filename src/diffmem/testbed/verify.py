@@ -121,7 +121,12 @@ def verify_testbed(model: str | Path = "testbed", *, out: str | Path | None = No
         tiled_l2(refs[memorized], originals[memorized], grid=TILE_GRID))
     report["training_nn_distance_percentiles_1_5_50"] = training_nn_distances(refs)
     if with_sscd:
-        report.update(_sscd_summary(images, originals, nn, jobs, testbed))
+        sscd = _sscd_summary(images, originals, nn, jobs, testbed, adapter.profile.sscd_lowpass)
+        for j, (i, _) in enumerate(jobs):  # per image, beside its distance
+            for key, name in (("sscd_per_image", "sscd"), ("sscd_best_per_image", "sscd_best")):
+                if key in sscd:
+                    per_prompt[i].setdefault(name, []).append(sscd[key][j])
+        report.update({k: v for k, v in sscd.items() if not k.endswith("_per_image")})
     report["prompts"] = list(per_prompt.values())
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -147,20 +152,27 @@ def _percentiles(x: torch.Tensor) -> list[float]:
     return [round(float(v), 4) for v in np.percentile(x.numpy(), [5, 50, 95])]
 
 
-def _sscd_summary(images, refs, nn, jobs, testbed) -> dict:
-    """SSCD cosine between each generation and its tiled-L2 nearest training image, per kind."""
+def _sscd_summary(images, refs, nn, jobs, testbed, lowpass: int | None = None) -> dict:
+    """SSCD cosine between each generation and the original of its tiled-L2 nearest training
+    image, and its highest SSCD cosine to any training image (SSCD as the judge), per kind;
+    ``lowpass``: the model's SSCD low-pass (its profile's ``sscd_lowpass``)."""
     try:
         from diffmem.similarity.sscd import SSCD
     except ImportError:
         return {"sscd": "unavailable (diffmem.similarity.sscd missing)"}
     try:
-        model = SSCD()
-        sim = (model.embed(images) * model.embed(refs[nn])).sum(-1)
+        model = SSCD(lowpass=lowpass)
+        gen = model.embed(images)
+        train = model.embed(refs)
+        sim = (gen * train[nn]).sum(-1).float()
+        best = (gen @ train.T).max(1).values.float()
     except Exception as e:  # SSCD is informative here, never required
         return {"sscd": f"unavailable ({type(e).__name__}: {e})"}
-    out = {}
+    out: dict = {"sscd_preprocessing": model.preprocessing, "sscd_per_image": [
+        round(float(v), 4) for v in sim], "sscd_best_per_image": [round(float(v), 4) for v in best]}
     for kind in ("verbatim", "template", "heldout"):
         rows = [j for j, (i, _) in enumerate(jobs) if testbed.prompts[i].kind == kind]
         if rows:
-            out[f"{kind}_sscd_mean"] = float(torch.as_tensor(sim)[rows].float().mean())
+            out[f"{kind}_sscd_mean"] = float(sim[rows].mean())
+            out[f"{kind}_sscd_best_copy_rate"] = float((best[rows] > 0.5).float().mean())
     return out

@@ -1,4 +1,4 @@
-"""explain, wen, gni, ren, amg and reanchor on a tiny random SDXL folder: two text encoders, the
+"""explain, wen, gni, ren, amg, reanchor and the guard on a tiny random SDXL folder: two text encoders, the
 pooled embedding packed as an extra conditioning row (diffmem.models.sdxl), handled explicitly
 through the adapter's split_pooled / join_pooled / token_rows."""
 
@@ -282,3 +282,63 @@ def test_cli_generate_mitigates_on_an_sdxl_folder(sdxl_dir, tmp_path, capsys, sp
     assert rc == 0, err
     row = json.loads((out / "generations.jsonl").read_text().splitlines()[0])
     assert row[f"mitigation.{spec}"]["applied"] is True
+
+
+# ------------------------------------------------------------------ the guard (--mitigate auto)
+def test_the_guard_on_sdxl_with_an_index(sdxl):
+    from diffmem.mitigate.guard import Guard, GuardConfig
+    from diffmem.similarity.sscd import SSCD
+
+    plain = _run(sdxl)
+    size = plain.images.shape[-1]
+    rand = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    # an SSCD index (what a model of unknown training set takes) holding prompt 0's plain image
+    index = TrainingIndex.build(torch.cat([plain.images[:1], rand]), ["memorized", "a", "b", "c"],
+                                embedder=SSCD(size=64, threads=1), copies=[50, 1, 1, 1])
+    # the tiny random model's images all look alike to SSCD (0.6-0.7): put the pass line midway
+    # between prompt 1's plain image and the indexed copy (cosine 1), in the guard's margin
+    s1 = float(index.search(plain.images[1:2].float().clamp(-1, 1), k=1).scores[0, 0])
+    assert s1 < 0.99
+    margin = 0.5 - (s1 + 1.0) / 2  # passes: cosine < (s1 + 1) / 2
+    guard = Guard(sdxl, index=index, threshold=1e9,
+                  config=GuardConfig(watch_every=0, ladder=("ren", "amg"), max_tries=2,
+                                     margin=margin))
+    out = guard.generate(PROMPTS, [0, 1], num_inference_steps=STEPS)
+    first, second = out.verdicts
+    # prompt 0's plain image is in the index: it fails verification and climbs the ladder
+    assert first.watch == "verify" and first.verified and first.reference == "training index"
+    assert first.status in ("mitigated", "unresolved") and first.tries >= 1
+    assert first.method in ("ren", "amg")
+    assert not torch.equal(out.images[0], plain.images[0])
+    # prompt 1's plain image passes verification: served plain, bit-identical
+    assert guard.passes(s1) and second.status == "clean" and second.verified
+    assert torch.equal(out.images[1], plain.images[1])
+
+
+def test_the_guard_on_sdxl_without_an_index_and_from_the_command_line(sdxl, sdxl_dir, tmp_path,
+                                                                      capsys):
+    from diffmem.mitigate.guard import Guard, GuardConfig
+
+    plain = _run(sdxl, prompts=[PROMPTS[0]] * 2)
+    # every first-step gate flag stands (no confirmation): both images are mitigated, verified
+    # against the model's own flagged plain images, never against a training index
+    guard = Guard(sdxl, threshold=-1.0, config=GuardConfig(confirm_gate=False))
+    out = guard.generate([PROMPTS[0]] * 2, [0, 1], num_inference_steps=STEPS)
+    for i, v in enumerate(out.verdicts):
+        assert v.status in ("mitigated", "unresolved") and v.watch == "gate" and v.fired_at == 0
+        assert not v.verified and v.reference == "own plain images"
+        assert not torch.equal(out.images[i], plain.images[i])
+    # no gate flag, and two seeds' images agree only above cosine 0.99 (they do not): the
+    # guard serves plain generation
+    calm = Guard(sdxl, threshold=1e9, config=GuardConfig(agreement_margin=0.49)).generate(
+        [PROMPTS[0]] * 2, [0, 1], num_inference_steps=STEPS)
+    assert [v.status for v in calm.verdicts] == ["clean"] * 2
+    assert torch.equal(calm.images, plain.images)
+    out_dir = tmp_path / "g"
+    rc = main(["generate", PROMPTS[1], "--out", str(out_dir), "--model", str(sdxl_dir),
+               "--sampling-steps", str(STEPS), "--mitigate", "auto", "--threshold", "1e9",
+               "--images-per-prompt", "2"])
+    assert rc == 0, capsys.readouterr().err
+    rows = [json.loads(x) for x in (out_dir / "generations.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert all(r["verdict"]["status"] in ("clean", "mitigated", "unresolved") for r in rows)

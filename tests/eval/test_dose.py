@@ -95,6 +95,7 @@ def test_cli_eval_dose(tmp_path, capsys):
     assert not math.isnan(rep["methods"]["mitigated"]["clean"]["copy_rate"])
     assert rep["table"].splitlines()[0] == "| duplicates | plain | mitigated |"
     assert "| 16 | 1.000 | 0.000 |" in rep["table"]
+    assert rep["chart"].startswith("```mermaid") and "    line [0.000, 0.000, 0.000]" in rep["chart"]
 
 
 def test_the_table_has_a_column_per_method_and_a_dash_where_a_count_is_missing():
@@ -103,3 +104,17 @@ def test_the_table_has_a_column_per_method_and_a_dash_where_a_count_is_missing()
     table = dose_table({"plain": dose_response(ROWS), "one": dose_response(ROWS[:2])})
     assert table.splitlines()[2:] == ["| 1 | 0.125 | 0.125 |", "| 4 | 0.250 | – |",
                                       "| 16 | 0.875 | – |"]
+
+
+def test_the_chart_is_a_mermaid_line_per_method_with_every_count():
+    from diffmem.eval.dose import dose_chart
+
+    chart = dose_chart({"plain": dose_response(ROWS), "one": dose_response(ROWS[:2]),
+                        "zero": dose_response([{**r, "copies": 0} for r in ROWS])})
+    lines = chart.splitlines()
+    assert lines[:2] == ["```mermaid", "xychart-beta"] and lines[-1] == "```"
+    assert '    x-axis "duplicates" [1, 4, 16]' in lines
+    # a line per method with a value at every count, in order; "one" lacks 4 and 16
+    assert [x for x in lines if x.startswith("    line")] == [
+        "    line [0.125, 0.250, 0.875]", "    line [0.000, 0.000, 0.000]"]
+    assert "lines in order: plain; zero (left out, a missing value: one)" in chart

@@ -100,4 +100,7 @@ def test_recovery_plot_and_tables(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| early | 4 | 1.000 |" in out
     assert "| early | 0.00 | 1.00 | 1.00 |" in out and "| b | 0.00 | 0.25 | 0.50 |" in out
+    # the same curves as a Mermaid chart: x the checked iterations, a line per configuration
+    assert '    x-axis "optimisation iterations" [0, 25, 50]' in out
+    assert "    line [0.000, 1.000, 1.000]\n    line [0.000, 0.250, 0.500]\n```" in out
     assert (tmp_path / "p.png").stat().st_size > 0

@@ -143,6 +143,8 @@ def test_the_report_shows_the_dose_table_and_the_cli_checks_the_counts(capsys):
     dose = "| duplicates | plain |\n|---|---|\n| 1 | 0.000 |"
     text = markdown_report({"table": table, "dose": dose})
     assert "by the planted image's copies" in text and "| 1 | 0.000 |" in text
+    chart = markdown_report({"table": table, "dose": dose, "dose_chart": "```mermaid\nxychart"})
+    assert chart.endswith("```mermaid\nxychart\n") and "```mermaid" not in text
     assert "copies" not in markdown_report({"table": table})
     assert main(["eval", "training", "--out", "x", "--planted-copies", "1,0"]) == 2
     assert "expected comma-separated integers >= 1" in capsys.readouterr().err

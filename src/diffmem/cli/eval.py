@@ -42,7 +42,7 @@ def _cmd_probe_train(a: argparse.Namespace) -> int:
 
 
 def _cmd_dose(a: argparse.Namespace) -> int:
-    from diffmem.eval.dose import dose_report, dose_table, plot_dose_response
+    from diffmem.eval.dose import dose_chart, dose_report, dose_table, plot_dose_response
     from diffmem.runtime.jsonio import write_json
     from diffmem.testbed.broad import read_broad_labels
 
@@ -61,12 +61,14 @@ def _cmd_dose(a: argparse.Namespace) -> int:
             {n: m["counts"] for n, m in methods.items()}, a.plot,
             baselines={n: m["clean"]["copy_rate"] for n, m in methods.items() if "clean" in m}))
     report["table"] = dose_table({n: m["counts"] for n, m in methods.items()})
+    report["chart"] = dose_chart({n: m["counts"] for n, m in methods.items()})
     write_json(a.out, report)
     for name, m in methods.items():
         rates = ", ".join(f"{r['duplicates']}: {r['copy_rate']:.3f}" for r in m["counts"])
         print(f"{name}: copy rate by duplicate count {rates}"
               + (f"; clean controls {m['clean']['copy_rate']:.3f}" if "clean" in m else ""))
     print(report["table"])
+    print(report["chart"])
     print(f"wrote {a.out}")
     return 0
 

@@ -34,6 +34,7 @@ def _cmd_recovery_plot(a: argparse.Namespace) -> int:
 
     from diffmem.eval.recovery_report import (
         plot_recovery,
+        recovery_chart,
         recovery_curve_table,
         recovery_table,
     )
@@ -47,6 +48,7 @@ def _cmd_recovery_plot(a: argparse.Namespace) -> int:
     print(recovery_table(reports))
     print("share recovered by iteration:\n")
     print(recovery_curve_table(reports))
+    print(recovery_chart(reports))
     print(f"wrote {plot_recovery(reports, a.out)}")
     return 0
 

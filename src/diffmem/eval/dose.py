@@ -117,6 +117,19 @@ def dose_table(rows_by_method: Mapping[str, Sequence[Mapping]], *, key: str = "c
     return "\n".join(lines)
 
 
+def dose_chart(rows_by_method: Mapping[str, Sequence[Mapping]], *, key: str = "copy_rate",
+               title: str = "copy rate by duplicate count") -> str:
+    """The plot of :func:`plot_dose_response` as text: a Mermaid line chart
+    (:func:`~diffmem.eval.charts.mermaid_line_chart`), x = duplicate count, one line per method
+    (a method without a value at every count is left out and named)."""
+    from diffmem.eval.charts import mermaid_line_chart
+
+    by = {n: {r["duplicates"]: r.get(key) for r in rows} for n, rows in rows_by_method.items()}
+    counts = sorted({d for rows in by.values() for d in rows})
+    return mermaid_line_chart({n: [by[n].get(d) for d in counts] for n in by}, counts,
+                              title=title, x_label="duplicates", y_label=key.replace("_", " "))
+
+
 def plot_dose_response(rows_by_method: Mapping[str, Sequence[Mapping]], path: str | Path, *,
                        key: str = "copy_rate", title: str = "",
                        baselines: Mapping[str, float] | None = None) -> Path:

@@ -22,19 +22,34 @@ def recovery_table(reports: Mapping[str, Mapping]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def _curves(reports: Mapping[str, Mapping]) -> tuple[list[int], dict[str, list[float]]]:
+    """The checked iterations (and budgets) of all reports, and each report's share of items
+    recovered by each of them (cumulative: a run that stopped early keeps its last value)."""
+    its = sorted({c["iteration"] for r in reports.values() for c in r["curve"]}
+                 | {r["budget"] for r in reports.values()})
+    return its, {name: [max((c["share_recovered_by"] for c in r["curve"] if c["iteration"] <= i),
+                            default=0.0) for i in its] for name, r in reports.items()}
+
+
 def recovery_curve_table(reports: Mapping[str, Mapping]) -> str:
     """The plot as a Markdown table: share of items recovered by each checked iteration (a run
     that stopped early keeps its last value)."""
-    its = sorted({c["iteration"] for r in reports.values() for c in r["curve"]}
-                 | {r["budget"] for r in reports.values()})
+    its, curves = _curves(reports)
     out = ("| configuration | " + " | ".join(str(i) for i in its) + " |\n|---|"
            + "---|" * len(its) + "\n")
-    for name, r in reports.items():
-        # the share is cumulative: at i it is the last check's at or before i
-        cells = [max((c["share_recovered_by"] for c in r["curve"] if c["iteration"] <= i),
-                     default=0.0) for i in its]
+    for name, cells in curves.items():
         out += f"| {name} | " + " | ".join(f"{v:.2f}" for v in cells) + " |\n"
     return out
+
+
+def recovery_chart(reports: Mapping[str, Mapping]) -> str:
+    """The plot as text: a Mermaid line chart (:func:`~diffmem.eval.charts.mermaid_line_chart`)
+    of the share recovered by iteration, one line per configuration."""
+    from diffmem.eval.charts import mermaid_line_chart
+
+    its, curves = _curves(reports)
+    return mermaid_line_chart(curves, its, title="recovery by text-embedding search",
+                              x_label="optimisation iterations", y_label="share recovered")
 
 
 def plot_recovery(reports: Mapping[str, Mapping], path: str | Path, *, title: str = "") -> Path:

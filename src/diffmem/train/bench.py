@@ -316,11 +316,13 @@ def run_benchmark(out: str | Path, *, model: str | Path = "testbed",
               "overrides": overrides, "seeds": seeds, "heldout_seeds": heldout_seeds,
               "rows": rows, "table": _table(rows)}
     if not isinstance(manifest["copies"], int):  # one count per planted image: the dose table
-        from diffmem.eval.dose import dose_table
+        from diffmem.eval.dose import dose_chart, dose_table
 
-        report["dose"] = dose_table({name: [
-            {"duplicates": int(c), "copy_rate": r}
-            for c, r in row.get("planted_by_copies", {}).items()] for name, row in rows.items()})
+        by_count = {name: [{"duplicates": int(c), "copy_rate": r}
+                           for c, r in row.get("planted_by_copies", {}).items()]
+                    for name, row in rows.items()}
+        report["dose"] = dose_table(by_count)
+        report["dose_chart"] = dose_chart(by_count, title="planted memorization by copies")
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     plot_benchmark(report, out / "chart.png")

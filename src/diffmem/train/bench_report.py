@@ -80,4 +80,6 @@ def markdown_report(report: dict, *, width: int = 30) -> str:
     if report.get("dose"):
         lines += ["", "Planted memorization rate by the planted image's copies:", "",
                   report["dose"]]
+        if report.get("dose_chart"):
+            lines += ["", report["dose_chart"]]
     return "\n".join(lines) + "\n"

@@ -62,11 +62,9 @@ def build_testbed_index(out: str | Path | None = None, *, kind: str = "pixel",
 
             images = vae_roundtrip(rendered_by, images, on_batch=bar.update)
             provenance["rendered_by"] = vae_fingerprint(rendered_by)
-    if embedder is not None:
-        pass
-    elif kind == "pixel":
+    if embedder is None and kind == "pixel":
         embedder = PixelSpace(size=testbed.spec.resolution)
-    else:
+    elif embedder is None:
         from diffmem.similarity.index import _embedder_for_kind
 
         embedder = _embedder_for_kind(kind)

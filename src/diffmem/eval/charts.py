@@ -14,8 +14,7 @@ def mermaid_line_chart(lines: Mapping[str, Sequence[float | None]], xs: Sequence
     """A Mermaid ``xychart-beta`` block: one line per entry of ``lines`` (its values at ``xs``).
 
     Mermaid's xychart has no legend: the title and a comment name the lines in order (separated
-    by semicolons). A line
-    with a missing value (``None``) is left out and named in the comment."""
+    by semicolons). A line with a missing value (``None``) is left out and named in the comment."""
     drawn = [n for n, ys in lines.items() if all(y is not None for y in ys)]
     left = [n for n in lines if n not in drawn]
     out = ["```mermaid", "xychart-beta",

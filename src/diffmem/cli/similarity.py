@@ -14,9 +14,9 @@ from diffmem.testbed import spec_of
 
 
 def _cmd_index_build(a: argparse.Namespace) -> int:
-    testbeds = ("testbed", "testbed-graded", "testbed-ddpm", "testbed-ddpm-class")
-    if a.lowpass is not None and (a.kind == "pixel" or (a.kind is None and a.source in testbeds)
-                                  or a.source.startswith("testbed-ddpm")):
+    pixel_index = a.kind == "pixel" or a.source.startswith("testbed-ddpm") or (
+        a.kind is None and a.source in ("testbed", "testbed-graded"))
+    if a.lowpass is not None and pixel_index:
         from diffmem.runtime.errors import ConfigError
 
         raise ConfigError("--lowpass applies to SSCD indexes only (add --kind sscd; a "
